@@ -1,0 +1,217 @@
+"""The Gemma 4 text decoder as a pure function of (params, tokens, cache).
+
+`forward` runs in one of two modes:
+  * no cache: causal self-attention within `tokens` (scoring, training, and the first half of a
+    prefill; `prefill` then writes the K/V into a fresh cache);
+  * with a cache: `tokens` are the next T positions of every row (plain decoding T = 1, speculative
+    verification T = K + 1). Their K/V are written at `cache.length` and they attend to the cache.
+The caller commits positions by advancing `cache.length` (see kv_cache.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_mtp import kv_cache as kvc
+from gemma_mtp import layers
+from gemma_mtp.config import FULL, SLIDING, ModelConfig
+from gemma_mtp.kv_cache import KVCache
+
+F32 = jnp.float32
+
+
+@flax.struct.dataclass
+class Tap:
+  """K/V of one tap layer as the drafter reads it.
+
+  Attributes:
+    k, v: [B, S, K, H] keys (normed, RoPE'd) and values (normed).
+    idx: [B, S] int32 sequence index of each slot (-1: empty).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  idx: jax.Array
+
+
+@flax.struct.dataclass
+class ForwardOutput:
+  """Attributes:
+    logits: [B, T, V] float32 (softcapped), or [B, 1, V] with `last_only`.
+    hidden: [B, T, D] final-normed hidden states (what the drafter reads).
+    taps: {'sliding': Tap, 'full': Tap} for the layers of `config.tap_layers`.
+    cache: the cache with this chunk's K/V written (None in no-cache mode).
+    kv: without a cache, the chunk's (k, v) per layer (None for KV-shared layers), for `prefill`.
+  """
+
+  logits: jax.Array
+  hidden: jax.Array
+  taps: dict
+  cache: KVCache | None
+  kv: tuple | None
+
+
+def embed_tokens(params: dict, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """x0 = E[tok] * sqrt(D), the scale rounded to the parameter dtype as the reference does. [B,T,D]."""
+  table = params["embed"]
+  x = jnp.take(table, tokens, axis=0) * jnp.asarray(cfg.embed_scale, table.dtype)
+  return x.astype(cfg.dtype)
+
+
+def per_layer_inputs(params: dict, tokens: jax.Array, x0: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """PLE: (RMSNorm(x0 @ W / sqrt(D)) + E_ple[tok] * sqrt(P)) / sqrt(2). Returns [B, T, L, P]."""
+  p = params["ple"]
+  table = p["embed"]
+  tok = jnp.where((tokens >= 0) & (tokens < table.shape[0]), tokens, 0)
+  ple_tok = jnp.take(table, tok, axis=0) * jnp.asarray(np.sqrt(cfg.per_layer_dim), table.dtype)
+  ctx = jnp.einsum("BTD,DLP->BTLP", x0, p["proj"].astype(x0.dtype)) * (cfg.embed_dim**-0.5)
+  ctx = layers.rms_norm(ctx, p["norm"], eps=cfg.rms_eps)
+  return ((ctx + ple_tok.astype(x0.dtype)) * (2.0**-0.5)).astype(x0.dtype)
+
+
+@functools.cache
+def _inv_freq(cfg: ModelConfig, kind: str) -> np.ndarray:
+  if kind == FULL:
+    return layers.rope_inv_freq(cfg.global_head_dim, cfg.global_rope_theta,
+                                cfg.global_rotary_fraction)
+  return layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+
+
+def project_kv(p: dict, xn: jax.Array, positions: jax.Array, cfg: ModelConfig, kind: str):
+  """Keys (k-normed, RoPE'd) and values (weightless v-norm) of a layer that owns K/V.
+
+  Full layers with k_eq_v take their values from the raw key projection.
+  """
+  k_raw = jnp.einsum("BTD,DKH->BTKH", xn, p["k"])
+  v_raw = jnp.einsum("BTD,DKH->BTKH", xn, p["v"]) if "v" in p else k_raw
+  k = layers.apply_rope(layers.rms_norm(k_raw, p["k_norm"], eps=cfg.rms_eps), positions,
+                        _inv_freq(cfg, kind))
+  v = layers.rms_norm(v_raw, eps=cfg.rms_eps)
+  return k, v
+
+
+def project_q(p: dict, xn: jax.Array, positions: jax.Array, cfg: ModelConfig, kind: str):
+  q = jnp.einsum("BTD,DNH->BTNH", xn, p["q"])
+  return layers.apply_rope(layers.rms_norm(q, p["q_norm"], eps=cfg.rms_eps), positions,
+                           _inv_freq(cfg, kind))
+
+
+def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Dense GeGLU FFN, or (MoE models) shared dense MLP + routed experts; includes the FFN norms."""
+  h = layers.mlp(layers.rms_norm(x, p["pre_ffw_norm"], eps=cfg.rms_eps), p["mlp"])
+  if "moe" in p:
+    moe = p["moe"]
+    h = layers.rms_norm(h, moe["dense_post_norm"], eps=cfg.rms_eps)
+    h = h + layers.moe(x, moe, top_k=cfg.num_experts_per_token, eps=cfg.rms_eps)
+  return layers.rms_norm(h, p["post_ffw_norm"], eps=cfg.rms_eps)
+
+
+def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig) -> jax.Array:
+  """One decoder layer; `attend(xn) -> [B, T, N, H]` does the layer's attention."""
+  xn = layers.rms_norm(x, p["pre_attn_norm"], eps=cfg.rms_eps)
+  a = jnp.einsum("BTNH,NHD->BTD", attend(xn), p["attn"]["o"])
+  x = x + layers.rms_norm(a, p["post_attn_norm"], eps=cfg.rms_eps)
+  x = x + feed_forward(p, x, cfg)
+  if ple is not None:
+    g = layers.gelu(jnp.einsum("BTD,DP->BTP", x, p["ple"]["gate"])) * ple
+    x = x + layers.rms_norm(jnp.einsum("BTP,PD->BTD", g, p["ple"]["proj"]), p["ple"]["norm"],
+                            eps=cfg.rms_eps)
+  return x * p["layer_scalar"].astype(x.dtype)
+
+
+def lm_head(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Tied head with the final softcap; float32 logits [B, T, V]."""
+  logits = jnp.einsum("BTD,VD->BTV", hidden, params["embed"].astype(hidden.dtype),
+                      preferred_element_type=F32)
+  return layers.softcap(logits, cfg.final_logit_softcap)
+
+
+def forward(params: dict, tokens: jax.Array, *, config: ModelConfig,
+            cache: KVCache | None = None, start: jax.Array | None = None,
+            last_only: bool = False) -> ForwardOutput:
+  """Runs the decoder on `tokens` [B, T].
+
+  Args:
+    params: parameter tree (params.py); cast to `config.dtype` on use.
+    tokens: [B, T] int32 token ids.
+    config: the architecture (static).
+    cache: None for causal attention within `tokens`; else the chunk follows `cache.length`.
+    start: [B] first real index of left-padded rows (no-cache mode only; default 0).
+    last_only: compute logits only at the last position (prefill).
+  """
+  cfg = config
+  params = jax.tree_util.tree_map(lambda w: w.astype(cfg.dtype), params)
+  b, t = tokens.shape
+  if cache is None:
+    start = jnp.zeros((b,), jnp.int32) if start is None else start.astype(jnp.int32)
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  else:
+    start = cache.start
+    idx = cache.length[:, None] + jnp.arange(t, dtype=jnp.int32)
+  positions = jnp.maximum(idx - start[:, None], 0)
+
+  x = embed_tokens(params, tokens, cfg)
+  ple = per_layer_inputs(params, tokens, x, cfg) if cfg.per_layer_dim else None
+
+  new_k, new_v = list(cache.k) if cache else [None] * cfg.num_layers, \
+      list(cache.v) if cache else [None] * cfg.num_layers
+  ring_idx = kvc.write_ring_idx(cache.ring_idx, idx) if cache else None
+  kv_now: list[Any] = [None] * cfg.num_layers   # (k, v, kv_idx) each layer attends to
+  for i, p in enumerate(params["layers"]):
+    kind = cfg.layer_types[i]
+    window = cfg.sliding_window if kind == SLIDING else None
+
+    def attend(xn, i=i, p=p, kind=kind, window=window):
+      q = project_q(p["attn"], xn, positions, cfg, kind)
+      if cfg.is_kv_shared(i):
+        k, v, kv_idx = kv_now[cfg.kv_source(i)]
+      else:
+        k, v = project_kv(p["attn"], xn, positions, cfg, kind)
+        if cache is None:
+          kv_idx = idx
+        else:
+          new_k[i] = kvc.write(new_k[i], k, idx)
+          new_v[i] = kvc.write(new_v[i], v, idx)
+          k, v = new_k[i], new_v[i]
+          kv_idx = (jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32),
+                                     (b, cache.max_len)) if kind == FULL else ring_idx)
+        kv_now[i] = (k, v, kv_idx)
+      mask = layers.attention_mask(idx, kv_idx, start, window=window)
+      return layers.attention(q, k, v, mask)
+
+    x = block(p, x, attend, None if ple is None else ple[:, :, i], cfg)
+
+  hidden = layers.rms_norm(x, params["final_norm"], eps=cfg.rms_eps)
+  logits = lm_head(params, hidden[:, -1:] if last_only else hidden, cfg)
+  taps = {kind: Tap(*kv_now[layer]) for kind, layer in cfg.tap_layers.items()}
+  if cache is None:
+    return ForwardOutput(logits=logits, hidden=hidden, taps=taps, cache=None,
+                         kv=tuple(None if e is None else e[:2] for e in kv_now))
+  new_cache = cache.replace(k=tuple(new_k), v=tuple(new_v), ring_idx=ring_idx)
+  return ForwardOutput(logits=logits, hidden=hidden, taps=taps, cache=new_cache, kv=None)
+
+
+def prefill(params: dict, tokens: jax.Array, start: jax.Array, *, config: ModelConfig,
+            max_len: int, max_chunk: int = 1, last_only: bool = True):
+  """Runs a left-padded prompt batch and returns (ForwardOutput, cache with length = T).
+
+  Args:
+    tokens: [B, T] prompts, row b left-padded with start[b] pad tokens.
+    max_len: full-layer cache slots (prompt + new tokens + speculative slack).
+    max_chunk: the longest chunk later forwards will write (sizes the sliding ring).
+  """
+  b, t = tokens.shape
+  out = forward(params, tokens, config=config, start=start, last_only=last_only)
+  cache = kvc.init_cache(config, b, max_len, max_chunk=max_chunk, start=start)
+  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  ks = tuple(None if buf is None else kvc.write(buf, kv[0], idx) for buf, kv in zip(cache.k, out.kv))
+  vs = tuple(None if buf is None else kvc.write(buf, kv[1], idx) for buf, kv in zip(cache.v, out.kv))
+  cache = cache.replace(k=ks, v=vs, ring_idx=kvc.write_ring_idx(cache.ring_idx, idx),
+                        length=jnp.full((b,), t, jnp.int32))
+  return out.replace(kv=None, cache=cache), cache
