@@ -15,8 +15,10 @@ import numpy as np
 
 from gemma_mtp import checkpoint
 from gemma_mtp import decoding
+from gemma_mtp import drafter as drafter_lib
 from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
+from gemma_mtp import speculative
 from gemma_mtp.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -51,23 +53,19 @@ def load_target(path: str | os.PathLike, *, dtype: str | None = None) -> Target:
 
   Args:
     path: directory with `config.json` + `*.safetensors`, or written by `checkpoint.save_params`.
-    dtype: compute/param dtype override ('bfloat16' / 'float32'); default: the checkpoint's.
+    dtype: compute and parameter dtype ('bfloat16' / 'float32'); default: the checkpoint's.
   """
-  path = os.fspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-  if checkpoint.is_orbax_dir(path):
-    cfg, params = checkpoint.load_params(path)
-    if dtype is not None:
-      cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
-      params = jax.tree_util.tree_map(lambda w: w.astype(dtype), params)
-    log.info("loaded Orbax target from %s", path)
-    return Target(cfg, params)
-  kw = {} if dtype is None else {"dtype": dtype, "param_dtype": dtype}
-  cfg = checkpoint.read_hf_config(path, **kw)
-  params, report = checkpoint.load_hf_params(path, cfg)
-  log.info("loaded Hugging Face target from %s (%s)", path, report.get("summary", ""))
+  cfg, params = checkpoint.load_target(path)
+  if dtype is not None and (dtype != cfg.dtype or dtype != cfg.param_dtype):
+    cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+    params = jax.tree_util.tree_map(lambda w: w.astype(dtype), params)
+  log.info("loaded target %s from %s", _describe(cfg), os.fspath(path))
   return Target(cfg, params)
+
+
+def _describe(cfg: ModelConfig) -> str:
+  n = params_lib.count_params(params_lib.param_specs(cfg))
+  return f"({n / 1e6:.1f}M params, {cfg.num_layers} layers, D={cfg.embed_dim}, {cfg.dtype})"
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -89,34 +87,100 @@ def score(target: Target, tokens) -> jax.Array:
 
 def generate(target: Target, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_id: int | list[int] | None = None, cache_size: int | None = None,
-             timing: bool = False) -> GenerateOutput:
+             eos_id: int | list[int] | None = None, drafter=None,
+             draft_lengths: tuple[int, ...] = (1, 2, 4, 8), adaptive: bool = True,
+             spec_config: speculative.SpecConfig | None = None, cache_size: int | None = None,
+             timing: bool = False, return_drafts: bool = False) -> GenerateOutput:
   """Generates up to `max_new_tokens` per row (greedy when temperature == 0).
+
+  Without a drafter: plain decoding, one target forward per token. With a drafter
+  (`load_drafter` / `random_drafter`): speculative decoding whose output equals plain decoding
+  (greedy: token for token; sampling: in distribution).
 
   Args:
     prompts: ragged list of token-id lists, or an int array [B, T].
     eos_id: token id(s) that end a row (included in its output).
+    drafter: an MTP drafter for `target`, or None.
+    draft_lengths: static draft-length buckets; `adaptive=False` uses the first for every round.
+    spec_config: full speculative settings (overrides draft_lengths / adaptive).
     cache_size: optional cap on cache positions (prompt + new tokens must fit).
-    timing: add `wall_seconds` to the stats (blocks until the result is ready).
+    timing: add `wall_seconds` (blocks until done; includes compilation on a first call).
+    return_drafts: with a drafter, add `drafts`: per round, per row, the proposed drafts.
   Returns:
-    GenerateOutput with `.tokens` and `.stats` = {target_forwards, new_tokens,
-    tokens_per_forward[, wall_seconds]}.
+    GenerateOutput with `.tokens` and `.stats`: target_forwards, new_tokens, tokens_per_forward
+    (new tokens per target forward per row, prefill excluded); with a drafter also drafted,
+    accepted, acceptance_by_position, bucket_counts {K: rounds}, bucket_trace (K per round).
   """
   cfg = target.config
   sampler = decoding.default_sampler(temperature, top_k, top_p)
   batch = decoding.make_prompt_batch(prompts, vocab_size=cfg.vocab_size)
-  max_len = decoding.check_capacity(cfg, batch.tokens.shape[1], max_new_tokens,
-                                    cache_size=cache_size)
+  rows = batch.tokens.shape[0]
+  eos_ids = decoding.normalize_eos(eos_id)
   t0 = time.perf_counter()
-  out, count, steps = decoding.plain_generate(
-      target.params, batch, jax.random.PRNGKey(seed), config=cfg, sampler=sampler,
-      max_new=max_new_tokens, eos_ids=decoding.normalize_eos(eos_id),
-      max_len=decoding.round_up(max_len, decoding.PROMPT_BUCKET))
-  out, count, steps = jax.device_get((out, count, steps))
-  tokens = decoding.rows_to_lists(out, count)
-  new = int(np.sum(count))
-  stats = {"target_forwards": int(steps), "new_tokens": new,
-           "tokens_per_forward": (new - len(tokens)) / max(int(steps), 1) / len(tokens)}
+  if drafter is None:
+    max_len = decoding.check_capacity(cfg, batch.tokens.shape[1], max_new_tokens,
+                                      cache_size=cache_size)
+    out, count, steps = decoding.plain_generate(
+        target.params, batch, jax.random.PRNGKey(seed), config=cfg, sampler=sampler,
+        max_new=max_new_tokens, eos_ids=eos_ids,
+        max_len=decoding.round_up(max_len, decoding.PROMPT_BUCKET))
+    out, count, steps = jax.device_get((out, count, steps))
+    forwards = int(steps)
+    stats = {"target_forwards": forwards, "new_tokens": int(count.sum()),
+             "tokens_per_forward": (int(count.sum()) - rows) / max(
+                 int(np.sum(np.maximum(count - 1, 0))), 1)}
+  else:
+    spec = spec_config or speculative.SpecConfig(draft_lengths=tuple(draft_lengths),
+                                                 adaptive=adaptive)
+    max_len = decoding.check_capacity(cfg, batch.tokens.shape[1], max_new_tokens,
+                                      slack=spec.max_draft + 1, cache_size=cache_size)
+    state = speculative.speculative_generate(
+        target.params, drafter.params, batch, jax.random.PRNGKey(seed), tcfg=cfg,
+        dcfg=drafter.config, spec=spec, sampler=sampler, max_new=max_new_tokens,
+        eos_ids=eos_ids, max_len=decoding.round_up(max_len, decoding.PROMPT_BUCKET))
+    stats = speculative.stats_of(state, spec, rows, drafts=return_drafts)
+    out, count = jax.device_get((state.out, state.count))
   if timing:
     stats["wall_seconds"] = time.perf_counter() - t0
-  return GenerateOutput(tokens=tokens, stats=stats)
+  return GenerateOutput(tokens=decoding.rows_to_lists(out, count), stats=stats)
+
+
+# ---- drafters ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Drafter:
+  """An MTP drafter (assistant) shaped for one target: its architecture and parameters."""
+
+  config: "drafter_lib.DrafterConfig"
+  params: Any
+
+
+def load_drafter(path: str | os.PathLike, target: Target, *,
+                 convention: str | None = None) -> Drafter:
+  """Loads a HF `Gemma4AssistantForCausalLM` directory or one of our Orbax drafter directories.
+
+  The drafter must match `target` (`checkpoint.check_drafter_matches`: width, vocabulary, tap head
+  dims / KV heads, window; ValueError naming the values otherwise) and is cast to the target's
+  dtype.
+
+  Args:
+    convention: 'hf' or 'clean' (see `drafter.tap_masks`); default 'hf' for HF directories, the
+      stored one for Orbax directories.
+  """
+  cfg, params = checkpoint.load_drafter(path, target.config, convention=convention)
+  n = params_lib.count_params(drafter_lib.param_specs(cfg))
+  log.info("loaded drafter (%.1fM params, %d layers, D=%d, %s head, %s) from %s", n / 1e6,
+           cfg.num_layers, cfg.embed_dim, "centroid" if cfg.num_centroids else "dense", cfg.dtype,
+           os.fspath(path))
+  return Drafter(cfg, params)
+
+
+def random_drafter(target: Target, *, embed_dim: int, num_heads: int, mlp_dim: int,
+                   num_layers: int = 4, num_centroids: int = 0, centroid_top_k: int = 32,
+                   seed: int = 0, convention: str = "hf") -> Drafter:
+  """A drafter with random parameters shaped for `target` (layers S, ..., S, F; tests, benchmarks)."""
+  cfg = drafter_lib.for_target(target.config, embed_dim=embed_dim, num_heads=num_heads,
+                               mlp_dim=mlp_dim, num_layers=num_layers, num_centroids=num_centroids,
+                               centroid_top_k=centroid_top_k, convention=convention)
+  checkpoint.check_drafter_matches(cfg, target.config)
+  return Drafter(cfg, drafter_lib.init_params(cfg, jax.random.PRNGKey(seed)))

@@ -987,3 +987,556 @@ def load_target(path: PathLike, *, param_dtype: str | None = None, target: Any =
   raise ValueError(f"{path} is neither a gemma_mtp Orbax checkpoint ({ORBAX_CONFIG} + "
                    f"{ORBAX_PARAMS}/) nor a Hugging Face checkpoint ({HF_CONFIG} + {HF_SINGLE} or "
                    f"{HF_INDEX})")
+
+
+# ================================================================================================
+# Drafter (MTP assistant) checkpoints
+# ================================================================================================
+#
+# Hugging Face: a `Gemma4AssistantForCausalLM` directory (config.json with model_type
+# "gemma4_assistant" and a gemma4_text `text_config`; tensors under their full names, see
+# `drafter.param_specs`). Orbax: like `save_params`, with model_config.json holding
+# {"format": "gemma_mtp.drafter", "kind": "drafter", "drafter_config": {...}} so that a drafter and
+# a target checkpoint can never be loaded as one another.
+
+DRAFTER_FORMAT = "gemma_mtp.drafter"
+DRAFTER_KIND = "drafter"
+_HF_ASSISTANT_TYPE = "gemma4_assistant"
+_TOKEN_ORDERING_KEY = "masked_embedding.token_ordering"
+_DEFAULT_NUM_CENTROIDS = 2048  # transformers' default; written for dense heads (unused there)
+
+
+def _drafter_lib():
+  from gemma_mtp import drafter  # pylint: disable=g-import-not-at-top  (drafter imports model)
+  return drafter
+
+
+def _flat_drafter_specs(dcfg) -> dict[str, params_lib.ParamSpec]:
+  return _flat(_drafter_lib().param_specs(dcfg), is_leaf=params_lib.is_spec)
+
+
+def _drafter_treedef(dcfg):
+  return jax.tree_util.tree_structure(_drafter_lib().param_specs(dcfg), is_leaf=params_lib.is_spec)
+
+
+def _hf_assistant_config(path: pathlib.Path) -> tuple[dict, dict]:
+  """(text_config dict, top-level dict) of a HF assistant directory."""
+  file = path / HF_CONFIG
+  if not file.is_file():
+    raise FileNotFoundError(f"{path} has no {HF_CONFIG}; expected a Hugging Face Gemma 4 "
+                            "assistant checkpoint directory")
+  top = _load_json(file)
+  model_type = top.get("model_type")
+  if model_type != _HF_ASSISTANT_TYPE:
+    hint = (" (that is a target model; load it with load_target)"
+            if model_type in ("gemma4", "gemma4_text") else "")
+    raise ValueError(f"{file}: model_type {model_type!r} is not a Gemma 4 drafter (expected "
+                     f"{_HF_ASSISTANT_TYPE!r}){hint}")
+  text = top.get("text_config")
+  if not isinstance(text, dict):
+    raise ValueError(f"{file}: model_type {_HF_ASSISTANT_TYPE!r} without a text_config")
+  if text.get("model_type", "gemma4_text") != "gemma4_text":
+    raise ValueError(f"{file}: text_config.model_type is {text['model_type']!r}, expected "
+                     "'gemma4_text'")
+  return text, top
+
+
+def read_hf_drafter_config(path: PathLike, target_cfg: ModelConfig, *,
+                           convention: str = "hf"):
+  """Reads the `DrafterConfig` of a HF `Gemma4AssistantForCausalLM` directory.
+
+  Head sizes and KV-head counts are read like `read_hf_config` does for targets (top-level
+  `global_head_dim` / `num_global_key_value_heads` (the latter only with `attention_k_eq_v`), or the
+  `per_layer_config` that `save_pretrained` writes). Compatibility with the target is checked
+  separately (`check_drafter_matches`).
+
+  Args:
+    path: the assistant directory.
+    target_cfg: the target's config; the drafter takes its `dtype` and `param_dtype`.
+    convention: `DrafterConfig.convention` ('hf' or 'clean').
+
+  Raises:
+    FileNotFoundError: the directory or its config.json is missing.
+    ValueError: not a Gemma 4 assistant, or a feature the drafter does not support.
+  """
+  drafter = _drafter_lib()
+  path = _check_dir(path)
+  c, top = _hf_assistant_config(path)
+  where = str(path / HF_CONFIG)
+
+  def get(key, default=None):  # null in the file means "default"
+    return default if c.get(key) is None else c[key]
+
+  for key in ("hidden_size_per_layer_input", "vocab_size_per_layer_input"):
+    if get(key, 0):
+      raise ValueError(f"{where}: text_config.{key}={c[key]!r}; drafters have no per-layer "
+                       "embeddings (must be 0)")
+  for key in ("enable_moe_block", "use_double_wide_mlp", "attention_bias"):
+    if c.get(key):
+      raise ValueError(f"{where}: text_config.{key}={c[key]!r} is not supported in a drafter")
+  act = get("hidden_activation", "gelu_pytorch_tanh")
+  if act != "gelu_pytorch_tanh":
+    raise ValueError(f"{where}: hidden_activation {act!r} is not supported (expected "
+                     "'gelu_pytorch_tanh')")
+  if not top.get("tie_word_embeddings", c.get("tie_word_embeddings", True)):
+    raise ValueError(f"{where}: tie_word_embeddings=false is not supported (the drafter's head is "
+                     "its embed_tokens)")
+  try:
+    num_layers = int(c["num_hidden_layers"])
+    hidden = int(c["hidden_size"])
+    num_heads = int(c["num_attention_heads"])
+    vocab = int(c["vocab_size"])
+    mlp_dim = int(c["intermediate_size"])
+    backbone = int(top["backbone_hidden_size"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{where}: missing or invalid {e}") from None
+  shared = get("num_kv_shared_layers", 0)
+  if shared not in (0, num_layers):  # transformers turns 0 into num_layers
+    raise ValueError(f"{where}: num_kv_shared_layers={shared!r}; every drafter layer reads the "
+                     f"target's K/V (expected {num_layers})")
+
+  hf_types = c.get("layer_types")
+  if hf_types is None:
+    hf_types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(num_layers)]
+  if len(hf_types) != num_layers:
+    raise ValueError(f"{where}: {len(hf_types)} layer_types for num_hidden_layers={num_layers}")
+  bad = [t for t in hf_types if t not in _HF_LAYER_TYPES]
+  if bad:
+    raise ValueError(f"{where}: unknown layer type {bad[0]!r} (expected one of "
+                     f"{sorted(_HF_LAYER_TYPES)})")
+  layer_types = [_HF_LAYER_TYPES[t] for t in hf_types]
+  if layer_types[-1] != FULL:
+    log.warning("%s: last layer is %r; transformers forces it to full attention, so do we", where,
+                hf_types[-1])
+    layer_types[-1] = FULL
+
+  # ---- head sizes and KV heads (as read_hf_config) ----------------------------------------------
+  k_eq_v = bool(c.get("attention_k_eq_v", False))
+  num_kv_heads = int(get("num_key_value_heads", num_heads))
+  head_dim = int(get("head_dim", hidden // num_heads))
+  per_layer = c.get("per_layer_config")
+  if per_layer:
+    overrides = {}
+    for idx, override in per_layer.items():
+      i = int(idx)
+      if not 0 <= i < num_layers:
+        raise ValueError(f"{where}: per_layer_config names layer {idx!r} of {num_layers}")
+      if layer_types[i] != FULL:
+        raise ValueError(f"{where}: per_layer_config overrides sliding layer {i} ({override!r}); "
+                         "only full layers may differ")
+      unknown = set(override) - {"head_dim", "num_key_value_heads"}
+      if unknown:
+        raise ValueError(f"{where}: per_layer_config of layer {i} sets unsupported "
+                         f"{sorted(unknown)}")
+      overrides[i] = (int(override.get("head_dim", head_dim)),
+                      int(override.get("num_key_value_heads", num_kv_heads)))
+    values = {overrides.get(i, (head_dim, num_kv_heads))
+              for i, t in enumerate(layer_types) if t == FULL}
+    if len(values) != 1:
+      raise ValueError(f"{where}: full layers have different (head_dim, kv heads) {sorted(values)}")
+    global_head_dim, num_global_kv_heads = values.pop()
+  else:
+    global_head_dim = int(get("global_head_dim", 512))
+    num_global_kv_heads = num_kv_heads
+    if k_eq_v and c.get("num_global_key_value_heads") is not None:
+      num_global_kv_heads = int(c["num_global_key_value_heads"])
+
+  # ---- RoPE -------------------------------------------------------------------------------------
+  rope = c.get("rope_parameters") or {}
+  sliding_rope = rope.get("sliding_attention", {"rope_type": "default", "rope_theta": 10_000.0})
+  full_rope = rope.get("full_attention", {"rope_type": "proportional", "rope_theta": 1_000_000.0,
+                                          "partial_rotary_factor": 0.25})
+  for kind, r in (("sliding_attention", sliding_rope), ("full_attention", full_rope)):
+    if r.get("rope_type", "default") not in ("default", "proportional"):
+      raise ValueError(f"{where}: rope_type {r['rope_type']!r} of {kind} layers is not supported")
+    if r.get("factor", 1.0) != 1.0:
+      raise ValueError(f"{where}: RoPE scaling factor {r['factor']!r} of {kind} layers is not "
+                       "supported")
+  if sliding_rope.get("partial_rotary_factor", 1.0) != 1.0:
+    raise ValueError(f"{where}: partial rotation on sliding layers "
+                     f"({sliding_rope['partial_rotary_factor']!r}) is not supported")
+
+  # ---- head -------------------------------------------------------------------------------------
+  num_centroids, top_k = 0, int(top.get("centroid_intermediate_top_k") or 32)
+  if top.get("use_ordered_embeddings"):
+    num_centroids = int(top.get("num_centroids") or _DEFAULT_NUM_CENTROIDS)
+    if num_centroids <= 0 or vocab % num_centroids:
+      raise ValueError(f"{where}: num_centroids={num_centroids} does not divide vocab_size={vocab}")
+    if not 0 < top_k <= num_centroids:
+      raise ValueError(f"{where}: centroid_intermediate_top_k={top_k} must be in "
+                       f"[1, num_centroids={num_centroids}]")
+
+  try:
+    return drafter.DrafterConfig(
+        target_embed_dim=backbone,
+        embed_dim=hidden,
+        vocab_size=vocab,
+        layer_types=tuple(layer_types),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        num_global_kv_heads=num_global_kv_heads,
+        mlp_dim=mlp_dim,
+        sliding_window=int(c["sliding_window"]) if c.get("sliding_window") is not None
+        else target_cfg.sliding_window,
+        head_dim=head_dim,
+        global_head_dim=global_head_dim,
+        num_centroids=num_centroids,
+        centroid_top_k=top_k,
+        convention=convention,
+        rope_theta=float(sliding_rope.get("rope_theta", 10_000.0)),
+        global_rope_theta=float(full_rope.get("rope_theta", 1_000_000.0)),
+        global_rotary_fraction=float(full_rope.get("partial_rotary_factor", 1.0)),
+        rms_eps=float(get("rms_norm_eps", 1e-6)),
+        dtype=target_cfg.dtype,
+        param_dtype=target_cfg.param_dtype,
+    )
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+
+
+def check_drafter_matches(dcfg, target_cfg: ModelConfig):
+  """Raises ValueError if the drafter cannot read `target_cfg`'s taps and embedding.
+
+  Checked: backbone width (= target embed_dim), vocabulary, and per attention type the drafter
+  uses: that the target has a tap layer of that type, the head dim and KV-head count of that tap
+  layer, GQA divisibility, and (sliding) the window. A RoPE mismatch is only logged (the drafter
+  runs, but queries and keys rotate differently).
+  """
+  problems = []
+  if dcfg.target_embed_dim != target_cfg.embed_dim:
+    problems.append(f"drafter backbone width (backbone_hidden_size) {dcfg.target_embed_dim} != "
+                    f"target embed_dim {target_cfg.embed_dim}")
+  if dcfg.vocab_size != target_cfg.vocab_size:
+    problems.append(f"drafter vocab_size {dcfg.vocab_size} != target vocab_size "
+                    f"{target_cfg.vocab_size}")
+  taps = target_cfg.tap_layers
+  for kind in (SLIDING, FULL):
+    if kind not in dcfg.layer_types:
+      continue
+    if kind not in taps:
+      problems.append(f"drafter has {kind} layers but the target has no {kind} layer to tap")
+      continue
+    layer = taps[kind]
+    d_hd, d_kv = ((dcfg.global_head_dim, dcfg.num_global_kv_heads) if kind == FULL
+                  else (dcfg.head_dim, dcfg.num_kv_heads))
+    t_hd, t_kv = target_cfg.layer_head_dim(layer), target_cfg.layer_kv_heads(layer)
+    if d_hd != t_hd:
+      problems.append(f"drafter {kind} head_dim {d_hd} != target tap layer {layer} head_dim {t_hd}")
+    if d_kv != t_kv:
+      problems.append(f"drafter {kind} kv heads {d_kv} != target tap layer {layer} kv heads {t_kv}")
+    if dcfg.num_heads % t_kv:
+      problems.append(f"drafter num_heads {dcfg.num_heads} is not a multiple of the target's "
+                      f"{kind} kv heads {t_kv}")
+  if SLIDING in dcfg.layer_types and dcfg.sliding_window != target_cfg.sliding_window:
+    problems.append(f"drafter sliding_window {dcfg.sliding_window} != target sliding_window "
+                    f"{target_cfg.sliding_window}")
+  if problems:
+    raise ValueError("drafter does not match the target: " + "; ".join(problems))
+  rope_d = (dcfg.rope_theta, dcfg.global_rope_theta, dcfg.global_rotary_fraction)
+  rope_t = (target_cfg.rope_theta, target_cfg.global_rope_theta, target_cfg.global_rotary_fraction)
+  if rope_d != rope_t:
+    log.warning("drafter RoPE (theta, global theta, global fraction) %s differs from the target's "
+                "%s", rope_d, rope_t)
+
+
+def _check_token_ordering(order: np.ndarray, vocab: int, where: str):
+  """token_ordering must be a permutation of range(vocab)."""
+  counts = np.bincount(np.clip(order, 0, vocab), minlength=vocab + 1)
+  if order.min(initial=0) < 0 or order.max(initial=0) >= vocab or np.any(counts[:vocab] != 1):
+    out_of_range = order[(order < 0) | (order >= vocab)]
+    if out_of_range.size:
+      detail = f"value {int(out_of_range[0])} is outside [0, {vocab})"
+    else:
+      dup = int(np.argmax(counts[:vocab]))
+      detail = f"value {dup} appears {int(counts[dup])} times"
+    hint = " (all zeros: transformers' initial value, never set)" if not np.any(order) else ""
+    raise ValueError(f"{where}: {_TOKEN_ORDERING_KEY} is not a permutation of range({vocab}): "
+                     f"{detail}{hint}")
+
+
+def load_hf_drafter_params(
+    path: PathLike,
+    dcfg,
+    *,
+    place: Callable[[np.ndarray, params_lib.ParamSpec], Any] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+  """Loads the tensors of a HF `Gemma4AssistantForCausalLM` directory into our drafter tree.
+
+  Every tensor goes through `drafter.param_specs(dcfg)` (full tensor names). `lm_head.weight`, if
+  present, is skipped by rule (`tied_lm_head`) after checking it equals `model.embed_tokens.weight`.
+  `masked_embedding.token_ordering` (int64 in the file) becomes an int32 array and must be a
+  permutation of range(V). Float tensors are cast to `dcfg.param_dtype`.
+
+  Returns:
+    (params, report) with report as in `load_hf_params` (prefix "").
+
+  Raises:
+    FileNotFoundError: missing directory or weight files.
+    ValueError: missing, unexpected or wrongly-shaped tensors (named), a bad token_ordering, or
+      corrupt files.
+  """
+  path = _check_dir(path)
+  place = place or _default_place
+  infos, files = _hf_tensor_index(path)
+  specs = _flat_drafter_specs(dcfg)
+  wanted = {s.hf_key: (name, s) for name, s in specs.items()}
+  skipped: dict[str, list[str]] = {SKIP_TIED_LM_HEAD: []}
+  unexpected = []
+  for key in infos:
+    if key in wanted:
+      continue
+    (skipped[SKIP_TIED_LM_HEAD] if key == "lm_head.weight" else unexpected).append(key)
+  head = "centroid" if dcfg.num_centroids else "dense"
+  if unexpected:
+    raise ValueError(f"{path}: unexpected tensors {_names(unexpected)} (not part of a drafter with "
+                     f"{dcfg.num_layers} layers and a {head} head as configured)")
+  missing = [k for k in wanted if k not in infos]
+  if missing:
+    raise ValueError(f"{path}: missing tensors {_names(missing)} (drafter with {dcfg.num_layers} "
+                     f"layers and a {head} head)")
+  for key, (_, spec) in wanted.items():
+    info = infos[key]
+    expected = params_lib.to_hf_shape(spec)
+    if info.shape != expected:
+      raise ValueError(f"{path}: tensor {key!r} has shape {info.shape}, expected {expected}")
+    is_float = np.issubdtype(info.dtype, np.floating) or info.dtype == np.dtype(ml_dtypes.bfloat16)
+    if key == _TOKEN_ORDERING_KEY:
+      if not np.issubdtype(info.dtype, np.integer):
+        raise ValueError(f"{path}: tensor {key!r} has dtype {info.dtype}, expected an integer type")
+    elif not is_float:
+      raise ValueError(f"{path}: tensor {key!r} has dtype {info.dtype}, expected a float type")
+  if skipped[SKIP_TIED_LM_HEAD]:
+    _check_tied_head(path, infos["lm_head.weight"], infos["model.embed_tokens.weight"])
+
+  flat_params = {}
+  for key, (name, spec) in wanted.items():
+    host = params_lib.from_hf(spec, _read_tensor(infos[key]))
+    if key == _TOKEN_ORDERING_KEY:
+      _check_token_ordering(host, dcfg.vocab_size, str(path))
+    out_dtype = params_lib.spec_dtype(spec, dcfg)
+    flat_params[name] = place(host.astype(out_dtype, copy=False), spec)
+    del host
+  treedef = _drafter_treedef(dcfg)
+  tree = jax.tree_util.tree_unflatten(treedef, [flat_params[n] for n in specs])
+
+  summary = f"loaded {len(wanted)} drafter tensors from {len(files)} file(s)" + "".join(
+      f"; skipped {len(n)} {rule}" for rule, n in skipped.items() if n)
+  log.info("%s: %s", path, summary)
+  report = {
+      "summary": summary,
+      "path": str(path),
+      "prefix": "",
+      "files": files,
+      "loaded": sorted(wanted),
+      "skipped": {rule: sorted(names) for rule, names in skipped.items()},
+      "counts": {"loaded": len(wanted), **{rule: len(n) for rule, n in skipped.items()}},
+  }
+  return tree, report
+
+
+def hf_drafter_config(dcfg, *, dtype: str | None = None) -> dict[str, Any]:
+  """`dcfg` as a `transformers` `Gemma4AssistantConfig` dict (what `save_pretrained` writes)."""
+  dtype = dtype or dcfg.param_dtype
+  text = hf_text_config(dcfg.as_decoder(), dtype=dtype)
+  text.pop("architectures")
+  text.update(
+      num_kv_shared_layers=dcfg.num_layers,   # every layer reads the target's K/V
+      hidden_size_per_layer_input=0,
+      vocab_size_per_layer_input=0,
+      attention_k_eq_v=False,                 # no K/V weights; per_layer_config sets the kv heads
+      use_double_wide_mlp=False,
+      enable_moe_block=False,
+      final_logit_softcapping=None,
+  )
+  return {
+      "architectures": ["Gemma4AssistantForCausalLM"],
+      "model_type": _HF_ASSISTANT_TYPE,
+      "backbone_hidden_size": dcfg.target_embed_dim,
+      "use_ordered_embeddings": bool(dcfg.num_centroids),
+      "num_centroids": dcfg.num_centroids or _DEFAULT_NUM_CENTROIDS,
+      "centroid_intermediate_top_k": dcfg.centroid_top_k,
+      "tie_word_embeddings": True,
+      "dtype": dtype,
+      "text_config": text,
+  }
+
+
+def save_hf_drafter(path: PathLike, params: Any, dcfg, *, dtype: str | None = None,
+                    overwrite: bool = False) -> pathlib.Path:
+  """Writes a drafter as a HF directory that `Gemma4AssistantForCausalLM.from_pretrained` loads.
+
+  Inverse of `read_hf_drafter_config` + `load_hf_drafter_params`: config.json and one
+  model.safetensors (no `lm_head.weight`: it is tied; `token_ordering` as int64).
+
+  Args:
+    dtype: float tensor dtype in the file ('bfloat16' / 'float32'); default `dcfg.param_dtype`.
+    overwrite: replace an existing non-empty directory.
+  """
+  out_dtype = np.dtype(_dtype_name(dtype or dcfg.param_dtype, "save_hf_drafter"))
+  specs = _flat_drafter_specs(dcfg)
+  flat = _check_tree(params, specs, what="drafter params")
+  if dcfg.num_centroids:
+    _check_token_ordering(np.asarray(flat["token_ordering"]), dcfg.vocab_size, "drafter params")
+  entries = []
+  for name, spec in specs.items():
+    file_dtype = np.dtype(np.int64) if spec.hf_key == _TOKEN_ORDERING_KEY else out_dtype
+    def produce(spec=spec, leaf=flat[name], file_dtype=file_dtype):
+      return params_lib.to_hf(spec, np.asarray(leaf)).astype(file_dtype)
+    entries.append((spec.hf_key, params_lib.to_hf_shape(spec), file_dtype, produce))
+  config = hf_drafter_config(dcfg, dtype=out_dtype.name)
+
+  def write(tmp: pathlib.Path):
+    (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    _write_safetensors(tmp / HF_SINGLE, entries)
+
+  path = pathlib.Path(path)
+  if not overwrite and path.exists() and any(path.iterdir()):
+    raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
+  _atomic_write_dir(path, write)
+  return path
+
+
+def _drafter_config_from_json(d: Any, where: str):
+  drafter = _drafter_lib()
+  if not isinstance(d, dict):
+    raise ValueError(f"{where}: drafter_config is not a JSON object")
+  known = {f.name for f in dataclasses.fields(drafter.DrafterConfig)}
+  unknown = set(d) - known
+  if unknown:
+    raise ValueError(f"{where}: unknown DrafterConfig fields {sorted(unknown)}")
+  d = dict(d)
+  if "layer_types" in d:
+    d["layer_types"] = tuple(d["layer_types"])
+  try:
+    return drafter.DrafterConfig(**d)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{where}: invalid drafter_config ({e})") from None
+
+
+def save_drafter(path: PathLike, params: Any, dcfg, *, step: int | None = None):
+  """Saves a drafter as an Orbax checkpoint directory (atomic, like `save_params`).
+
+  model_config.json holds {"format": "gemma_mtp.drafter", "kind": "drafter", "version", "step",
+  "drafter_config"}; `params/` the tree.
+
+  Raises:
+    ValueError: `params` does not match `dcfg` (the tensor is named).
+    FileExistsError: `path` is a non-empty directory that is not a gemma_mtp checkpoint.
+  """
+  _check_tree(params, _flat_drafter_specs(dcfg), what="drafter params")
+  path = pathlib.Path(path)
+  if path.exists() and any(path.iterdir()) and not is_orbax_dir(path):
+    raise FileExistsError(f"{path} exists and is not a gemma_mtp checkpoint; refusing to replace "
+                          "it")
+  if is_orbax_dir(path):
+    try:
+      old_format = _load_json(path / ORBAX_CONFIG).get("format")
+    except ValueError:
+      old_format = None
+    if old_format == ORBAX_FORMAT:
+      raise FileExistsError(f"{path} holds a target model checkpoint; refusing to replace it with "
+                            "a drafter")
+  meta = {"format": DRAFTER_FORMAT, "kind": DRAFTER_KIND, "version": ORBAX_VERSION, "step": step,
+          "drafter_config": dataclasses.asdict(dcfg)}
+
+  def write(tmp: pathlib.Path):
+    _write_orbax(tmp / ORBAX_PARAMS, params)
+    with open(tmp / ORBAX_CONFIG, "w") as f:  # written last: the directory is complete
+      json.dump(meta, f, indent=2)
+      f.flush()
+      os.fsync(f.fileno())
+
+  _atomic_write_dir(path, write)
+
+
+def load_drafter_params(path: PathLike) -> tuple[Any, Any]:
+  """Loads a drafter written by `save_drafter`: (DrafterConfig, params) in the saved dtypes.
+
+  Raises:
+    FileNotFoundError: missing directory, config or params.
+    ValueError: a target (not drafter) checkpoint, a corrupt config, or corrupt / mismatching
+      arrays (the tensor is named).
+  """
+  path = _check_dir(path)
+  file = path / ORBAX_CONFIG
+  if not file.is_file():
+    if is_hf_dir(path):
+      raise ValueError(f"{path} is a Hugging Face directory, not an Orbax drafter checkpoint; use "
+                       "load_drafter / load_hf_drafter_params")
+    leftovers = sorted(p.name for p in path.parent.glob(f".{path.name}.old-*"))
+    hint = f" (a previous version survives as {leftovers})" if leftovers else ""
+    raise FileNotFoundError(f"{path} has no {ORBAX_CONFIG}: not a gemma_mtp checkpoint, or an "
+                            f"incomplete one{hint}")
+  meta = _load_json(file)
+  if meta.get("format") == ORBAX_FORMAT:
+    raise ValueError(f"{path} holds a target model (format {ORBAX_FORMAT!r}), not a drafter; load "
+                     "it with load_params / load_target")
+  if meta.get("format") != DRAFTER_FORMAT or meta.get("kind") != DRAFTER_KIND \
+      or "drafter_config" not in meta:
+    raise ValueError(f"{file} is not a gemma_mtp drafter checkpoint config (format "
+                     f"{meta.get('format')!r}, kind {meta.get('kind')!r})")
+  dcfg = _drafter_config_from_json(meta["drafter_config"], str(file))
+  params_dir = path / ORBAX_PARAMS
+  if not params_dir.is_dir():
+    raise FileNotFoundError(f"{path} has no {ORBAX_PARAMS}/ directory")
+  specs = _flat_drafter_specs(dcfg)
+  saved = _check_tree_meta(_saved_arrays(params_dir), specs, where=str(params_dir))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  treedef = _drafter_treedef(dcfg)
+  target = jax.tree_util.tree_unflatten(treedef, [
+      jax.ShapeDtypeStruct(specs[n].shape, saved[n].dtype, sharding=device) for n in specs])
+  ocp = _orbax()
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      restored = ckptr.restore(params_dir, target)
+  except Exception as e:
+    raise ValueError(f"orbax checkpoint {params_dir} is corrupt or truncated: restore failed "
+                     f"({_short(e)})") from e
+  flat = _check_tree(restored, specs, what=str(params_dir))
+  return dcfg, jax.tree_util.tree_unflatten(treedef, [flat[n] for n in specs])
+
+
+def is_hf_drafter_dir(path: PathLike) -> bool:
+  """A HF directory whose config.json has model_type 'gemma4_assistant'."""
+  path = pathlib.Path(path)
+  if not is_hf_dir(path):
+    return False
+  try:
+    return _load_json(path / HF_CONFIG).get("model_type") == _HF_ASSISTANT_TYPE
+  except ValueError:
+    return False
+
+
+def _cast_floats(tree: Any, dtype: str) -> Any:
+  return jax.tree_util.tree_map(
+      lambda w: w.astype(dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w, tree)
+
+
+def load_drafter(path: PathLike, target_cfg: ModelConfig, *,
+                 convention: str | None = None) -> tuple[Any, Any]:
+  """Loads a drafter for `target_cfg` from either format: (DrafterConfig, params).
+
+  The drafter is checked against the target (`check_drafter_matches`, before any tensor is read
+  for HF directories) and gets the target's dtype and param_dtype (float params are cast).
+
+  Args:
+    path: a HF `Gemma4AssistantForCausalLM` directory or a `save_drafter` directory.
+    target_cfg: the target the drafter will run with.
+    convention: 'hf' / 'clean'; default: 'hf' for HF directories, the stored one for Orbax.
+  """
+  path = _check_dir(path)
+  if is_orbax_dir(path):
+    dcfg, tree = load_drafter_params(path)
+    if convention is not None:
+      dcfg = dcfg.replace(convention=convention)
+    check_drafter_matches(dcfg, target_cfg)
+    dcfg = dcfg.replace(dtype=target_cfg.dtype, param_dtype=target_cfg.param_dtype)
+    return dcfg, _cast_floats(tree, dcfg.param_dtype)
+  if is_hf_dir(path):
+    dcfg = read_hf_drafter_config(path, target_cfg, convention=convention or "hf")
+    check_drafter_matches(dcfg, target_cfg)
+    tree, _ = load_hf_drafter_params(path, dcfg)
+    return dcfg, tree
+  raise ValueError(f"{path} is neither a gemma_mtp Orbax drafter checkpoint ({ORBAX_CONFIG} + "
+                   f"{ORBAX_PARAMS}/) nor a Hugging Face assistant checkpoint ({HF_CONFIG} + "
+                   f"{HF_SINGLE} or {HF_INDEX})")

@@ -1,0 +1,296 @@
+"""The Gemma 4 MTP drafter ("assistant"): Q-only attention on the target's K/V taps.
+
+One drafter step (`step`) maps (last token, carried hidden state) to (logits, next hidden state):
+
+  e = E_target[tok] * bf16(sqrt(Dt))               the TARGET's embedding and scale
+  z = [e, h_in] @ pre_proj                         [B, 2 Dt] -> [B, Da]
+  z = 4 Gemma 4 blocks whose attention has queries only, reading the target's tap K/V
+  z = RMSNorm(z);  h_out = z @ post_proj;  logits = head(z)   (no softcap)
+
+The head is the tied dense head, or the centroid ("ordered embedding") head of the E2B/E4B drafters:
+top-k centroids -> their clusters of `token_ordering` -> candidate ids -> sparse logits, every other
+entry filled with (min of the candidate logits over the batch) - 1 as in the reference.
+
+Parameter tree:
+  pre_proj [2 Dt, Da], post_proj [Da, Dt], embed [V, Da] (tied head), final_norm [Da],
+  layers: list of {pre_attn_norm, post_attn_norm, pre_ffw_norm, post_ffw_norm [Da], layer_scalar [1],
+                   attn: {q [Da, N, H], q_norm [H], o [N, H, Da]}, mlp: {gate, up, down}}
+  centroids [C, Da], token_ordering [V] int32                        (centroid head only)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gemma_mtp import layers
+from gemma_mtp import model as model_lib
+from gemma_mtp import params as params_lib
+from gemma_mtp.config import FULL, SLIDING, ModelConfig, pattern
+
+F32 = jnp.float32
+HF_CONVENTION = "hf"
+CLEAN_CONVENTION = "clean"
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterConfig:
+  """An MTP drafter. Head dims and KV-head counts must equal the target's (it reads its K/V).
+
+  Attributes:
+    target_embed_dim: Dt, the target's width (`backbone_hidden_size`).
+    embed_dim: Da, the drafter's own width.
+    vocab_size: V (the target's).
+    layer_types: SLIDING / FULL per drafter layer (which tap each layer reads).
+    num_heads: query heads.
+    num_kv_heads, num_global_kv_heads, head_dim, global_head_dim: of the target's tap layers.
+    mlp_dim: GeGLU width.
+    sliding_window: W of the sliding tap.
+    num_centroids: C of the centroid head; 0 selects the dense tied head.
+    centroid_top_k: centroids kept per step (candidates = top_k * V / C).
+    convention: which target K/V a step sees and its query position (see `tap_masks`):
+      'hf' reproduces `transformers` assisted generation exactly; 'clean' sees committed
+      positions only (sliding: the last W) with the query at the carried hidden state's position.
+    rope_theta, global_rope_theta, global_rotary_fraction, rms_eps, dtype, param_dtype: as the target.
+  """
+
+  target_embed_dim: int
+  embed_dim: int
+  vocab_size: int
+  layer_types: tuple[str, ...]
+  num_heads: int
+  num_kv_heads: int
+  num_global_kv_heads: int
+  mlp_dim: int
+  sliding_window: int
+  head_dim: int = 256
+  global_head_dim: int = 512
+  num_centroids: int = 0
+  centroid_top_k: int = 32
+  convention: str = HF_CONVENTION
+  rope_theta: float = 10_000.0
+  global_rope_theta: float = 1_000_000.0
+  global_rotary_fraction: float = 0.25
+  rms_eps: float = 1e-6
+  dtype: str = "bfloat16"
+  param_dtype: str = "bfloat16"
+
+  def __post_init__(self):
+    if self.convention not in (HF_CONVENTION, CLEAN_CONVENTION):
+      raise ValueError(f"convention must be {HF_CONVENTION!r} or {CLEAN_CONVENTION!r}, "
+                       f"got {self.convention!r}")
+    if self.num_centroids and self.vocab_size % self.num_centroids:
+      raise ValueError(f"vocab_size={self.vocab_size} is not a multiple of "
+                       f"num_centroids={self.num_centroids}")
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.layer_types)
+
+  def replace(self, **kw) -> "DrafterConfig":
+    return dataclasses.replace(self, **kw)
+
+  def as_decoder(self) -> ModelConfig:
+    """The drafter's blocks described as a decoder config (for the shared block specs)."""
+    return ModelConfig(
+        vocab_size=self.vocab_size, embed_dim=self.embed_dim, layer_types=self.layer_types,
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+        num_global_kv_heads=self.num_global_kv_heads, mlp_dim=self.mlp_dim,
+        sliding_window=self.sliding_window, head_dim=self.head_dim,
+        global_head_dim=self.global_head_dim, rope_theta=self.rope_theta,
+        global_rope_theta=self.global_rope_theta,
+        global_rotary_fraction=self.global_rotary_fraction, rms_eps=self.rms_eps,
+        dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+def for_target(target: ModelConfig, *, embed_dim: int, num_heads: int, mlp_dim: int,
+               num_layers: int = 4, **kw) -> DrafterConfig:
+  """A drafter shaped to read `target`'s taps (layers S, ..., S, F)."""
+  return DrafterConfig(
+      target_embed_dim=target.embed_dim, embed_dim=embed_dim, vocab_size=target.vocab_size,
+      layer_types=pattern(num_layers, num_layers), num_heads=num_heads,
+      num_kv_heads=target.num_kv_heads, num_global_kv_heads=target.num_global_kv_heads,
+      mlp_dim=mlp_dim, sliding_window=target.sliding_window, head_dim=target.head_dim,
+      global_head_dim=target.global_head_dim, rope_theta=target.rope_theta,
+      global_rope_theta=target.global_rope_theta,
+      global_rotary_fraction=target.global_rotary_fraction, rms_eps=target.rms_eps,
+      dtype=target.dtype, param_dtype=target.param_dtype, **kw)
+
+
+# ---- presets of the released drafters (spec section 3.1) ------------------------------------------
+
+def gemma4_e2b_assistant() -> DrafterConfig:
+  from gemma_mtp import config as c  # pylint: disable=g-import-not-at-top
+  return for_target(c.gemma4_e2b(), embed_dim=256, num_heads=4, mlp_dim=2048,
+                    num_centroids=2048, centroid_top_k=32)
+
+
+def gemma4_e4b_assistant() -> DrafterConfig:
+  from gemma_mtp import config as c  # pylint: disable=g-import-not-at-top
+  return for_target(c.gemma4_e4b(), embed_dim=256, num_heads=4, mlp_dim=2048,
+                    num_centroids=2048, centroid_top_k=32)
+
+
+def gemma4_31b_assistant() -> DrafterConfig:
+  from gemma_mtp import config as c  # pylint: disable=g-import-not-at-top
+  return for_target(c.gemma4_31b(), embed_dim=1024, num_heads=32, mlp_dim=8192)
+
+
+def gemma4_26b_a4b_assistant() -> DrafterConfig:
+  """Partly UNVERIFIED in the spec (heads 16, MLP 8192 assumed)."""
+  from gemma_mtp import config as c  # pylint: disable=g-import-not-at-top
+  return for_target(c.gemma4_26b_a4b(), embed_dim=1024, num_heads=16, mlp_dim=8192)
+
+
+DRAFTER_PRESETS = {
+    "gemma4_e2b_assistant": gemma4_e2b_assistant,
+    "gemma4_e4b_assistant": gemma4_e4b_assistant,
+    "gemma4_31b_assistant": gemma4_31b_assistant,
+    "gemma4_26b_a4b_assistant": gemma4_26b_a4b_assistant,
+}
+
+
+# ---- parameters --------------------------------------------------------------------------------
+
+def param_specs(cfg: DrafterConfig) -> dict[str, Any]:
+  """Drafter weights (structure in the module docstring); HF keys are full tensor names."""
+  dec = cfg.as_decoder()
+  blocks = []
+  for i in range(cfg.num_layers):
+    spec = params_lib.layer_specs(dec, i)
+    spec["attn"] = {k: v for k, v in spec["attn"].items() if k in ("q", "q_norm", "o")}
+    blocks.append(params_lib.map_specs(
+        lambda s: dataclasses.replace(s, hf_key="model." + s.hf_key), spec))
+  da, dt = cfg.embed_dim, cfg.target_embed_dim
+  specs: dict[str, Any] = {
+      "pre_proj": params_lib.ParamSpec((2 * dt, da), ("embed2", "draft_embed"),
+                                       hf_key="pre_projection.weight", hf_perm=(1, 0)),
+      "post_proj": params_lib.ParamSpec((da, dt), ("draft_embed", "embed"),
+                                        hf_key="post_projection.weight", hf_perm=(1, 0)),
+      "embed": params_lib.ParamSpec((cfg.vocab_size, da), ("vocab", "draft_embed"),
+                                    fan_in_axes=(1,), hf_key="model.embed_tokens.weight"),
+      "final_norm": params_lib.ParamSpec((da,), ("draft_embed",), init="ones",
+                                         hf_key="model.norm.weight"),
+      "layers": blocks,
+  }
+  if cfg.num_centroids:
+    specs["centroids"] = params_lib.ParamSpec(
+        (cfg.num_centroids, da), ("centroids", "draft_embed"), fan_in_axes=(1,),
+        hf_key="masked_embedding.centroids.weight")
+    specs["token_ordering"] = params_lib.ParamSpec(
+        (cfg.vocab_size,), ("vocab",), init="zeros", hf_key="masked_embedding.token_ordering",
+        dtype="int32")
+  return specs
+
+
+def init_params(cfg: DrafterConfig, key: jax.Array):
+  """Random drafter parameters; the centroid head gets a random token ordering."""
+  k_init, k_perm = jax.random.split(key)
+  p = params_lib.init_from_specs(param_specs(cfg), cfg, k_init)
+  if cfg.num_centroids:
+    p["token_ordering"] = jax.random.permutation(k_perm, cfg.vocab_size).astype(jnp.int32)
+  return p
+
+
+# ---- which target K/V a step sees --------------------------------------------------------------
+
+def tap_masks(taps: dict, *, convention: str, window: int, start: jax.Array, last_idx: jax.Array,
+              call_start: jax.Array, call_end: jax.Array) -> tuple[dict, jax.Array]:
+  """Visibility of the target's tap slots for the steps of one round, and the query position.
+
+  Indices are sequence indices (row b's position = index - start[b]). The round's first input
+  token sits at `last_idx` (it has no K/V yet); the carried hidden state is the target's at
+  `last_idx - 1`. The previous target call processed indices call_start..call_end.
+
+  'hf' (exactly what `transformers` does; see experiments/hf_assisted_reference.md):
+    full: every slot up to min(call_end, last_idx) (after a rejection that includes the K/V of the
+      rejected draft at last_idx);
+    sliding: the call's buffer begins at b = max(start, call_start - W + 1) (prefill: start), is
+      cut to its first (last_idx - start + 1) entries, and the last W + 1 entries of that are seen
+      (they may include rejected drafts);
+    query position: last_idx - start.
+  'clean': committed slots only, start <= idx <= last_idx - 1 (sliding: the last W of them), query
+    position last_idx - 1 - start (the hidden state's own position).
+
+  Args:
+    taps: {'sliding' | 'full': model.Tap} with idx [B, S].
+    start, last_idx, call_start, call_end: [B] int32.
+  Returns:
+    ({kind: [B, S] bool}, query positions [B] int32).
+  """
+  masks = {}
+  for kind, tap in taps.items():
+    idx = tap.idx
+    if convention == HF_CONVENTION:
+      if kind == FULL:
+        hi = jnp.minimum(call_end, last_idx)
+        lo = start
+      else:
+        b = jnp.maximum(start, call_start - window + 1)
+        hi = jnp.minimum(call_end, b + last_idx - start)
+        lo = jnp.maximum(b, hi - window)
+    else:
+      hi = last_idx - 1
+      lo = start if kind == FULL else jnp.maximum(start, hi - window + 1)
+    masks[kind] = (idx >= lo[:, None]) & (idx <= hi[:, None]) & (idx >= 0)
+  query = last_idx - start - (0 if convention == HF_CONVENTION else 1)
+  return masks, query
+
+
+# ---- one step ------------------------------------------------------------------------------------
+
+def head(params: dict, z: jax.Array, cfg: DrafterConfig) -> jax.Array:
+  """Float32 logits [B, V] from the final-normed drafter state z [B, Da]."""
+  if not cfg.num_centroids:
+    return jnp.einsum("BD,VD->BV", z, params["embed"], preferred_element_type=F32)
+  b = z.shape[0]
+  per_cluster = cfg.vocab_size // cfg.num_centroids
+  c = jnp.einsum("BD,CD->BC", z, params["centroids"], preferred_element_type=F32)
+  _, top = jax.lax.top_k(c, cfg.centroid_top_k)                          # [B, k]
+  clusters = params["token_ordering"].reshape(cfg.num_centroids, per_cluster)
+  ids = clusters[top].reshape(b, -1)                                     # [B, k * V / C]
+  sel = jnp.einsum("BD,BND->BN", z, params["embed"][ids], preferred_element_type=F32)
+  fill = jnp.min(sel) - 1.0                        # the reference fills with the batch-wide min - 1
+  rows = jnp.arange(b)[:, None]
+  return jnp.full((b, cfg.vocab_size), fill, F32).at[rows, ids].set(sel)
+
+
+def step(params: dict, cfg: DrafterConfig, *, target_params: dict, target_config: ModelConfig,
+         token: jax.Array, hidden: jax.Array, query_pos: jax.Array, taps: dict,
+         masks: dict) -> tuple[jax.Array, jax.Array]:
+  """One drafter step.
+
+  Args:
+    params: drafter parameters (cast to cfg.dtype by the caller or here).
+    token: [B] int32 input token; hidden: [B, Dt] carried state (target final-normed hidden state
+      on the first step of a round, the previous step's output after that).
+    query_pos: [B] RoPE position of the queries.
+    taps: {'sliding' | 'full': model.Tap}; masks: {kind: [B, S] bool} from `tap_masks`.
+  Returns:
+    (logits [B, V] float32, next hidden [B, Dt]).
+  """
+  dtype = jnp.dtype(cfg.dtype)
+  params = jax.tree_util.tree_map(
+      lambda w: w.astype(dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w, params)
+  e = model_lib.embed_tokens(target_params, token[:, None], target_config).astype(dtype)
+  u = jnp.concatenate([e, hidden[:, None].astype(dtype)], axis=-1)     # [B, 1, 2 Dt]
+  z = jnp.einsum("BTE,ED->BTD", u, params["pre_proj"])
+  positions = query_pos[:, None]
+  for i, p in enumerate(params["layers"]):
+    kind = cfg.layer_types[i]
+    tap, visible = taps[kind], masks[kind]
+
+    def attend(xn, p=p, kind=kind, tap=tap, visible=visible):
+      q = model_lib.project_q(p["attn"], xn, positions, cfg, kind)
+      return layers.attention(q, tap.k.astype(dtype), tap.v.astype(dtype), visible[:, None, :])
+
+    z = model_lib.block(p, z, attend, None, cfg)
+  z = layers.rms_norm(z, params["final_norm"], eps=cfg.rms_eps)[:, 0]  # [B, Da]
+  h_out = jnp.einsum("BD,DE->BE", z, params["post_proj"])
+  return head(params, z, cfg), h_out
+
+
+__all__ = ["DrafterConfig", "SLIDING", "FULL", "step", "tap_masks", "param_specs", "init_params"]

@@ -1,0 +1,267 @@
+"""Speculative decoding with an MTP drafter: one compiled `lax.while_loop` over draft rounds.
+
+Each round (one loop iteration, a static draft length K chosen from the buckets):
+  1. draft: K drafter steps from (last token, target hidden state), reading the target's tap K/V;
+     greedy drafts are argmaxes, stochastic drafts are samples from the processed drafter
+     distribution q (same temperature / top-k / top-p as the target);
+  2. verify: one target forward over [last, d_1..d_K] (K + 1 positions) through the cache;
+  3. accept per row: greedy = longest prefix equal to the target's argmax, then the target's token;
+     stochastic = Leviathan et al. (accept min(1, p/q), resample from norm(max(0, p - q)), bonus
+     token from p), so the emitted distribution is exactly the target's;
+  4. commit: `cache.length += accepted + 1` (rejected K/V stay in the buffers, invisible);
+  5. statistics, and the adaptive choice of the next round's bucket.
+
+Adaptive draft length: an exponential moving average of the per-draft acceptance probability a
+(maximum-likelihood estimate from each round: accepted drafts / (accepted drafts + rejections))
+picks the bucket K maximising the expected tokens per unit of cost,
+    (1 - a^(K+1)) / (1 - a) / (1 + K c),
+with c the drafter/target cost ratio of one step (Leviathan et al. 2023, eq. 1). The choice is a
+`lax.switch` on the device; no host round trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from gemma_mtp import decoding
+from gemma_mtp import drafter as drafter_lib
+from gemma_mtp import model as model_lib
+from gemma_mtp import sampling
+from gemma_mtp.config import ModelConfig
+from gemma_mtp.drafter import DrafterConfig
+from gemma_mtp.kv_cache import KVCache
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecConfig:
+  """Static configuration of the speculative loop.
+
+  Attributes:
+    draft_lengths: the static buckets K (each compiled once inside the loop).
+    adaptive: choose the bucket per round from the acceptance estimate; if False, the first
+      bucket is used for every round.
+    ema_decay: weight of the past in the acceptance estimate (per round).
+    initial_acceptance: the estimate before any round.
+    draft_cost: c, the cost of one drafter step relative to one target forward.
+  """
+
+  draft_lengths: tuple[int, ...] = (1, 2, 4, 8)
+  adaptive: bool = True
+  ema_decay: float = 0.7
+  initial_acceptance: float = 0.6
+  draft_cost: float = 0.05
+
+  def __post_init__(self):
+    if not self.draft_lengths or any(k < 1 for k in self.draft_lengths):
+      raise ValueError(f"draft_lengths must be positive integers, got {self.draft_lengths}")
+    if len(set(self.draft_lengths)) != len(self.draft_lengths):
+      raise ValueError(f"draft_lengths has duplicates: {self.draft_lengths}")
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+  @property
+  def max_draft(self) -> int:
+    return max(self.draft_lengths)
+
+
+def best_bucket(acceptance: jax.Array, spec: SpecConfig) -> jax.Array:
+  """Index of the bucket maximising expected tokens per cost at per-draft acceptance a."""
+  a = jnp.clip(acceptance, 0.0, 0.999)
+  ks = jnp.asarray(spec.draft_lengths, F32)
+  tokens = (1.0 - a ** (ks + 1.0)) / (1.0 - a)
+  return jnp.argmax(tokens / (1.0 + ks * spec.draft_cost)).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class SpecState:
+  """State of the speculative loop (B rows, N = max new tokens, Kmax = largest bucket).
+
+  Attributes:
+    cache: target KV cache; `length` = index of `last` (which has no K/V yet).
+    last: [B] int32 last emitted token, the first drafter input of the next round.
+    hidden: [B, Dt] target final-normed hidden state at index length - 1.
+    call_start, call_end: [B] int32 first / last index the previous target forward processed.
+    out, count, done: emitted tokens [B, N] (-1 padded), count [B], finished rows [B].
+    rng: PRNG key, split every round.
+    acceptance: () float32 EMA of the per-draft acceptance probability.
+    bucket: () int32 bucket index of the next round.
+    rounds: () int32 target forwards after the prefill.
+    row_forwards: () int32 sum over rounds of the rows still running (per-row forwards).
+    drafted, accepted: [Kmax] int32 per draft position j: rows that drafted / accepted draft j.
+    bucket_counts: [num_buckets] int32 rounds per bucket.
+    trace: [N] int32 bucket index used by each round (-1 after the last).
+    draft_trace: [N, B, Kmax] int32 drafts proposed in each round (-1 beyond its K).
+  """
+
+  cache: KVCache
+  last: jax.Array
+  hidden: jax.Array
+  call_start: jax.Array
+  call_end: jax.Array
+  out: jax.Array
+  count: jax.Array
+  done: jax.Array
+  rng: jax.Array
+  acceptance: jax.Array
+  bucket: jax.Array
+  rounds: jax.Array
+  row_forwards: jax.Array
+  drafted: jax.Array
+  accepted: jax.Array
+  bucket_counts: jax.Array
+  trace: jax.Array
+  draft_trace: jax.Array
+
+
+def draft(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, state: SpecState, *, k: int,
+          sampler: sampling.SamplingParams, key: jax.Array):
+  """K drafter steps. Returns (drafts [B, K] int32, q [B, K, V] drafter probabilities or None)."""
+  cache = state.cache
+  taps = {kind: model_lib.Tap(k=cache.k[layer], v=cache.v[layer],
+                              idx=cache.slot_indices(tcfg.is_full(layer)))
+          for kind, layer in tcfg.tap_layers.items()}
+  masks, query = drafter_lib.tap_masks(
+      taps, convention=dcfg.convention, window=tcfg.sliding_window, start=cache.start,
+      last_idx=cache.length, call_start=state.call_start, call_end=state.call_end)
+
+  def one(carry, step_key):
+    tok, h = carry
+    logits, h = drafter_lib.step(dparams, dcfg, target_params=tparams, target_config=tcfg,
+                                 token=tok, hidden=h, query_pos=query, taps=taps, masks=masks)
+    if sampler.is_greedy:
+      nxt = sampling.greedy(logits)
+      return (nxt, h), (nxt, None)
+    q = sampling.probs(logits, sampler)
+    nxt = jax.random.categorical(step_key, jnp.log(q)).astype(jnp.int32)
+    return (nxt, h), (nxt, q)
+
+  _, (drafts, q) = jax.lax.scan(one, (state.last, state.hidden), jax.random.split(key, k))
+  return drafts.T, (None if q is None else jnp.swapaxes(q, 0, 1))
+
+
+def emit_chunk(out, count, done, tokens, num_valid, *, eos_ids, max_new):
+  """Appends tokens[:, :num_valid] per row, stopping a row at EOS or max_new tokens."""
+  for j in range(tokens.shape[1]):
+    skip = done | (j >= num_valid)
+    out, count, new_done = decoding.emit(out, count, skip, tokens[:, j], eos_ids=eos_ids,
+                                         max_new=max_new)
+    done = jnp.where(j < num_valid, new_done, done)
+  return out, count, done
+
+
+def make_round(k: int, *, dparams, dcfg, tparams, tcfg, sampler, spec: SpecConfig, eos_ids,
+               max_new):
+  """The loop body for static draft length k."""
+
+  def round_fn(s: SpecState) -> SpecState:
+    rng, k_draft, k_verify = jax.random.split(s.rng, 3)
+    drafts, q = draft(dparams, dcfg, tparams, tcfg, s, k=k, sampler=sampler, key=k_draft)
+    chunk = jnp.concatenate([s.last[:, None], drafts], axis=1)            # [B, k + 1]
+    res = model_lib.forward(tparams, chunk, config=tcfg, cache=s.cache)
+    if sampler.is_greedy:
+      n, nxt = sampling.verify_greedy(drafts, res.logits)
+    else:
+      p = sampling.probs(res.logits, sampler)
+      n, nxt = sampling.verify_stochastic(k_verify, drafts, q, p)
+    tokens = sampling.accepted_tokens(drafts, n, nxt)                     # [B, k + 1]
+    active = ~s.done
+    out, count, done = emit_chunk(s.out, s.count, s.done, tokens, n + 1, eos_ids=eos_ids,
+                                  max_new=max_new)
+    rows = jnp.arange(chunk.shape[0])
+    r = jnp.minimum(s.rounds, s.trace.shape[0] - 1)
+    length = s.cache.length
+    cache = res.cache.replace(length=jnp.where(active, length + n + 1, length))
+    # Statistics over the rows that were running this round.
+    act = active.astype(jnp.int32)
+    pos = jnp.arange(spec.max_draft)
+    drafted = s.drafted + jnp.sum(act[:, None] * (pos[None, :] < k), axis=0)
+    accepted = s.accepted + jnp.sum(act[:, None] * (pos[None, :] < n[:, None]), axis=0)
+    succ = jnp.sum(act * n).astype(F32)
+    fail = jnp.sum(act * (n < k)).astype(F32)
+    round_acc = jnp.where(succ + fail > 0, succ / jnp.maximum(succ + fail, 1.0), s.acceptance)
+    acceptance = spec.ema_decay * s.acceptance + (1.0 - spec.ema_decay) * round_acc
+    return s.replace(
+        cache=cache, last=jnp.where(active, nxt, s.last),
+        hidden=jnp.where(active[:, None], res.hidden[rows, n], s.hidden),
+        call_start=jnp.where(active, length, s.call_start),
+        call_end=jnp.where(active, length + k, s.call_end),
+        out=out, count=count, done=done, rng=rng, acceptance=acceptance,
+        rounds=s.rounds + 1, row_forwards=s.row_forwards + jnp.sum(act),
+        drafted=drafted, accepted=accepted,
+        bucket_counts=s.bucket_counts.at[s.bucket].add(1),
+        trace=s.trace.at[r].set(s.bucket),
+        draft_trace=s.draft_trace.at[r].set(
+            jnp.pad(drafts, ((0, 0), (0, spec.max_draft - k)), constant_values=-1)))
+
+  return round_fn
+
+
+@functools.partial(jax.jit, static_argnames=("tcfg", "dcfg", "spec", "sampler", "max_new",
+                                             "eos_ids", "max_len"))
+def speculative_generate(tparams, dparams, batch: decoding.PromptBatch, rng, *, tcfg: ModelConfig,
+                         dcfg: DrafterConfig, spec: SpecConfig,
+                         sampler: sampling.SamplingParams, max_new: int,
+                         eos_ids: tuple[int, ...], max_len: int) -> SpecState:
+  """Prefill, then draft/verify rounds until every row is done. Returns the final SpecState."""
+  b, t = batch.tokens.shape
+  out0, cache = model_lib.prefill(tparams, batch.tokens, batch.start, config=tcfg,
+                                  max_len=max_len, max_chunk=spec.max_draft + 2)
+  rng, key = jax.random.split(rng)
+  first = sampling.sample(key, out0.logits[:, -1], sampler)
+  out, count, done = decoding.emit(jnp.full((b, max_new), -1, jnp.int32),
+                                   jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), first,
+                                   eos_ids=eos_ids, max_new=max_new)
+  nb = len(spec.draft_lengths)
+  init_acc = jnp.asarray(spec.initial_acceptance, F32)
+  state = SpecState(
+      cache=cache, last=first, hidden=out0.hidden[:, -1],
+      call_start=batch.start, call_end=jnp.full((b,), t - 1, jnp.int32),
+      out=out, count=count, done=done, rng=rng, acceptance=init_acc,
+      bucket=best_bucket(init_acc, spec) if spec.adaptive else jnp.zeros((), jnp.int32),
+      rounds=jnp.zeros((), jnp.int32), row_forwards=jnp.zeros((), jnp.int32),
+      drafted=jnp.zeros((spec.max_draft,), jnp.int32),
+      accepted=jnp.zeros((spec.max_draft,), jnp.int32),
+      bucket_counts=jnp.zeros((nb,), jnp.int32), trace=jnp.full((max_new,), -1, jnp.int32),
+      draft_trace=jnp.full((max_new, b, spec.max_draft), -1, jnp.int32))
+  kw = dict(dparams=dparams, dcfg=dcfg, tparams=tparams, tcfg=tcfg, sampler=sampler, spec=spec,
+            eos_ids=eos_ids, max_new=max_new)
+  branches = [make_round(k, **kw) for k in spec.draft_lengths]
+
+  def body(s: SpecState) -> SpecState:
+    s = branches[0](s) if nb == 1 else jax.lax.switch(s.bucket, branches, s)
+    if spec.adaptive:
+      s = s.replace(bucket=best_bucket(s.acceptance, spec))
+    return s
+
+  return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
+
+
+def stats_of(state: SpecState, spec: SpecConfig, num_rows: int, *, drafts: bool = False) -> dict:
+  """Host-side statistics dict of a finished run (see `api.generate`).
+
+  With `drafts`, also "drafts": per round, per row, the drafts proposed (rows already finished
+  in that round included)."""
+  s = jax.device_get(state.replace(cache=None))
+  new = int(s.count.sum())
+  drafted, accepted = s.drafted.tolist(), s.accepted.tolist()
+  rounds = int(s.rounds)
+  return {
+      "target_forwards": rounds,
+      "new_tokens": new,
+      "drafted": int(sum(drafted)),
+      "accepted": int(sum(accepted)),
+      "tokens_per_forward": (new - num_rows) / max(int(s.row_forwards), 1),
+      "acceptance_by_position": [a / d if d else None for a, d in zip(accepted, drafted)],
+      "bucket_counts": {k: int(c) for k, c in zip(spec.draft_lengths, s.bucket_counts)},
+      "bucket_trace": [spec.draft_lengths[i] for i in s.trace[:rounds].tolist()],
+      "final_acceptance_estimate": float(s.acceptance),
+      **({"drafts": [[[d for d in row if d >= 0] for row in rnd]
+                     for rnd in s.draft_trace[:rounds].tolist()]} if drafts else {}),
+  }

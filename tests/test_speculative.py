@@ -1,0 +1,211 @@
+"""Speculative decoding: lossless greedy output, exact sampling, counts, and the compiled loop."""
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gemma_mtp
+from gemma_mtp import config as config_lib
+from gemma_mtp import decoding
+from gemma_mtp import drafter as drafter_lib
+from gemma_mtp import model as model_lib
+from gemma_mtp import sampling
+from gemma_mtp import speculative
+from tests.test_sampling import FALSE_ALARM, chi2_pvalue
+
+TARGET = config_lib.tiny(layer_types=config_lib.pattern(7, 3), num_kv_shared_layers=3,
+                         double_wide_mlp=True, per_layer_dim=8, per_layer_vocab_size=256,
+                         num_global_kv_heads=2)
+PROMPTS = [list(range(5, 16)), [3, 4], [100, 101, 102, 103, 104], list(range(20, 45))]
+
+
+@dataclasses.dataclass
+class Drafter:
+  config: drafter_lib.DrafterConfig
+  params: dict
+
+
+def random_drafter(target_cfg, *, seed=5, convention="hf", num_centroids=0):
+  dcfg = drafter_lib.for_target(target_cfg, embed_dim=32, num_heads=4, mlp_dim=64,
+                                convention=convention, num_centroids=num_centroids,
+                                centroid_top_k=4)
+  return Drafter(dcfg, drafter_lib.init_params(dcfg, jax.random.PRNGKey(seed)))
+
+
+def agreeing_pair(target_cfg, *, residual_scale, seed=0):
+  """A target whose next token is mostly a function of the current token, and a drafter computing
+  exactly that function.
+
+  The target's attention, FFN and PLE branch outputs are scaled by `residual_scale` (0: the residual
+  stream is the token embedding, so logits = head(norm(E[tok])) and the drafter below agrees
+  always; 0.3: the context sometimes changes the argmax, so drafts are accepted and rejected).
+  The drafter maps [e, h] -> e (pre_proj = [I; 0]), its blocks add nothing, and its head is the
+  target's embedding with the target's final norm.
+  """
+  target = gemma_mtp.random_target(target_cfg, seed=seed)
+  params = jax.tree_util.tree_map(lambda x: x, target.params)
+  for layer in params["layers"]:  # the post-norms set the scale of what each branch adds
+    layer["post_attn_norm"] = layer["post_attn_norm"] * residual_scale
+    layer["post_ffw_norm"] = layer["post_ffw_norm"] * residual_scale
+    if "ple" in layer:
+      layer["ple"]["norm"] = layer["ple"]["norm"] * residual_scale
+  target = gemma_mtp.Target(target_cfg, params)
+  d = target_cfg.embed_dim
+  dcfg = drafter_lib.for_target(target_cfg, embed_dim=d, num_heads=4, mlp_dim=64)
+  dp = drafter_lib.init_params(dcfg, jax.random.PRNGKey(seed + 1))
+  dp["pre_proj"] = jnp.concatenate([jnp.eye(d), jnp.zeros((d, d))], axis=0)
+  for layer in dp["layers"]:
+    layer["attn"]["o"] = jnp.zeros_like(layer["attn"]["o"])
+    layer["mlp"]["down"] = jnp.zeros_like(layer["mlp"]["down"])
+  dp["embed"] = params["embed"]
+  dp["final_norm"] = params["final_norm"]
+  return target, Drafter(dcfg, dp)
+
+
+@pytest.fixture(scope="module")
+def plain_reference():
+  target = gemma_mtp.random_target(TARGET)
+  return target, gemma_mtp.generate(target, PROMPTS, max_new_tokens=110).tokens
+
+
+@pytest.mark.parametrize("convention", ["hf", "clean"])
+@pytest.mark.parametrize("buckets,adaptive", [((1,), False), ((2,), False), ((4,), False),
+                                              ((8,), False), ((1, 2, 4, 8), True)])
+def test_greedy_equals_plain_random_drafter(plain_reference, convention, buckets, adaptive):
+  target, ref = plain_reference
+  out = gemma_mtp.generate(target, PROMPTS, max_new_tokens=110,
+                           drafter=random_drafter(TARGET, convention=convention),
+                           draft_lengths=buckets, adaptive=adaptive)
+  assert out.tokens == ref
+  assert sum(out.stats["bucket_counts"].values()) == out.stats["target_forwards"]
+
+
+@pytest.mark.parametrize("buckets,adaptive", [((3,), False), ((1, 2, 4, 8), True)])
+def test_greedy_equals_plain_with_rejections(buckets, adaptive):
+  """A drafter that is right often but not always: accepted and rejected drafts in the ring
+  buffers across window wraps, rows accepting different counts, all equal to plain decoding."""
+  target, drafter = agreeing_pair(TARGET, residual_scale=0.8)
+  ref = gemma_mtp.generate(target, PROMPTS, max_new_tokens=120).tokens
+  out = gemma_mtp.generate(target, PROMPTS, max_new_tokens=120, drafter=drafter,
+                           draft_lengths=buckets, adaptive=adaptive)
+  assert out.tokens == ref
+  acc = [a for a in out.stats["acceptance_by_position"] if a is not None]
+  assert 0.2 < acc[0] < 0.95, out.stats  # both outcomes happen
+  assert out.stats["tokens_per_forward"] > 1.2
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_always_agreeing_drafter_gives_k_plus_one_tokens(k):
+  target, drafter = agreeing_pair(TARGET, residual_scale=0.0)
+  rounds = 6
+  out = gemma_mtp.generate(target, [[7, 8, 9]], max_new_tokens=1 + rounds * (k + 1),
+                           drafter=drafter, draft_lengths=(k,), adaptive=False)
+  assert out.stats["target_forwards"] == rounds
+  assert out.stats["tokens_per_forward"] == k + 1
+  assert out.stats["accepted"] == out.stats["drafted"] == rounds * k
+
+
+def test_adaptive_picks_long_drafts_when_they_are_accepted():
+  target, drafter = agreeing_pair(TARGET, residual_scale=0.0)
+  out = gemma_mtp.generate(target, [[7, 8, 9]], max_new_tokens=100, drafter=drafter)
+  assert out.stats["bucket_trace"][-1] == 8
+  assert out.stats["bucket_counts"][8] >= out.stats["target_forwards"] - 3
+
+
+def test_eos_and_max_tokens_per_row():
+  target, drafter = agreeing_pair(TARGET, residual_scale=0.8)
+  ref = gemma_mtp.generate(target, PROMPTS, max_new_tokens=50).tokens
+  eos = ref[0][7]
+  plain = gemma_mtp.generate(target, PROMPTS, max_new_tokens=50, eos_id=eos).tokens
+  spec = gemma_mtp.generate(target, PROMPTS, max_new_tokens=50, eos_id=eos, drafter=drafter,
+                            draft_lengths=(4,), adaptive=False).tokens
+  assert spec == plain
+  assert plain[0][-1] == eos and len(plain[0]) <= 8
+
+
+def test_drafter_equal_to_target_accepts_every_sampled_draft():
+  cfg = TARGET.replace(final_logit_softcap=None)
+  target, drafter = agreeing_pair(cfg, residual_scale=0.0)
+  out = gemma_mtp.generate(target, [[7, 8, 9]] * 8, max_new_tokens=41, drafter=drafter,
+                           draft_lengths=(4,), adaptive=False, temperature=1.0, seed=1)
+  assert out.stats["accepted"] == out.stats["drafted"] > 0
+
+
+def exact_first_tokens(target, prompt, sampler):
+  """Exact joint distribution [V, V, V] of the first 3 sampled tokens, by enumerating prefixes."""
+  v = target.config.vocab_size
+
+  def dist(prefixes):  # next-token distributions after prompt + each prefix: [len(prefixes), V]
+    logits = gemma_mtp.score(target, np.array([prompt + list(p) for p in prefixes]))[:, -1]
+    return np.asarray(sampling.probs(logits, sampler), np.float64)
+
+  p1 = dist([()])[0]
+  p2 = dist([(a,) for a in range(v)])                                   # [V, V]
+  p3 = dist(list(itertools.product(range(v), repeat=2))).reshape(v, v, v)
+  joint = p1[:, None, None] * p2[:, :, None] * p3
+  return joint / joint.sum()
+
+
+def pool_small_cells(counts, probs, n, min_expected=5.0):
+  """Merges the least likely cells until every cell expects >= min_expected of n samples."""
+  order = np.argsort(probs.ravel())
+  counts, probs = counts.ravel()[order], probs.ravel()[order]
+  cut = 0
+  while probs[:cut].sum() * n < min_expected or (probs[cut] * n < min_expected and cut < probs.size):
+    cut += 1
+  return np.append(counts[cut:], counts[:cut].sum()), np.append(probs[cut:], probs[:cut].sum())
+
+
+@pytest.mark.parametrize("top_k", [None, 6])
+def test_speculative_sampling_is_exact(top_k):
+  """First 3 tokens of 24,000 speculative samples vs the exact target distribution (chi-square,
+  false alarm 1e-4), with a deliberately different drafter; plain sampling as a control."""
+  cfg = config_lib.tiny(vocab_size=8, layer_types=config_lib.pattern(4, 2), final_logit_softcap=None)
+  target = gemma_mtp.random_target(cfg, seed=3)
+  drafter = random_drafter(cfg, seed=11)
+  prompt, n, rows = [1, 5, 2, 7], 3, 24_000
+  sampler = sampling.SamplingParams(temperature=1.0, top_k=top_k)
+  exact = exact_first_tokens(target, prompt, sampler)
+  kw = dict(max_new_tokens=n, temperature=1.0, top_k=top_k, seed=7)
+  spec = gemma_mtp.generate(target, [prompt] * rows, drafter=drafter, draft_lengths=(2,),
+                            adaptive=False, **kw)
+  plain = gemma_mtp.generate(target, [prompt] * rows, **kw)
+  assert 0 < spec.stats["accepted"] < spec.stats["drafted"]
+  for out in (spec, plain):
+    counts = np.zeros([cfg.vocab_size] * n)
+    for row in out.tokens:
+      counts[tuple(row)] += 1
+    assert chi2_pvalue(*pool_small_cells(counts, exact, rows)) > FALSE_ALARM
+
+
+def test_loop_is_one_program_without_host_transfers():
+  target, drafter = agreeing_pair(TARGET, residual_scale=0.8)
+  spec = speculative.SpecConfig()
+  sampler = sampling.SamplingParams()
+  kw = dict(tcfg=TARGET, dcfg=drafter.config, spec=spec, sampler=sampler, max_new=40,
+            eos_ids=(), max_len=96)
+  batches = [decoding.make_prompt_batch(p, vocab_size=TARGET.vocab_size)
+             for p in (PROMPTS, [[9] * 11, [1, 2], [3, 4, 5], [6] * 25])]
+  args = [jax.device_put(x) for x in (target.params, drafter.params, jax.random.PRNGKey(0))]
+  state = speculative.speculative_generate(args[0], args[1], batches[0], args[2], **kw)
+  jax.block_until_ready(state)
+  before = speculative.speculative_generate._cache_size()
+  batch = jax.device_put(batches[1])
+  with jax.transfer_guard("disallow"):
+    state = speculative.speculative_generate(args[0], args[1], batch, args[2], **kw)
+    jax.block_until_ready(state.out)
+  assert speculative.speculative_generate._cache_size() == before  # no recompilation
+  assert int(state.rounds) > 0 and bool(jnp.all(state.done))
+
+
+def test_bucket_policy():
+  spec = speculative.SpecConfig(draft_lengths=(1, 2, 4, 8), draft_cost=0.05)
+  picks = [spec.draft_lengths[int(speculative.best_bucket(jnp.float32(a), spec))]
+           for a in (0.05, 0.5, 0.8, 0.95)]
+  assert picks == sorted(picks) and picks[0] == 1 and picks[-1] == 8
+  with pytest.raises(ValueError, match="draft_lengths"):
+    speculative.SpecConfig(draft_lengths=(0, 2))
