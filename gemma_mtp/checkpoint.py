@@ -892,8 +892,9 @@ def load_params(path: PathLike, *, target: Any = None) -> tuple[ModelConfig, Any
   Args:
     path: the checkpoint directory.
     target: optional tree of `jax.ShapeDtypeStruct` (structure of `param_specs(cfg)`) to restore
-      into; its dtypes and shardings are used (arrays are cast / placed accordingly). Default: the
-      saved dtypes on the default device.
+      into; its dtypes and shardings are used (arrays are cast / placed accordingly), or a function
+      `target(cfg)` returning such a tree from the stored config (see `sharding.load_sharded`).
+      Default: the saved dtypes on the default device.
 
   Returns:
     (cfg, params).
@@ -917,6 +918,7 @@ def load_params(path: PathLike, *, target: Any = None) -> tuple[ModelConfig, Any
     target = jax.tree_util.tree_unflatten(treedef, [
         jax.ShapeDtypeStruct(specs[n].shape, saved[n].dtype, sharding=device) for n in specs])
   else:
+    target = target(cfg) if callable(target) else target
     _check_tree(target, specs, what="target")
   ocp = _orbax()
   try:
@@ -1449,8 +1451,12 @@ def save_drafter(path: PathLike, params: Any, dcfg, *, step: int | None = None):
   _atomic_write_dir(path, write)
 
 
-def load_drafter_params(path: PathLike) -> tuple[Any, Any]:
+def load_drafter_params(path: PathLike, *, target: Any = None) -> tuple[Any, Any]:
   """Loads a drafter written by `save_drafter`: (DrafterConfig, params) in the saved dtypes.
+
+  Args:
+    target: as in `load_params` (a ShapeDtypeStruct tree, or a function of the stored
+      DrafterConfig returning one); default: the saved dtypes on the default device.
 
   Raises:
     FileNotFoundError: missing directory, config or params.
@@ -1481,10 +1487,14 @@ def load_drafter_params(path: PathLike) -> tuple[Any, Any]:
     raise FileNotFoundError(f"{path} has no {ORBAX_PARAMS}/ directory")
   specs = _flat_drafter_specs(dcfg)
   saved = _check_tree_meta(_saved_arrays(params_dir), specs, where=str(params_dir))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   treedef = _drafter_treedef(dcfg)
-  target = jax.tree_util.tree_unflatten(treedef, [
-      jax.ShapeDtypeStruct(specs[n].shape, saved[n].dtype, sharding=device) for n in specs])
+  if target is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_unflatten(treedef, [
+        jax.ShapeDtypeStruct(specs[n].shape, saved[n].dtype, sharding=device) for n in specs])
+  else:
+    target = target(dcfg) if callable(target) else target
+    _check_tree(target, specs, what="target")
   ocp = _orbax()
   try:
     with ocp.StandardCheckpointer() as ckptr:

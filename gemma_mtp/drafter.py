@@ -258,13 +258,48 @@ def head(params: dict, z: jax.Array, cfg: DrafterConfig) -> jax.Array:
   return jnp.full((b, cfg.vocab_size), fill, F32).at[rows, ids].set(sel)
 
 
+def step_seq(params: dict, cfg: DrafterConfig, *, target_params: dict,
+             target_config: ModelConfig, tokens: jax.Array, hidden: jax.Array,
+             query_pos: jax.Array, taps: dict, masks: dict) -> tuple[jax.Array, jax.Array]:
+  """T independent drafter steps per row (T queries, e.g. every position of a training sequence).
+
+  Query t of row b reads the tap slots `masks[kind][b, t]`; queries do not see each other.
+
+  Args:
+    tokens: [B, T] int32 input tokens; hidden: [B, T, Dt] carried states.
+    query_pos: [B, T] RoPE positions of the queries.
+    taps: {'sliding' | 'full': model.Tap} with k, v [B, S, K, H]; masks: {kind: [B, T, S] bool}.
+  Returns:
+    (logits [B, T, V] float32, next hidden [B, T, Dt]).
+  """
+  dtype = jnp.dtype(cfg.dtype)
+  params = jax.tree_util.tree_map(
+      lambda w: w.astype(dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w, params)
+  e = model_lib.embed_tokens(target_params, tokens, target_config).astype(dtype)
+  u = jnp.concatenate([e, hidden.astype(dtype)], axis=-1)              # [B, T, 2 Dt]
+  z = jnp.einsum("BTE,ED->BTD", u, params["pre_proj"])
+  for i, p in enumerate(params["layers"]):
+    kind = cfg.layer_types[i]
+    tap, visible = taps[kind], masks[kind]
+
+    def attend(xn, p=p, kind=kind, tap=tap, visible=visible):
+      q = model_lib.project_q(p["attn"], xn, query_pos, cfg, kind)
+      return layers.attention(q, tap.k.astype(dtype), tap.v.astype(dtype), visible)
+
+    z = model_lib.block(p, z, attend, None, cfg)
+  z = layers.rms_norm(z, params["final_norm"], eps=cfg.rms_eps)        # [B, T, Da]
+  h_out = jnp.einsum("BTD,DE->BTE", z, params["post_proj"])
+  b, t = tokens.shape
+  logits = head(params, z.reshape(b * t, -1), cfg).reshape(b, t, -1)
+  return logits, h_out
+
+
 def step(params: dict, cfg: DrafterConfig, *, target_params: dict, target_config: ModelConfig,
          token: jax.Array, hidden: jax.Array, query_pos: jax.Array, taps: dict,
          masks: dict) -> tuple[jax.Array, jax.Array]:
-  """One drafter step.
+  """One drafter step for one query per row (the speculative loop).
 
   Args:
-    params: drafter parameters (cast to cfg.dtype by the caller or here).
     token: [B] int32 input token; hidden: [B, Dt] carried state (target final-normed hidden state
       on the first step of a round, the previous step's output after that).
     query_pos: [B] RoPE position of the queries.
@@ -272,25 +307,11 @@ def step(params: dict, cfg: DrafterConfig, *, target_params: dict, target_config
   Returns:
     (logits [B, V] float32, next hidden [B, Dt]).
   """
-  dtype = jnp.dtype(cfg.dtype)
-  params = jax.tree_util.tree_map(
-      lambda w: w.astype(dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w, params)
-  e = model_lib.embed_tokens(target_params, token[:, None], target_config).astype(dtype)
-  u = jnp.concatenate([e, hidden[:, None].astype(dtype)], axis=-1)     # [B, 1, 2 Dt]
-  z = jnp.einsum("BTE,ED->BTD", u, params["pre_proj"])
-  positions = query_pos[:, None]
-  for i, p in enumerate(params["layers"]):
-    kind = cfg.layer_types[i]
-    tap, visible = taps[kind], masks[kind]
-
-    def attend(xn, p=p, kind=kind, tap=tap, visible=visible):
-      q = model_lib.project_q(p["attn"], xn, positions, cfg, kind)
-      return layers.attention(q, tap.k.astype(dtype), tap.v.astype(dtype), visible[:, None, :])
-
-    z = model_lib.block(p, z, attend, None, cfg)
-  z = layers.rms_norm(z, params["final_norm"], eps=cfg.rms_eps)[:, 0]  # [B, Da]
-  h_out = jnp.einsum("BD,DE->BE", z, params["post_proj"])
-  return head(params, z, cfg), h_out
+  logits, h = step_seq(params, cfg, target_params=target_params, target_config=target_config,
+                       tokens=token[:, None], hidden=hidden[:, None], query_pos=query_pos[:, None],
+                       taps=taps, masks={k: m[:, None, :] for k, m in masks.items()})
+  return logits[:, 0], h[:, 0]
 
 
-__all__ = ["DrafterConfig", "SLIDING", "FULL", "step", "tap_masks", "param_specs", "init_params"]
+__all__ = ["DrafterConfig", "SLIDING", "FULL", "step", "step_seq", "tap_masks", "param_specs",
+           "init_params"]
