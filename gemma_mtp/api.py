@@ -178,7 +178,7 @@ def load_drafter(path: str | os.PathLike, target: Target, *,
 def random_drafter(target: Target, *, embed_dim: int, num_heads: int, mlp_dim: int,
                    num_layers: int = 4, num_centroids: int = 0, centroid_top_k: int = 32,
                    seed: int = 0, convention: str = "hf") -> Drafter:
-  """A drafter with random parameters shaped for `target` (layers S, ..., S, F; tests, benchmarks)."""
+  """A random drafter shaped for `target` (layers S, ..., S, F; for tests and benchmarks)."""
   cfg = drafter_lib.for_target(target.config, embed_dim=embed_dim, num_heads=num_heads,
                                mlp_dim=mlp_dim, num_layers=num_layers, num_centroids=num_centroids,
                                centroid_top_k=centroid_top_k, convention=convention)

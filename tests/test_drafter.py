@@ -1,4 +1,4 @@
-"""Tests of the MTP drafter: one-step parity with `transformers`' Gemma4Assistant, and its checkpoints.
+"""MTP drafter tests: one-step parity with `transformers`' Gemma4Assistant, and checkpoints.
 
 The reference pair comes from tests/hf_assist.make_hf_pair (float32, eager): "dense" (31B-like K=V
 target, dense tied head) and "centroid" (E2B-like target with PLE + KV sharing, ordered-embedding

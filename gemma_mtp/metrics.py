@@ -1,0 +1,104 @@
+"""Measurements: speculative vs plain generation side by side, and JSON records of runs."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+
+def environment() -> dict[str, Any]:
+  """Machine and versions, for every record."""
+  import flax  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  return {
+      "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "platform": devices[0].platform,
+      "device_kind": devices[0].device_kind,
+      "device_count": len(devices),
+      "host": platform.machine(),
+      "cpu_count": os.cpu_count(),
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "flax": flax.__version__,
+      "numpy": np.__version__,
+  }
+
+
+def write_record(path: str | os.PathLike, record: dict[str, Any]) -> pathlib.Path:
+  """Writes `record` (plus `environment`) as indented JSON; creates parent directories."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  record = {"environment": environment(), **record}
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
+  os.replace(tmp, path)
+  return path
+
+
+def _jsonable(x):
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return str(x)
+
+
+def timed_generate(generate, target, prompts, *, repeats: int = 3, **kw) -> tuple[Any, float]:
+  """Runs `generate` once to compile, then `repeats` times; returns (last output, best seconds)."""
+  out = generate(target, prompts, **kw)
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = generate(target, prompts, **kw)
+    best = min(best, time.perf_counter() - t0)
+  return out, best
+
+
+def compare(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+            draft_lengths=(1, 2, 4, 8), adaptive=True, temperature=0.0, top_k=None, top_p=None,
+            eos_id=None, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+  """Plain and speculative generation of the same prompts in the same process.
+
+  Returns a dict with tokens/s of both (new tokens / best wall time of `repeats` runs after a
+  compiling run), the speedup, and the speculative statistics. With temperature 0 it also checks
+  that both outputs are equal (`outputs_equal`).
+  """
+  from gemma_mtp import api  # pylint: disable=g-import-not-at-top
+  kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_id=eos_id, seed=seed)
+  plain, t_plain = timed_generate(api.generate, target, prompts, repeats=repeats, **kw)
+  spec, t_spec = timed_generate(api.generate, target, prompts, repeats=repeats, drafter=drafter,
+                                draft_lengths=tuple(draft_lengths), adaptive=adaptive, **kw)
+  n_plain, n_spec = plain.stats["new_tokens"], spec.stats["new_tokens"]
+  result = {
+      "batch": len(prompts),
+      "max_new_tokens": max_new_tokens,
+      "temperature": temperature,
+      "draft_lengths": list(draft_lengths),
+      "adaptive": adaptive,
+      "plain_seconds": t_plain,
+      "speculative_seconds": t_spec,
+      "plain_tokens_per_second": n_plain / t_plain,
+      "speculative_tokens_per_second": n_spec / t_spec,
+      "speedup": (n_spec / t_spec) / (n_plain / t_plain),
+      **{k: v for k, v in spec.stats.items() if k not in ("drafts",)},
+  }
+  if temperature == 0.0:
+    result["outputs_equal"] = plain.tokens == spec.tokens
+  return result
+
+
+def leviathan_speedup(acceptance: float, k: int, cost: float) -> float:
+  """Expected speedup of K drafts at per-draft acceptance a and drafter/target cost ratio c."""
+  a = min(acceptance, 0.999999)
+  return (1 - a ** (k + 1)) / ((1 - a) * (k * cost + 1))
