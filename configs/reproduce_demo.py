@@ -1,0 +1,37 @@
+r"""The shipped demo pair: a ~10M-parameter code model (fast on a CPU) and its MTP drafter.
+
+Sized so that the bf16 pair plus tokenizer is about 25 MB and one H200 trains both in ~6 minutes:
+
+  python experiments/reproduce_gpu.py --config=configs/reproduce_demo.py --config.out_dir=runs/demo
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.out_dir = "runs/demo"          # everything is written here (corpus, tokenizer, demo/, records)
+  c.vocab_size = 8192              # SentencePiece BPE vocabulary trained on the corpus
+  c.seq_len = 512                  # training sequence length
+  c.batch_size = 64                # sequences per step
+  c.target = dict(                 # ModelConfig fields of the target (vocab from the tokenizer)
+      embed_dim=256, layer_types=("sliding",) * 3 + ("full",) + ("sliding",) * 3 + ("full",),
+      num_heads=4, num_kv_heads=1, num_global_kv_heads=1, head_dim=64, global_head_dim=128,
+      mlp_dim=1024, sliding_window=256, max_seq_len=4096, dtype="bfloat16",
+      param_dtype="float32")
+  c.drafter = dict(embed_dim=192, num_heads=4, mlp_dim=768, num_layers=2)  # drafter.for_target
+  c.target_seconds = 150.0         # training budget of the target (seconds, calibrated to steps)
+  c.drafter_seconds = 100.0        # training budget of the drafter
+  c.target_lr = 3e-3               # peak learning rates (AdamW, warmup + cosine)
+  c.drafter_lr = 3e-3
+  c.drafter_steps = 4              # drafter steps unrolled per position in training
+  c.drafter_step_weights = (1.0, 0.8, 0.6, 0.4)
+  c.eval_prompts = 32              # held-out prompts for acceptance / speed
+  c.prompt_len = 128
+  c.max_new_tokens = 128
+  c.export_dtype = "bfloat16"      # dtype of the shipped weights
+  c.measure_speed = True           # speculative vs plain timings (batch 1 and 8, T=0 and 1)
+  c.corpus_roots = ()              # () = the running interpreter's standard library
+  c.eval_fraction = 0.02           # share of files (by path hash) held out for evaluation
+  c.seed = 0
+  return c

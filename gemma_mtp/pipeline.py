@@ -1,0 +1,239 @@
+"""End-to-end reproduction: corpus -> tokenizer -> target -> drafter -> evaluation -> records.
+
+`run(cfg)` is what `experiments/reproduce_gpu.py` calls. Training phases are budgeted in seconds
+rather than steps: a short calibration measures the step time, then the step count (and so the
+cosine schedule) is fixed to fill the budget, so one command fits a device lease on any GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import shutil
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_mtp import api
+from gemma_mtp import checkpoint
+from gemma_mtp import data
+from gemma_mtp import distill
+from gemma_mtp import drafter as drafter_lib
+from gemma_mtp import metrics
+from gemma_mtp import params as params_lib
+from gemma_mtp import tokenizer as tokenizer_lib
+from gemma_mtp import train
+from gemma_mtp.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def budgeted_steps(loss_fn, make_state, loader, *, seconds: float, calib_steps: int = 20,
+                   max_steps: int = 1_000_000) -> int:
+  """Steps that fit in `seconds`, from the time of `calib_steps` steps after compilation."""
+  state = make_state(100)
+  state, _ = train.train_step(state, loader.batch_at(0), loss_fn)
+  jax.block_until_ready(state.params)
+  t0 = time.perf_counter()
+  for i in range(1, calib_steps + 1):
+    state, m = train.train_step(state, loader.batch_at(i), loss_fn)
+  jax.block_until_ready(m)
+  per_step = (time.perf_counter() - t0) / calib_steps
+  steps = int(min(max_steps, max(calib_steps, seconds / per_step)))
+  log.info("calibration: %.1f ms/step -> %d steps in %.0f s", per_step * 1e3, steps, seconds)
+  return steps
+
+
+def train_model(loss_fn, params, loader, *, seconds: float, lr: float, warmup: int, seed: int,
+                eval_fn=None, metrics_file=None) -> tuple[Any, list[dict], int]:
+  """AdamW with warmup + cosine decay for as many steps as fit in `seconds`."""
+  def make_state(total):
+    opt = train.OptimizerConfig(learning_rate=lr, warmup_steps=min(warmup, total - 1),
+                                total_steps=total)
+    # A copy each time: train steps donate the state's buffers.
+    return train.TrainState.create(jax.tree_util.tree_map(jnp.array, params),
+                                   train.make_optimizer(opt), rng=jax.random.PRNGKey(seed))
+
+  steps = budgeted_steps(loss_fn, make_state, loader, seconds=seconds)
+  state, history = train.fit(loss_fn, make_state(steps), loader, steps=steps, eval_fn=eval_fn,
+                             eval_every=max(steps // 4, 1), log_every=max(steps // 20, 1),
+                             metrics_file=metrics_file)
+  return state.params, history, steps
+
+
+def eval_prompts(tokens: np.ndarray, *, num: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
+  """`num` prompts of `prompt_len` tokens cut at random offsets of an eval token stream."""
+  rng = np.random.default_rng(seed)
+  starts = rng.integers(0, len(tokens) - prompt_len - 1, size=num)
+  return [tokens[s:s + prompt_len].tolist() for s in starts]
+
+
+def evaluate_pair(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                  acceptance_runs: Sequence[tuple[float, tuple[int, ...], bool]],
+                  speed_runs: Sequence[tuple[float, int, tuple[int, ...], bool]] = (),
+                  eos_id=None, repeats: int = 2) -> dict[str, Any]:
+  """Tokens per target forward, acceptance by position, and speculative vs plain speed.
+
+  Args:
+    acceptance_runs: (temperature, draft_lengths, adaptive) runs over all prompts as one batch.
+    speed_runs: (temperature, batch, draft_lengths, adaptive) timings on the first `batch`
+      prompts (`metrics.compare`: plain and speculative in the same process). A draft_lengths of
+      () means "the best fixed length of the greedy acceptance runs".
+  """
+  results: dict[str, Any] = {"acceptance": [], "speed": []}
+  for temperature, buckets, adaptive in acceptance_runs:
+    out = api.generate(target, list(prompts), max_new_tokens=max_new_tokens, drafter=drafter,
+                       draft_lengths=buckets, adaptive=adaptive, temperature=temperature,
+                       eos_id=eos_id, seed=1)
+    entry = {"temperature": temperature, "draft_lengths": list(buckets), "adaptive": adaptive,
+             "prompts": len(prompts)}
+    entry.update({k: v for k, v in out.stats.items() if k != "bucket_trace"})
+    results["acceptance"].append(entry)
+    log.info("acceptance %s", entry)
+  fixed = [e for e in results["acceptance"] if not e["adaptive"] and e["temperature"] == 0.0]
+  best = tuple(max(fixed, key=lambda e: e["tokens_per_forward"])["draft_lengths"]) if fixed else (4,)
+  for temperature, b, buckets, adaptive in speed_runs:
+    r = metrics.compare(target, drafter, list(prompts[:b]), max_new_tokens=max_new_tokens,
+                        draft_lengths=buckets or best, adaptive=adaptive, temperature=temperature,
+                        eos_id=eos_id, repeats=repeats)
+    r.pop("bucket_trace", None)
+    results["speed"].append(r)
+    log.info("speed %s", r)
+  return results
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """See configs/reproduce_*.py for the meaning of each field."""
+
+  out_dir: str
+  vocab_size: int
+  seq_len: int
+  batch_size: int
+  target: dict
+  drafter: dict
+  target_seconds: float
+  drafter_seconds: float
+  target_lr: float = 3e-3
+  drafter_lr: float = 3e-3
+  drafter_steps: int = 4
+  drafter_step_weights: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4)
+  eval_prompts: int = 32
+  prompt_len: int = 128
+  max_new_tokens: int = 128
+  export_dtype: str = "bfloat16"
+  measure_speed: bool = True
+  corpus_roots: tuple[str, ...] = ()
+  eval_fraction: float = 0.02
+  seed: int = 0
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+  """Builds everything under cfg.out_dir and returns the summary record (also written there)."""
+  out = pathlib.Path(cfg.out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  times: dict[str, float] = {}
+  t0 = time.perf_counter()
+
+  corpus = data.build_corpus(list(cfg.corpus_roots) or None, eval_fraction=cfg.eval_fraction)
+  corpus_dir = data.write_corpus(corpus, out / "corpus")
+  times["corpus_s"] = time.perf_counter() - t0
+
+  t = time.perf_counter()
+  tok = tokenizer_lib.train_tokenizer(files=[data.split_file(corpus_dir, "train")],
+                                      vocab_size=cfg.vocab_size, model_prefix=out / "tokenizer")
+  times["tokenizer_s"] = time.perf_counter() - t
+
+  t = time.perf_counter()
+  train_loader = data.make_loader(corpus_dir, "train", tok, seq_len=cfg.seq_len,
+                                  batch_size=cfg.batch_size, seed=cfg.seed)
+  eval_tokens = data.load_tokens(data.split_file(corpus_dir, "eval"), tok)
+  eval_loader = data.Loader(data.pack(eval_tokens, seq_len=cfg.seq_len),
+                            batch_size=cfg.batch_size, shuffle=False)
+  eval_batches = [eval_loader.batch_at(i) for i in range(min(4, int(eval_loader.steps_per_epoch)))]
+  times["tokenize_s"] = time.perf_counter() - t
+
+  tcfg = ModelConfig(vocab_size=tok.vocab_size, **cfg.target)
+  t = time.perf_counter()
+  lm = jax.tree_util.Partial(train.lm_loss, config=tcfg)
+  tparams, t_hist, t_steps = train_model(
+      lm, params_lib.init_params(tcfg, jax.random.PRNGKey(cfg.seed)), train_loader,
+      seconds=cfg.target_seconds, lr=cfg.target_lr, warmup=200, seed=cfg.seed,
+      eval_fn=train.make_eval_fn(lm, eval_batches), metrics_file=out / "target_metrics.jsonl")
+  times["target_train_s"] = time.perf_counter() - t
+
+  # The drafter trains against the frozen target as it will run: bf16 compute.
+  frozen = jax.tree_util.tree_map(lambda w: w.astype(tcfg.dtype), tparams)
+  dcfg = drafter_lib.for_target(tcfg, **cfg.drafter)
+  t = time.perf_counter()
+
+  def dloss(dparams, batch, rng):
+    del rng
+    return distill.drafter_loss(dparams, dcfg=dcfg, tparams=frozen, tcfg=tcfg,
+                                tokens=batch["tokens"], steps=cfg.drafter_steps,
+                                step_weights=cfg.drafter_step_weights)
+
+  dloss = jax.tree_util.Partial(dloss)
+  dparams, d_hist, d_steps = train_model(
+      dloss, drafter_lib.init_params(dcfg, jax.random.PRNGKey(cfg.seed + 1)), train_loader,
+      seconds=cfg.drafter_seconds, lr=cfg.drafter_lr, warmup=100, seed=cfg.seed + 1,
+      eval_fn=train.make_eval_fn(dloss, eval_batches[:2]),
+      metrics_file=out / "drafter_metrics.jsonl")
+  times["drafter_train_s"] = time.perf_counter() - t
+
+  # Export (bf16) and reload exactly as users will.
+  export_t = train.export_params(tparams, dtype=cfg.export_dtype)
+  export_d = train.export_params(dparams, dtype=cfg.export_dtype)
+  ship = out / "demo"
+  shutil.rmtree(ship, ignore_errors=True)
+  ship_t = tcfg.replace(param_dtype=cfg.export_dtype)
+  checkpoint.save_params(ship / "target", export_t, ship_t)
+  checkpoint.save_drafter(ship / "drafter", export_d,
+                          dcfg.replace(param_dtype=cfg.export_dtype))
+  shutil.copy(out / "tokenizer.model", ship / "tokenizer.model")
+
+  t = time.perf_counter()
+  target = api.load_target(ship / "target", dtype="bfloat16")
+  results = {}
+  prompts = eval_prompts(eval_tokens, num=cfg.eval_prompts, prompt_len=cfg.prompt_len)
+  buckets = (1, 2, 4, 8)
+  for convention in ("hf", "clean"):
+    drafter = api.load_drafter(ship / "drafter", target, convention=convention)
+    main = convention == dcfg.convention
+    acceptance = ([(0.0, (k,), False) for k in buckets] + [(0.0, buckets, True)] if main else
+                  [(0.0, (4,), False), (0.0, buckets, True)])
+    speed = []
+    if main:
+      acceptance.append((1.0, buckets, True))
+      if cfg.measure_speed:
+        speed = [(0.0, 1, (), False), (0.0, 1, buckets, True), (0.0, 8, buckets, True),
+                 (1.0, 1, buckets, True)]
+    results[convention] = evaluate_pair(target, drafter, prompts, acceptance_runs=acceptance,
+                                        speed_runs=speed, max_new_tokens=cfg.max_new_tokens)
+  times["evaluate_s"] = time.perf_counter() - t
+  times["total_s"] = time.perf_counter() - t0
+
+  record = {
+      "kind": "reproduce",
+      "config": dataclasses.asdict(cfg),
+      "corpus": corpus.stats,
+      "tokenizer_vocab": tok.vocab_size,
+      "train_tokens": int(train_loader.num_sequences * cfg.seq_len),
+      "eval_tokens": int(eval_tokens.size),
+      "target": {"config": dataclasses.asdict(tcfg), "steps": t_steps,
+                 "params": params_lib.count_params(params_lib.param_specs(tcfg)),
+                 "final": [h for h in t_hist if h["split"] == "eval"][-1:]},
+      "drafter": {"config": dataclasses.asdict(dcfg), "steps": d_steps,
+                  "params": params_lib.count_params(drafter_lib.param_specs(dcfg)),
+                  "final": [h for h in d_hist if h["split"] == "eval"][-1:]},
+      "evaluation": results,
+      "times": times,
+  }
+  metrics.write_record(out / "reproduce.json", record)
+  log.info("summary: %s", json.dumps({k: record[k] for k in ("times",)}))
+  return record
