@@ -33,5 +33,10 @@ def get_config():
   c.measure_speed = True           # speculative vs plain timings (batch 1 and 8, T=0 and 1)
   c.corpus_roots = ()              # () = the running interpreter's standard library
   c.eval_fraction = 0.02           # share of files (by path hash) held out for evaluation
+  c.extra_train_roots = ("site-packages/transformers",)  # more training code (train split only)
+  c.extra_train_max_bytes = 40_000_000                  # cap on the extra code (0 = all)
+  c.target_steps = 0               # > 0: fixed step counts instead of the seconds budgets
+  c.drafter_train_steps = 0
+  c.full_eval = True               # every fixed draft length, or just K=4 and adaptive
   c.seed = 0
   return c

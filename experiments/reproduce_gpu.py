@@ -20,8 +20,7 @@ def main(argv):
   del argv
   c = _CONFIG.value.to_dict()
   c["target"] = dict(c["target"], layer_types=tuple(c["target"]["layer_types"]))
-  c["drafter_step_weights"] = tuple(c["drafter_step_weights"])
-  c["corpus_roots"] = tuple(c["corpus_roots"])
+  c = {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}
   record = pipeline.run(pipeline.PipelineConfig(**c))
   logging.info("done in %.0f s", record["times"]["total_s"])
 

@@ -141,7 +141,7 @@ def main(argv):
   logging.info("%s: %.2fB params, %d layers, %s, %d devices", _PRESET.value, n_params / 1e9,
                cfg.num_layers, cfg.dtype, jax.device_count())
   runs = {"parallel": measure(cfg, sharding.make_mesh(_MESH.value), prompts)}
-  if _SINGLE.value:
+  if _SINGLE.value and jax.device_count() > 1:
     runs["single"] = measure(cfg, sharding.make_mesh(devices=jax.devices()[:1]), prompts)
     runs["speedup"] = runs["single"]["per_token_ms"] / runs["parallel"]["per_token_ms"]
   stamp = time.strftime("%Y%m%d-%H%M%S")

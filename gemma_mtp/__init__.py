@@ -6,3 +6,4 @@ from gemma_mtp.config import ModelConfig, preset
 
 __all__ = ["Drafter", "GenerateOutput", "ModelConfig", "Target", "generate", "load_drafter",
            "load_target", "preset", "random_drafter", "random_target", "score"]
+from gemma_mtp.tokenizer import Tokenizer  # noqa: E402,F401  (training: gemma_mtp.data, .train)

@@ -18,7 +18,10 @@ axis is used at most once per array (the first dimension that asks for it gets i
 
 The model and decoding loops carry no sharding code: `plain_generate`, `speculative_generate`
 and train steps are `jax.jit` functions, and jit propagates the shardings of their arguments
-(placed here) through the computation. Typical use (any number of devices and hosts):
+(placed here) through the computation. The KV cache and the decode state are created inside
+those functions; propagation gives them the table's layout (rows over `batch`, K/V heads over
+`kv_heads`; tests/test_sharding.py checks it), and `constrain_cache` pins it where a caller wants
+to be explicit. Typical use (any number of devices and hosts):
 
   sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)          # multi-host only
@@ -32,8 +35,9 @@ Multi-host (paste-ready summary): start the same program once per host (process)
 `define_distributed_flags`) and call `maybe_initialize_distributed` before any other JAX call;
 it wires `jax.distributed.initialize`. The mesh then covers the devices of all hosts, weights are
 created (`init_params_sharded`) or read (`load_sharded`: every host reads each tensor and places
-only the shards its own devices hold) directly into their shards, and each host passes its own
-rows of a batch to `shard_batch`.
+only the shards its own devices hold) directly into their shards. `shard_batch` takes the same
+global batch on every host (prompts), or with `process_local=True` each host's own rows (training
+data loaders).
 """
 
 from __future__ import annotations
@@ -46,11 +50,11 @@ import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gemma_mtp import checkpoint
+from gemma_mtp import drafter as drafter_lib
 from gemma_mtp import params as params_lib
 from gemma_mtp.config import ModelConfig
 from gemma_mtp.kv_cache import KVCache
@@ -170,7 +174,7 @@ def mesh_sizes(mesh) -> dict[str, int]:
 
 # ---- logical axes -> PartitionSpec -----------------------------------------------------------
 
-def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh,
+def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh, *,
                    rules: Rules = LOGICAL_AXIS_RULES) -> PartitionSpec:
   """PartitionSpec of an array with logical `axes` and `shape` on `mesh` (a Mesh or size dict).
 
@@ -209,8 +213,9 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh,
 
 
 def logical_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: jax.sharding.Mesh,
-                     rules: Rules = LOGICAL_AXIS_RULES) -> NamedSharding:
-  return NamedSharding(mesh, partition_spec(axes, shape, mesh, rules))
+                     *, rules: Rules = LOGICAL_AXIS_RULES) -> NamedSharding:
+  """NamedSharding of an array with logical `axes` and `shape` (see `partition_spec`)."""
+  return NamedSharding(mesh, partition_spec(axes, shape, mesh, rules=rules))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -219,12 +224,12 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 # ---- parameters ------------------------------------------------------------------------------
 
-def param_shardings(specs, mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_AXIS_RULES):
+def param_shardings(specs, mesh: jax.sharding.Mesh, *, rules: Rules = LOGICAL_AXIS_RULES):
   """NamedSharding tree (structure of `specs`, a ParamSpec tree) from each weight's axes."""
-  return params_lib.map_specs(lambda s: logical_sharding(s.axes, s.shape, mesh, rules), specs)
+  return params_lib.map_specs(lambda s: logical_sharding(s.axes, s.shape, mesh, rules=rules), specs)
 
 
-def abstract_params_sharded(specs, cfg, mesh: jax.sharding.Mesh,
+def abstract_params_sharded(specs, cfg, mesh: jax.sharding.Mesh, *,
                             rules: Rules = LOGICAL_AXIS_RULES):
   """ShapeDtypeStruct tree with dtypes (`cfg.param_dtype` unless the spec says) and shardings.
 
@@ -232,47 +237,45 @@ def abstract_params_sharded(specs, cfg, mesh: jax.sharding.Mesh,
   """
   return params_lib.map_specs(
       lambda s: jax.ShapeDtypeStruct(s.shape, params_lib.spec_dtype(s, cfg),
-                                     sharding=logical_sharding(s.axes, s.shape, mesh, rules)),
+                                     sharding=logical_sharding(s.axes, s.shape, mesh, rules=rules)),
       specs)
 
 
-def shard_params(params, specs, mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_AXIS_RULES):
+def shard_params(params, specs, mesh: jax.sharding.Mesh, *, rules: Rules = LOGICAL_AXIS_RULES):
   """Places (or re-shards) an existing parameter tree; every process must hold the same values."""
-  return jax.device_put(params, param_shardings(specs, mesh, rules))
+  return jax.device_put(params, param_shardings(specs, mesh, rules=rules))
 
 
 def _init_sharded(init_fn: Callable, specs, key: jax.Array, mesh, rules):
   # One jitted program whose outputs are born sharded: each device computes only its shards
   # (random bits are counter based), so the full model never sits on one device.
-  return jax.jit(init_fn, out_shardings=param_shardings(specs, mesh, rules))(key)
+  return jax.jit(init_fn, out_shardings=param_shardings(specs, mesh, rules=rules))(key)
 
 
 def init_params_sharded(cfg: ModelConfig, key: jax.Array, mesh: jax.sharding.Mesh, *,
                         rules: Rules = LOGICAL_AXIS_RULES):
   """Random decoder parameters (the values of `params.init_params(cfg, key)`), born sharded."""
   return _init_sharded(lambda k: params_lib.init_params(cfg, k), params_lib.param_specs(cfg),
-                       key, mesh, rules)
+                       key, mesh, rules=rules)
 
 
 def init_drafter_sharded(dcfg, key: jax.Array, mesh: jax.sharding.Mesh, *,
                          rules: Rules = LOGICAL_AXIS_RULES):
   """Random drafter parameters (the values of `drafter.init_params(dcfg, key)`), born sharded."""
-  from gemma_mtp import drafter as drafter_lib  # pylint: disable=g-import-not-at-top  (cycle)
   return _init_sharded(lambda k: drafter_lib.init_params(dcfg, k), drafter_lib.param_specs(dcfg),
-                       key, mesh, rules)
+                       key, mesh, rules=rules)
 
 
 def shard_target(target, mesh: jax.sharding.Mesh, *, rules: Rules = LOGICAL_AXIS_RULES):
   """A copy of `target` (`api.Target` or any dataclass with .config and .params) re-sharded."""
   specs = params_lib.param_specs(target.config)
-  return dataclasses.replace(target, params=shard_params(target.params, specs, mesh, rules))
+  return dataclasses.replace(target, params=shard_params(target.params, specs, mesh, rules=rules))
 
 
 def shard_drafter(drafter, mesh: jax.sharding.Mesh, *, rules: Rules = LOGICAL_AXIS_RULES):
   """A copy of `drafter` (`api.Drafter` or any dataclass with .config and .params) re-sharded."""
-  from gemma_mtp import drafter as drafter_lib  # pylint: disable=g-import-not-at-top  (cycle)
   specs = drafter_lib.param_specs(drafter.config)
-  return dataclasses.replace(drafter, params=shard_params(drafter.params, specs, mesh, rules))
+  return dataclasses.replace(drafter, params=shard_params(drafter.params, specs, mesh, rules=rules))
 
 
 # ---- loading checkpoints into shards ---------------------------------------------------------
@@ -281,7 +284,7 @@ def _placer(mesh, rules):
   """place(array, spec) for the HF importers: every process places only its addressable shards."""
 
   def place(array: np.ndarray, spec: params_lib.ParamSpec) -> jax.Array:
-    sharding = logical_sharding(spec.axes, array.shape, mesh, rules)
+    sharding = logical_sharding(spec.axes, array.shape, mesh, rules=rules)
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
   return place
@@ -305,7 +308,7 @@ def load_sharded(path, cfg: ModelConfig | None, mesh: jax.sharding.Mesh, *,
   path = pathlib.Path(path)
   if checkpoint.is_hf_dir(path):
     cfg = cfg or checkpoint.read_hf_config(path)
-    params, _ = checkpoint.load_hf_params(path, cfg, place=_placer(mesh, rules))
+    params, _ = checkpoint.load_hf_params(path, cfg, place=_placer(mesh, rules=rules))
     return cfg, params
   if not checkpoint.is_orbax_dir(path):
     raise ValueError(f"{path} is neither a Hugging Face directory (config.json + safetensors) nor "
@@ -319,7 +322,7 @@ def load_sharded(path, cfg: ModelConfig | None, mesh: jax.sharding.Mesh, *,
       raise ValueError(f"{path} holds a different architecture than the cfg passed to "
                        f"load_sharded: stored {saved_cfg}, given {use}")
     chosen["cfg"] = use
-    return abstract_params_sharded(params_lib.param_specs(use), use, mesh, rules)
+    return abstract_params_sharded(params_lib.param_specs(use), use, mesh, rules=rules)
 
   _, params = checkpoint.load_params(path, target=target)
   return chosen["cfg"], params
@@ -333,12 +336,11 @@ def load_drafter_sharded(path, target_cfg: ModelConfig, mesh: jax.sharding.Mesh,
   abstract tree. Checks and dtypes as `checkpoint.load_drafter` (the drafter must match the
   target and takes its dtypes).
   """
-  from gemma_mtp import drafter as drafter_lib  # pylint: disable=g-import-not-at-top  (cycle)
   path = pathlib.Path(path)
   if checkpoint.is_hf_dir(path):
     dcfg = checkpoint.read_hf_drafter_config(path, target_cfg, convention=convention or "hf")
     checkpoint.check_drafter_matches(dcfg, target_cfg)
-    params, _ = checkpoint.load_hf_drafter_params(path, dcfg, place=_placer(mesh, rules))
+    params, _ = checkpoint.load_hf_drafter_params(path, dcfg, place=_placer(mesh, rules=rules))
     return dcfg, params
   chosen = {}
 
@@ -347,7 +349,7 @@ def load_drafter_sharded(path, target_cfg: ModelConfig, mesh: jax.sharding.Mesh,
     checkpoint.check_drafter_matches(dcfg, target_cfg)
     dcfg = dcfg.replace(dtype=target_cfg.dtype, param_dtype=target_cfg.param_dtype)
     chosen["cfg"] = dcfg
-    return abstract_params_sharded(drafter_lib.param_specs(dcfg), dcfg, mesh, rules)
+    return abstract_params_sharded(drafter_lib.param_specs(dcfg), dcfg, mesh, rules=rules)
 
   _, params = checkpoint.load_drafter_params(path, target=target)
   return chosen["cfg"], params
@@ -358,7 +360,8 @@ def load_drafter_sharded(path, target_cfg: ModelConfig, mesh: jax.sharding.Mesh,
 CACHE_KV_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
 
 
-def cache_shardings(cache: KVCache, mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_AXIS_RULES):
+def cache_shardings(cache: KVCache, mesh: jax.sharding.Mesh, *,
+                    rules: Rules = LOGICAL_AXIS_RULES):
   """KVCache-shaped tree of NamedSharding: rows over `batch`, K/V heads over `kv_heads`.
 
   k/v [B, S, K, H] -> (batch, cache_seq, kv_heads, head_dim); ring_idx [B, R], start and
@@ -366,31 +369,32 @@ def cache_shardings(cache: KVCache, mesh: jax.sharding.Mesh, rules: Rules = LOGI
   """
 
   def kv(buf):
-    return None if buf is None else logical_sharding(CACHE_KV_AXES, buf.shape, mesh, rules)
+    return None if buf is None else logical_sharding(CACHE_KV_AXES, buf.shape, mesh, rules=rules)
 
-  rows = lambda x: logical_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, rules)
+  rows = lambda x: logical_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, rules=rules)
   return cache.replace(k=tuple(kv(b) for b in cache.k), v=tuple(kv(b) for b in cache.v),
                        ring_idx=rows(cache.ring_idx), start=rows(cache.start),
                        length=rows(cache.length))
 
 
-def shard_cache(cache: KVCache, mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_AXIS_RULES):
+def shard_cache(cache: KVCache, mesh: jax.sharding.Mesh, *, rules: Rules = LOGICAL_AXIS_RULES):
   """Places a cache (outside jit)."""
-  return jax.device_put(cache, cache_shardings(cache, mesh, rules))
+  return jax.device_put(cache, cache_shardings(cache, mesh, rules=rules))
 
 
-def constrain_cache(cache: KVCache, mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_AXIS_RULES):
+def constrain_cache(cache: KVCache, mesh: jax.sharding.Mesh, *,
+                    rules: Rules = LOGICAL_AXIS_RULES):
   """`with_sharding_constraint` of a cache inside jit (pins what propagation would choose)."""
-  return jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh, rules))
+  return jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh, rules=rules))
 
 
-def batch_sharding(shape: Sequence[int], mesh: jax.sharding.Mesh,
+def batch_sharding(shape: Sequence[int], mesh: jax.sharding.Mesh, *,
                    rules: Rules = LOGICAL_AXIS_RULES) -> NamedSharding:
   """Sharding of an array whose leading dimension is batch rows (the rest replicated)."""
-  return logical_sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh, rules)
+  return logical_sharding(("batch",) + (None,) * (len(shape) - 1), shape, mesh, rules=rules)
 
 
-def shard_batch(tree, mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_AXIS_RULES, *,
+def shard_batch(tree, mesh: jax.sharding.Mesh, *, rules: Rules = LOGICAL_AXIS_RULES,
                 process_local: bool = False):
   """Places a tree of batch-leading arrays (PromptBatch, training batch dict, ...) over `batch`.
 
@@ -409,7 +413,7 @@ def shard_batch(tree, mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_AXIS_RULES
       axes = tuple(a for a in rules["batch"] if mesh.shape[a] > 1)
       spec = PartitionSpec(axes or None, *(None,) * (x.ndim - 1))
       return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
-    return jax.make_array_from_callback(x.shape, batch_sharding(x.shape, mesh, rules),
+    return jax.make_array_from_callback(x.shape, batch_sharding(x.shape, mesh, rules=rules),
                                         lambda index: x[index])
 
   return jax.tree_util.tree_map(place, tree)

@@ -433,6 +433,17 @@ def restore_state(path: PathLike, state: TrainState) -> TrainState:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
   target = jax.tree_util.tree_map(abstract, _state_tree(state))
+  # Compare shapes and dtypes first: a clear error naming the array, and no half-run restore.
+  saved = checkpoint._saved_arrays(path / STATE_TREE)  # pylint: disable=protected-access
+  flat = checkpoint._flat(target)  # pylint: disable=protected-access
+  for name, want in sorted(flat.items(), key=lambda kv: not kv[0].startswith("params.")):
+    got = saved.get(name)
+    if got is None:
+      raise ValueError(f"{path}: the checkpoint has no array {name!r} (another model?)")
+    if tuple(got.shape) != want.shape or jnp.dtype(got.dtype) != want.dtype:
+      raise ValueError(f"{path}: array {name!r} is {jnp.dtype(got.dtype).name}{list(got.shape)} in "
+                       f"the checkpoint, expected {want.dtype.name}{list(want.shape)} (another "
+                       "model or optimizer?)")
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   try:
     with quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
