@@ -2,7 +2,7 @@
 
   python -m experiments.build_corpus --out_dir=data/stdlib
   python -m experiments.build_corpus --out_dir=data/code --include_packages \
-      --roots=/usr/lib/python3/dist-packages --extensions=.py,.pyi
+      --roots=path/to/code --extensions=.py,.pyi
 """
 
 from absl import app

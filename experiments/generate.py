@@ -37,6 +37,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 1, "copies of the prompt generated t
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs after the compiling run (best is kept)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+_RECORD = flags.DEFINE_string("record", None, "also write the measurements to this JSON file")
 
 
 def load():
@@ -81,6 +82,10 @@ def main(argv):
   for k, v in rows:
     print(f"{k:<{width}}  {v}")
   logging.info("result: %s", result)
+  if _RECORD.value:
+    metrics.write_record(_RECORD.value, {
+        "kind": "generate", "checkpoint": _TARGET.value or "demo", "prompt": _PROMPT.value,
+        "result": result})
 
 
 if __name__ == "__main__":

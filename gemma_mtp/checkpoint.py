@@ -860,7 +860,9 @@ def _read_orbax_meta(path: pathlib.Path) -> dict[str, Any]:
                             f"incomplete one{hint}")
   meta = _load_json(file)
   if meta.get("format") != ORBAX_FORMAT or "model_config" not in meta:
-    raise ValueError(f"{file} is not a gemma_mtp checkpoint config (format {meta.get('format')!r})")
+    hint = "; it holds a drafter: use load_drafter" if meta.get("kind") == "drafter" else ""
+    raise ValueError(f"{file} is not a gemma_mtp target checkpoint config (format "
+                     f"{meta.get('format')!r}){hint}")
   return meta
 
 

@@ -85,6 +85,9 @@ class DrafterConfig:
     if self.num_centroids and self.vocab_size % self.num_centroids:
       raise ValueError(f"vocab_size={self.vocab_size} is not a multiple of "
                        f"num_centroids={self.num_centroids}")
+    if self.num_centroids and not 0 < self.centroid_top_k <= self.num_centroids:
+      raise ValueError(f"centroid_top_k={self.centroid_top_k} must be in "
+                       f"[1, num_centroids={self.num_centroids}]")
 
   @property
   def num_layers(self) -> int:
