@@ -85,6 +85,20 @@ def score(target: Target, tokens) -> jax.Array:
   return _score(target.params, jnp.asarray(tokens, jnp.int32), config=target.config)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "max_len"))
+def _prefill_logits(params, batch, *, config, max_len):
+  return model_lib.prefill(params, batch.tokens, batch.start, config=config, max_len=max_len)[0].logits
+
+
+def _time_prefill(target: Target, batch, max_len: int) -> float:
+  """Seconds of the prefill alone (a separate program, compiled on its first use)."""
+  kw = dict(config=target.config, max_len=decoding.round_up(max_len, decoding.PROMPT_BUCKET))
+  jax.block_until_ready(_prefill_logits(target.params, batch, **kw))
+  t0 = time.perf_counter()
+  jax.block_until_ready(_prefill_logits(target.params, batch, **kw))
+  return time.perf_counter() - t0
+
+
 def generate(target: Target, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int | list[int] | None = None, drafter=None,
@@ -104,7 +118,8 @@ def generate(target: Target, prompts, *, max_new_tokens: int, temperature: float
     draft_lengths: static draft-length buckets; `adaptive=False` uses the first for every round.
     spec_config: full speculative settings (overrides draft_lengths / adaptive).
     cache_size: optional cap on cache positions (prompt + new tokens must fit).
-    timing: add `wall_seconds` (blocks until done; includes compilation on a first call).
+    timing: add `wall_seconds` (blocks until done; includes compilation on a first call) and its
+      split into `prefill_seconds` (timed again as a separate program) and `decode_seconds`.
     return_drafts: with a drafter, add `drafts`: per round, per row, the proposed drafts.
   Returns:
     GenerateOutput with `.tokens` and `.stats`: target_forwards, new_tokens, tokens_per_forward
@@ -142,6 +157,8 @@ def generate(target: Target, prompts, *, max_new_tokens: int, temperature: float
     out, count = jax.device_get((state.out, state.count))
   if timing:
     stats["wall_seconds"] = time.perf_counter() - t0
+    stats["prefill_seconds"] = _time_prefill(target, batch, max_len)
+    stats["decode_seconds"] = stats["wall_seconds"] - stats["prefill_seconds"]
   return GenerateOutput(tokens=decoding.rows_to_lists(out, count), stats=stats)
 
 
