@@ -257,6 +257,92 @@ def _dtype_name(value: Any, where: str) -> str:
                    "param_dtype= to choose)")
 
 
+def _check_hf_activation(act: Any, where: str):
+  if act != "gelu_pytorch_tanh":
+    raise ValueError(f"{where}: hidden_activation {act!r} is not supported (expected "
+                     "'gelu_pytorch_tanh')")
+
+
+def _hf_layer_types(c: dict, num_layers: int, where: str) -> list[str]:
+  """Our layer types from a HF config's `layer_types` (transformers' default if absent)."""
+  hf_types = c.get("layer_types")
+  if hf_types is None:  # transformers' default: 5 sliding, 1 full
+    hf_types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(num_layers)]
+  if len(hf_types) != num_layers:
+    raise ValueError(f"{where}: {len(hf_types)} layer_types for num_hidden_layers={num_layers}")
+  bad = [t for t in hf_types if t not in _HF_LAYER_TYPES]
+  if bad:
+    raise ValueError(f"{where}: unknown layer type {bad[0]!r} (expected one of "
+                     f"{sorted(_HF_LAYER_TYPES)})")
+  layer_types = [_HF_LAYER_TYPES[t] for t in hf_types]
+  if layer_types[-1] != FULL:
+    log.warning("%s: last layer is %r; transformers forces it to full attention, so do we", where,
+                hf_types[-1])
+    layer_types[-1] = FULL
+  return layer_types
+
+
+def _hf_attention_dims(c: dict, get: Callable[..., Any], layer_types: list[str], num_heads: int,
+                       hidden: int, where: str) -> tuple[int, int, int, int]:
+  """(num_kv_heads, head_dim, global_head_dim, num_global_kv_heads) of a HF config.
+
+  The full-layer values come from the top level (`global_head_dim`, and
+  `num_global_key_value_heads` with `attention_k_eq_v`) or from the `per_layer_config` that
+  `save_pretrained` writes.
+  """
+  num_layers = len(layer_types)
+  k_eq_v = bool(c.get("attention_k_eq_v", False))
+  num_kv_heads = int(get("num_key_value_heads", num_heads))
+  head_dim = int(get("head_dim", hidden // num_heads))
+  per_layer = c.get("per_layer_config")
+  if per_layer:
+    overrides = {}
+    for idx, override in per_layer.items():
+      i = int(idx)
+      if not 0 <= i < num_layers:
+        raise ValueError(f"{where}: per_layer_config names layer {idx!r} of {num_layers}")
+      if layer_types[i] != FULL:
+        raise ValueError(f"{where}: per_layer_config overrides sliding layer {i} ({override!r}); "
+                         "only full layers may differ")
+      unknown = set(override) - {"head_dim", "num_key_value_heads"}
+      if unknown:
+        raise ValueError(f"{where}: per_layer_config of layer {i} sets unsupported "
+                         f"{sorted(unknown)}")
+      overrides[i] = (int(override.get("head_dim", head_dim)),
+                      int(override.get("num_key_value_heads", num_kv_heads)))
+    values = {overrides.get(i, (head_dim, num_kv_heads))
+              for i, t in enumerate(layer_types) if t == FULL}
+    if len(values) != 1:
+      raise ValueError(f"{where}: full layers have different (head_dim, kv heads) {sorted(values)}")
+    global_head_dim, num_global_kv_heads = values.pop()
+  else:
+    global_head_dim = int(get("global_head_dim", 512))
+    num_global_kv_heads = num_kv_heads
+    if k_eq_v and c.get("num_global_key_value_heads") is not None:
+      num_global_kv_heads = int(c["num_global_key_value_heads"])
+  return num_kv_heads, head_dim, global_head_dim, num_global_kv_heads
+
+
+def _hf_rope(c: dict, where: str) -> dict[str, float]:
+  """The RoPE fields (rope_theta, global_rope_theta, global_rotary_fraction) of a HF config."""
+  rope = c.get("rope_parameters") or {}
+  sliding_rope = rope.get("sliding_attention", {"rope_type": "default", "rope_theta": 10_000.0})
+  full_rope = rope.get("full_attention", {"rope_type": "proportional", "rope_theta": 1_000_000.0,
+                                          "partial_rotary_factor": 0.25})
+  for kind, r in (("sliding_attention", sliding_rope), ("full_attention", full_rope)):
+    if r.get("rope_type", "default") not in ("default", "proportional"):
+      raise ValueError(f"{where}: rope_type {r['rope_type']!r} of {kind} layers is not supported")
+    if r.get("factor", 1.0) != 1.0:
+      raise ValueError(f"{where}: RoPE scaling factor {r['factor']!r} of {kind} layers is not "
+                       "supported")
+  if sliding_rope.get("partial_rotary_factor", 1.0) != 1.0:
+    raise ValueError(f"{where}: partial rotation on sliding layers "
+                     f"({sliding_rope['partial_rotary_factor']!r}) is not supported")
+  return dict(rope_theta=float(sliding_rope.get("rope_theta", 10_000.0)),
+              global_rope_theta=float(full_rope.get("rope_theta", 1_000_000.0)),
+              global_rotary_fraction=float(full_rope.get("partial_rotary_factor", 1.0)))
+
+
 def read_hf_config(path: PathLike, *, dtype: str | None = None,
                    param_dtype: str | None = None) -> ModelConfig:
   """Reads the `ModelConfig` of a Hugging Face Gemma 4 checkpoint directory.
@@ -292,10 +378,7 @@ def read_hf_config(path: PathLike, *, dtype: str | None = None,
                      "decoder only)")
   if c.get("attention_bias"):
     raise ValueError(f"{where}: attention_bias=true is not supported (Gemma 4 has no biases)")
-  act = get("hidden_activation", "gelu_pytorch_tanh")
-  if act != "gelu_pytorch_tanh":
-    raise ValueError(f"{where}: hidden_activation {act!r} is not supported (expected "
-                     "'gelu_pytorch_tanh')")
+  _check_hf_activation(get("hidden_activation", "gelu_pytorch_tanh"), where)
   if not c.get("tie_word_embeddings", top.get("tie_word_embeddings", True)):
     raise ValueError(f"{where}: tie_word_embeddings=false is not supported (the LM head is the "
                      "input embedding)")
@@ -307,50 +390,10 @@ def read_hf_config(path: PathLike, *, dtype: str | None = None,
     num_heads = int(c["num_attention_heads"])
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{where}: missing or invalid {e}") from None
-  hf_types = c.get("layer_types")
-  if hf_types is None:  # transformers' default: 5 sliding, 1 full
-    hf_types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(num_layers)]
-  if len(hf_types) != num_layers:
-    raise ValueError(f"{where}: {len(hf_types)} layer_types for num_hidden_layers={num_layers}")
-  bad = [t for t in hf_types if t not in _HF_LAYER_TYPES]
-  if bad:
-    raise ValueError(f"{where}: unknown layer type {bad[0]!r} (expected one of "
-                     f"{sorted(_HF_LAYER_TYPES)})")
-  layer_types = [_HF_LAYER_TYPES[t] for t in hf_types]
-  if layer_types[-1] != FULL:
-    log.warning("%s: last layer is %r; transformers forces it to full attention, so do we", where,
-                hf_types[-1])
-    layer_types[-1] = FULL
-
+  layer_types = _hf_layer_types(c, num_layers, where)
   k_eq_v = bool(c.get("attention_k_eq_v", False))
-  num_kv_heads = int(get("num_key_value_heads", num_heads))
-  head_dim = int(get("head_dim", hidden // num_heads))
-  per_layer = c.get("per_layer_config")
-  if per_layer:
-    full_overrides = {}
-    for idx, override in per_layer.items():
-      i = int(idx)
-      if not 0 <= i < num_layers:
-        raise ValueError(f"{where}: per_layer_config names layer {idx!r} of {num_layers}")
-      if layer_types[i] != FULL:
-        raise ValueError(f"{where}: per_layer_config overrides sliding layer {i} ({override!r}); "
-                         "only full layers may differ")
-      unknown = set(override) - {"head_dim", "num_key_value_heads"}
-      if unknown:
-        raise ValueError(f"{where}: per_layer_config of layer {i} sets unsupported "
-                         f"{sorted(unknown)}")
-      full_overrides[i] = (int(override.get("head_dim", head_dim)),
-                           int(override.get("num_key_value_heads", num_kv_heads)))
-    full_layers = [i for i, t in enumerate(layer_types) if t == FULL]
-    values = {full_overrides.get(i, (head_dim, num_kv_heads)) for i in full_layers}
-    if len(values) != 1:
-      raise ValueError(f"{where}: full layers have different (head_dim, kv heads) {sorted(values)}")
-    global_head_dim, num_global_kv_heads = values.pop()
-  else:
-    global_head_dim = int(get("global_head_dim", 512))
-    num_global_kv_heads = num_kv_heads
-    if k_eq_v and c.get("num_global_key_value_heads") is not None:
-      num_global_kv_heads = int(c["num_global_key_value_heads"])
+  num_kv_heads, head_dim, global_head_dim, num_global_kv_heads = _hf_attention_dims(
+      c, get, layer_types, num_heads, hidden, where)
 
   # ---- MoE, PLE ---------------------------------------------------------------------------------
   num_experts = top_k = expert_dim = 0
@@ -365,19 +408,7 @@ def read_hf_config(path: PathLike, *, dtype: str | None = None,
       else 0
 
   # ---- RoPE -------------------------------------------------------------------------------------
-  rope = c.get("rope_parameters") or {}
-  sliding_rope = rope.get("sliding_attention", {"rope_type": "default", "rope_theta": 10_000.0})
-  full_rope = rope.get("full_attention", {"rope_type": "proportional", "rope_theta": 1_000_000.0,
-                                          "partial_rotary_factor": 0.25})
-  for kind, r in (("sliding_attention", sliding_rope), ("full_attention", full_rope)):
-    if r.get("rope_type", "default") not in ("default", "proportional"):
-      raise ValueError(f"{where}: rope_type {r['rope_type']!r} of {kind} layers is not supported")
-    if r.get("factor", 1.0) != 1.0:
-      raise ValueError(f"{where}: RoPE scaling factor {r['factor']!r} of {kind} layers is not "
-                       "supported")
-  if sliding_rope.get("partial_rotary_factor", 1.0) != 1.0:
-    raise ValueError(f"{where}: partial rotation on sliding layers "
-                     f"({sliding_rope['partial_rotary_factor']!r}) is not supported")
+  rope = _hf_rope(c, where)
 
   # ---- dtypes -----------------------------------------------------------------------------------
   if param_dtype is None:
@@ -405,9 +436,7 @@ def read_hf_config(path: PathLike, *, dtype: str | None = None,
       num_experts=num_experts,
       num_experts_per_token=top_k,
       expert_dim=expert_dim,
-      rope_theta=float(sliding_rope.get("rope_theta", 10_000.0)),
-      global_rope_theta=float(full_rope.get("rope_theta", 1_000_000.0)),
-      global_rotary_fraction=float(full_rope.get("partial_rotary_factor", 1.0)),
+      **rope,
       final_logit_softcap=(None if c.get("final_logit_softcapping") is None
                            else float(c["final_logit_softcapping"])),
       rms_eps=float(get("rms_norm_eps", 1e-6)),
@@ -909,12 +938,18 @@ def load_params(path: PathLike, *, target: Any = None) -> tuple[ModelConfig, Any
   path = _check_dir(path)
   meta = _read_orbax_meta(path)
   cfg = _config_from_json(meta["model_config"], str(path / ORBAX_CONFIG))
+  specs = _flat_specs(cfg)
+  treedef = jax.tree_util.tree_structure(params_lib.param_specs(cfg), is_leaf=params_lib.is_spec)
+  return cfg, _restore_orbax(path, specs, treedef, cfg, target)
+
+
+def _restore_orbax(path: pathlib.Path, specs: dict[str, params_lib.ParamSpec], treedef: Any,
+                   cfg: Any, target: Any) -> Any:
+  """Restores `<path>/params` (a tree `treedef` of `specs`) into `target` (see `load_params`)."""
   params_dir = path / ORBAX_PARAMS
   if not params_dir.is_dir():
     raise FileNotFoundError(f"{path} has no {ORBAX_PARAMS}/ directory")
-  specs = _flat_specs(cfg)
   saved = _check_tree_meta(_saved_arrays(params_dir), specs, where=str(params_dir))
-  treedef = jax.tree_util.tree_structure(params_lib.param_specs(cfg), is_leaf=params_lib.is_spec)
   if target is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree_util.tree_unflatten(treedef, [
@@ -930,7 +965,7 @@ def load_params(path: PathLike, *, target: Any = None) -> tuple[ModelConfig, Any
     raise ValueError(f"orbax checkpoint {params_dir} is corrupt or truncated: restore failed "
                      f"({_short(e)})") from e
   flat = _check_tree(restored, specs, what=str(params_dir))
-  return cfg, jax.tree_util.tree_unflatten(treedef, [flat[n] for n in specs])
+  return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in specs])
 
 
 def _check_tree_meta(saved: dict[str, Any], specs: dict[str, params_lib.ParamSpec], *, where: str):
@@ -1078,10 +1113,7 @@ def read_hf_drafter_config(path: PathLike, target_cfg: ModelConfig, *,
   for key in ("enable_moe_block", "use_double_wide_mlp", "attention_bias"):
     if c.get(key):
       raise ValueError(f"{where}: text_config.{key}={c[key]!r} is not supported in a drafter")
-  act = get("hidden_activation", "gelu_pytorch_tanh")
-  if act != "gelu_pytorch_tanh":
-    raise ValueError(f"{where}: hidden_activation {act!r} is not supported (expected "
-                     "'gelu_pytorch_tanh')")
+  _check_hf_activation(get("hidden_activation", "gelu_pytorch_tanh"), where)
   if not top.get("tie_word_embeddings", c.get("tie_word_embeddings", True)):
     raise ValueError(f"{where}: tie_word_embeddings=false is not supported (the drafter's head is "
                      "its embed_tokens)")
@@ -1099,66 +1131,10 @@ def read_hf_drafter_config(path: PathLike, target_cfg: ModelConfig, *,
     raise ValueError(f"{where}: num_kv_shared_layers={shared!r}; every drafter layer reads the "
                      f"target's K/V (expected {num_layers})")
 
-  hf_types = c.get("layer_types")
-  if hf_types is None:
-    hf_types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(num_layers)]
-  if len(hf_types) != num_layers:
-    raise ValueError(f"{where}: {len(hf_types)} layer_types for num_hidden_layers={num_layers}")
-  bad = [t for t in hf_types if t not in _HF_LAYER_TYPES]
-  if bad:
-    raise ValueError(f"{where}: unknown layer type {bad[0]!r} (expected one of "
-                     f"{sorted(_HF_LAYER_TYPES)})")
-  layer_types = [_HF_LAYER_TYPES[t] for t in hf_types]
-  if layer_types[-1] != FULL:
-    log.warning("%s: last layer is %r; transformers forces it to full attention, so do we", where,
-                hf_types[-1])
-    layer_types[-1] = FULL
-
-  # ---- head sizes and KV heads (as read_hf_config) ----------------------------------------------
-  k_eq_v = bool(c.get("attention_k_eq_v", False))
-  num_kv_heads = int(get("num_key_value_heads", num_heads))
-  head_dim = int(get("head_dim", hidden // num_heads))
-  per_layer = c.get("per_layer_config")
-  if per_layer:
-    overrides = {}
-    for idx, override in per_layer.items():
-      i = int(idx)
-      if not 0 <= i < num_layers:
-        raise ValueError(f"{where}: per_layer_config names layer {idx!r} of {num_layers}")
-      if layer_types[i] != FULL:
-        raise ValueError(f"{where}: per_layer_config overrides sliding layer {i} ({override!r}); "
-                         "only full layers may differ")
-      unknown = set(override) - {"head_dim", "num_key_value_heads"}
-      if unknown:
-        raise ValueError(f"{where}: per_layer_config of layer {i} sets unsupported "
-                         f"{sorted(unknown)}")
-      overrides[i] = (int(override.get("head_dim", head_dim)),
-                      int(override.get("num_key_value_heads", num_kv_heads)))
-    values = {overrides.get(i, (head_dim, num_kv_heads))
-              for i, t in enumerate(layer_types) if t == FULL}
-    if len(values) != 1:
-      raise ValueError(f"{where}: full layers have different (head_dim, kv heads) {sorted(values)}")
-    global_head_dim, num_global_kv_heads = values.pop()
-  else:
-    global_head_dim = int(get("global_head_dim", 512))
-    num_global_kv_heads = num_kv_heads
-    if k_eq_v and c.get("num_global_key_value_heads") is not None:
-      num_global_kv_heads = int(c["num_global_key_value_heads"])
-
-  # ---- RoPE -------------------------------------------------------------------------------------
-  rope = c.get("rope_parameters") or {}
-  sliding_rope = rope.get("sliding_attention", {"rope_type": "default", "rope_theta": 10_000.0})
-  full_rope = rope.get("full_attention", {"rope_type": "proportional", "rope_theta": 1_000_000.0,
-                                          "partial_rotary_factor": 0.25})
-  for kind, r in (("sliding_attention", sliding_rope), ("full_attention", full_rope)):
-    if r.get("rope_type", "default") not in ("default", "proportional"):
-      raise ValueError(f"{where}: rope_type {r['rope_type']!r} of {kind} layers is not supported")
-    if r.get("factor", 1.0) != 1.0:
-      raise ValueError(f"{where}: RoPE scaling factor {r['factor']!r} of {kind} layers is not "
-                       "supported")
-  if sliding_rope.get("partial_rotary_factor", 1.0) != 1.0:
-    raise ValueError(f"{where}: partial rotation on sliding layers "
-                     f"({sliding_rope['partial_rotary_factor']!r}) is not supported")
+  layer_types = _hf_layer_types(c, num_layers, where)
+  num_kv_heads, head_dim, global_head_dim, num_global_kv_heads = _hf_attention_dims(
+      c, get, layer_types, num_heads, hidden, where)
+  rope = _hf_rope(c, where)
 
   # ---- head -------------------------------------------------------------------------------------
   num_centroids, top_k = 0, int(top.get("centroid_intermediate_top_k") or 32)
@@ -1187,9 +1163,7 @@ def read_hf_drafter_config(path: PathLike, target_cfg: ModelConfig, *,
         num_centroids=num_centroids,
         centroid_top_k=top_k,
         convention=convention,
-        rope_theta=float(sliding_rope.get("rope_theta", 10_000.0)),
-        global_rope_theta=float(full_rope.get("rope_theta", 1_000_000.0)),
-        global_rotary_fraction=float(full_rope.get("partial_rotary_factor", 1.0)),
+        **rope,
         rms_eps=float(get("rms_norm_eps", 1e-6)),
         dtype=target_cfg.dtype,
         param_dtype=target_cfg.param_dtype,
@@ -1484,28 +1458,8 @@ def load_drafter_params(path: PathLike, *, target: Any = None) -> tuple[Any, Any
     raise ValueError(f"{file} is not a gemma_mtp drafter checkpoint config (format "
                      f"{meta.get('format')!r}, kind {meta.get('kind')!r})")
   dcfg = _drafter_config_from_json(meta["drafter_config"], str(file))
-  params_dir = path / ORBAX_PARAMS
-  if not params_dir.is_dir():
-    raise FileNotFoundError(f"{path} has no {ORBAX_PARAMS}/ directory")
-  specs = _flat_drafter_specs(dcfg)
-  saved = _check_tree_meta(_saved_arrays(params_dir), specs, where=str(params_dir))
-  treedef = _drafter_treedef(dcfg)
-  if target is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_unflatten(treedef, [
-        jax.ShapeDtypeStruct(specs[n].shape, saved[n].dtype, sharding=device) for n in specs])
-  else:
-    target = target(dcfg) if callable(target) else target
-    _check_tree(target, specs, what="target")
-  ocp = _orbax()
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      restored = ckptr.restore(params_dir, target)
-  except Exception as e:
-    raise ValueError(f"orbax checkpoint {params_dir} is corrupt or truncated: restore failed "
-                     f"({_short(e)})") from e
-  flat = _check_tree(restored, specs, what=str(params_dir))
-  return dcfg, jax.tree_util.tree_unflatten(treedef, [flat[n] for n in specs])
+  return dcfg, _restore_orbax(path, _flat_drafter_specs(dcfg), _drafter_treedef(dcfg), dcfg,
+                              target)
 
 
 def is_hf_drafter_dir(path: PathLike) -> bool:

@@ -636,6 +636,36 @@ def _write_run_json(workdir: pathlib.Path, run: Mapping[str, Any]):
   (workdir / "run.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
 
 
+def _fit_and_export(loss_fn: LossFn, init_params: Callable[[jax.Array], Any], *, kind: str,
+                    save: Callable[..., None], cfg: Any, corpus_dir: PathLike, tok: Tokenizer,
+                    workdir: pathlib.Path, optimizer: OptimizerConfig, seq_len: int,
+                    batch_size: int, steps: int, seed: int, log_every: int, eval_every: int,
+                    eval_batches: int, ckpt_every: int, keep_checkpoints: int, resume: bool,
+                    export_dtype: str, ckpt_metadata: Mapping[str, Any]) -> TrainState:
+  """The loop shared by the recipes: trains (or resumes) and exports to `<workdir>/<kind>`.
+
+  `init_params(key)` makes fresh parameters; `save(out, params, cfg, step=...)` writes the export
+  (`checkpoint.save_params` or `save_drafter`) with `cfg` in `export_dtype`.
+  """
+  loader = data.make_loader(corpus_dir, "train", tok, seq_len=seq_len, batch_size=batch_size,
+                            seed=seed)
+  eval_fn = _eval_fn(corpus_dir, tok, loss_fn, seq_len=seq_len, batch_size=batch_size,
+                     eval_batches=eval_batches)
+  k_init, k_train = jax.random.split(jax.random.PRNGKey(seed))
+  state = TrainState.create(init_params(k_init), make_optimizer(optimizer), rng=k_train)
+  state, _ = fit(loss_fn, state, loader, steps=steps, eval_fn=eval_fn, eval_every=eval_every,
+                 ckpt_dir=workdir / "checkpoints", ckpt_every=ckpt_every,
+                 keep_checkpoints=keep_checkpoints, log_every=log_every,
+                 metrics_file=workdir / "metrics.jsonl", resume=resume,
+                 ckpt_metadata=ckpt_metadata)
+  out = workdir / kind
+  with quiet_orbax():
+    save(out, export_params(state, dtype=export_dtype), cfg.replace(param_dtype=export_dtype),
+         step=int(state.step))
+  log.info("exported the %s (%s) to %s", kind, export_dtype, out)
+  return state
+
+
 def train_target(
     *,
     corpus_dir: PathLike,
@@ -676,24 +706,14 @@ def train_target(
                             "batch_size": batch_size, "steps": steps, "seed": seed,
                             "corpus_dir": str(corpus_dir), "tokenizer": str(tokenizer_path)})
   loss_fn = jax.tree_util.Partial(lm_loss, config=cfg)
-  loader = data.make_loader(corpus_dir, "train", tok, seq_len=seq_len, batch_size=batch_size,
-                            seed=seed)
-  eval_fn = _eval_fn(corpus_dir, tok, loss_fn, seq_len=seq_len, batch_size=batch_size,
-                     eval_batches=eval_batches)
-  k_init, k_train = jax.random.split(jax.random.PRNGKey(seed))
-  state = TrainState.create(params_lib.init_params(cfg, k_init), make_optimizer(optimizer),
-                            rng=k_train)
-  state, _ = fit(loss_fn, state, loader, steps=steps, eval_fn=eval_fn, eval_every=eval_every,
-                 ckpt_dir=workdir / "checkpoints", ckpt_every=ckpt_every,
-                 keep_checkpoints=keep_checkpoints, log_every=log_every,
-                 metrics_file=workdir / "metrics.jsonl", resume=resume,
-                 ckpt_metadata={"kind": "target", "tokenizer": tok.fingerprint})
-  out = workdir / "target"
-  with quiet_orbax():
-    checkpoint.save_params(out, export_params(state, dtype=export_dtype),
-                           cfg.replace(param_dtype=export_dtype), step=int(state.step))
-  log.info("exported the target (%s) to %s", export_dtype, out)
-  return state
+  return _fit_and_export(
+      loss_fn, functools.partial(params_lib.init_params, cfg), kind="target",
+      save=checkpoint.save_params, cfg=cfg,
+      corpus_dir=corpus_dir, tok=tok, workdir=workdir, optimizer=optimizer, seq_len=seq_len,
+      batch_size=batch_size, steps=steps, seed=seed, log_every=log_every, eval_every=eval_every,
+      eval_batches=eval_batches, ckpt_every=ckpt_every, keep_checkpoints=keep_checkpoints,
+      resume=resume, export_dtype=export_dtype,
+      ckpt_metadata={"kind": "target", "tokenizer": tok.fingerprint})
 
 
 def _drafter_loss(params, batch, rng, *, tparams, dcfg, tcfg, steps, step_weights, loss_type):
@@ -767,21 +787,11 @@ def train_drafter(
       functools.partial(_drafter_loss, dcfg=dcfg, tcfg=tcfg, steps=draft_steps,
                         step_weights=step_weights, loss_type=loss_type),
       tparams=tparams)
-  loader = data.make_loader(corpus_dir, "train", tok, seq_len=seq_len, batch_size=batch_size,
-                            seed=seed)
-  eval_fn = _eval_fn(corpus_dir, tok, loss_fn, seq_len=seq_len, batch_size=batch_size,
-                     eval_batches=eval_batches)
-  k_init, k_train = jax.random.split(jax.random.PRNGKey(seed))
-  state = TrainState.create(drafter_lib.init_params(dcfg, k_init), make_optimizer(optimizer),
-                            rng=k_train)
-  state, _ = fit(loss_fn, state, loader, steps=steps, eval_fn=eval_fn, eval_every=eval_every,
-                 ckpt_dir=workdir / "checkpoints", ckpt_every=ckpt_every,
-                 keep_checkpoints=keep_checkpoints, log_every=log_every,
-                 metrics_file=workdir / "metrics.jsonl", resume=resume,
-                 ckpt_metadata={"kind": "drafter", "target": str(target_path)})
-  out = workdir / "drafter"
-  with quiet_orbax():
-    checkpoint.save_drafter(out, export_params(state, dtype=export_dtype),
-                            dcfg.replace(param_dtype=export_dtype), step=int(state.step))
-  log.info("exported the drafter (%s) to %s", export_dtype, out)
-  return state
+  return _fit_and_export(
+      loss_fn, functools.partial(drafter_lib.init_params, dcfg), kind="drafter",
+      save=checkpoint.save_drafter, cfg=dcfg,
+      corpus_dir=corpus_dir, tok=tok, workdir=workdir, optimizer=optimizer, seq_len=seq_len,
+      batch_size=batch_size, steps=steps, seed=seed, log_every=log_every, eval_every=eval_every,
+      eval_batches=eval_batches, ckpt_every=ckpt_every, keep_checkpoints=keep_checkpoints,
+      resume=resume, export_dtype=export_dtype,
+      ckpt_metadata={"kind": "drafter", "target": str(target_path)})
