@@ -179,8 +179,7 @@ def forward(params: dict, tokens: jax.Array, *, config: ModelConfig,
           new_k[i] = kvc.write(new_k[i], k, idx)
           new_v[i] = kvc.write(new_v[i], v, idx)
           k, v = new_k[i], new_v[i]
-          kv_idx = (jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32),
-                                     (b, cache.max_len)) if kind == FULL else ring_idx)
+          kv_idx = ring_idx if kind == SLIDING else cache.slot_indices(True)
         kv_now[i] = (k, v, kv_idx)
       mask = layers.attention_mask(idx, kv_idx, start, window=window)
       return layers.attention(q, k, v, mask)
