@@ -200,9 +200,10 @@ class TrainState:
   @classmethod
   def create(cls, params: Any, tx: optax.GradientTransformation, *, rng: jax.Array
              ) -> "TrainState":
-    """A fresh state; float params are cast to float32 master weights."""
+    """A fresh state; float params are copied to float32 master weights (train steps donate
+    the state, so the caller's arrays stay valid)."""
     params = jax.tree_util.tree_map(
-        lambda x: jnp.asarray(x, jnp.float32) if _trainable(x) else jnp.asarray(x), params)
+        lambda x: jnp.array(x, jnp.float32) if _trainable(x) else jnp.array(x), params)
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
       rng = jax.random.key_data(rng)
     return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(_split(params)[0]),
