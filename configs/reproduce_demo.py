@@ -38,5 +38,11 @@ def get_config():
   c.target_steps = 0               # > 0: fixed step counts instead of the seconds budgets
   c.drafter_train_steps = 0
   c.full_eval = True               # every fixed draft length, or just K=4 and adaptive
+  c.buckets = (1, 2, 4, 8)         # draft lengths evaluated (each fixed, and adaptive among them)
+  c.conventions = ("hf", "clean")  # drafter attention conventions evaluated
+  c.speed_batch = 8                # the larger batch of the speed runs
+  c.workload_prompts = 0           # > 0: batch-1 code / prose / mixed workloads of this many prompts
+  c.prose_roots = ("site-packages",)  # where the prose workload's .md / .rst / METADATA come from
+  c.prose_max_bytes = 4_000_000
   c.seed = 0
   return c

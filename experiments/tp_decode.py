@@ -1,11 +1,12 @@
 r"""Decode latency with tensor parallelism over all visible devices vs one device.
 
 A target with random weights (default: Gemma 4 31B shapes in bfloat16) decodes greedily with
-`decoding.plain_generate`, once on a `model=N` mesh over every visible device and once on one
-device. Per-token latency is the slope between a short and a long run (so prefill and launch
-cancel), best of --repeats after a compiling run. Achieved bandwidth per device is the bytes one
-decode step must read on that device (its weight shards + its KV-cache shards, whole buffers,
-since attention reads every slot) divided by the latency. One JSON record goes to --out.
+`bench.decode_loop` (the model's decode step in one compiled loop, greedy), once on a `model=N`
+mesh over every visible device and once on one device. Per-token latency is the slope between a
+short and a long run of the same program (so dispatch cancels), best of --repeats after a
+compiling run; the timed steps attend to --prompt_len .. --prompt_len + --new_tokens positions.
+Achieved bandwidth per device is the bytes of its weight shards + its KV-cache shards (whole
+buffers, since attention reads every slot) divided by the latency. One JSON record goes to --out.
 
   python experiments/tp_decode.py                                  # 31B, all GPUs vs GPU 0
   python experiments/tp_decode.py --num_layers=12 --batch=4        # fewer layers: faster compile
@@ -24,14 +25,13 @@ from absl import flags
 from absl import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from gemma_mtp import bench
 from gemma_mtp import config as config_lib
-from gemma_mtp import decoding
-from gemma_mtp import kv_cache
 from gemma_mtp import metrics
 from gemma_mtp import params as params_lib
-from gemma_mtp import sampling
 from gemma_mtp import sharding
 
 _PRESET = flags.DEFINE_string("preset", "gemma4_31b", "architecture preset (config.PRESETS)")
@@ -39,7 +39,7 @@ _NUM_LAYERS = flags.DEFINE_integer("num_layers", 0, "keep the first N layers (la
                                    "0: all")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "weights and compute")
 _BATCH = flags.DEFINE_integer("batch", 1, "rows decoded together")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "random prompt tokens per row")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 1024, "context before the timed steps")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "tokens of the long run (short: a quarter)")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per length after compiling")
 _MESH = flags.DEFINE_string("mesh", "model=-1", "mesh of the parallel run (sharding.make_mesh)")
@@ -69,55 +69,42 @@ def bytes_per_device(tree) -> dict[int, int]:
   return out
 
 
-def cache_bytes_per_device(cfg, mesh, max_len: int) -> int:
-  """Largest per-device KV-cache footprint (all slots), from shapes only."""
-  cache = jax.eval_shape(lambda: kv_cache.init_cache(cfg, _BATCH.value, max_len))
-  shardings = sharding.cache_shardings(cache, mesh)
-  total = 0
-  for leaf, s in zip(jax.tree_util.tree_leaves(cache), jax.tree_util.tree_leaves(shardings)):
-    total += math.prod(s.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-  return total
-
-
-def measure(cfg, mesh, prompts: np.ndarray) -> dict:
-  """Per-token decode latency and bandwidth on `mesh`."""
+def measure(cfg, mesh) -> dict:
+  """Per-token decode latency and bandwidth on `mesh` (weights and cache sharded by the rules)."""
+  specs = params_lib.param_specs(cfg)
   t0 = time.perf_counter()
-  params = sharding.init_params_sharded(cfg, jax.random.PRNGKey(0), mesh)
+  params = bench.random_params(specs, cfg, jax.random.PRNGKey(0),
+                               sharding.param_shardings(specs, mesh))
   jax.block_until_ready(params)
   init_s = time.perf_counter() - t0
-  batch = sharding.shard_batch(
-      decoding.PromptBatch(tokens=prompts, start=np.zeros((len(prompts),), np.int32)), mesh)
-  long_n = _NEW_TOKENS.value
-  short_n = max(2, long_n // 4)
-  max_len = decoding.round_up(prompts.shape[1] + long_n, decoding.PROMPT_BUCKET)
-  greedy = sampling.SamplingParams(temperature=0.0)
+  long_n, short_n = _NEW_TOKENS.value, max(2, _NEW_TOKENS.value // 4)
+  context = _PROMPT_LEN.value + long_n
+  max_len = context + 1
+  abstract = jax.eval_shape(lambda: bench.synthetic_cache(cfg, _BATCH.value, max_len))
+  holder = {"cache": jax.jit(lambda: bench.synthetic_cache(cfg, _BATCH.value, max_len),
+                             out_shardings=sharding.cache_shardings(abstract, mesh))()}
+  tok = jax.device_put(np.ones((_BATCH.value,), np.int32),
+                       sharding.batch_sharding((_BATCH.value,), mesh))
 
   def run(n):
-    out = decoding.plain_generate(params, batch, jax.random.PRNGKey(0), config=cfg,
-                                  sampler=greedy, max_new=n, eos_ids=(), max_len=max_len)
-    return jax.block_until_ready(out)
+    cache, _ = bench.decode_loop(params, holder["cache"], tok, jnp.int32(context - n),
+                                 jnp.int32(n), config=cfg)
+    holder["cache"] = jax.block_until_ready(cache)
 
-  seconds, compile_s = {}, {}
-  for n in (short_n, long_n):
-    t0 = time.perf_counter()
-    run(n)
-    compile_s[n] = time.perf_counter() - t0
-    best = math.inf
-    for _ in range(_REPEATS.value):
-      t0 = time.perf_counter()
-      run(n)
-      best = min(best, time.perf_counter() - t0)
-    seconds[n] = best
-  latency = (seconds[long_n] - seconds[short_n]) / (long_n - short_n)
+  t0 = time.perf_counter()
+  run(short_n)
+  first_s = time.perf_counter() - t0
+  timing = bench.slope_seconds(run, short=short_n, long=long_n, repeats=_REPEATS.value)
+  latency = timing["per_step_s"]
   weights = max(bytes_per_device(params).values())
-  cache = cache_bytes_per_device(cfg, mesh, max_len)
-  del params
+  cache = max(bytes_per_device(holder["cache"]).values())
+  del params, holder
   rec = {
       "devices": mesh.devices.size,
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "init_seconds": init_s,
-      "first_run_seconds": {str(n): s for n, s in compile_s.items()},
-      "best_run_seconds": {str(n): s for n, s in seconds.items()},
+      "first_run_seconds": first_s,
+      "timing": timing,
       "per_token_ms": latency * 1e3,
       "tokens_per_second": _BATCH.value / latency,
       "weight_bytes_per_device": weights,
@@ -135,14 +122,12 @@ def main(argv):
   if _CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   cfg = model_config()
-  prompts = np.random.default_rng(0).integers(
-      1, cfg.vocab_size, (_BATCH.value, _PROMPT_LEN.value)).astype(np.int32)
   n_params = params_lib.count_params(params_lib.param_specs(cfg))
   logging.info("%s: %.2fB params, %d layers, %s, %d devices", _PRESET.value, n_params / 1e9,
                cfg.num_layers, cfg.dtype, jax.device_count())
-  runs = {"parallel": measure(cfg, sharding.make_mesh(_MESH.value), prompts)}
+  runs = {"parallel": measure(cfg, sharding.make_mesh(_MESH.value))}
   if _SINGLE.value and jax.device_count() > 1:
-    runs["single"] = measure(cfg, sharding.make_mesh(devices=jax.devices()[:1]), prompts)
+    runs["single"] = measure(cfg, sharding.make_mesh(devices=jax.devices()[:1]))
     runs["speedup"] = runs["single"]["per_token_ms"] / runs["parallel"]["per_token_ms"]
   stamp = time.strftime("%Y%m%d-%H%M%S")
   out = _OUT.value or (pathlib.Path(__file__).parent / "results" /

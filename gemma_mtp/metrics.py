@@ -33,14 +33,29 @@ def environment() -> dict[str, Any]:
 
 
 def write_record(path: str | os.PathLike, record: dict[str, Any]) -> pathlib.Path:
-  """Writes `record` (plus `environment`) as indented JSON; creates parent directories."""
+  """Writes `record` (plus `environment`, unless it has one) as indented JSON, atomically, with
+  this machine's directories scrubbed (`scrub_paths`); creates parent directories."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   record = {"environment": environment(), **record}
   tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
+  tmp.write_text(scrub_paths(json.dumps(record, indent=2, default=_jsonable)) + "\n")
   os.replace(tmp, path)
   return path
+
+
+def scrub_paths(text: str) -> str:
+  """Replaces this machine's directories in `text` by portable names (records are committed)."""
+  import sysconfig  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  paths = sysconfig.get_paths()
+  names = [(paths["purelib"], "<site-packages>"), (paths["platlib"], "<site-packages>"),
+           (paths["stdlib"], "<stdlib>"), (os.getcwd(), "."),
+           (tempfile.gettempdir(), "<tmp>"), (os.path.expanduser("~"), "~")]
+  for prefix, name in sorted(names, key=lambda x: -len(x[0])):
+    if len(prefix) > 1:
+      text = text.replace(prefix, name)
+  return text
 
 
 def _jsonable(x):

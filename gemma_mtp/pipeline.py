@@ -7,7 +7,10 @@ cosine schedule) is fixed to fill the budget, so one command fits a device lease
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import pathlib
@@ -56,21 +59,25 @@ def add_train_files(corpus: data.Corpus, roots: Sequence[str], *, max_bytes: int
   A deterministic subset (ordered by a hash of the path) of at most `max_bytes` (0 = all), so the
   held-out split stays the standard library's.
   """
-  import hashlib  # pylint: disable=g-import-not-at-top
   import sysconfig  # pylint: disable=g-import-not-at-top
   purelib = sysconfig.get_paths()["purelib"]
   paths = [purelib + r[len("site-packages"):] if r.startswith("site-packages") else r
            for r in roots]
   extra = data.build_corpus(paths, eval_fraction=0.0)
   files = sorted(extra.train_files, key=lambda f: hashlib.sha1(f.relpath.encode()).hexdigest())
-  chosen, total = [], 0
+  digest = lambda f: hashlib.sha1(f.path.read_bytes()).digest()
+  held_out = {digest(f) for f in corpus.eval_files}
+  chosen, total, duplicates = [], 0, 0
   for f in files:
     if max_bytes and total + f.size > max_bytes:
+      continue
+    if digest(f) in held_out:   # a vendored copy of a held-out file stays out of training
+      duplicates += 1
       continue
     chosen.append(f)
     total += f.size
   stats = dict(corpus.stats, extra_train_files=len(chosen), extra_train_bytes=total,
-               extra_train_roots=[str(p) for p in paths])
+               extra_train_roots=[str(p) for p in paths], extra_train_eval_duplicates=duplicates)
   return data.Corpus(corpus.train_files + tuple(chosen), corpus.eval_files, stats)
 
 
@@ -92,6 +99,16 @@ def train_model(loss_fn, params, loader, *, seconds: float, lr: float, warmup: i
   return state.params, history, steps
 
 
+def side_by_side(fn, items: Sequence[Any], threads: int | None = None) -> list[Any]:
+  """[fn(x) for x in items] on `threads` threads (default: a quarter of the CPUs, at most 8):
+  XLA compiles outside the GIL, so the first (compiling) calls of different programs overlap.
+  Not for timing."""
+  import os  # pylint: disable=g-import-not-at-top
+  threads = threads or max(1, min(8, (os.cpu_count() or 1) // 4))
+  with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+    return list(pool.map(fn, items))
+
+
 def eval_prompts(tokens: np.ndarray, *, num: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
   """`num` prompts of `prompt_len` tokens cut at random offsets of an eval token stream."""
   rng = np.random.default_rng(seed)
@@ -100,37 +117,123 @@ def eval_prompts(tokens: np.ndarray, *, num: int, prompt_len: int, seed: int = 0
 
 
 def evaluate_pair(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                  acceptance_runs: Sequence[tuple[float, tuple[int, ...], bool]],
+                  acceptance_runs: Sequence[tuple[float, tuple[int, ...], bool]] = (),
                   speed_runs: Sequence[tuple[float, int, tuple[int, ...], bool]] = (),
                   eos_id=None, repeats: int = 2) -> dict[str, Any]:
   """Tokens per target forward, acceptance by position, and speculative vs plain speed.
 
   Args:
-    acceptance_runs: (temperature, draft_lengths, adaptive) runs over all prompts as one batch.
+    acceptance_runs: (temperature, draft_lengths, adaptive) runs over all prompts as one batch
+      (run side by side: they are not timed).
     speed_runs: (temperature, batch, draft_lengths, adaptive) timings on the first `batch`
-      prompts (`metrics.compare`: plain and speculative in the same process). A draft_lengths of
-      () means "the best fixed length of the greedy acceptance runs".
+      prompts (`metrics.compare`: plain and speculative in the same process, compiled side by side
+      first, then timed one after the other). A draft_lengths of () means "the best fixed length
+      of the greedy acceptance runs".
   """
   results: dict[str, Any] = {"acceptance": [], "speed": []}
-  for temperature, buckets, adaptive in acceptance_runs:
+
+  def accept(run):
+    temperature, buckets, adaptive = run
     out = api.generate(target, list(prompts), max_new_tokens=max_new_tokens, drafter=drafter,
                        draft_lengths=buckets, adaptive=adaptive, temperature=temperature,
                        eos_id=eos_id, seed=1)
     entry = {"temperature": temperature, "draft_lengths": list(buckets), "adaptive": adaptive,
              "prompts": len(prompts)}
     entry.update({k: v for k, v in out.stats.items() if k != "bucket_trace"})
-    results["acceptance"].append(entry)
+    return entry
+
+  results["acceptance"] = side_by_side(accept, acceptance_runs)   # untimed: compile in parallel
+  for entry in results["acceptance"]:
     log.info("acceptance %s", entry)
   fixed = [e for e in results["acceptance"] if not e["adaptive"] and e["temperature"] == 0.0]
   best = tuple(max(fixed, key=lambda e: e["tokens_per_forward"])["draft_lengths"]) if fixed else (4,)
-  for temperature, b, buckets, adaptive in speed_runs:
+  runs = [(t, b, buckets or best, adaptive) for t, b, buckets, adaptive in speed_runs]
+  calls = []
+  for temperature, b, buckets, adaptive in runs:
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, eos_id=eos_id)
+    calls.append(functools.partial(api.generate, target, list(prompts[:b]), **kw))
+    calls.append(functools.partial(api.generate, target, list(prompts[:b]), drafter=drafter,
+                                   draft_lengths=buckets, adaptive=adaptive, **kw))
+  side_by_side(lambda call: call(), calls)
+  for temperature, b, buckets, adaptive in runs:
     r = metrics.compare(target, drafter, list(prompts[:b]), max_new_tokens=max_new_tokens,
-                        draft_lengths=buckets or best, adaptive=adaptive, temperature=temperature,
+                        draft_lengths=buckets, adaptive=adaptive, temperature=temperature,
                         eos_id=eos_id, repeats=repeats)
     r.pop("bucket_trace", None)
     results["speed"].append(r)
     log.info("speed %s", r)
   return results
+
+
+def prose_tokens(roots: Sequence[str], tok, *, max_bytes: int) -> np.ndarray:
+  """Tokens of prose found on this machine: Markdown / reStructuredText files and package
+  METADATA descriptions under `roots` ('site-packages' as in `add_train_files`), at most
+  `max_bytes` of them in a deterministic order."""
+  import sysconfig  # pylint: disable=g-import-not-at-top
+  purelib = sysconfig.get_paths()["purelib"]
+  paths = [purelib + r[len("site-packages"):] if r.startswith("site-packages") else r
+           for r in roots]
+  found = data.build_corpus(paths, eval_fraction=0.0, extensions=(".md", ".rst", "METADATA"))
+  docs, total = [], 0
+  for f in sorted(found.train_files, key=lambda f: hashlib.sha1(f.relpath.encode()).hexdigest()):
+    if total >= max_bytes:
+      break
+    text = f.path.read_text(encoding="utf-8")
+    if len(text) >= 2000:
+      docs.append(text)
+      total += len(text)
+  return data.tokenize_documents(docs, tok)
+
+
+def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[int]]], *,
+                       buckets: tuple[int, ...], max_new_tokens: int, eos_id=None,
+                       temperature: float = 0.0) -> list[dict[str, Any]]:
+  """Batch-1 generation over each workload's prompts, one after the other, for plain decoding,
+  every fixed draft length and adaptive buckets; plus the 'mixed' workload (all of them).
+
+  Every configuration is compiled first (side by side), then each runs through every prompt of a
+  workload in turn; seconds are the wall time of that pass. Returns one entry per (workload,
+  configuration) with tokens/s, tokens per target forward and the speedup over plain decoding.
+  """
+  configs = {"plain": {}}
+  configs.update({f"K={k}": dict(drafter=drafter, draft_lengths=(k,), adaptive=False)
+                  for k in buckets})
+  configs["adaptive"] = dict(drafter=drafter, draft_lengths=buckets, adaptive=True)
+  kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature, seed=1)
+  first = next(iter(workloads.values()))[0]
+  side_by_side(lambda c: api.generate(target, [first], **kw, **c), list(configs.values()))
+  totals: dict[str, dict[str, float]] = {}
+  entries = []
+  for wname, prompts in workloads.items():
+    for cname, c in configs.items():
+      t0 = time.perf_counter()
+      new = forwards = drafted = accepted = 0
+      for p in prompts:
+        st = api.generate(target, [p], **kw, **c).stats
+        new += st["new_tokens"]
+        forwards += st["target_forwards"]
+        drafted += st.get("drafted", 0)
+        accepted += st.get("accepted", 0)
+      sec = time.perf_counter() - t0
+      tot = totals.setdefault(cname, dict(seconds=0.0, new=0, forwards=0, prompts=0))
+      for k, v in (("seconds", sec), ("new", new), ("forwards", forwards),
+                   ("prompts", len(prompts))):
+        tot[k] += v
+      entries.append(dict(workload=wname, config=cname, prompts=len(prompts), seconds=sec,
+                          new_tokens=new, tokens_per_second=new / sec,
+                          tokens_per_forward=(new - len(prompts)) / max(forwards, 1),
+                          draft_acceptance=accepted / drafted if drafted else None))
+  for cname, tot in totals.items():
+    entries.append(dict(workload="mixed", config=cname, prompts=tot["prompts"],
+                        seconds=tot["seconds"], new_tokens=tot["new"],
+                        tokens_per_second=tot["new"] / tot["seconds"],
+                        tokens_per_forward=(tot["new"] - tot["prompts"]) / max(tot["forwards"], 1)))
+  plain = {e["workload"]: e["seconds"] for e in entries if e["config"] == "plain"}
+  for e in entries:
+    e["speedup"] = plain[e["workload"]] / e["seconds"]
+    log.info("workload %s %s: %.1f tokens/s, %.2f tokens/forward, %.2fx", e["workload"],
+             e["config"], e["tokens_per_second"], e["tokens_per_forward"], e["speedup"])
+  return entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +264,12 @@ class PipelineConfig:
   target_steps: int = 0
   drafter_train_steps: int = 0
   full_eval: bool = True
+  buckets: tuple[int, ...] = (1, 2, 4, 8)
+  conventions: tuple[str, ...] = ("hf", "clean")
+  speed_batch: int = 8
+  workload_prompts: int = 0
+  prose_roots: tuple[str, ...] = ("site-packages",)
+  prose_max_bytes: int = 4_000_000
   seed: int = 0
 
 
@@ -235,20 +344,29 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
   target = api.load_target(ship / "target", dtype="bfloat16")
   results = {}
   prompts = eval_prompts(eval_tokens, num=cfg.eval_prompts, prompt_len=cfg.prompt_len)
-  buckets = (1, 2, 4, 8)
-  for convention in ("hf", "clean"):
+  buckets = tuple(cfg.buckets)
+  sb = cfg.speed_batch
+  for convention in cfg.conventions:
     drafter = api.load_drafter(ship / "drafter", target, convention=convention)
     main = convention == dcfg.convention
-    acceptance = ([(0.0, (k,), False) for k in buckets] + [(0.0, buckets, True)]
-                  if main and cfg.full_eval else [(0.0, (4,), False), (0.0, buckets, True)])
+    fixed = buckets if main and cfg.full_eval else (4 if 4 in buckets else buckets[-1],)
+    acceptance = [(0.0, (k,), False) for k in fixed] + [(0.0, buckets, True)]
     speed = []
     if main:
       acceptance.append((1.0, buckets, True))
       if cfg.measure_speed:
-        speed = [(0.0, 1, (), False), (0.0, 1, buckets, True), (0.0, 8, buckets, True),
-                 (1.0, 1, buckets, True)]
+        speed = [(0.0, 1, (), False), (0.0, 1, buckets, True), (0.0, sb, (), False),
+                 (0.0, sb, buckets, True), (1.0, 1, buckets, True), (1.0, sb, buckets, True)]
     results[convention] = evaluate_pair(target, drafter, prompts, acceptance_runs=acceptance,
                                         speed_runs=speed, max_new_tokens=cfg.max_new_tokens)
+    if main and cfg.workload_prompts:
+      n = cfg.workload_prompts
+      workloads = {"code": eval_prompts(eval_tokens, num=n, prompt_len=cfg.prompt_len, seed=1)}
+      prose = prose_tokens(cfg.prose_roots, tok, max_bytes=cfg.prose_max_bytes)
+      if prose.size > cfg.prompt_len + 1:
+        workloads["prose"] = eval_prompts(prose, num=n, prompt_len=cfg.prompt_len, seed=1)
+      results[convention]["workloads"] = evaluate_workloads(
+          target, drafter, workloads, buckets=buckets, max_new_tokens=cfg.max_new_tokens)
   times["evaluate_s"] = time.perf_counter() - t
   times["total_s"] = time.perf_counter() - t0
 

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU runs behind the committed H200 records, as two commands on a 2 x H200 machine
+# (`nvidia-h200-x2`); each writes its records and logs to $OUT (default: runs/h200).
+#
+#   bash experiments/run_h200.sh train_and_bench   # GPU 0: 9-minute reproduction; GPU 1: benchmark
+#   bash experiments/run_h200.sh tp_hf_domain      # both: 31B tensor parallel; then GPU 0:
+#                                                  # transformers side by side; GPU 1: new domain
+set -u
+OUT=${OUT:-runs/h200}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.94
+BENCH=${BENCH:-experiments/results/benchmark_h200.json}
+
+case "${1:-}" in
+  train_and_bench)
+    (CUDA_VISIBLE_DEVICES=0 timeout 575 python experiments/reproduce_gpu.py \
+        --config=configs/reproduce_gpu.py --config.out_dir=runs/gpu > "$OUT/reproduce.log" 2>&1
+     cp runs/gpu/reproduce.json "$OUT/reproduce_gpu_h200.json"
+     cat runs/gpu/target_metrics.jsonl runs/gpu/drafter_metrics.jsonl > "$OUT/gpu_metrics.jsonl") &
+    (CUDA_VISIBLE_DEVICES=1 timeout 575 python experiments/benchmark.py --deadline_s=470 \
+        --parts=copy,decode,verify,drafter,predict,e2e --out="$OUT/benchmark_h200.json" \
+        > "$OUT/benchmark.log" 2>&1) &
+    wait
+    ;;
+  tp_hf_domain)
+    timeout 330 python experiments/tp_decode.py --out="$OUT/tp_decode_31b_2xh200.json" \
+        > "$OUT/tp_decode.log" 2>&1
+    cp "$BENCH" "$OUT/benchmark_h200.json"
+    (CUDA_VISIBLE_DEVICES=0 timeout 250 python experiments/benchmark.py --parts=hf --update \
+        --out="$OUT/benchmark_h200.json" > "$OUT/benchmark_hf.log" 2>&1) &
+    (CUDA_VISIBLE_DEVICES=1 timeout 250 python experiments/new_domain.py --steps=600 \
+        --batch_size=32 --seq_len=512 --embed_dim=192 --prompts=32 --max_new_tokens=128 \
+        --out="$OUT/new_domain_h200.json" > "$OUT/new_domain.log" 2>&1) &
+    wait
+    ;;
+  *)
+    echo "usage: $0 train_and_bench | tp_hf_domain" >&2
+    exit 2
+    ;;
+esac
+ls -la "$OUT"

@@ -1,0 +1,299 @@
+"""Building blocks of the GPU benchmarks: random weights, decode-step timing, bytes per step.
+
+A decode step is timed inside one compiled `lax.fori_loop` whose trip count is an argument, so one
+compilation serves a short and a long run, and the per-step time is the slope between them
+(dispatch, synchronisation and the loop's entry cancel). The cache is synthetic: its buffers are
+allocated at the context length under test and `length` is set so the timed steps attend to
+`context` positions, which costs what a real cache of that length costs (attention reads every
+slot) without a prefill.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from gemma_mtp import drafter as drafter_lib
+from gemma_mtp import kv_cache as kvc
+from gemma_mtp import model as model_lib
+from gemma_mtp import params as params_lib
+from gemma_mtp.config import ModelConfig
+
+
+def random_params(specs, cfg, key: jax.Array, shardings=None):
+  """Random weights of `specs`, one tensor at a time and directly in the parameter dtype.
+
+  Unlike `params.init_from_specs` no float32 copy of the whole model is ever live, so a 31B
+  model fits next to its bf16 weights. Values are normal(0, 1/sqrt(fan_in)) and norms are ones.
+  `shardings`: a matching tree of shardings (None: the default device).
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(specs, is_leaf=params_lib.is_spec)
+  shard_leaves = (jax.tree_util.tree_leaves(shardings) if shardings is not None
+                  else [None] * len(leaves))
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for spec, k, sharding in zip(leaves, keys, shard_leaves):
+    out.append(_random_leaf(k, spec.shape, str(params_lib.spec_dtype(spec, cfg)), spec.init,
+                            math.prod(spec.shape[a] for a in spec.fan_in_axes), sharding))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _random_leaf(key, shape, dtype, init, fan_in, sharding):
+  return _leaf_fn(shape, dtype, init, fan_in, sharding)(key)
+
+
+@functools.lru_cache(maxsize=None)
+def _leaf_fn(shape, dtype, init, fan_in, sharding):
+  def make(key):
+    if init == "ones":
+      return jnp.ones(shape, dtype)
+    if init == "zeros":
+      return jnp.zeros(shape, dtype)
+    return (jax.random.normal(key, shape, dtype) * (fan_in ** -0.5)).astype(dtype)
+  return jax.jit(make, out_shardings=sharding)
+
+
+# ---- bytes a step must read -----------------------------------------------------------------------
+
+def _nbytes(tree) -> int:
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree_util.tree_leaves(tree))
+
+
+def expected_experts_read(cfg: ModelConfig, tokens: int) -> float:
+  """Expert weight matrices one MoE layer reads for `tokens` routed tokens.
+
+  Decode gathers k experts per token (`layers.moe`: tokens * k while that is <= E), so repeats are
+  read again; otherwise the grouped path reads each distinct expert once (expected number of
+  distinct experts under uniform routing, which random weights give).
+  """
+  e, k = cfg.num_experts, cfg.num_experts_per_token
+  if tokens * k <= e:
+    return float(tokens * k)
+  return e * (1.0 - (1.0 - k / e) ** tokens)
+
+
+def weight_bytes_per_step(cfg: ModelConfig, batch: int, tokens_per_row: int = 1) -> dict[str, float]:
+  """Weight bytes one forward of `batch` x `tokens_per_row` positions must read.
+
+  Every matrix is read once, the tied embedding once (by the output head; the input lookup reads
+  B rows), the per-layer embedding table only at the B looked-up rows, and MoE experts only for
+  the experts routed to (see `expected_experts_read`).
+  Returns {'total', 'dense', 'experts_routed', 'experts_all'} in bytes.
+  """
+  abstract = params_lib.abstract_params(cfg)
+  total = float(_nbytes(abstract))
+  experts_all = 0.0
+  experts_routed = 0.0
+  if "ple" in abstract:
+    table = abstract["ple"]["embed"]
+    row = math.prod(table.shape[1:]) * jnp.dtype(table.dtype).itemsize
+    total -= _nbytes(table) - batch * tokens_per_row * row
+  for layer in abstract["layers"]:
+    if "moe" in layer:
+      ex = _nbytes({k: layer["moe"][k] for k in ("gate_up", "down")})
+      experts_all += ex
+      experts_routed += ex * expected_experts_read(cfg, batch * tokens_per_row) / cfg.num_experts
+  total += experts_routed - experts_all
+  return {"total": total, "dense": total - experts_routed, "experts_routed": experts_routed,
+          "experts_all": experts_all}
+
+
+def kv_bytes(cfg: ModelConfig, batch: int, context: int) -> float:
+  """K/V bytes of `context` positions that attention must read (sliding layers: the window)."""
+  total = 0
+  itemsize = jnp.dtype(cfg.dtype).itemsize
+  for layer in range(cfg.num_layers):
+    if cfg.is_kv_shared(layer):
+      continue
+    span = context if cfg.is_full(layer) else min(context, cfg.sliding_window)
+    total += 2 * batch * span * cfg.layer_kv_heads(layer) * cfg.layer_head_dim(layer) * itemsize
+  return float(total)
+
+
+# ---- timed loops ----------------------------------------------------------------------------------
+
+def synthetic_cache(cfg: ModelConfig, batch: int, max_len: int, chunk: int = 1):
+  """A zero cache of `max_len` slots (attention reads every slot whatever `length` says)."""
+  return kvc.init_cache(cfg, batch, max_len, max_chunk=chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "chunk"), donate_argnums=(1,))
+def decode_loop(params, cache, tokens, length, steps, *, config: ModelConfig, chunk: int = 1):
+  """`steps` target forwards of `chunk` positions per row starting at cache index `length`.
+
+  Each forward commits one position (plain decoding: chunk = 1; a verification of K drafts that
+  all get rejected: chunk = K + 1) and feeds back its greedy token. Returns (cache, tokens).
+  """
+  b = tokens.shape[0]
+  cache = cache.replace(length=jnp.full((b,), length, jnp.int32))
+
+  def body(_, carry):
+    cache, tok = carry
+    res = model_lib.forward(params, jnp.broadcast_to(tok[:, None], (b, chunk)), config=config,
+                            cache=cache)
+    nxt = jnp.argmax(res.logits[:, -1], axis=-1).astype(jnp.int32)
+    return res.cache.replace(length=cache.length + 1), nxt
+
+  return jax.lax.fori_loop(0, steps, body, (cache, tokens))
+
+
+@functools.partial(jax.jit, static_argnames=("tcfg", "dcfg"))
+def drafter_loop(dparams, tparams, cache, tokens, hidden, steps, *, tcfg: ModelConfig,
+                 dcfg: drafter_lib.DrafterConfig):
+  """`steps` drafter steps (greedy) on the target cache's taps. Returns (tokens, hidden)."""
+  taps = {kind: model_lib.Tap(k=cache.k[layer], v=cache.v[layer],
+                              idx=cache.slot_indices(tcfg.is_full(layer)))
+          for kind, layer in tcfg.tap_layers.items()}
+  b = tokens.shape[0]
+  last = jnp.full((b,), cache.max_len - 1, jnp.int32)
+  masks, query = drafter_lib.tap_masks(
+      taps, convention=dcfg.convention, window=tcfg.sliding_window, start=cache.start,
+      last_idx=last, call_start=last - 4, call_end=last)
+
+  def body(_, carry):
+    tok, h = carry
+    logits, h = drafter_lib.step(dparams, dcfg, target_params=tparams, target_config=tcfg,
+                                 token=tok, hidden=h, query_pos=query, taps=taps, masks=masks)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), h
+
+  return jax.lax.fori_loop(0, steps, body, (tokens, hidden))
+
+
+def slope_seconds(run: Callable[[int], Any], *, short: int, long: int, repeats: int) -> dict:
+  """Per-step seconds as (best time of `long` steps - best of `short`) / (long - short).
+
+  `run(n)` must block until its result is ready. The first call (compilation, if any) is not
+  timed.
+  """
+  run(short)
+  best = {}
+  for n in (short, long):
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      run(n)
+      times.append(time.perf_counter() - t0)
+    best[n] = min(times)
+  per_step = (best[long] - best[short]) / (long - short)
+  return {"per_step_s": per_step, "short_steps": short, "long_steps": long,
+          "short_s": best[short], "long_s": best[long]}
+
+
+def copy_bandwidth(num_bytes: int = 4 << 30, repeats: int = 10) -> dict:
+  """Bytes moved per second by an elementwise copy (read + write) of a `num_bytes` buffer."""
+  x = jnp.zeros((num_bytes // 2,), jnp.bfloat16)
+  f = jax.jit(lambda a: a + jnp.asarray(1, a.dtype))
+  jax.block_until_ready(f(x))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(x))
+    times.append(time.perf_counter() - t0)
+  del x
+  best = min(times)
+  return {"bytes": num_bytes, "seconds": best, "gb_per_s": 2 * num_bytes / best / 1e9}
+
+
+def compile_all(jobs: dict[str, Callable[[], Any]], threads: int) -> tuple[dict, dict]:
+  """Runs `jobs` (each lowers and compiles one program) on `threads` threads.
+
+  XLA compiles outside the GIL, so independent programs compile side by side. Returns
+  ({name: result}, {name: seconds}).
+  """
+  results, seconds = {}, {}
+
+  def timed(name, fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return name, out, time.perf_counter() - t0
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+    for name, out, sec in pool.map(lambda item: timed(*item), jobs.items()):
+      results[name], seconds[name] = out, sec
+  return results, seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeCase:
+  """One decode (or verify) measurement: rows, context, positions per forward."""
+
+  batch: int
+  context: int
+  chunk: int = 1
+
+  @property
+  def name(self) -> str:
+    return f"b{self.batch}_ctx{self.context}_t{self.chunk}"
+
+
+def lower_decode(params, cfg: ModelConfig, case: DecodeCase, steps_max: int):
+  """Lowers and compiles `decode_loop` for `case` from abstract shapes (no allocation)."""
+  max_len = case.context + steps_max + case.chunk
+  cache = jax.eval_shape(lambda: synthetic_cache(cfg, case.batch, max_len, case.chunk))
+  tok = jax.ShapeDtypeStruct((case.batch,), jnp.int32)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  return decode_loop.lower(params, cache, tok, scalar, scalar, config=cfg,
+                           chunk=case.chunk).compile()
+
+
+def time_decode(compiled, params, cfg: ModelConfig, case: DecodeCase, *, short: int, long: int,
+                repeats: int) -> dict:
+  """Per-step time of a compiled `decode_loop`; the steps cover context - long .. context."""
+  max_len = case.context + long + case.chunk
+  holder = {"cache": jax.jit(lambda: synthetic_cache(cfg, case.batch, max_len, case.chunk))()}
+  tok = jnp.ones((case.batch,), jnp.int32)
+
+  def run(n):
+    cache, _ = compiled(params, holder["cache"], tok, jnp.int32(case.context - n),
+                        jnp.int32(n))
+    holder["cache"] = jax.block_until_ready(cache)
+
+  res = slope_seconds(run, short=short, long=long, repeats=repeats)
+  del holder["cache"]
+  return res
+
+
+def summarize_decode(cfg: ModelConfig, case: DecodeCase, timing: dict, copy_gb_per_s: float
+                     ) -> dict:
+  """Figures of one decode measurement: latency, tokens/s, bytes, bandwidth and its fraction."""
+  per_step = timing["per_step_s"]
+  w = weight_bytes_per_step(cfg, case.batch, case.chunk)
+  kv = kv_bytes(cfg, case.batch, case.context)
+  read = w["total"] + kv
+  gbs = read / per_step / 1e9
+  entry = {
+      "batch": case.batch, "context": case.context, "positions_per_forward": case.chunk,
+      "ms_per_step": per_step * 1e3,
+      "tokens_per_second": case.batch / per_step if case.chunk == 1 else None,
+      "weight_bytes": w["total"], "kv_bytes": kv, "bytes_per_step": read,
+      "achieved_gb_per_s": gbs, "bandwidth_fraction": gbs / copy_gb_per_s,
+      "timing": timing,
+  }
+  if w["experts_all"]:
+    entry["expert_bytes_routed"] = w["experts_routed"]
+    entry["expert_bytes_all"] = w["experts_all"]
+  return entry
+
+
+def leviathan_table(verify_cost: dict[int, float], draft_cost: float,
+                    acceptances=(0.6, 0.7, 0.8, 0.9)) -> list[dict]:
+  """Predicted speedups: E[tokens] / (K c_draft + c_verify(K)) per acceptance a and draft length K.
+
+  verify_cost[K]: one forward of K + 1 positions relative to one decode step; draft_cost: one
+  drafter step relative to one decode step. E[tokens] = (1 - a^(K+1)) / (1 - a).
+  """
+  rows = []
+  for a in acceptances:
+    for k, cv in sorted(verify_cost.items()):
+      tokens = (1 - a ** (k + 1)) / (1 - a)
+      rows.append({"acceptance": a, "draft_length": k, "expected_tokens": tokens,
+                   "cost": k * draft_cost + cv, "speedup": tokens / (k * draft_cost + cv)})
+  return rows
