@@ -143,9 +143,17 @@ def measure_model(name: str, copy_gbs: float, parts: set[str]) -> dict:
   for case in cases:
     if _late(f"{name} {case.name}"):
       break
-    t = bench.time_decode(compiled[case.name], params, cfg, case, short=_SHORT.value,
-                          long=_LONG.value, repeats=_REPEATS.value)
+    extra = bench.memory_needed(compiled[case.name])
+    try:
+      t = bench.time_decode(compiled[case.name], params, cfg, case, short=_SHORT.value,
+                            long=_LONG.value, repeats=_REPEATS.value)
+    except jax.errors.JaxRuntimeError as e:   # out of memory: record it and go on
+      logging.warning("%s %s failed: %s", name, case.name, str(e)[:300])
+      entry.setdefault("failed", []).append(
+          {"case": case.name, "error": str(e)[:300], "program_extra_bytes": extra})
+      continue
     timed[case] = bench.summarize_decode(cfg, case, t, copy_gbs)
+    timed[case]["program_extra_bytes"] = extra
     logging.info("%s %s: %.3f ms/step, %.0f GB/s (%.0f%% of copy)", name, case.name,
                  timed[case]["ms_per_step"], timed[case]["achieved_gb_per_s"],
                  100 * timed[case]["bandwidth_fraction"])

@@ -17,18 +17,19 @@ case "${1:-}" in
         --config=configs/reproduce_gpu.py --config.out_dir=runs/gpu > "$OUT/reproduce.log" 2>&1
      cp runs/gpu/reproduce.json "$OUT/reproduce_gpu_h200.json"
      cat runs/gpu/target_metrics.jsonl runs/gpu/drafter_metrics.jsonl > "$OUT/gpu_metrics.jsonl") &
-    (CUDA_VISIBLE_DEVICES=1 timeout 575 python experiments/benchmark.py --deadline_s=470 \
-        --parts=copy,decode,verify,drafter,predict,e2e --out="$OUT/benchmark_h200.json" \
+    (CUDA_VISIBLE_DEVICES=1 timeout 575 python experiments/benchmark.py --deadline_s=500 \
+        --parts=copy,decode,verify,drafter,predict,e2e --e2e_models=gemma4_e2b \
+        --verify_models=gemma4_e4b,gemma4_31b --out="$OUT/benchmark_h200.json" \
         > "$OUT/benchmark.log" 2>&1) &
     wait
     ;;
   tp_hf_domain)
-    timeout 330 python experiments/tp_decode.py --out="$OUT/tp_decode_31b_2xh200.json" \
+    timeout 280 python experiments/tp_decode.py --out="$OUT/tp_decode_31b_2xh200.json" \
         > "$OUT/tp_decode.log" 2>&1
     cp "$BENCH" "$OUT/benchmark_h200.json"
-    (CUDA_VISIBLE_DEVICES=0 timeout 250 python experiments/benchmark.py --parts=hf --update \
+    (CUDA_VISIBLE_DEVICES=0 timeout 230 python experiments/benchmark.py --parts=hf --update \
         --out="$OUT/benchmark_h200.json" > "$OUT/benchmark_hf.log" 2>&1) &
-    (CUDA_VISIBLE_DEVICES=1 timeout 250 python experiments/new_domain.py --steps=600 \
+    (CUDA_VISIBLE_DEVICES=1 timeout 230 python experiments/new_domain.py --steps=600 \
         --batch_size=32 --seq_len=512 --embed_dim=192 --prompts=32 --max_new_tokens=128 \
         --out="$OUT/new_domain_h200.json" > "$OUT/new_domain.log" 2>&1) &
     wait

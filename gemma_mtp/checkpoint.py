@@ -839,7 +839,7 @@ def _write_orbax(directory: pathlib.Path, params: Any):
   ocp = _orbax()
   ckptr = ocp.StandardCheckpointer()
   try:
-    ckptr.save(directory, params)
+    ckptr.save(directory.absolute(), params)   # orbax misreads relative paths' metadata
     ckptr.wait_until_finished()
   finally:
     ckptr.close()
@@ -905,7 +905,7 @@ def _saved_arrays(params_dir: pathlib.Path) -> dict[str, Any]:
   ocp = _orbax()
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      md = ckptr.metadata(params_dir)
+      md = ckptr.metadata(params_dir.absolute())
   except Exception as e:  # orbax raises many types for damaged directories
     raise ValueError(f"orbax checkpoint {params_dir} is corrupt or truncated: cannot read its "
                      f"metadata ({_short(e)})") from e
@@ -960,7 +960,7 @@ def _restore_orbax(path: pathlib.Path, specs: dict[str, params_lib.ParamSpec], t
   ocp = _orbax()
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      restored = ckptr.restore(params_dir, target)
+      restored = ckptr.restore(params_dir.absolute(), target)
   except Exception as e:
     raise ValueError(f"orbax checkpoint {params_dir} is corrupt or truncated: restore failed "
                      f"({_short(e)})") from e

@@ -448,7 +448,7 @@ def restore_state(path: PathLike, state: TrainState) -> TrainState:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   try:
     with quiet_orbax(), ocp.StandardCheckpointer() as ckptr:
-      tree = ckptr.restore(path / STATE_TREE, target)
+      tree = ckptr.restore((path / STATE_TREE).absolute(), target)
   except Exception as e:  # orbax raises many types for damaged or mismatching directories
     raise ValueError(f"cannot restore train state from {path}: {str(e)[:500]}") from e
   opt_def = jax.tree_util.tree_structure(state.opt_state)
