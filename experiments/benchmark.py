@@ -280,7 +280,7 @@ def plot(record: dict, path: pathlib.Path):
   labels, fracs = [], []
   for name, m in models.items():
     for d in m["decode"]:
-      labels.append(f"{name.replace('gemma4_', '')}\nB{d['batch']} {d['context'] // 1024}k")
+      labels.append(f"{name.replace('gemma4_', '').replace('_a4b', '')}\nB{d['batch']} {d['context'] // 1024}k")
       fracs.append(d["bandwidth_fraction"])
   ax.bar(range(len(fracs)), fracs, color="tab:blue")
   ax.set_xticks(range(len(fracs)), labels, fontsize=6)

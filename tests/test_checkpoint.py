@@ -412,6 +412,14 @@ def test_orbax_round_trip(tiny_params, tmp_path):
     checkpoint.load_params(path, target=bad)
 
 
+def test_orbax_relative_paths(tiny_params, tmp_path, monkeypatch):
+  # orbax-checkpoint 0.12 lost the metadata of checkpoints saved and read via relative paths.
+  cfg, params = tiny_params
+  monkeypatch.chdir(tmp_path)
+  checkpoint.save_params("runs/x/target", params, cfg)
+  assert_trees_equal(checkpoint.load_params("runs/x/target")[1], params)
+
+
 def test_orbax_overwrite_and_failed_save_keeps_previous(tiny_params, tmp_path, monkeypatch):
   cfg, params = tiny_params
   path = tmp_path / "ckpt"

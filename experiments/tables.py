@@ -1,0 +1,138 @@
+r"""Markdown tables of the committed GPU records (what the README's GPU sections show).
+
+  python experiments/tables.py    # prints the tables from experiments/results/*_h200*.json
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def _load(name: str) -> dict:
+  return json.loads((RESULTS / name).read_text())
+
+
+def _row(*cells) -> str:
+  return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def decode_table(rec: dict) -> list[str]:
+  out = [f"Copy bandwidth measured in the same run: {rec['copy']['gb_per_s']:.0f} GB/s "
+         f"(best of {len(rec['copy']['variants_gb_per_s'])} forms).", "",
+         _row("shape", "params", "batch", "context", "ms / step", "tokens/s",
+              "bytes / step (GB)", "fraction of copy bandwidth"),
+         _row(*["---"] * 8)]
+  for name, m in rec["models"].items():
+    for d in m["decode"]:
+      out.append(_row(name.replace("gemma4_", ""), f"{m['params'] / 1e9:.1f}B", d["batch"],
+                      d["context"], f"{d['ms_per_step']:.2f}", f"{d['tokens_per_second']:.0f}",
+                      f"{d['bytes_per_step'] / 1e9:.1f}", f"{d['bandwidth_fraction']:.0%}"))
+    for f in m.get("failed", []):
+      out.append(_row(name.replace("gemma4_", ""), "", f["case"], "", "out of memory", "", "",
+                      ""))
+  return out
+
+
+def cost_table(rec: dict) -> list[str]:
+  out = [_row("shape", "verify K=1", "K=2", "K=4", "K=8", "drafter step (released shape)"),
+         _row(*["---"] * 6)]
+  for name, m in rec["models"].items():
+    v = {e["draft_length"]: e["relative_to_decode"] for e in m.get("verify", [])}
+    out.append(_row(name.replace("gemma4_", ""),
+                    *[f"{v[k]:.3f}" if k in v else "-" for k in (1, 2, 4, 8)],
+                    f"{m['drafter']['relative_to_target_step']:.1%} "
+                    f"({m['drafter']['params'] / 1e6:.0f}M)" if "drafter" in m else "-"))
+  return out
+
+
+def side_by_side_table(rec: dict) -> list[str]:
+  out = [_row("shape", "ours plain", "transformers plain", "ratio", "ours + random assistant K=4",
+              "transformers + random assistant K=4"), _row(*["---"] * 6)]
+  for name, hf in rec.get("hf", {}).items():
+    e2e = rec.get("e2e", {}).get(name)
+    if e2e:
+      ours, how = e2e["plain"]["tokens_per_second"], ""
+      ours_a = f"{e2e['assistant_k4']['tokens_per_second']:.0f}"
+    else:   # the decode loop at batch 1, 1k context (prefill excluded)
+      ours = 1e3 / next(d["ms_per_step"] for d in rec["models"][name]["decode"]
+                        if d["batch"] == 1 and d["context"] == 1024)
+      how, ours_a = " (decode loop)", "-"
+    out.append(_row(name.replace("gemma4_", ""), f"{ours:.0f}{how}",
+                    f"{hf['plain']['tokens_per_second']:.1f}",
+                    f"{ours / hf['plain']['tokens_per_second']:.1f}x", ours_a,
+                    f"{hf['assistant_k4']['tokens_per_second']:.1f}"))
+  return out
+
+
+def pair_tables(rec: dict) -> list[str]:
+  ev = rec["evaluation"]["hf"]
+  out = [f"Target {rec['target']['params'] / 1e6:.0f}M parameters (eval loss "
+         f"{rec['target']['final'][0]['loss']:.2f}, {rec['target']['steps']} steps), drafter "
+         f"{rec['drafter']['params'] / 1e6:.1f}M; {rec['train_tokens'] / 1e6:.0f}M training "
+         f"tokens; {rec['times']['total_s']:.0f} s end to end.", "",
+         _row("greedy, 32 held-out prompts", "tokens / target forward", "acceptance by position"),
+         _row("---", "---", "---")]
+  for e in ev["acceptance"]:
+    label = ("adaptive" if e["adaptive"] else f"K={e['draft_lengths'][0]}") + (
+        f", T={e['temperature']:g}" if e["temperature"] else "")
+    acc = " ".join(f"{a:.2f}" for a in e["acceptance_by_position"] if a is not None)
+    out.append(_row(label, f"{e['tokens_per_forward']:.2f}", acc))
+  out += ["", _row("speed (same process)", "batch", "plain tokens/s", "speculative tokens/s",
+                   "speedup", "greedy outputs equal"), _row(*["---"] * 6)]
+  for s in ev["speed"]:
+    label = ("adaptive" if s["adaptive"] else f"K={s['draft_lengths'][0]}") + \
+        f", T={s['temperature']:g}"
+    out.append(_row(label, s["batch"], f"{s['plain_tokens_per_second']:.0f}",
+                    f"{s['speculative_tokens_per_second']:.0f}", f"{s['speedup']:.2f}x",
+                    s.get("outputs_equal", "-")))
+  out += ["", _row("batch-1 workload", *[e["config"] for e in ev["workloads"]
+                                          if e["workload"] == "mixed"]),
+          _row(*["---"] * 7)]
+  for w in ("code", "prose", "mixed"):
+    out.append(_row(w, *[f"{e['speedup']:.2f}x ({e['tokens_per_forward']:.1f})"
+                         for e in ev["workloads"] if e["workload"] == w]))
+  return out
+
+
+def tp_table(rec: dict) -> list[str]:
+  out = [_row("31B-shaped decode, batch 1", "ms / token", "tokens/s",
+              "GB/s per GPU (weights + cache)"), _row(*["---"] * 4)]
+  for name in ("single", "parallel"):
+    r = rec[name]
+    out.append(_row(f"{r['devices']} GPU" + ("s (tensor parallel)" if r["devices"] > 1 else ""),
+                    f"{r['per_token_ms']:.2f}", f"{r['tokens_per_second']:.1f}",
+                    f"{r['read_gb_per_s_per_device']:.0f}"))
+  return out
+
+
+def domain_table(rec: dict) -> list[str]:
+  out = [_row("drafter trained on", "evaluated on", "tokens / forward, K=4", "adaptive"),
+         _row(*["---"] * 4)]
+  for key, runs in rec["results"].items():
+    trained, evaluated = (p.split("=", 1)[1] for p in key.split(" "))
+    out.append(_row(trained, evaluated, *[f"{e['tokens_per_forward']:.2f}" for e in runs]))
+  return out
+
+
+def main():
+  sections = [
+      ("Decode (benchmark_h200.json)", decode_table, "benchmark_h200.json"),
+      ("Verification and drafter cost relative to one decode step", cost_table,
+       "benchmark_h200.json"),
+      ("Side by side with transformers", side_by_side_table, "benchmark_h200.json"),
+      ("GPU-trained pair (reproduce_gpu_h200.json)", pair_tables, "reproduce_gpu_h200.json"),
+      ("Tensor parallelism (tp_decode_31b_2xh200.json)", tp_table, "tp_decode_31b_2xh200.json"),
+      ("New domain (new_domain_h200.json)", domain_table, "new_domain_h200.json"),
+  ]
+  for title, fn, name in sections:
+    if (RESULTS / name).is_file():
+      print(f"**{title}**\n")
+      print("\n".join(fn(_load(name))))
+      print()
+
+
+if __name__ == "__main__":
+  main()
