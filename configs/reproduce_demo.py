@@ -39,6 +39,7 @@ def get_config():
   c.drafter_train_steps = 0
   c.full_eval = True               # every fixed draft length, or just K=4 and adaptive
   c.buckets = (1, 2, 4, 8)         # draft lengths evaluated (each fixed, and adaptive among them)
+  c.draft_cost = 0.0               # adaptive rule's drafter/target step cost (0: measure it)
   c.conventions = ("hf", "clean")  # drafter attention conventions evaluated
   c.speed_batch = 8                # the larger batch of the speed runs
   c.workload_prompts = 0           # > 0: batch-1 code / prose / mixed workloads of this many prompts

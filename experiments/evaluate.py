@@ -5,7 +5,9 @@ r"""Acceptance and speed of a target + drafter pair on held-out code or any fold
       --draft_lengths=1,2,4,8 --out=experiments/results/eval_folder.json
 
 Reports, per draft-length bucket (and adaptive), greedy and sampled: mean tokens per target
-forward and acceptance by draft position; with --speed also plain vs speculative tokens/s.
+forward and acceptance by draft position; with --speed also plain vs speculative tokens/s; with
+--workload_prompts the timed batch-1 code / prose / mixed workloads (plain, each fixed K,
+adaptive). The adaptive rule uses the drafter/target step cost measured on this device.
 """
 
 import sysconfig
@@ -15,6 +17,7 @@ from absl import flags
 from absl import logging
 
 import gemma_mtp
+from gemma_mtp import bench
 from gemma_mtp import data
 from gemma_mtp import demo
 from gemma_mtp import metrics
@@ -32,6 +35,11 @@ _DRAFT_LENGTHS = flags.DEFINE_list("draft_lengths", ["1", "2", "4", "8"], "bucke
 _TEMPERATURES = flags.DEFINE_list("temperatures", ["0", "1"], "0 = greedy")
 _CONVENTION = flags.DEFINE_enum("convention", None, ["hf", "clean"], "drafter convention")
 _SPEED = flags.DEFINE_bool("speed", False, "also time plain vs speculative (batch 1 and 8)")
+_DRAFT_COST = flags.DEFINE_float("draft_cost", 0.0, "drafter/target step cost of the adaptive "
+                                 "rule; 0: measure it on this device")
+_WORKLOADS = flags.DEFINE_integer("workload_prompts", 0, "> 0: also batch-1 code / prose / mixed "
+                                  "workloads of this many prompts each (timed)")
+_PROSE = flags.DEFINE_list("prose_roots", ["site-packages"], "where prose (.md/.rst/METADATA) is")
 _OUT = flags.DEFINE_string("out", None, "JSON record path")
 
 
@@ -58,8 +66,28 @@ def main(argv):
   temps = [float(t) for t in _TEMPERATURES.value]
   runs = [(t, (k,), False) for t in temps for k in buckets] + [(t, buckets, True) for t in temps]
   speed = [(t, b, buckets, True) for t in temps for b in (1, 8)] if _SPEED.value else []
+  measured = bench.draft_cost(target.params, target.config, drafter.params, drafter.config,
+                              context=_PROMPT_LEN.value + _MAX_NEW.value)
+  cost = _DRAFT_COST.value or measured["ratio"]
+  logging.info("draft cost: measured %.3f, used %.3f", measured["ratio"], cost)
   result = pipeline.evaluate_pair(target, drafter, prompts, acceptance_runs=runs,
-                                  speed_runs=speed, max_new_tokens=_MAX_NEW.value)
+                                  speed_runs=speed, max_new_tokens=_MAX_NEW.value,
+                                  draft_cost=cost)
+  result["draft_cost"] = {"measured": measured, "used": cost}
+  if _WORKLOADS.value:
+    n = _WORKLOADS.value
+    workloads = {"code": pipeline.eval_prompts(tokens, num=n, prompt_len=_PROMPT_LEN.value,
+                                               seed=1)}
+    prose = pipeline.prose_tokens(_PROSE.value, tok, max_bytes=4_000_000)
+    if prose.size > _PROMPT_LEN.value + 1:
+      workloads["prose"] = pipeline.eval_prompts(prose, num=n, prompt_len=_PROMPT_LEN.value,
+                                                 seed=1)
+    result["workloads"] = pipeline.evaluate_workloads(
+        target, drafter, workloads, buckets=buckets, max_new_tokens=_MAX_NEW.value,
+        draft_cost=cost)
+    for e in result["workloads"]:
+      print(f"{e['workload']:6s} {e['config']:9s} {e['tokens_per_second']:8.1f} tokens/s "
+            f"{e['tokens_per_forward']:.2f} tokens/forward {e['speedup']:.2f}x")
   for e in result["acceptance"]:
     print(f"T={e['temperature']:<4} K={str(e['draft_lengths']):<14} adaptive={e['adaptive']!s:<5} "
           f"tokens/forward={e['tokens_per_forward']:.2f}")

@@ -167,6 +167,36 @@ def drafter_loop(dparams, tparams, cache, tokens, hidden, steps, *, tcfg: ModelC
   return jax.lax.fori_loop(0, steps, body, (tokens, hidden))
 
 
+def draft_cost(tparams, tcfg: ModelConfig, dparams, dcfg: drafter_lib.DrafterConfig, *,
+               batch: int = 1, context: int = 512, short: int = 4, long: int = 20,
+               repeats: int = 3) -> dict:
+  """Measured cost of one drafter step relative to one target decode step on this device.
+
+  This is the `draft_cost` c of the adaptive bucket rule (`speculative.SpecConfig`): its best
+  draft length depends on it, and on small models c is far from the ratio of their sizes (both
+  are bound by per-step overhead). Returns {'target_step_s', 'drafter_step_s', 'ratio'}.
+  """
+  context = min(context, tcfg.max_seq_len - long - 1)
+  max_len = context + long + 1
+  holder = {"cache": jax.jit(lambda: synthetic_cache(tcfg, batch, max_len))()}
+  tok = jnp.ones((batch,), jnp.int32)
+
+  def target_run(n):
+    cache, _ = decode_loop(tparams, holder["cache"], tok, jnp.int32(context), jnp.int32(n),
+                           config=tcfg)
+    holder["cache"] = jax.block_until_ready(cache)
+
+  target = slope_seconds(target_run, short=short, long=long, repeats=repeats)["per_step_s"]
+  hid = jnp.ones((batch, tcfg.embed_dim), tcfg.dtype)
+  cache = holder["cache"]
+  drafter = slope_seconds(
+      lambda n: jax.block_until_ready(drafter_loop(dparams, tparams, cache, tok, hid,
+                                                   jnp.int32(n), tcfg=tcfg, dcfg=dcfg)),
+      short=short, long=long, repeats=repeats)["per_step_s"]
+  return {"target_step_s": target, "drafter_step_s": drafter,
+          "ratio": max(drafter, 0.0) / max(target, 1e-9)}
+
+
 def slope_seconds(run: Callable[[int], Any], *, short: int, long: int, repeats: int) -> dict:
   """Per-step seconds as (best time of `long` steps - best of `short`) / (long - short).
 

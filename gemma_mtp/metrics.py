@@ -81,19 +81,21 @@ def timed_generate(generate, target, prompts, *, repeats: int = 3, **kw) -> tupl
 
 def compare(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
             draft_lengths=(1, 2, 4, 8), adaptive=True, temperature=0.0, top_k=None, top_p=None,
-            eos_id=None, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+            eos_id=None, repeats: int = 3, seed: int = 0,
+            draft_cost: float | None = None) -> dict[str, Any]:
   """Plain and speculative generation of the same prompts in the same process.
 
   Returns a dict with tokens/s of both (new tokens / best wall time of `repeats` runs after a
   compiling run), the speedup, and the speculative statistics. With temperature 0 it also checks
-  that both outputs are equal (`outputs_equal`).
+  that both outputs are equal (`outputs_equal`). `draft_cost`: the adaptive rule's drafter/target
+  step cost ratio (None: `SpecConfig`'s default).
   """
   from gemma_mtp import api  # pylint: disable=g-import-not-at-top
   kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             eos_id=eos_id, seed=seed)
   plain, t_plain = timed_generate(api.generate, target, prompts, repeats=repeats, **kw)
   spec, t_spec = timed_generate(api.generate, target, prompts, repeats=repeats, drafter=drafter,
-                                draft_lengths=tuple(draft_lengths), adaptive=adaptive, **kw)
+                                spec_config=spec_config(draft_lengths, adaptive, draft_cost), **kw)
   n_plain, n_spec = plain.stats["new_tokens"], spec.stats["new_tokens"]
   result = {
       "batch": len(prompts),
@@ -101,6 +103,7 @@ def compare(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_tokens
       "temperature": temperature,
       "draft_lengths": list(draft_lengths),
       "adaptive": adaptive,
+      "draft_cost": spec_config(draft_lengths, adaptive, draft_cost).draft_cost,
       "plain_seconds": t_plain,
       "speculative_seconds": t_spec,
       "plain_tokens_per_second": n_plain / t_plain,
@@ -111,6 +114,13 @@ def compare(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_tokens
   if temperature == 0.0:
     result["outputs_equal"] = plain.tokens == spec.tokens
   return result
+
+
+def spec_config(draft_lengths, adaptive: bool, draft_cost: float | None = None):
+  """`SpecConfig` of these buckets, with `draft_cost` if given (else the default)."""
+  from gemma_mtp import speculative  # pylint: disable=g-import-not-at-top
+  extra = {} if draft_cost is None else {"draft_cost": float(draft_cost)}
+  return speculative.SpecConfig(draft_lengths=tuple(draft_lengths), adaptive=adaptive, **extra)
 
 
 def leviathan_speedup(acceptance: float, k: int, cost: float) -> float:

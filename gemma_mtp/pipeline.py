@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_mtp import api
+from gemma_mtp import bench
 from gemma_mtp import checkpoint
 from gemma_mtp import data
 from gemma_mtp import distill
@@ -119,7 +120,8 @@ def eval_prompts(tokens: np.ndarray, *, num: int, prompt_len: int, seed: int = 0
 def evaluate_pair(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                   acceptance_runs: Sequence[tuple[float, tuple[int, ...], bool]] = (),
                   speed_runs: Sequence[tuple[float, int, tuple[int, ...], bool]] = (),
-                  eos_id=None, repeats: int = 2) -> dict[str, Any]:
+                  eos_id=None, repeats: int = 2, draft_cost: float | None = None
+                  ) -> dict[str, Any]:
   """Tokens per target forward, acceptance by position, and speculative vs plain speed.
 
   Args:
@@ -129,14 +131,16 @@ def evaluate_pair(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_
       prompts (`metrics.compare`: plain and speculative in the same process, compiled side by side
       first, then timed one after the other). A draft_lengths of () means "the best fixed length
       of the greedy acceptance runs".
+    draft_cost: drafter/target step cost of the adaptive rule (None: `SpecConfig`'s default;
+      `bench.draft_cost` measures it).
   """
   results: dict[str, Any] = {"acceptance": [], "speed": []}
 
   def accept(run):
     temperature, buckets, adaptive = run
     out = api.generate(target, list(prompts), max_new_tokens=max_new_tokens, drafter=drafter,
-                       draft_lengths=buckets, adaptive=adaptive, temperature=temperature,
-                       eos_id=eos_id, seed=1)
+                       spec_config=metrics.spec_config(buckets, adaptive, draft_cost),
+                       temperature=temperature, eos_id=eos_id, seed=1)
     entry = {"temperature": temperature, "draft_lengths": list(buckets), "adaptive": adaptive,
              "prompts": len(prompts)}
     entry.update({k: v for k, v in out.stats.items() if k != "bucket_trace"})
@@ -153,12 +157,13 @@ def evaluate_pair(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, eos_id=eos_id)
     calls.append(functools.partial(api.generate, target, list(prompts[:b]), **kw))
     calls.append(functools.partial(api.generate, target, list(prompts[:b]), drafter=drafter,
-                                   draft_lengths=buckets, adaptive=adaptive, **kw))
+                                   spec_config=metrics.spec_config(buckets, adaptive, draft_cost),
+                                   **kw))
   side_by_side(lambda call: call(), calls)
   for temperature, b, buckets, adaptive in runs:
     r = metrics.compare(target, drafter, list(prompts[:b]), max_new_tokens=max_new_tokens,
                         draft_lengths=buckets, adaptive=adaptive, temperature=temperature,
-                        eos_id=eos_id, repeats=repeats)
+                        eos_id=eos_id, repeats=repeats, draft_cost=draft_cost)
     r.pop("bucket_trace", None)
     results["speed"].append(r)
     log.info("speed %s", r)
@@ -187,7 +192,8 @@ def prose_tokens(roots: Sequence[str], tok, *, max_bytes: int) -> np.ndarray:
 
 def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[int]]], *,
                        buckets: tuple[int, ...], max_new_tokens: int, eos_id=None,
-                       temperature: float = 0.0) -> list[dict[str, Any]]:
+                       temperature: float = 0.0, draft_cost: float | None = None
+                       ) -> list[dict[str, Any]]:
   """Batch-1 generation over each workload's prompts, one after the other, for plain decoding,
   every fixed draft length and adaptive buckets; plus the 'mixed' workload (all of them).
 
@@ -198,7 +204,8 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
   configs = {"plain": {}}
   configs.update({f"K={k}": dict(drafter=drafter, draft_lengths=(k,), adaptive=False)
                   for k in buckets})
-  configs["adaptive"] = dict(drafter=drafter, draft_lengths=buckets, adaptive=True)
+  configs["adaptive"] = dict(drafter=drafter,
+                             spec_config=metrics.spec_config(buckets, True, draft_cost))
   kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature, seed=1)
   first = next(iter(workloads.values()))[0]
   side_by_side(lambda c: api.generate(target, [first], **kw, **c), list(configs.values()))
@@ -265,6 +272,7 @@ class PipelineConfig:
   drafter_train_steps: int = 0
   full_eval: bool = True
   buckets: tuple[int, ...] = (1, 2, 4, 8)
+  draft_cost: float = 0.0
   conventions: tuple[str, ...] = ("hf", "clean")
   speed_batch: int = 8
   workload_prompts: int = 0
@@ -346,9 +354,16 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
   prompts = eval_prompts(eval_tokens, num=cfg.eval_prompts, prompt_len=cfg.prompt_len)
   buckets = tuple(cfg.buckets)
   sb = cfg.speed_batch
+  cost = None
   for convention in cfg.conventions:
     drafter = api.load_drafter(ship / "drafter", target, convention=convention)
     main = convention == dcfg.convention
+    if cost is None:   # the adaptive rule's drafter/target step cost, measured on this device
+      measured = bench.draft_cost(target.params, target.config, drafter.params, drafter.config,
+                                  context=cfg.prompt_len + cfg.max_new_tokens)
+      cost = cfg.draft_cost or measured["ratio"]
+      results["draft_cost"] = {"measured": measured, "used": cost}
+      log.info("draft cost: %s", results["draft_cost"])
     fixed = buckets if main and cfg.full_eval else (4 if 4 in buckets else buckets[-1],)
     acceptance = [(0.0, (k,), False) for k in fixed] + [(0.0, buckets, True)]
     speed = []
@@ -358,7 +373,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         speed = [(0.0, 1, (), False), (0.0, 1, buckets, True), (0.0, sb, (), False),
                  (0.0, sb, buckets, True), (1.0, 1, buckets, True), (1.0, sb, buckets, True)]
     results[convention] = evaluate_pair(target, drafter, prompts, acceptance_runs=acceptance,
-                                        speed_runs=speed, max_new_tokens=cfg.max_new_tokens)
+                                        speed_runs=speed, max_new_tokens=cfg.max_new_tokens,
+                                        draft_cost=cost)
     if main and cfg.workload_prompts:
       n = cfg.workload_prompts
       workloads = {"code": eval_prompts(eval_tokens, num=n, prompt_len=cfg.prompt_len, seed=1)}
@@ -366,7 +382,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
       if prose.size > cfg.prompt_len + 1:
         workloads["prose"] = eval_prompts(prose, num=n, prompt_len=cfg.prompt_len, seed=1)
       results[convention]["workloads"] = evaluate_workloads(
-          target, drafter, workloads, buckets=buckets, max_new_tokens=cfg.max_new_tokens)
+          target, drafter, workloads, buckets=buckets, max_new_tokens=cfg.max_new_tokens,
+          draft_cost=cost)
   times["evaluate_s"] = time.perf_counter() - t
   times["total_s"] = time.perf_counter() - t0
 

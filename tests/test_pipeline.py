@@ -53,7 +53,11 @@ def test_reproduction_writes_a_complete_record(record):
   # Held-out files were vendored under the extra root: their copies are not trained on.
   assert rec["corpus"]["extra_train_eval_duplicates"] == rec["corpus"]["eval_files"] > 0
   assert rec["corpus"]["extra_train_files"] == len(FILES) - rec["corpus"]["eval_files"]
+  # The adaptive rule's drafter cost was measured on this device and used by every adaptive run.
+  cost = rec["evaluation"]["draft_cost"]
+  assert cost["used"] == cost["measured"]["ratio"] > 0
   ev = rec["evaluation"]["hf"]
+  assert all(s["draft_cost"] == cost["used"] for s in ev["speed"])
   assert [(e["draft_lengths"], e["adaptive"], e["temperature"]) for e in ev["acceptance"]] == [
       ([2], False, 0.0), ([1, 2], True, 0.0), ([1, 2], True, 1.0)]
   speed = ev["speed"]
@@ -75,3 +79,15 @@ def test_reproduction_writes_a_complete_record(record):
   # The shipped pair loads as users load it.
   target = api.load_target(out / "demo" / "target")
   api.load_drafter(out / "demo" / "drafter", target)
+
+
+def test_adaptive_rule_prefers_shorter_drafts_when_drafting_costs_more():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from gemma_mtp import speculative  # pylint: disable=g-import-not-at-top
+  ks = (1, 2, 4, 8)
+  pick = lambda a, c: ks[int(speculative.best_bucket(
+      jnp.float32(a), speculative.SpecConfig(draft_lengths=ks, draft_cost=c)))]
+  # The pair of reproduce_gpu_h200.json: acceptance ~0.85 per draft; with a drafter step at 5% of
+  # a target step the rule picks K = 8, at the measured ~20% it picks K = 4 (the faster one).
+  assert pick(0.85, 0.05) == 8 and pick(0.85, 0.2) == 4
+  assert [pick(a, 0.2) for a in (0.3, 0.6, 0.95)] == [1, 2, 8]
