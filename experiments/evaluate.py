@@ -3,11 +3,17 @@ r"""Acceptance and speed of a target + drafter pair on held-out code or any fold
   python experiments/evaluate.py                                  # demo pair, stdlib eval split
   python experiments/evaluate.py --data=path/to/folder --extensions=.py,.md \
       --draft_lengths=1,2,4,8 --out=experiments/results/eval_folder.json
+  # any drafter kind (assistant, parallel heads, self-drafter; the kind is in the checkpoint)
+  python experiments/evaluate.py --drafter=runs/heads_small/drafter --draft_cost=0.02 \
+      --target=runs/target_small/target --tokenizer=data/stdlib/tokenizer.model
+  # an untrained self-drafter: the demo target's first 2 layers (c = 2 of 8 layers)
+  python experiments/evaluate.py --self_draft_layers=2 --draft_cost=0.25
 
 Reports, per draft-length bucket (and adaptive), greedy and sampled: mean tokens per target
 forward and acceptance by draft position; with --speed also plain vs speculative tokens/s.
 """
 
+import dataclasses
 import sysconfig
 
 from absl import app
@@ -21,7 +27,12 @@ from gemma_mtp import metrics
 from gemma_mtp import pipeline
 
 _TARGET = flags.DEFINE_string("target", None, "target checkpoint (ours or HF); default: demo")
-_DRAFTER = flags.DEFINE_string("drafter", None, "drafter checkpoint (ours or HF assistant)")
+_DRAFTER = flags.DEFINE_string("drafter", None, "drafter checkpoint of any kind (ours or HF "
+                               "assistant); default: the demo drafter")
+_SELF_LAYERS = flags.DEFINE_integer("self_draft_layers", None, "instead of --drafter: a "
+                                    "self-drafter of the target's first N layers, no adapter")
+_DRAFT_COST = flags.DEFINE_float("draft_cost", None, "drafter/target cost ratio c of the "
+                                 "adaptive bucket choice (default: SpecConfig's)")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model")
 _DATA = flags.DEFINE_string("data", None, "folder of text/code (default: the stdlib eval split)")
 _EXTENSIONS = flags.DEFINE_list("extensions", [".py"], "file extensions of --data")
@@ -35,15 +46,29 @@ _SPEED = flags.DEFINE_bool("speed", False, "also time plain vs speculative (batc
 _OUT = flags.DEFINE_string("out", None, "JSON record path")
 
 
-def main(argv):
-  del argv
+def load():
+  """(target, drafter, tokenizer) from the flags."""
+  if _DRAFTER.value is not None and _SELF_LAYERS.value is not None:
+    raise app.UsageError("pass --drafter or --self_draft_layers, not both")
   if _TARGET.value is None:
-    target, drafter, tok = demo.load_demo(convention=_CONVENTION.value)
+    target, drafter, tok = demo.load_demo(
+        convention=_CONVENTION.value if _DRAFTER.value is None else None)
   else:
     from gemma_mtp import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-    target = gemma_mtp.load_target(_TARGET.value)
-    drafter = gemma_mtp.load_drafter(_DRAFTER.value, target, convention=_CONVENTION.value)
+    if _TOKENIZER.value is None or (_DRAFTER.value is None and _SELF_LAYERS.value is None):
+      raise app.UsageError("--target needs --tokenizer and --drafter (or --self_draft_layers)")
+    target, drafter = gemma_mtp.load_target(_TARGET.value), None
     tok = tokenizer_lib.Tokenizer.load(_TOKENIZER.value)
+  if _DRAFTER.value is not None:
+    drafter = gemma_mtp.load_drafter(_DRAFTER.value, target, convention=_CONVENTION.value)
+  if _SELF_LAYERS.value is not None:
+    drafter = gemma_mtp.random_drafter(target, kind="self", num_layers=_SELF_LAYERS.value)
+  return target, drafter, tok
+
+
+def main(argv):
+  del argv
+  target, drafter, tok = load()
   if _DATA.value is None:
     files = data.build_corpus().eval_files
     source = "stdlib eval split"
@@ -59,14 +84,17 @@ def main(argv):
   runs = [(t, (k,), False) for t in temps for k in buckets] + [(t, buckets, True) for t in temps]
   speed = [(t, b, buckets, True) for t in temps for b in (1, 8)] if _SPEED.value else []
   result = pipeline.evaluate_pair(target, drafter, prompts, acceptance_runs=runs,
-                                  speed_runs=speed, max_new_tokens=_MAX_NEW.value)
+                                  speed_runs=speed, max_new_tokens=_MAX_NEW.value,
+                                  draft_cost=_DRAFT_COST.value)
   for e in result["acceptance"]:
     print(f"T={e['temperature']:<4} K={str(e['draft_lengths']):<14} adaptive={e['adaptive']!s:<5} "
           f"tokens/forward={e['tokens_per_forward']:.2f}")
   if _OUT.value:
-    metrics.write_record(_OUT.value, {"kind": "evaluate", "data": source, "files": len(files),
-                                      "tokens": int(tokens.size),
-                                      "convention": drafter.config.convention, **result})
+    metrics.write_record(_OUT.value, {
+        "kind": "evaluate", "data": source, "files": len(files), "tokens": int(tokens.size),
+        "drafter_kind": drafter.config.kind, "drafter_config": dataclasses.asdict(drafter.config),
+        "convention": getattr(drafter.config, "convention", None),
+        "draft_cost": _DRAFT_COST.value, **result})
     logging.info("wrote %s", _OUT.value)
 
 

@@ -64,9 +64,18 @@ def timed_generate(generate, target, prompts, *, repeats: int = 3, **kw) -> tupl
   return out, best
 
 
+def spec_config(draft_lengths, adaptive: bool, draft_cost: float | None = None):
+  """The `speculative.SpecConfig` of buckets, adaptivity and drafter/target cost ratio c (None:
+  the SpecConfig default)."""
+  from gemma_mtp import speculative  # pylint: disable=g-import-not-at-top
+  cost = {} if draft_cost is None else {"draft_cost": draft_cost}
+  return speculative.SpecConfig(draft_lengths=tuple(draft_lengths), adaptive=adaptive, **cost)
+
+
 def compare(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
             draft_lengths=(1, 2, 4, 8), adaptive=True, temperature=0.0, top_k=None, top_p=None,
-            eos_id=None, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+            eos_id=None, repeats: int = 3, seed: int = 0,
+            draft_cost: float | None = None) -> dict[str, Any]:
   """Plain and speculative generation of the same prompts in the same process.
 
   Returns a dict with tokens/s of both (new tokens / best wall time of `repeats` runs after a
@@ -78,7 +87,7 @@ def compare(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_tokens
             eos_id=eos_id, seed=seed)
   plain, t_plain = timed_generate(api.generate, target, prompts, repeats=repeats, **kw)
   spec, t_spec = timed_generate(api.generate, target, prompts, repeats=repeats, drafter=drafter,
-                                draft_lengths=tuple(draft_lengths), adaptive=adaptive, **kw)
+                                spec_config=spec_config(draft_lengths, adaptive, draft_cost), **kw)
   n_plain, n_spec = plain.stats["new_tokens"], spec.stats["new_tokens"]
   result = {
       "batch": len(prompts),

@@ -102,7 +102,8 @@ def eval_prompts(tokens: np.ndarray, *, num: int, prompt_len: int, seed: int = 0
 def evaluate_pair(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                   acceptance_runs: Sequence[tuple[float, tuple[int, ...], bool]],
                   speed_runs: Sequence[tuple[float, int, tuple[int, ...], bool]] = (),
-                  eos_id=None, repeats: int = 2) -> dict[str, Any]:
+                  eos_id=None, repeats: int = 2, draft_cost: float | None = None
+                  ) -> dict[str, Any]:
   """Tokens per target forward, acceptance by position, and speculative vs plain speed.
 
   Args:
@@ -110,12 +111,14 @@ def evaluate_pair(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_
     speed_runs: (temperature, batch, draft_lengths, adaptive) timings on the first `batch`
       prompts (`metrics.compare`: plain and speculative in the same process). A draft_lengths of
       () means "the best fixed length of the greedy acceptance runs".
+    draft_cost: c of the adaptive bucket choice (`SpecConfig.draft_cost`); None: its default.
   """
   results: dict[str, Any] = {"acceptance": [], "speed": []}
   for temperature, buckets, adaptive in acceptance_runs:
     out = api.generate(target, list(prompts), max_new_tokens=max_new_tokens, drafter=drafter,
                        draft_lengths=buckets, adaptive=adaptive, temperature=temperature,
-                       eos_id=eos_id, seed=1)
+                       eos_id=eos_id, seed=1,
+                       spec_config=metrics.spec_config(buckets, adaptive, draft_cost))
     entry = {"temperature": temperature, "draft_lengths": list(buckets), "adaptive": adaptive,
              "prompts": len(prompts)}
     entry.update({k: v for k, v in out.stats.items() if k != "bucket_trace"})
@@ -126,7 +129,7 @@ def evaluate_pair(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_
   for temperature, b, buckets, adaptive in speed_runs:
     r = metrics.compare(target, drafter, list(prompts[:b]), max_new_tokens=max_new_tokens,
                         draft_lengths=buckets or best, adaptive=adaptive, temperature=temperature,
-                        eos_id=eos_id, repeats=repeats)
+                        eos_id=eos_id, repeats=repeats, draft_cost=draft_cost)
     r.pop("bucket_trace", None)
     results["speed"].append(r)
     log.info("speed %s", r)
