@@ -46,7 +46,8 @@ class SelfDrafterConfig:
     vocab_size: V (the target's).
     num_layers: N, the target layers it runs (1..the target's layer count).
     adapter_rank: r of the residual adapter before the final norm; 0 for none.
-    dtype, param_dtype: of the adapter (the layers run in the target's dtype).
+    dtype: the target's compute dtype (layers and adapter run in the target's dtype).
+    param_dtype: the adapter's stored dtype.
   """
 
   kind: ClassVar[str] = "self"  # see drafter_kinds.py
