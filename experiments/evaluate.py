@@ -3,6 +3,11 @@ r"""Acceptance and speed of a target + drafter pair on held-out code or any fold
   python experiments/evaluate.py                                  # demo pair, stdlib eval split
   python experiments/evaluate.py --data=path/to/folder --extensions=.py,.md \
       --draft_lengths=1,2,4,8 --out=experiments/results/eval_folder.json
+  # any drafter kind (assistant, parallel heads, self-drafter; the kind is in the checkpoint)
+  python experiments/evaluate.py --drafter=runs/heads_small/drafter --draft_cost=0.02 \
+      --target=runs/target_small/target --tokenizer=data/stdlib/tokenizer.model
+  # an untrained self-drafter: the demo target's first 2 layers (c = 2 of 8 layers)
+  python experiments/evaluate.py --self_draft_layers=2 --draft_cost=0.25
 
 Reports, per draft-length bucket (and adaptive), greedy and sampled: mean tokens per target
 forward and acceptance by draft position; with --speed also plain vs speculative tokens/s; with
@@ -10,6 +15,7 @@ forward and acceptance by draft position; with --speed also plain vs speculative
 adaptive). The adaptive rule uses the drafter/target step cost measured on this device.
 """
 
+import dataclasses
 import sysconfig
 
 from absl import app
@@ -20,11 +26,15 @@ import gemma_mtp
 from gemma_mtp import bench
 from gemma_mtp import data
 from gemma_mtp import demo
+from gemma_mtp import drafter_kinds
 from gemma_mtp import metrics
 from gemma_mtp import pipeline
 
 _TARGET = flags.DEFINE_string("target", None, "target checkpoint (ours or HF); default: demo")
-_DRAFTER = flags.DEFINE_string("drafter", None, "drafter checkpoint (ours or HF assistant)")
+_DRAFTER = flags.DEFINE_string("drafter", None, "drafter checkpoint of any kind (ours or HF "
+                               "assistant); default: the demo drafter")
+_SELF_LAYERS = flags.DEFINE_integer("self_draft_layers", None, "instead of --drafter: a "
+                                    "self-drafter of the target's first N layers, no adapter")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model")
 _DATA = flags.DEFINE_string("data", None, "folder of text/code (default: the stdlib eval split)")
 _EXTENSIONS = flags.DEFINE_list("extensions", [".py"], "file extensions of --data")
@@ -35,23 +45,38 @@ _DRAFT_LENGTHS = flags.DEFINE_list("draft_lengths", ["1", "2", "4", "8"], "bucke
 _TEMPERATURES = flags.DEFINE_list("temperatures", ["0", "1"], "0 = greedy")
 _CONVENTION = flags.DEFINE_enum("convention", None, ["hf", "clean"], "drafter convention")
 _SPEED = flags.DEFINE_bool("speed", False, "also time plain vs speculative (batch 1 and 8)")
-_DRAFT_COST = flags.DEFINE_float("draft_cost", 0.0, "drafter/target step cost of the adaptive "
-                                 "rule; 0: measure it on this device")
+_DRAFT_COST = flags.DEFINE_float("draft_cost", 0.0, "drafter/target step cost c of the adaptive "
+                                 "rule; 0: measure it on this device (assistant drafters; other "
+                                 "kinds: SpecConfig's default)")
 _WORKLOADS = flags.DEFINE_integer("workload_prompts", 0, "> 0: also batch-1 code / prose / mixed "
                                   "workloads of this many prompts each (timed)")
 _PROSE = flags.DEFINE_list("prose_roots", ["site-packages"], "where prose (.md/.rst/METADATA) is")
 _OUT = flags.DEFINE_string("out", None, "JSON record path")
 
 
-def main(argv):
-  del argv
+def load():
+  """(target, drafter, tokenizer) from the flags."""
+  if _DRAFTER.value is not None and _SELF_LAYERS.value is not None:
+    raise app.UsageError("pass --drafter or --self_draft_layers, not both")
   if _TARGET.value is None:
-    target, drafter, tok = demo.load_demo(convention=_CONVENTION.value)
+    target, drafter, tok = demo.load_demo(
+        convention=_CONVENTION.value if _DRAFTER.value is None else None)
   else:
     from gemma_mtp import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-    target = gemma_mtp.load_target(_TARGET.value)
-    drafter = gemma_mtp.load_drafter(_DRAFTER.value, target, convention=_CONVENTION.value)
+    if _TOKENIZER.value is None or (_DRAFTER.value is None and _SELF_LAYERS.value is None):
+      raise app.UsageError("--target needs --tokenizer and --drafter (or --self_draft_layers)")
+    target, drafter = gemma_mtp.load_target(_TARGET.value), None
     tok = tokenizer_lib.Tokenizer.load(_TOKENIZER.value)
+  if _DRAFTER.value is not None:
+    drafter = gemma_mtp.load_drafter(_DRAFTER.value, target, convention=_CONVENTION.value)
+  if _SELF_LAYERS.value is not None:
+    drafter = gemma_mtp.random_drafter(target, kind="self", num_layers=_SELF_LAYERS.value)
+  return target, drafter, tok
+
+
+def main(argv):
+  del argv
+  target, drafter, tok = load()
   if _DATA.value is None:
     files = data.build_corpus().eval_files
     source = "stdlib eval split"
@@ -66,10 +91,12 @@ def main(argv):
   temps = [float(t) for t in _TEMPERATURES.value]
   runs = [(t, (k,), False) for t in temps for k in buckets] + [(t, buckets, True) for t in temps]
   speed = [(t, b, buckets, True) for t in temps for b in (1, 8)] if _SPEED.value else []
-  measured = bench.draft_cost(target.params, target.config, drafter.params, drafter.config,
-                              context=_PROMPT_LEN.value + _MAX_NEW.value)
-  cost = _DRAFT_COST.value or measured["ratio"]
-  logging.info("draft cost: measured %.3f, used %.3f", measured["ratio"], cost)
+  measured = None
+  if drafter.config.kind == drafter_kinds.ASSISTANT:
+    measured = bench.draft_cost(target.params, target.config, drafter.params, drafter.config,
+                                context=_PROMPT_LEN.value + _MAX_NEW.value)
+  cost = _DRAFT_COST.value or (measured["ratio"] if measured else None)
+  logging.info("draft cost: measured %s, used %s", measured and measured["ratio"], cost)
   result = pipeline.evaluate_pair(target, drafter, prompts, acceptance_runs=runs,
                                   speed_runs=speed, max_new_tokens=_MAX_NEW.value,
                                   draft_cost=cost)
@@ -92,9 +119,11 @@ def main(argv):
     print(f"T={e['temperature']:<4} K={str(e['draft_lengths']):<14} adaptive={e['adaptive']!s:<5} "
           f"tokens/forward={e['tokens_per_forward']:.2f}")
   if _OUT.value:
-    metrics.write_record(_OUT.value, {"kind": "evaluate", "data": source, "files": len(files),
-                                      "tokens": int(tokens.size),
-                                      "convention": drafter.config.convention, **result})
+    metrics.write_record(_OUT.value, {
+        "kind": "evaluate", "data": source, "files": len(files), "tokens": int(tokens.size),
+        "drafter_kind": drafter.config.kind, "drafter_config": dataclasses.asdict(drafter.config),
+        "convention": getattr(drafter.config, "convention", None),
+        "draft_cost": _DRAFT_COST.value, **result})
     logging.info("wrote %s", _OUT.value)
 
 

@@ -1,8 +1,12 @@
-"""Distills an MTP drafter from a frozen target checkpoint (resumes from <workdir>/checkpoints).
+"""Distills a drafter from a frozen target checkpoint (resumes from <workdir>/checkpoints).
+
+The config's `drafter.kind` picks the design ('assistant' when absent; see drafter_kinds.py):
 
   python -m experiments.train_drafter --config=configs/train_drafter_tiny.py
   python -m experiments.train_drafter --config=configs/train_drafter_small.py \
       --config.target=runs/target_small/target --config.workdir=runs/drafter_small
+  python -m experiments.train_drafter --config=configs/train_drafter_heads.py    # parallel heads
+  python -m experiments.train_drafter --config=configs/train_drafter_self.py:tiny  # self-drafter
 """
 
 from absl import app

@@ -15,7 +15,7 @@ import numpy as np
 
 from gemma_mtp import checkpoint
 from gemma_mtp import decoding
-from gemma_mtp import drafter as drafter_lib
+from gemma_mtp import drafter_kinds
 from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
 from gemma_mtp import speculative
@@ -114,7 +114,7 @@ def generate(target: Target, prompts, *, max_new_tokens: int, temperature: float
   Args:
     prompts: ragged list of token-id lists, or an int array [B, T].
     eos_id: token id(s) that end a row (included in its output).
-    drafter: an MTP drafter for `target`, or None.
+    drafter: a drafter of any kind for `target` (`drafter_kinds`), or None.
     draft_lengths: static draft-length buckets; `adaptive=False` uses the first for every round.
     spec_config: full speculative settings (overrides draft_lengths / adaptive).
     cache_size: optional cap on cache positions (prompt + new tokens must fit).
@@ -166,38 +166,42 @@ def generate(target: Target, prompts, *, max_new_tokens: int, temperature: float
 
 @dataclasses.dataclass
 class Drafter:
-  """An MTP drafter (assistant) shaped for one target: its architecture and parameters."""
+  """A drafter shaped for one target: its config (of any kind, see `drafter_kinds`: an MTP
+  assistant `DrafterConfig`, `ParallelHeadsConfig` or `SelfDrafterConfig`) and parameters."""
 
-  config: "drafter_lib.DrafterConfig"
+  config: Any
   params: Any
 
 
 def load_drafter(path: str | os.PathLike, target: Target, *,
                  convention: str | None = None) -> Drafter:
-  """Loads a HF `Gemma4AssistantForCausalLM` directory or one of our Orbax drafter directories.
+  """Loads a HF `Gemma4AssistantForCausalLM` directory or one of our Orbax drafter directories
+  (any kind; the kind is stored in the checkpoint).
 
   The drafter must match `target` (`checkpoint.check_drafter_matches`: width, vocabulary, tap head
   dims / KV heads, window; ValueError naming the values otherwise) and is cast to the target's
   dtype.
 
   Args:
-    convention: 'hf' or 'clean' (see `drafter.tap_masks`); default 'hf' for HF directories, the
-      stored one for Orbax directories.
+    convention: 'hf' or 'clean' (see `drafter.tap_masks`; assistant drafters only); default 'hf'
+      for HF directories, the stored one for Orbax directories.
   """
   cfg, params = checkpoint.load_drafter(path, target.config, convention=convention)
-  n = params_lib.count_params(drafter_lib.param_specs(cfg))
-  log.info("loaded drafter (%.1fM params, %d layers, D=%d, %s head, %s) from %s", n / 1e6,
-           cfg.num_layers, cfg.embed_dim, "centroid" if cfg.num_centroids else "dense", cfg.dtype,
-           os.fspath(path))
+  log.info("loaded %s from %s", drafter_kinds.describe(cfg), os.fspath(path))
   return Drafter(cfg, params)
 
 
-def random_drafter(target: Target, *, embed_dim: int, num_heads: int, mlp_dim: int,
-                   num_layers: int = 4, num_centroids: int = 0, centroid_top_k: int = 32,
-                   seed: int = 0, convention: str = "hf") -> Drafter:
-  """A random drafter shaped for `target` (layers S, ..., S, F; for tests and benchmarks)."""
-  cfg = drafter_lib.for_target(target.config, embed_dim=embed_dim, num_heads=num_heads,
-                               mlp_dim=mlp_dim, num_layers=num_layers, num_centroids=num_centroids,
-                               centroid_top_k=centroid_top_k, convention=convention)
+def random_drafter(target: Target, *, kind: str = "assistant", seed: int = 0,
+                   **config) -> Drafter:
+  """A random drafter of `kind` shaped for `target` (for tests and benchmarks).
+
+  Args:
+    kind: 'assistant', 'parallel_heads' or 'self' (`drafter_kinds`).
+    config: the kind's `for_target` arguments. assistant (`drafter.for_target`): embed_dim,
+      num_heads, mlp_dim, num_layers=4 (layers S, ..., S, F), num_centroids=0,
+      centroid_top_k=32, convention='hf'; parallel_heads: num_heads, mlp_dim; self: num_layers,
+      adapter_rank=0 (its adapter starts at zero, so "random" is the plain layer prefix).
+  """
+  cfg = drafter_kinds.for_target(target.config, kind=kind, **config)
   checkpoint.check_drafter_matches(cfg, target.config)
-  return Drafter(cfg, drafter_lib.init_params(cfg, jax.random.PRNGKey(seed)))
+  return Drafter(cfg, drafter_kinds.init_params(cfg, jax.random.PRNGKey(seed)))

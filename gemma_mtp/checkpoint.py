@@ -1035,8 +1035,9 @@ def load_target(path: PathLike, *, param_dtype: str | None = None, target: Any =
 # Hugging Face: a `Gemma4AssistantForCausalLM` directory (config.json with model_type
 # "gemma4_assistant" and a gemma4_text `text_config`; tensors under their full names, see
 # `drafter.param_specs`). Orbax: like `save_params`, with model_config.json holding
-# {"format": "gemma_mtp.drafter", "kind": "drafter", "drafter_config": {...}} so that a drafter and
-# a target checkpoint can never be loaded as one another.
+# {"format": "gemma_mtp.drafter", "kind": "drafter", "drafter_kind": ..., "drafter_config": {...}}
+# so that a drafter and a target checkpoint can never be loaded as one another. `drafter_kind` is
+# one of `drafter_kinds` ('assistant' when absent: checkpoints written before the other kinds).
 
 DRAFTER_FORMAT = "gemma_mtp.drafter"
 DRAFTER_KIND = "drafter"
@@ -1050,12 +1051,17 @@ def _drafter_lib():
   return drafter
 
 
+def _kinds():
+  from gemma_mtp import drafter_kinds  # pylint: disable=g-import-not-at-top  (imports model)
+  return drafter_kinds
+
+
 def _flat_drafter_specs(dcfg) -> dict[str, params_lib.ParamSpec]:
-  return _flat(_drafter_lib().param_specs(dcfg), is_leaf=params_lib.is_spec)
+  return _flat(_kinds().param_specs(dcfg), is_leaf=params_lib.is_spec)
 
 
 def _drafter_treedef(dcfg):
-  return jax.tree_util.tree_structure(_drafter_lib().param_specs(dcfg), is_leaf=params_lib.is_spec)
+  return jax.tree_util.tree_structure(_kinds().param_specs(dcfg), is_leaf=params_lib.is_spec)
 
 
 def _hf_assistant_config(path: pathlib.Path) -> tuple[dict, dict]:
@@ -1173,13 +1179,19 @@ def read_hf_drafter_config(path: PathLike, target_cfg: ModelConfig, *,
 
 
 def check_drafter_matches(dcfg, target_cfg: ModelConfig):
-  """Raises ValueError if the drafter cannot read `target_cfg`'s taps and embedding.
+  """Raises ValueError if the drafter cannot run with `target_cfg`.
 
-  Checked: backbone width (= target embed_dim), vocabulary, and per attention type the drafter
-  uses: that the target has a tap layer of that type, the head dim and KV-head count of that tap
-  layer, GQA divisibility, and (sliding) the window. A RoPE mismatch is only logged (the drafter
-  runs, but queries and keys rotate differently).
+  Assistant drafters: backbone width (= target embed_dim), vocabulary, and per attention type the
+  drafter uses: that the target has a tap layer of that type, the head dim and KV-head count of
+  that tap layer, GQA divisibility, and (sliding) the window. A RoPE mismatch is only logged (the
+  drafter runs, but queries and keys rotate differently). Other kinds: their module's
+  `check_matches` (width, vocabulary, layer count).
   """
+  if dcfg.kind != _drafter_lib().DrafterConfig.kind:
+    problems = _kinds().module(dcfg.kind).check_matches(dcfg, target_cfg)
+    if problems:
+      raise ValueError(f"{dcfg.kind} drafter does not match the target: " + "; ".join(problems))
+    return
   problems = []
   if dcfg.target_embed_dim != target_cfg.embed_dim:
     problems.append(f"drafter backbone width (backbone_hidden_size) {dcfg.target_embed_dim} != "
@@ -1374,19 +1386,22 @@ def save_hf_drafter(path: PathLike, params: Any, dcfg, *, dtype: str | None = No
   return path
 
 
-def _drafter_config_from_json(d: Any, where: str):
-  drafter = _drafter_lib()
+def _drafter_config_from_json(d: Any, where: str, kind: str = "assistant"):
+  try:
+    cls = _kinds().config_class(kind)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
   if not isinstance(d, dict):
     raise ValueError(f"{where}: drafter_config is not a JSON object")
-  known = {f.name for f in dataclasses.fields(drafter.DrafterConfig)}
+  known = {f.name for f in dataclasses.fields(cls)}
   unknown = set(d) - known
   if unknown:
-    raise ValueError(f"{where}: unknown DrafterConfig fields {sorted(unknown)}")
+    raise ValueError(f"{where}: unknown {cls.__name__} fields {sorted(unknown)}")
   d = dict(d)
   if "layer_types" in d:
     d["layer_types"] = tuple(d["layer_types"])
   try:
-    return drafter.DrafterConfig(**d)
+    return cls(**d)
   except (TypeError, ValueError) as e:
     raise ValueError(f"{where}: invalid drafter_config ({e})") from None
 
@@ -1394,8 +1409,9 @@ def _drafter_config_from_json(d: Any, where: str):
 def save_drafter(path: PathLike, params: Any, dcfg, *, step: int | None = None):
   """Saves a drafter as an Orbax checkpoint directory (atomic, like `save_params`).
 
-  model_config.json holds {"format": "gemma_mtp.drafter", "kind": "drafter", "version", "step",
-  "drafter_config"}; `params/` the tree.
+  model_config.json holds {"format": "gemma_mtp.drafter", "kind": "drafter", "drafter_kind",
+  "version", "step", "drafter_config"}; `params/` the tree (absent when the drafter has no
+  parameters: a self-drafter without adapter).
 
   Raises:
     ValueError: `params` does not match `dcfg` (the tensor is named).
@@ -1414,11 +1430,15 @@ def save_drafter(path: PathLike, params: Any, dcfg, *, step: int | None = None):
     if old_format == ORBAX_FORMAT:
       raise FileExistsError(f"{path} holds a target model checkpoint; refusing to replace it with "
                             "a drafter")
-  meta = {"format": DRAFTER_FORMAT, "kind": DRAFTER_KIND, "version": ORBAX_VERSION, "step": step,
-          "drafter_config": dataclasses.asdict(dcfg)}
+  meta = {"format": DRAFTER_FORMAT, "kind": DRAFTER_KIND, "drafter_kind": dcfg.kind,
+          "version": ORBAX_VERSION, "step": step, "drafter_config": dataclasses.asdict(dcfg)}
+  has_params = bool(_flat_drafter_specs(dcfg))  # orbax cannot write an empty tree
 
   def write(tmp: pathlib.Path):
-    _write_orbax(tmp / ORBAX_PARAMS, params)
+    if has_params:
+      _write_orbax(tmp / ORBAX_PARAMS, params)
+    else:
+      (tmp / ORBAX_PARAMS).mkdir()
     with open(tmp / ORBAX_CONFIG, "w") as f:  # written last: the directory is complete
       json.dump(meta, f, indent=2)
       f.flush()
@@ -1457,7 +1477,10 @@ def load_drafter_params(path: PathLike, *, target: Any = None) -> tuple[Any, Any
       or "drafter_config" not in meta:
     raise ValueError(f"{file} is not a gemma_mtp drafter checkpoint config (format "
                      f"{meta.get('format')!r}, kind {meta.get('kind')!r})")
-  dcfg = _drafter_config_from_json(meta["drafter_config"], str(file))
+  dcfg = _drafter_config_from_json(meta["drafter_config"], str(file),
+                                   meta.get("drafter_kind", "assistant"))
+  if not _flat_drafter_specs(dcfg):
+    return dcfg, jax.tree_util.tree_unflatten(_drafter_treedef(dcfg), [])
   return dcfg, _restore_orbax(path, _flat_drafter_specs(dcfg), _drafter_treedef(dcfg), dcfg,
                               target)
 
@@ -1478,6 +1501,14 @@ def _cast_floats(tree: Any, dtype: str) -> Any:
       lambda w: w.astype(dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w, tree)
 
 
+def with_convention(dcfg, convention: str, *, where: str):
+  """`dcfg` with another tap convention; ValueError for drafters that have none (not assistants)."""
+  if dcfg.kind != _drafter_lib().DrafterConfig.kind:
+    raise ValueError(f"{where} holds a {dcfg.kind} drafter; convention={convention!r} applies to "
+                     "assistant drafters only")
+  return dcfg.replace(convention=convention)
+
+
 def load_drafter(path: PathLike, target_cfg: ModelConfig, *,
                  convention: str | None = None) -> tuple[Any, Any]:
   """Loads a drafter for `target_cfg` from either format: (DrafterConfig, params).
@@ -1488,13 +1519,14 @@ def load_drafter(path: PathLike, target_cfg: ModelConfig, *,
   Args:
     path: a HF `Gemma4AssistantForCausalLM` directory or a `save_drafter` directory.
     target_cfg: the target the drafter will run with.
-    convention: 'hf' / 'clean'; default: 'hf' for HF directories, the stored one for Orbax.
+    convention: 'hf' / 'clean' (assistant drafters only); default: 'hf' for HF directories, the
+      stored one for Orbax.
   """
   path = _check_dir(path)
   if is_orbax_dir(path):
     dcfg, tree = load_drafter_params(path)
     if convention is not None:
-      dcfg = dcfg.replace(convention=convention)
+      dcfg = with_convention(dcfg, convention, where=str(path))
     check_drafter_matches(dcfg, target_cfg)
     dcfg = dcfg.replace(dtype=target_cfg.dtype, param_dtype=target_cfg.param_dtype)
     return dcfg, _cast_floats(tree, dcfg.param_dtype)

@@ -21,7 +21,7 @@ Parameter tree:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from gemma_mtp import layers
 from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
+from gemma_mtp import sampling
 from gemma_mtp.config import FULL, SLIDING, ModelConfig, pattern
 
 F32 = jnp.float32
@@ -57,6 +58,7 @@ class DrafterConfig:
     rope_theta, global_rope_theta, global_rotary_fraction, rms_eps, dtype, param_dtype: as the target.
   """
 
+  kind: ClassVar[str] = "assistant"  # see drafter_kinds.py
   target_embed_dim: int
   embed_dim: int
   vocab_size: int
@@ -316,5 +318,35 @@ def step(params: dict, cfg: DrafterConfig, *, target_params: dict, target_config
   return logits[:, 0], h[:, 0]
 
 
+# ---- one speculative round's drafts -------------------------------------------------------------
+
+def draft(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, state, *, k: int,
+          sampler: sampling.SamplingParams, key: jax.Array):
+  """K recurrent drafter steps from (state.last, state.hidden) on the target's cached taps.
+
+  Args:
+    state: `speculative.SpecState` (cache, last, hidden, call_start, call_end are read).
+  Returns:
+    (drafts [B, K] int32, q [B, K, V] drafter probabilities or None (greedy), state.cache).
+  """
+  cache = state.cache
+  taps = {kind: model_lib.Tap(k=cache.k[layer], v=cache.v[layer],
+                              idx=cache.slot_indices(tcfg.is_full(layer)))
+          for kind, layer in tcfg.tap_layers.items()}
+  masks, query = tap_masks(
+      taps, convention=dcfg.convention, window=tcfg.sliding_window, start=cache.start,
+      last_idx=cache.length, call_start=state.call_start, call_end=state.call_end)
+
+  def one(carry, step_key):
+    tok, h = carry
+    logits, h = step(dparams, dcfg, target_params=tparams, target_config=tcfg, token=tok,
+                     hidden=h, query_pos=query, taps=taps, masks=masks)
+    nxt, q = sampling.draw(step_key, logits, sampler)
+    return (nxt, h), (nxt, q)
+
+  _, (drafts, q) = jax.lax.scan(one, (state.last, state.hidden), jax.random.split(key, k))
+  return drafts.T, (None if q is None else jnp.swapaxes(q, 0, 1)), cache
+
+
 __all__ = ["DrafterConfig", "SLIDING", "FULL", "step", "step_seq", "tap_masks", "param_specs",
-           "init_params"]
+           "init_params", "draft"]

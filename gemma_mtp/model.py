@@ -68,9 +68,11 @@ def per_layer_inputs(params: dict, tokens: jax.Array, x0: jax.Array, cfg: ModelC
   """PLE: (RMSNorm(x0 @ W / sqrt(D)) + E_ple[tok] * sqrt(P)) / sqrt(2). Returns [B, T, L, P]."""
   p = params["ple"]
   table = p["embed"]
+  n = cfg.num_layers  # a layer prefix (self-drafter) uses the first n layers' slices
   tok = jnp.where((tokens >= 0) & (tokens < table.shape[0]), tokens, 0)
-  ple_tok = jnp.take(table, tok, axis=0) * jnp.asarray(np.sqrt(cfg.per_layer_dim), table.dtype)
-  ctx = jnp.einsum("BTD,DLP->BTLP", x0, p["proj"].astype(x0.dtype)) * (cfg.embed_dim**-0.5)
+  scale = jnp.asarray(np.sqrt(cfg.per_layer_dim), table.dtype)
+  ple_tok = jnp.take(table, tok, axis=0)[:, :, :n] * scale
+  ctx = jnp.einsum("BTD,DLP->BTLP", x0, p["proj"][:, :n].astype(x0.dtype)) * (cfg.embed_dim**-0.5)
   ctx = layers.rms_norm(ctx, p["norm"], eps=cfg.rms_eps)
   return ((ctx + ple_tok.astype(x0.dtype)) * (2.0**-0.5)).astype(x0.dtype)
 
@@ -132,18 +134,16 @@ def lm_head(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
   return layers.softcap(logits, cfg.final_logit_softcap)
 
 
-def forward(params: dict, tokens: jax.Array, *, config: ModelConfig,
-            cache: KVCache | None = None, start: jax.Array | None = None,
-            last_only: bool = False) -> ForwardOutput:
-  """Runs the decoder on `tokens` [B, T].
+def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
+               cache: KVCache | None = None, start: jax.Array | None = None):
+  """The decoder layers of `forward` (embedding through the last layer; no final norm or head).
 
-  Args:
-    params: parameter tree (params.py); cast to `config.dtype` on use.
-    tokens: [B, T] int32 token ids.
-    config: the architecture (static).
-    cache: None for causal attention within `tokens`; else the chunk follows `cache.length`.
-    start: [B] first real index of left-padded rows (no-cache mode only; default 0).
-    last_only: compute logits only at the last position (prefill).
+  `config` may describe a prefix of the layers of `params` (the self-drafter): only the first
+  `config.num_layers` layers run, and with a cache only their K/V are written.
+
+  Returns:
+    (x [B, T, D] residual stream after the last layer, kv_now: per layer the (k, v, kv_idx) it
+     attended to, cache with this chunk's K/V written or None).
   """
   cfg = config
   params = jax.tree_util.tree_map(lambda w: w.astype(cfg.dtype), params)
@@ -163,7 +163,7 @@ def forward(params: dict, tokens: jax.Array, *, config: ModelConfig,
       list(cache.v) if cache else [None] * cfg.num_layers
   ring_idx = kvc.write_ring_idx(cache.ring_idx, idx) if cache else None
   kv_now: list[Any] = [None] * cfg.num_layers   # (k, v, kv_idx) each layer attends to
-  for i, p in enumerate(params["layers"]):
+  for i, p in enumerate(params["layers"][:cfg.num_layers]):
     kind = cfg.layer_types[i]
     window = cfg.sliding_window if kind == SLIDING else None
 
@@ -186,13 +186,33 @@ def forward(params: dict, tokens: jax.Array, *, config: ModelConfig,
 
     x = block(p, x, attend, None if ple is None else ple[:, :, i], cfg)
 
+  new_cache = None if cache is None else cache.replace(k=tuple(new_k), v=tuple(new_v),
+                                                       ring_idx=ring_idx)
+  return x, kv_now, new_cache
+
+
+def forward(params: dict, tokens: jax.Array, *, config: ModelConfig,
+            cache: KVCache | None = None, start: jax.Array | None = None,
+            last_only: bool = False) -> ForwardOutput:
+  """Runs the decoder on `tokens` [B, T].
+
+  Args:
+    params: parameter tree (params.py); cast to `config.dtype` on use.
+    tokens: [B, T] int32 token ids.
+    config: the architecture (static).
+    cache: None for causal attention within `tokens`; else the chunk follows `cache.length`.
+    start: [B] first real index of left-padded rows (no-cache mode only; default 0).
+    last_only: compute logits only at the last position (prefill).
+  """
+  cfg = config
+  params = jax.tree_util.tree_map(lambda w: w.astype(cfg.dtype), params)
+  x, kv_now, new_cache = run_layers(params, tokens, config=cfg, cache=cache, start=start)
   hidden = layers.rms_norm(x, params["final_norm"], eps=cfg.rms_eps)
   logits = lm_head(params, hidden[:, -1:] if last_only else hidden, cfg)
   taps = {kind: Tap(*kv_now[layer]) for kind, layer in cfg.tap_layers.items()}
   if cache is None:
     return ForwardOutput(logits=logits, hidden=hidden, taps=taps, cache=None,
                          kv=tuple(None if e is None else e[:2] for e in kv_now))
-  new_cache = cache.replace(k=tuple(new_k), v=tuple(new_v), ring_idx=ring_idx)
   return ForwardOutput(logits=logits, hidden=hidden, taps=taps, cache=new_cache, kv=None)
 
 

@@ -134,6 +134,22 @@ def sample(key: jax.Array, logits: jax.Array, params: SamplingParams) -> jax.Arr
   return jax.random.categorical(key, process_logits(logits, params), axis=-1).astype(jnp.int32)
 
 
+def draw(key: jax.Array, logits: jax.Array, params: SamplingParams
+         ) -> tuple[jax.Array, jax.Array | None]:
+  """A draft token per row and the distribution it was drawn from, for exact verification.
+
+  Args:
+    logits: [..., V] drafter logits.
+  Returns:
+    (tokens int32 [...], q float32 [..., V] = `probs(logits, params)`; None for greedy params,
+    whose q is the one-hot of the token).
+  """
+  if params.is_greedy:
+    return greedy(logits), None
+  q = probs(logits, params)
+  return jax.random.categorical(key, jnp.log(q)).astype(jnp.int32), q
+
+
 def _num_accepted(accept: jax.Array) -> jax.Array:
   """Length of the all-True prefix of `accept` [..., K] -> int32 [...]."""
   return jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)

@@ -54,7 +54,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gemma_mtp import checkpoint
-from gemma_mtp import drafter as drafter_lib
+from gemma_mtp import drafter_kinds
 from gemma_mtp import params as params_lib
 from gemma_mtp.config import ModelConfig
 from gemma_mtp.kv_cache import KVCache
@@ -261,9 +261,10 @@ def init_params_sharded(cfg: ModelConfig, key: jax.Array, mesh: jax.sharding.Mes
 
 def init_drafter_sharded(dcfg, key: jax.Array, mesh: jax.sharding.Mesh, *,
                          rules: Rules = LOGICAL_AXIS_RULES):
-  """Random drafter parameters (the values of `drafter.init_params(dcfg, key)`), born sharded."""
-  return _init_sharded(lambda k: drafter_lib.init_params(dcfg, k), drafter_lib.param_specs(dcfg),
-                       key, mesh, rules=rules)
+  """Random drafter parameters of any kind (the values of `drafter_kinds.init_params(dcfg, key)`),
+  born sharded."""
+  return _init_sharded(lambda k: drafter_kinds.init_params(dcfg, k),
+                       drafter_kinds.param_specs(dcfg), key, mesh, rules=rules)
 
 
 def shard_target(target, mesh: jax.sharding.Mesh, *, rules: Rules = LOGICAL_AXIS_RULES):
@@ -274,7 +275,7 @@ def shard_target(target, mesh: jax.sharding.Mesh, *, rules: Rules = LOGICAL_AXIS
 
 def shard_drafter(drafter, mesh: jax.sharding.Mesh, *, rules: Rules = LOGICAL_AXIS_RULES):
   """A copy of `drafter` (`api.Drafter` or any dataclass with .config and .params) re-sharded."""
-  specs = drafter_lib.param_specs(drafter.config)
+  specs = drafter_kinds.param_specs(drafter.config)
   return dataclasses.replace(drafter, params=shard_params(drafter.params, specs, mesh, rules=rules))
 
 
@@ -345,11 +346,12 @@ def load_drafter_sharded(path, target_cfg: ModelConfig, mesh: jax.sharding.Mesh,
   chosen = {}
 
   def target(saved):
-    dcfg = saved.replace(convention=convention) if convention is not None else saved
+    dcfg = saved if convention is None else checkpoint.with_convention(saved, convention,
+                                                                        where=str(path))
     checkpoint.check_drafter_matches(dcfg, target_cfg)
     dcfg = dcfg.replace(dtype=target_cfg.dtype, param_dtype=target_cfg.param_dtype)
     chosen["cfg"] = dcfg
-    return abstract_params_sharded(drafter_lib.param_specs(dcfg), dcfg, mesh, rules=rules)
+    return abstract_params_sharded(drafter_kinds.param_specs(dcfg), dcfg, mesh, rules=rules)
 
   _, params = checkpoint.load_drafter_params(path, target=target)
   return chosen["cfg"], params

@@ -1,9 +1,11 @@
 """Speculative decoding with an MTP drafter: one compiled `lax.while_loop` over draft rounds.
 
 Each round (one loop iteration, a static draft length K chosen from the buckets):
-  1. draft: K drafter steps from (last token, target hidden state), reading the target's tap K/V;
-     greedy drafts are argmaxes, stochastic drafts are samples from the processed drafter
-     distribution q (same temperature / top-k / top-p as the target);
+  1. draft: K drafts from (last token, target hidden state) by the drafter's kind
+     (`drafter_kinds`: the MTP assistant's K steps on the target's tap K/V, parallel heads' one
+     call, or the self-drafter's K steps of the target's first layers); greedy drafts are
+     argmaxes, stochastic drafts are samples from the processed drafter distribution q (same
+     temperature / top-k / top-p as the target);
   2. verify: one target forward over [last, d_1..d_K] (K + 1 positions) through the cache;
   3. accept per row: greedy = longest prefix equal to the target's argmax, then the target's token;
      stochastic = Leviathan et al. (accept min(1, p/q), resample from norm(max(0, p - q)), bonus
@@ -29,11 +31,10 @@ import jax
 import jax.numpy as jnp
 
 from gemma_mtp import decoding
-from gemma_mtp import drafter as drafter_lib
+from gemma_mtp import drafter_kinds
 from gemma_mtp import model as model_lib
 from gemma_mtp import sampling
 from gemma_mtp.config import ModelConfig
-from gemma_mtp.drafter import DrafterConfig
 from gemma_mtp.kv_cache import KVCache
 
 F32 = jnp.float32
@@ -120,30 +121,16 @@ class SpecState:
   draft_trace: jax.Array
 
 
-def draft(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, state: SpecState, *, k: int,
+def draft(dparams, dcfg, tparams, tcfg: ModelConfig, state: SpecState, *, k: int,
           sampler: sampling.SamplingParams, key: jax.Array):
-  """K drafter steps. Returns (drafts [B, K] int32, q [B, K, V] drafter probabilities or None)."""
-  cache = state.cache
-  taps = {kind: model_lib.Tap(k=cache.k[layer], v=cache.v[layer],
-                              idx=cache.slot_indices(tcfg.is_full(layer)))
-          for kind, layer in tcfg.tap_layers.items()}
-  masks, query = drafter_lib.tap_masks(
-      taps, convention=dcfg.convention, window=tcfg.sliding_window, start=cache.start,
-      last_idx=cache.length, call_start=state.call_start, call_end=state.call_end)
+  """K drafts from the drafter of any kind (`drafter_kinds`).
 
-  def one(carry, step_key):
-    tok, h = carry
-    logits, h = drafter_lib.step(dparams, dcfg, target_params=tparams, target_config=tcfg,
-                                 token=tok, hidden=h, query_pos=query, taps=taps, masks=masks)
-    if sampler.is_greedy:
-      nxt = sampling.greedy(logits)
-      return (nxt, h), (nxt, None)
-    q = sampling.probs(logits, sampler)
-    nxt = jax.random.categorical(step_key, jnp.log(q)).astype(jnp.int32)
-    return (nxt, h), (nxt, q)
-
-  _, (drafts, q) = jax.lax.scan(one, (state.last, state.hidden), jax.random.split(key, k))
-  return drafts.T, (None if q is None else jnp.swapaxes(q, 0, 1))
+  Returns:
+    (drafts [B, K] int32, q [B, K, V] drafter probabilities or None (greedy), the target cache to
+    verify with: `state.cache`, or (self-drafter) with draft K/V written at length.. that the
+    verify forward overwrites).
+  """
+  return drafter_kinds.draft(dparams, dcfg, tparams, tcfg, state, k=k, sampler=sampler, key=key)
 
 
 def emit_chunk(out, count, done, tokens, num_valid, *, eos_ids, max_new):
@@ -162,9 +149,9 @@ def make_round(k: int, *, dparams, dcfg, tparams, tcfg, sampler, spec: SpecConfi
 
   def round_fn(s: SpecState) -> SpecState:
     rng, k_draft, k_verify = jax.random.split(s.rng, 3)
-    drafts, q = draft(dparams, dcfg, tparams, tcfg, s, k=k, sampler=sampler, key=k_draft)
+    drafts, q, cache = draft(dparams, dcfg, tparams, tcfg, s, k=k, sampler=sampler, key=k_draft)
     chunk = jnp.concatenate([s.last[:, None], drafts], axis=1)            # [B, k + 1]
-    res = model_lib.forward(tparams, chunk, config=tcfg, cache=s.cache)
+    res = model_lib.forward(tparams, chunk, config=tcfg, cache=cache)
     if sampler.is_greedy:
       n, nxt = sampling.verify_greedy(drafts, res.logits)
     else:
@@ -206,10 +193,17 @@ def make_round(k: int, *, dparams, dcfg, tparams, tcfg, sampler, spec: SpecConfi
 @functools.partial(jax.jit, static_argnames=("tcfg", "dcfg", "spec", "sampler", "max_new",
                                              "eos_ids", "max_len"))
 def speculative_generate(tparams, dparams, batch: decoding.PromptBatch, rng, *, tcfg: ModelConfig,
-                         dcfg: DrafterConfig, spec: SpecConfig,
-                         sampler: sampling.SamplingParams, max_new: int,
-                         eos_ids: tuple[int, ...], max_len: int) -> SpecState:
-  """Prefill, then draft/verify rounds until every row is done. Returns the final SpecState."""
+                         dcfg, spec: SpecConfig, sampler: sampling.SamplingParams,
+                         max_new: int, eos_ids: tuple[int, ...], max_len: int) -> SpecState:
+  """Prefill, then draft/verify rounds until every row is done. Returns the final SpecState.
+
+  `dcfg` is a drafter config of any kind (`drafter_kinds`); its longest draft must cover the
+  largest bucket.
+  """
+  longest = drafter_kinds.max_draft(dcfg)
+  if longest is not None and spec.max_draft > longest:
+    raise ValueError(f"draft_lengths {spec.draft_lengths} exceed the {longest} drafts the "
+                     f"{dcfg.kind} drafter makes")
   b, t = batch.tokens.shape
   out0, cache = model_lib.prefill(tparams, batch.tokens, batch.start, config=tcfg,
                                   max_len=max_len, max_chunk=spec.max_draft + 2)

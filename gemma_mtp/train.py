@@ -749,18 +749,21 @@ def train_drafter(
     resume: bool = True,
     export_dtype: str = "bfloat16",
 ) -> TrainState:
-  """Distills an MTP drafter from a frozen target; writes `<workdir>/drafter` (`save_drafter`).
+  """Distills a drafter from a frozen target; writes `<workdir>/drafter` (`save_drafter`).
 
   Args:
     target_path: a target checkpoint written by `checkpoint.save_params` (e.g. by train_target).
-    drafter: keyword arguments of `drafter.for_target`: embed_dim, num_heads, mlp_dim, num_layers
-      and optionally num_centroids, centroid_top_k, convention.
+    drafter: optional `kind` ('assistant' (default), 'parallel_heads' or 'self'; see
+      `drafter_kinds`) and the keyword arguments of that kind's `for_target`. assistant
+      (`drafter.for_target`): embed_dim, num_heads, mlp_dim, num_layers and optionally
+      num_centroids, centroid_top_k, convention; parallel_heads: num_heads (>= draft_steps),
+      mlp_dim; self: num_layers, adapter_rank (>= 1: only the adapter is trained).
     draft_steps: drafter steps unrolled per position in the loss.
     step_weights: loss weight of each draft step (default all 1).
     loss_type: 'kl' (to the target's distribution) or 'ce' (to the target's greedy token).
     Other arguments as in `train_target`.
   """
-  from gemma_mtp import drafter as drafter_lib  # pylint: disable=g-import-not-at-top
+  from gemma_mtp import drafter_kinds  # pylint: disable=g-import-not-at-top
   workdir = pathlib.Path(workdir)
   if loss_type not in ("kl", "ce"):
     raise ValueError(f"loss_type={loss_type!r}; expected 'kl' or 'ce'")
@@ -775,11 +778,20 @@ def train_drafter(
     raise ValueError(f"target {target_path} has vocab_size={tcfg.vocab_size} < the tokenizer's "
                      f"{tok.vocab_size}: they do not belong together")
   tcfg = tcfg.replace(dtype=compute_dtype)
-  dcfg = drafter_lib.for_target(tcfg, **drafter).replace(param_dtype="float32")
-  n_params = params_lib.count_params(drafter_lib.param_specs(dcfg))
-  log.info("drafter: %.2fM params, %d layers, D=%d for a target with D=%d", n_params / 1e6,
-           dcfg.num_layers, dcfg.embed_dim, tcfg.embed_dim)
-  _write_run_json(workdir, {"kind": "drafter", "drafter_config": dataclasses.asdict(dcfg),
+  drafter = dict(drafter)
+  dcfg = drafter_kinds.for_target(tcfg, kind=drafter.pop("kind", drafter_kinds.ASSISTANT),
+                                  **drafter).replace(param_dtype="float32")
+  checkpoint.check_drafter_matches(dcfg, tcfg)
+  if not params_lib.count_params(drafter_kinds.param_specs(dcfg)):
+    raise ValueError(f"the {dcfg.kind} drafter {dcfg} has no parameters to train (a self-drafter "
+                     "needs adapter_rank >= 1)")
+  longest = drafter_kinds.max_draft(dcfg)
+  if longest is not None and draft_steps > longest:
+    raise ValueError(f"draft_steps={draft_steps} exceeds the {longest} drafts the {dcfg.kind} "
+                     "drafter makes")
+  log.info("%s for a target with D=%d", drafter_kinds.describe(dcfg), tcfg.embed_dim)
+  _write_run_json(workdir, {"kind": "drafter", "drafter_kind": dcfg.kind,
+                            "drafter_config": dataclasses.asdict(dcfg),
                             "target": str(target_path), "draft_steps": draft_steps,
                             "step_weights": step_weights, "loss_type": loss_type,
                             "optimizer": dataclasses.asdict(optimizer), "seq_len": seq_len,
@@ -789,7 +801,7 @@ def train_drafter(
                         step_weights=step_weights, loss_type=loss_type),
       tparams=tparams)
   return _fit_and_export(
-      loss_fn, functools.partial(drafter_lib.init_params, dcfg), kind="drafter",
+      loss_fn, functools.partial(drafter_kinds.init_params, dcfg), kind="drafter",
       save=checkpoint.save_drafter, cfg=dcfg,
       corpus_dir=corpus_dir, tok=tok, workdir=workdir, optimizer=optimizer, seq_len=seq_len,
       batch_size=batch_size, steps=steps, seed=seed, log_every=log_every, eval_every=eval_every,

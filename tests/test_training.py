@@ -435,3 +435,46 @@ def test_train_drafter_recipe(tok, corpus_dir, tmp_path):
     train.train_drafter(target_path=tmp_path / "target", corpus_dir=corpus_dir,
                         tokenizer_path=tok_path, workdir=tmp_path / "run2", drafter={},
                         draft_steps=3, step_weights=(1.0,))
+
+
+@pytest.mark.parametrize("name", ["train_drafter_heads", "train_drafter_self"])
+@pytest.mark.parametrize("size", ["small", "tiny"])
+def test_variant_drafter_configs_build(name, size):
+  from gemma_mtp import drafter_kinds  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).parent.parent / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(size)
+  assert train.OptimizerConfig(**c.optimizer.to_dict()).total_steps == c.steps
+  target = config_lib.small() if size == "small" else _tiny(4096)
+  dcfg = drafter_kinds.for_target(target, **c.drafter.to_dict())
+  checkpoint.check_drafter_matches(dcfg, target)
+  assert c.draft_steps <= (drafter_kinds.max_draft(dcfg) or c.draft_steps)
+  assert len(c.step_weights) in (0, c.draft_steps)
+
+
+@pytest.mark.parametrize("drafter", [{"kind": "parallel_heads", "num_heads": 2, "mlp_dim": 32},
+                                     {"kind": "self", "num_layers": 1, "adapter_rank": 4}])
+def test_train_drafter_recipe_variants(tok, corpus_dir, tmp_path, drafter):
+  cfg = _tiny(tok.vocab_size)
+  checkpoint.save_params(tmp_path / "target", params_lib.init_params(cfg, jax.random.PRNGKey(0)),
+                         cfg)
+  tok_path = tmp_path / "tok.model"
+  tok_path.write_bytes(tok._sp.serialized_model_proto())
+  kw = dict(target_path=tmp_path / "target", corpus_dir=corpus_dir, tokenizer_path=tok_path,
+            draft_steps=2, compute_dtype="float32", seq_len=SEQ_LEN, batch_size=BATCH,
+            log_every=1, eval_batches=0, optimizer=OPTIMIZER)
+  train.train_drafter(workdir=tmp_path / "run", drafter=drafter, steps=2, **kw)
+  dcfg, _ = checkpoint.load_drafter(tmp_path / "run" / "drafter", cfg)
+  assert dcfg.kind == drafter["kind"]
+  run = json.loads((tmp_path / "run" / "run.json").read_text())
+  assert run["drafter_kind"] == drafter["kind"]
+  records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert len(records) == 2 and "agree_step_1" in records[-1]
+  if drafter["kind"] == "self":
+    with pytest.raises(ValueError, match="no parameters to train"):
+      train.train_drafter(workdir=tmp_path / "run2", drafter={**drafter, "adapter_rank": 0}, **kw)
+  else:
+    with pytest.raises(ValueError, match="exceeds the 2 drafts"):
+      train.train_drafter(workdir=tmp_path / "run2", drafter=drafter, **{**kw, "draft_steps": 3})
