@@ -6,6 +6,7 @@ completes a Python prompt on the CPU, then prints the measured statistics and sp
   python experiments/generate.py
   python experiments/generate.py --prompt="def fib(n):" --temperature=0.8 --top_p=0.95
   python experiments/generate.py --target=DIR --drafter=DIR --tokenizer=FILE   # ours or HF dirs
+  python experiments/generate.py --int8          # int8 weight-only target (gemma_mtp/quant.py)
 """
 
 from absl import app
@@ -38,6 +39,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs after the compiling ru
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 _RECORD = flags.DEFINE_string("record", None, "also write the measurements to this JSON file")
+_INT8 = flags.DEFINE_bool("int8", False, "quantize the target's weights and embeddings to int8 "
+                          "(per-output-channel scales); plain and speculative decoding both use it")
 
 
 def load():
@@ -54,6 +57,8 @@ def load():
 def main(argv):
   del argv
   target, drafter, tok = load()
+  if _INT8.value:
+    target = gemma_mtp.quantize_target(target, embeddings=True)
   prompt = tok.encode(_PROMPT.value)
   result = metrics.compare(
       target, drafter, [prompt] * _BATCH.value, max_new_tokens=_MAX_NEW.value,
@@ -85,7 +90,7 @@ def main(argv):
   if _RECORD.value:
     metrics.write_record(_RECORD.value, {
         "kind": "generate", "checkpoint": _TARGET.value or "demo", "prompt": _PROMPT.value,
-        "result": result})
+        "int8": _INT8.value, "result": result})
 
 
 if __name__ == "__main__":

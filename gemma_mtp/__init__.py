@@ -1,9 +1,10 @@
 """gemma_mtp: Gemma 4 and its MTP drafters in JAX, with a jitted speculative-decoding loop."""
 
 from gemma_mtp.api import (Drafter, GenerateOutput, Target, generate, load_drafter, load_target,
-                           random_drafter, random_target, score)
+                           quantize_target, random_drafter, random_target, score)
 from gemma_mtp.config import ModelConfig, preset
 
 __all__ = ["Drafter", "GenerateOutput", "ModelConfig", "Target", "generate", "load_drafter",
-           "load_target", "preset", "random_drafter", "random_target", "score"]
+           "load_target", "preset", "quantize_target", "random_drafter", "random_target",
+           "score"]
 from gemma_mtp.tokenizer import Tokenizer  # noqa: E402,F401  (training: gemma_mtp.data, .train)

@@ -18,6 +18,7 @@ from gemma_mtp import decoding
 from gemma_mtp import drafter_kinds
 from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
+from gemma_mtp import quant
 from gemma_mtp import speculative
 from gemma_mtp.config import ModelConfig
 
@@ -52,15 +53,22 @@ def load_target(path: str | os.PathLike, *, dtype: str | None = None) -> Target:
   """Loads a Hugging Face Gemma 4 directory (safetensors) or one of our Orbax directories.
 
   Args:
-    path: directory with `config.json` + `*.safetensors`, or written by `checkpoint.save_params`.
+    path: directory with `config.json` + `*.safetensors`, or written by `checkpoint.save_params`
+      (float or int8-quantized params).
     dtype: compute and parameter dtype ('bfloat16' / 'float32'); default: the checkpoint's.
   """
   cfg, params = checkpoint.load_target(path)
   if dtype is not None and (dtype != cfg.dtype or dtype != cfg.param_dtype):
     cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
-    params = jax.tree_util.tree_map(lambda w: w.astype(dtype), params)
+    params = quant.cast(params, dtype)
   log.info("loaded target %s from %s", _describe(cfg), os.fspath(path))
   return Target(cfg, params)
+
+
+def quantize_target(target: Target, *, embeddings: bool = False) -> Target:
+  """The target with int8 weights (`quant.quantize_params`); forward and decoding take it as is."""
+  return Target(target.config, quant.quantize_params(target.params, target.config,
+                                                     embeddings=embeddings))
 
 
 def _describe(cfg: ModelConfig) -> str:

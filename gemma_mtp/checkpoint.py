@@ -42,6 +42,7 @@ import ml_dtypes
 import numpy as np
 
 from gemma_mtp import params as params_lib
+from gemma_mtp import quant
 from gemma_mtp.config import FULL, SLIDING, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -527,8 +528,16 @@ def _flat(tree, is_leaf=None) -> dict[str, Any]:
   return {".".join(_key_name(k) for k in path): leaf for path, leaf in pairs}
 
 
-def _flat_specs(cfg: ModelConfig) -> dict[str, params_lib.ParamSpec]:
-  return _flat(params_lib.param_specs(cfg), is_leaf=params_lib.is_spec)
+def _spec_tree(cfg: ModelConfig, quantization: dict | None = None):
+  """param_specs(cfg), or its int8 form (`quant.quantized_specs`) for a quantization record."""
+  if quantization is None:
+    return params_lib.param_specs(cfg)
+  return quant.quantized_specs(cfg, embeddings=bool(quantization["embeddings"]))
+
+
+def _flat_specs(cfg: ModelConfig, quantization: dict | None = None
+                ) -> dict[str, params_lib.ParamSpec]:
+  return _flat(_spec_tree(cfg, quantization), is_leaf=params_lib.is_spec)
 
 
 def _names(names: Iterable[str], limit: int = 8) -> str:
@@ -704,6 +713,9 @@ def save_hf(
   if prefix not in (TEXT_PREFIX, MULTIMODAL_PREFIX):
     raise ValueError(f"prefix must be {TEXT_PREFIX!r} or {MULTIMODAL_PREFIX!r}, got {prefix!r}")
   out_dtype = np.dtype(_dtype_name(dtype or cfg.param_dtype, "save_hf"))
+  if quant.describe(params) is not None:
+    raise ValueError("save_hf: params are int8-quantized (quant.py) and Hugging Face Gemma 4 has "
+                     "no such format; save the float params, or use save_params (Orbax)")
   specs = _flat_specs(cfg)
   flat = _check_tree(params, specs, what="params")
 
@@ -853,7 +865,8 @@ def save_params(path: PathLike, params: Any, cfg: ModelConfig, *, step: int | No
 
   Args:
     path: checkpoint directory (`model_config.json` + `params/`).
-    params: parameter tree of `cfg` (jax or numpy arrays; any sharding).
+    params: parameter tree of `cfg` (jax or numpy arrays; any sharding), float or int8-quantized
+      (`quant.quantize_params`; the quantization is recorded and `load_params` restores it).
     cfg: the architecture, stored as JSON.
     step: optional training step, stored in model_config.json (see `checkpoint_step`).
 
@@ -861,13 +874,16 @@ def save_params(path: PathLike, params: Any, cfg: ModelConfig, *, step: int | No
     ValueError: `params` does not match `cfg` (the tensor is named).
     FileExistsError: `path` is a non-empty directory that is not a gemma_mtp checkpoint.
   """
-  _check_tree(params, _flat_specs(cfg), what="params")
+  quantization = quant.describe(params)
+  _check_tree(params, _flat_specs(cfg, quantization), what="params")
   path = pathlib.Path(path)
   if path.exists() and any(path.iterdir()) and not is_orbax_dir(path):
     raise FileExistsError(f"{path} exists and is not a gemma_mtp checkpoint; refusing to replace "
                           "it")
   meta = {"format": ORBAX_FORMAT, "version": ORBAX_VERSION, "step": step,
           "model_config": _config_to_json(cfg)}
+  if quantization is not None:
+    meta["quantization"] = quantization
 
   def write(tmp: pathlib.Path):
     _write_orbax(tmp / ORBAX_PARAMS, params)
@@ -900,6 +916,22 @@ def checkpoint_step(path: PathLike) -> int | None:
   return _read_orbax_meta(_check_dir(path))["step"]
 
 
+def stored_quantization(path: PathLike) -> dict | None:
+  """The quantization record of a `save_params` checkpoint ({"method", "embeddings"}) or None."""
+  meta = _read_orbax_meta(_check_dir(path))
+  return _quantization_of(meta, str(_check_dir(path) / ORBAX_CONFIG))
+
+
+def _quantization_of(meta: dict, where: str) -> dict | None:
+  q = meta.get("quantization")
+  if q is None:
+    return None
+  if not isinstance(q, dict) or q.get("method") != quant.METHOD or "embeddings" not in q:
+    raise ValueError(f"{where}: unsupported quantization record {q!r}; this version reads "
+                     f"{{'method': {quant.METHOD!r}, 'embeddings': bool}}")
+  return q
+
+
 def _saved_arrays(params_dir: pathlib.Path) -> dict[str, Any]:
   """name -> array metadata (.shape, .dtype) of an orbax checkpoint; ValueError if unreadable."""
   ocp = _orbax()
@@ -922,13 +954,14 @@ def load_params(path: PathLike, *, target: Any = None) -> tuple[ModelConfig, Any
 
   Args:
     path: the checkpoint directory.
-    target: optional tree of `jax.ShapeDtypeStruct` (structure of `param_specs(cfg)`) to restore
+    target: optional tree of `jax.ShapeDtypeStruct` (structure of `param_specs(cfg)`, or of
+      `quant.quantized_specs` for a quantized checkpoint, see `stored_quantization`) to restore
       into; its dtypes and shardings are used (arrays are cast / placed accordingly), or a function
       `target(cfg)` returning such a tree from the stored config (see `sharding.load_sharded`).
       Default: the saved dtypes on the default device.
 
   Returns:
-    (cfg, params).
+    (cfg, params); params are int8-quantized (`quant.QArray` leaves) if they were saved so.
 
   Raises:
     FileNotFoundError: missing directory, config or params.
@@ -938,8 +971,9 @@ def load_params(path: PathLike, *, target: Any = None) -> tuple[ModelConfig, Any
   path = _check_dir(path)
   meta = _read_orbax_meta(path)
   cfg = _config_from_json(meta["model_config"], str(path / ORBAX_CONFIG))
-  specs = _flat_specs(cfg)
-  treedef = jax.tree_util.tree_structure(params_lib.param_specs(cfg), is_leaf=params_lib.is_spec)
+  quantization = _quantization_of(meta, str(path / ORBAX_CONFIG))
+  specs = _flat_specs(cfg, quantization)
+  treedef = jax.tree_util.tree_structure(_spec_tree(cfg, quantization), is_leaf=params_lib.is_spec)
   return cfg, _restore_orbax(path, specs, treedef, cfg, target)
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from gemma_mtp import layers
 from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
+from gemma_mtp import quant
 from gemma_mtp import sampling
 from gemma_mtp.config import FULL, SLIDING, ModelConfig, pattern
 
@@ -278,8 +279,7 @@ def step_seq(params: dict, cfg: DrafterConfig, *, target_params: dict,
     (logits [B, T, V] float32, next hidden [B, T, Dt]).
   """
   dtype = jnp.dtype(cfg.dtype)
-  params = jax.tree_util.tree_map(
-      lambda w: w.astype(dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w, params)
+  params = quant.cast(params, dtype)
   e = model_lib.embed_tokens(target_params, tokens, target_config).astype(dtype)
   u = jnp.concatenate([e, hidden.astype(dtype)], axis=-1)              # [B, T, 2 Dt]
   z = jnp.einsum("BTE,ED->BTD", u, params["pre_proj"])

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_mtp import quant
+
 F32 = jnp.float32
 
 
@@ -94,10 +96,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 
 
 def mlp(x: jax.Array, p: dict) -> jax.Array:
-  """GeGLU: down(gelu(x @ gate) * (x @ up)). x: [..., D]."""
-  gate = jnp.einsum("...D,DI->...I", x, p["gate"])
-  up = jnp.einsum("...D,DI->...I", x, p["up"])
-  return jnp.einsum("...I,ID->...D", gelu(gate) * up, p["down"])
+  """GeGLU: down(gelu(x @ gate) * (x @ up)). x: [..., D]; weights float or quant.QArray."""
+  gate = quant.einsum("...D,DI->...I", x, p["gate"])
+  up = quant.einsum("...D,DI->...I", x, p["up"])
+  return quant.einsum("...I,ID->...D", gelu(gate) * up, p["down"])
 
 
 def route(x: jax.Array, p: dict, *, top_k: int, eps: float) -> tuple[jax.Array, jax.Array]:
@@ -122,9 +124,9 @@ def route(x: jax.Array, p: dict, *, top_k: int, eps: float) -> tuple[jax.Array, 
 def _expert_ffn_gathered(x, weights, experts, p):
   """Few tokens: gather the k chosen experts' weights per token ([M, k, D, 2X] reads)."""
   x_dim = p["down"].shape[1]
-  gate_up = jnp.einsum("MD,MkDF->MkF", x, p["gate_up"][experts])
+  gate_up = quant.einsum("MD,MkDF->MkF", x, quant.take(p["gate_up"], experts))
   h = gelu(gate_up[..., :x_dim]) * gate_up[..., x_dim:]
-  out = jnp.einsum("MkX,MkXD->MkD", h, p["down"][experts])
+  out = quant.einsum("MkX,MkXD->MkD", h, quant.take(p["down"], experts))
   return jnp.einsum("MkD,Mk->MD", out.astype(F32), weights).astype(x.dtype)
 
 
@@ -137,9 +139,10 @@ def _expert_ffn_grouped(x, weights, experts, p):
   token_of = order // k
   group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
   xs = x[token_of]                                                   # [M*k, D]
-  gate_up = jax.lax.ragged_dot(xs, p["gate_up"], group_sizes)        # [M*k, 2X]
+  row_experts = flat[order]
+  gate_up = quant.ragged_dot(xs, p["gate_up"], group_sizes, row_groups=row_experts)  # [M*k, 2X]
   h = gelu(gate_up[:, :x_dim]) * gate_up[:, x_dim:]
-  out = jax.lax.ragged_dot(h, p["down"], group_sizes)                # [M*k, D]
+  out = quant.ragged_dot(h, p["down"], group_sizes, row_groups=row_experts)        # [M*k, D]
   out = out.astype(F32) * weights.reshape(-1)[order][:, None]
   return jnp.zeros((m, x.shape[-1]), F32).at[token_of].add(out).astype(x.dtype)
 

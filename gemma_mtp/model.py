@@ -20,6 +20,7 @@ import numpy as np
 
 from gemma_mtp import kv_cache as kvc
 from gemma_mtp import layers
+from gemma_mtp import quant
 from gemma_mtp.config import FULL, SLIDING, ModelConfig
 from gemma_mtp.kv_cache import KVCache
 
@@ -60,7 +61,7 @@ class ForwardOutput:
 def embed_tokens(params: dict, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
   """x0 = E[tok] * sqrt(D), the scale rounded to the parameter dtype as the reference does. [B,T,D]."""
   table = params["embed"]
-  x = jnp.take(table, tokens, axis=0) * jnp.asarray(cfg.embed_scale, table.dtype)
+  x = quant.lookup(table, tokens) * jnp.asarray(cfg.embed_scale, table.dtype)
   return x.astype(cfg.dtype)
 
 
@@ -71,8 +72,9 @@ def per_layer_inputs(params: dict, tokens: jax.Array, x0: jax.Array, cfg: ModelC
   n = cfg.num_layers  # a layer prefix (self-drafter) uses the first n layers' slices
   tok = jnp.where((tokens >= 0) & (tokens < table.shape[0]), tokens, 0)
   scale = jnp.asarray(np.sqrt(cfg.per_layer_dim), table.dtype)
-  ple_tok = jnp.take(table, tok, axis=0)[:, :, :n] * scale
-  ctx = jnp.einsum("BTD,DLP->BTLP", x0, p["proj"][:, :n].astype(x0.dtype)) * (cfg.embed_dim**-0.5)
+  ple_tok = quant.lookup(table, tok)[:, :, :n] * scale
+  proj = quant.slice_axis(p["proj"], 1, n).astype(x0.dtype)
+  ctx = quant.einsum("BTD,DLP->BTLP", x0, proj) * (cfg.embed_dim**-0.5)
   ctx = layers.rms_norm(ctx, p["norm"], eps=cfg.rms_eps)
   return ((ctx + ple_tok.astype(x0.dtype)) * (2.0**-0.5)).astype(x0.dtype)
 
@@ -90,8 +92,8 @@ def project_kv(p: dict, xn: jax.Array, positions: jax.Array, cfg: ModelConfig, k
 
   Full layers with k_eq_v take their values from the raw key projection.
   """
-  k_raw = jnp.einsum("BTD,DKH->BTKH", xn, p["k"])
-  v_raw = jnp.einsum("BTD,DKH->BTKH", xn, p["v"]) if "v" in p else k_raw
+  k_raw = quant.einsum("BTD,DKH->BTKH", xn, p["k"])
+  v_raw = quant.einsum("BTD,DKH->BTKH", xn, p["v"]) if "v" in p else k_raw
   k = layers.apply_rope(layers.rms_norm(k_raw, p["k_norm"], eps=cfg.rms_eps), positions,
                         _inv_freq(cfg, kind))
   v = layers.rms_norm(v_raw, eps=cfg.rms_eps)
@@ -99,7 +101,7 @@ def project_kv(p: dict, xn: jax.Array, positions: jax.Array, cfg: ModelConfig, k
 
 
 def project_q(p: dict, xn: jax.Array, positions: jax.Array, cfg: ModelConfig, kind: str):
-  q = jnp.einsum("BTD,DNH->BTNH", xn, p["q"])
+  q = quant.einsum("BTD,DNH->BTNH", xn, p["q"])
   return layers.apply_rope(layers.rms_norm(q, p["q_norm"], eps=cfg.rms_eps), positions,
                            _inv_freq(cfg, kind))
 
@@ -117,20 +119,20 @@ def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig) -> jax.Array:
   """One decoder layer; `attend(xn) -> [B, T, N, H]` does the layer's attention."""
   xn = layers.rms_norm(x, p["pre_attn_norm"], eps=cfg.rms_eps)
-  a = jnp.einsum("BTNH,NHD->BTD", attend(xn), p["attn"]["o"])
+  a = quant.einsum("BTNH,NHD->BTD", attend(xn), p["attn"]["o"])
   x = x + layers.rms_norm(a, p["post_attn_norm"], eps=cfg.rms_eps)
   x = x + feed_forward(p, x, cfg)
   if ple is not None:
-    g = layers.gelu(jnp.einsum("BTD,DP->BTP", x, p["ple"]["gate"])) * ple
-    x = x + layers.rms_norm(jnp.einsum("BTP,PD->BTD", g, p["ple"]["proj"]), p["ple"]["norm"],
-                            eps=cfg.rms_eps)
+    g = layers.gelu(quant.einsum("BTD,DP->BTP", x, p["ple"]["gate"])) * ple
+    x = x + layers.rms_norm(quant.einsum("BTP,PD->BTD", g, p["ple"]["proj"]),
+                            p["ple"]["norm"], eps=cfg.rms_eps)
   return x * p["layer_scalar"].astype(x.dtype)
 
 
 def lm_head(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
   """Tied head with the final softcap; float32 logits [B, T, V]."""
-  logits = jnp.einsum("BTD,VD->BTV", hidden, params["embed"].astype(hidden.dtype),
-                      preferred_element_type=F32)
+  logits = quant.einsum("BTD,VD->BTV", hidden, params["embed"].astype(hidden.dtype),
+                        preferred_element_type=F32)
   return layers.softcap(logits, cfg.final_logit_softcap)
 
 
@@ -139,14 +141,15 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   """The decoder layers of `forward` (embedding through the last layer; no final norm or head).
 
   `config` may describe a prefix of the layers of `params` (the self-drafter): only the first
-  `config.num_layers` layers run, and with a cache only their K/V are written.
+  `config.num_layers` layers run, and with a cache only their K/V are written. `params` may be
+  int8-quantized (quant.py): quantized weights stay int8 and are dequantized inside their matmuls.
 
   Returns:
     (x [B, T, D] residual stream after the last layer, kv_now: per layer the (k, v, kv_idx) it
      attended to, cache with this chunk's K/V written or None).
   """
   cfg = config
-  params = jax.tree_util.tree_map(lambda w: w.astype(cfg.dtype), params)
+  params = quant.cast(params, cfg.dtype)
   b, t = tokens.shape
   if cache is None:
     start = jnp.zeros((b,), jnp.int32) if start is None else start.astype(jnp.int32)
@@ -197,7 +200,8 @@ def forward(params: dict, tokens: jax.Array, *, config: ModelConfig,
   """Runs the decoder on `tokens` [B, T].
 
   Args:
-    params: parameter tree (params.py); cast to `config.dtype` on use.
+    params: parameter tree (params.py), float or int8-quantized (quant.py); cast to
+      `config.dtype` on use (quantized weights stay int8 and are dequantized inside their matmuls).
     tokens: [B, T] int32 token ids.
     config: the architecture (static).
     cache: None for causal attention within `tokens`; else the chunk follows `cache.length`.

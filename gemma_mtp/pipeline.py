@@ -30,6 +30,7 @@ from gemma_mtp import distill
 from gemma_mtp import drafter as drafter_lib
 from gemma_mtp import metrics
 from gemma_mtp import params as params_lib
+from gemma_mtp import quant
 from gemma_mtp import tokenizer as tokenizer_lib
 from gemma_mtp import train
 from gemma_mtp.config import ModelConfig
@@ -319,7 +320,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
   times["target_train_s"] = time.perf_counter() - t
 
   # The drafter trains against the frozen target as it will run: bf16 compute.
-  frozen = jax.tree_util.tree_map(lambda w: w.astype(tcfg.dtype), tparams)
+  frozen = quant.cast(tparams, tcfg.dtype)
   dcfg = drafter_lib.for_target(tcfg, **cfg.drafter)
   t = time.perf_counter()
 

@@ -56,6 +56,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from gemma_mtp import checkpoint
 from gemma_mtp import drafter_kinds
 from gemma_mtp import params as params_lib
+from gemma_mtp import quant
 from gemma_mtp.config import ModelConfig
 from gemma_mtp.kv_cache import KVCache
 
@@ -225,8 +226,25 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 # ---- parameters ------------------------------------------------------------------------------
 
 def param_shardings(specs, mesh: jax.sharding.Mesh, *, rules: Rules = LOGICAL_AXIS_RULES):
-  """NamedSharding tree (structure of `specs`, a ParamSpec tree) from each weight's axes."""
-  return params_lib.map_specs(lambda s: logical_sharding(s.axes, s.shape, mesh, rules=rules), specs)
+  """NamedSharding tree (structure of `specs`, a ParamSpec tree) from each weight's axes.
+
+  For int8 trees pass `quant.quantized_specs(cfg)`: a QArray's values are sharded by the weight's
+  axes and its scales by the same axes minus the contracted ones (which have size 1), so a shard
+  of the values finds its scales on its own device.
+  """
+
+  def one(s):
+    if not quant.is_quantized(s):
+      return logical_sharding(s.axes, s.shape, mesh, rules=rules)
+    # The scales take the values' layout on the output axes (contracted axes have size 1).
+    q = partition_spec(s.q.axes, s.q.shape, mesh, rules=rules)
+    scale = [None if n == 1 else entry for n, entry in zip(s.scale.shape, q)]
+    while scale and scale[-1] is None:
+      scale.pop()
+    return s.replace(q=NamedSharding(mesh, q), scale=NamedSharding(mesh, PartitionSpec(*scale)))
+
+  return jax.tree_util.tree_map(one, specs,
+                                is_leaf=lambda x: params_lib.is_spec(x) or quant.is_quantized(x))
 
 
 def abstract_params_sharded(specs, cfg, mesh: jax.sharding.Mesh, *,
@@ -235,10 +253,9 @@ def abstract_params_sharded(specs, cfg, mesh: jax.sharding.Mesh, *,
 
   It is the `target` for `checkpoint.load_params` and for `jax.jit(...).lower(...)`.
   """
-  return params_lib.map_specs(
-      lambda s: jax.ShapeDtypeStruct(s.shape, params_lib.spec_dtype(s, cfg),
-                                     sharding=logical_sharding(s.axes, s.shape, mesh, rules=rules)),
-      specs)
+  return jax.tree_util.tree_map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, params_lib.spec_dtype(s, cfg), sharding=sh),
+      specs, param_shardings(specs, mesh, rules=rules), is_leaf=params_lib.is_spec)
 
 
 def shard_params(params, specs, mesh: jax.sharding.Mesh, *, rules: Rules = LOGICAL_AXIS_RULES):
@@ -268,8 +285,10 @@ def init_drafter_sharded(dcfg, key: jax.Array, mesh: jax.sharding.Mesh, *,
 
 
 def shard_target(target, mesh: jax.sharding.Mesh, *, rules: Rules = LOGICAL_AXIS_RULES):
-  """A copy of `target` (`api.Target` or any dataclass with .config and .params) re-sharded."""
-  specs = params_lib.param_specs(target.config)
+  """A copy of `target` (`api.Target` or any dataclass with .config and .params) re-sharded.
+
+  Float or int8-quantized params (`quant.quantize_params`)."""
+  specs = quant.specs_like(target.params, target.config)
   return dataclasses.replace(target, params=shard_params(target.params, specs, mesh, rules=rules))
 
 
@@ -298,7 +317,8 @@ def load_sharded(path, cfg: ModelConfig | None, mesh: jax.sharding.Mesh, *,
   Args:
     path: a Hugging Face directory (safetensors, read one tensor at a time; each process places
       only the shards of its own devices) or an Orbax directory written by
-      `checkpoint.save_params` (restored straight into the sharded abstract tree).
+      `checkpoint.save_params` (restored straight into the sharded abstract tree; int8-quantized
+      checkpoints come back quantized, scales sharded like their weights' output axes).
     cfg: the architecture and dtypes to load as; None reads it from the checkpoint. A given cfg
       must describe the stored architecture (dtypes may differ: arrays are cast on load).
     mesh: see `make_mesh`.
@@ -315,6 +335,7 @@ def load_sharded(path, cfg: ModelConfig | None, mesh: jax.sharding.Mesh, *,
     raise ValueError(f"{path} is neither a Hugging Face directory (config.json + safetensors) nor "
                      "a gemma_mtp Orbax checkpoint (model_config.json + params/)")
   chosen = {}
+  quantization = checkpoint.stored_quantization(path)
 
   def target(saved_cfg: ModelConfig):
     # Called with the stored config before any array is read.
@@ -323,7 +344,9 @@ def load_sharded(path, cfg: ModelConfig | None, mesh: jax.sharding.Mesh, *,
       raise ValueError(f"{path} holds a different architecture than the cfg passed to "
                        f"load_sharded: stored {saved_cfg}, given {use}")
     chosen["cfg"] = use
-    return abstract_params_sharded(params_lib.param_specs(use), use, mesh, rules=rules)
+    specs = (params_lib.param_specs(use) if quantization is None else
+             quant.quantized_specs(use, embeddings=quantization["embeddings"]))
+    return abstract_params_sharded(specs, use, mesh, rules=rules)
 
   _, params = checkpoint.load_params(path, target=target)
   return chosen["cfg"], params

@@ -11,6 +11,9 @@ process:
       127.0.0.1:PORT; sharded load, forward and train step over all processes' devices against
       the single-device result computed locally; writes DIR/result_<id>.json. Reads the
       checkpoints that `make_checkpoints` wrote into DIR.
+  python -m tests.sharding_worker quant DIR
+      8 fake devices; int8-quantized params (quant.py) on (data, model) = (2, 4); writes
+      DIR/result.json (used by tests/test_quant.py).
 
 Each record is {name: {"err": max |sharded - single| (normalised, see `rel_err`), ...}}; the
 test decides the tolerances.
@@ -341,6 +344,48 @@ def run_multiprocess(out_dir: pathlib.Path, process_id: int, num_processes: int,
   return res
 
 
+# ---- int8 weights on 8 devices (tests/test_quant.py) -----------------------------------------
+
+def run_quant(out_dir: pathlib.Path) -> dict:
+  """Quantized params placed by `param_shardings(quantized_specs)` on (data, model) = (2, 4):
+  forward logits vs one device, scale layouts, a sharded load of a quantized Orbax checkpoint."""
+  import jax
+  import numpy as np
+  from gemma_mtp import checkpoint
+  from gemma_mtp import params as params_lib
+  from gemma_mtp import quant
+  from gemma_mtp import sharding
+
+  assert jax.device_count() == 8, jax.devices()
+  res: dict = {}
+  mesh = sharding.make_mesh("data=2,model=4")
+  for cname, c in (("ple", ple_config()), ("moe", moe_config())):
+    qp = quant.quantize_params(params_lib.init_params(c, jax.random.PRNGKey(0)), c,
+                               embeddings=True)
+    qspecs = quant.quantized_specs(c, embeddings=True)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (8, 16), 0, c.vocab_size)
+    want = np.asarray(forward_logits(qp, tokens, c))
+    placed = sharding.shard_params(qp, qspecs, mesh)
+    got = forward_logits(placed, sharding.shard_batch(tokens, mesh), c)
+    q = placed["layers"][0]["attn"]["q"]
+    res[f"forward_{cname}"] = {
+        "err": rel_err(got, want),
+        "q_spec": str(q.q.sharding.spec), "q_scale_spec": str(q.scale.sharding.spec),
+        "o_spec": str(placed["layers"][0]["attn"]["o"].q.sharding.spec),
+        "o_scale_spec": str(placed["layers"][0]["attn"]["o"].scale.sharding.spec),
+        "int8": all(x.q.dtype == np.int8 for x in jax.tree_util.tree_leaves(
+            placed, is_leaf=quant.is_quantized) if quant.is_quantized(x))}
+    if cname == "ple":
+      checkpoint.save_params(out_dir / "qckpt", qp, c)
+      _, loaded = sharding.load_sharded(out_dir / "qckpt", None, mesh)
+      same_layout = all(
+          a.sharding.is_equivalent_to(b.sharding, a.ndim)
+          for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(placed)))
+      res["load_sharded"] = {"err": tree_err(loaded, qp), "same_layout": same_layout,
+                             "quantized": quant.describe(loaded)}
+  return res
+
+
 def main(argv):
   case, out_dir = argv[1], pathlib.Path(argv[2])
   t0 = time.perf_counter()
@@ -353,8 +398,12 @@ def main(argv):
     _set_device_count(4)
     res = run_multiprocess(out_dir, process_id, num_processes, port)
     name = f"result_{process_id}.json"
+  elif case == "quant":
+    _set_device_count(8)
+    res = run_quant(out_dir)
+    name = "result.json"
   else:
-    raise SystemExit(f"unknown case {case!r}; expected 'meshes' or 'multiprocess'")
+    raise SystemExit(f"unknown case {case!r}; expected 'meshes', 'multiprocess' or 'quant'")
   res["seconds"] = round(time.perf_counter() - t0, 2)
   (out_dir / name).write_text(json.dumps(res, indent=1))
 

@@ -72,7 +72,7 @@ def _wait(proc: subprocess.Popen, log: pathlib.Path, result: pathlib.Path) -> di
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """{'meshes': record, 'processes': [record of process 0, of process 1]}."""
+  """{'meshes': record, 'processes': [record of process 0, of process 1], 'quant': record}."""
   meshes_dir = tmp_path_factory.mktemp("meshes")
   multi_dir = tmp_path_factory.mktemp("multiprocess")
   meshes = _start(["meshes", str(meshes_dir)], meshes_dir / "log")
@@ -82,7 +82,10 @@ def runs(tmp_path_factory):
            for i in range(2)]
   out = {"processes": [_wait(p, multi_dir / f"log_{i}", multi_dir / f"result_{i}.json")
                        for i, p in enumerate(procs)]}
+  quant_dir = tmp_path_factory.mktemp("quant")
+  quant = _start(["quant", str(quant_dir)], quant_dir / "log")
   out["meshes"] = _wait(meshes, meshes_dir / "log", meshes_dir / "result.json")
+  out["quant"] = _wait(quant, quant_dir / "log", quant_dir / "result.json")
   return out
 
 
@@ -181,6 +184,20 @@ def test_parse_mesh_shape_errors(shape, message):
 
 
 MESH_2x4 = {"data": 2, "fsdp": 1, "model": 4}
+
+
+def test_int8_params_on_8_devices(runs):
+  """int8 weights (quant.py) placed by param_shardings(quantized_specs) on (data, model) = (2, 4):
+  logits equal one device's, scales follow their weights' output axes, a quantized Orbax
+  checkpoint loads straight into the same layout."""
+  res = runs["quant"]
+  for cname in ("ple", "moe"):
+    rec = res[f"forward_{cname}"]
+    assert rec["err"] <= FORWARD_TOL and rec["int8"], rec
+    assert rec["q_spec"] == "P(None, 'model')" == rec["q_scale_spec"], rec     # q [D, N, H]
+    assert rec["o_spec"] == "P('model',)" and rec["o_scale_spec"] == "P()", rec  # o [N, H, D]
+  rec = res["load_sharded"]
+  assert rec["err"] == 0.0 and rec["same_layout"] and rec["quantized"]["embeddings"], rec
 
 
 def test_partition_spec_rules():

@@ -36,7 +36,7 @@ def random_drafter(target_cfg, *, seed=5, convention="hf", num_centroids=0):
   return Drafter(dcfg, drafter_lib.init_params(dcfg, jax.random.PRNGKey(seed)))
 
 
-def agreeing_pair(target_cfg, *, residual_scale, seed=0):
+def agreeing_pair(target_cfg, *, residual_scale, seed=0, target=None):
   """A target whose next token is mostly a function of the current token, and a drafter computing
   exactly that function.
 
@@ -44,9 +44,10 @@ def agreeing_pair(target_cfg, *, residual_scale, seed=0):
   stream is the token embedding, so logits = head(norm(E[tok])) and the drafter below agrees
   always; 0.3: the context sometimes changes the argmax, so drafts are accepted and rejected).
   The drafter maps [e, h] -> e (pre_proj = [I; 0]), its blocks add nothing, and its head is the
-  target's embedding with the target's final norm.
+  target's embedding with the target's final norm. `target`: the float target to start from
+  (default `random_target(target_cfg, seed)`).
   """
-  target = gemma_mtp.random_target(target_cfg, seed=seed)
+  target = target or gemma_mtp.random_target(target_cfg, seed=seed)
   params = jax.tree_util.tree_map(lambda x: x, target.params)
   for layer in params["layers"]:  # the post-norms set the scale of what each branch adds
     layer["post_attn_norm"] = layer["post_attn_norm"] * residual_scale
