@@ -10,9 +10,10 @@ import pytest
 def _free_compiled_programs():
   """Drops every compiled program after each test module.
 
-  The jit caches keep each test's executables (and their LLVM code) for the life of the process;
-  across the whole suite that reached several GB and XLA's CPU compiler crashed mid-suite on a
-  24 GB machine. Modules do not share compiled programs, so nothing is recompiled because of this.
+  The jit caches keep every test's executables for the life of the process. Late in the full
+  suite XLA's CPU compiler crashed twice at the same test (which passes on its own), while the
+  machine was also running another test suite; freeing the programs module by module bounds what
+  one process holds. Programs shared between modules are compiled again, which costs little.
   """
   yield
   jax.clear_caches()
