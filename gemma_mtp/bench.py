@@ -14,6 +14,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import math
+import os
 import time
 from typing import Any, Callable
 
@@ -248,23 +249,30 @@ def copy_bandwidth(num_bytes: int = 4 << 30, repeats: int = 10, inner: int = 8) 
           "variants_gb_per_s": variants}
 
 
-def compile_all(jobs: dict[str, Callable[[], Any]], threads: int) -> tuple[dict, dict]:
-  """Runs `jobs` (each lowers and compiles one program) on `threads` threads.
+def side_by_side(fn, items, threads: int | None = None) -> list[Any]:
+  """[fn(x) for x in items] on `threads` threads (default: a quarter of the CPUs, at most 8).
 
-  XLA compiles outside the GIL, so independent programs compile side by side. Returns
-  ({name: result}, {name: seconds}).
+  XLA compiles outside the GIL, so the first (compiling) calls of independent programs overlap.
+  Not for timing what the calls run.
   """
-  results, seconds = {}, {}
+  threads = threads or max(1, min(8, (os.cpu_count() or 1) // 4))
+  with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+    return list(pool.map(fn, items))
 
-  def timed(name, fn):
+
+def compile_all(jobs: dict[str, Callable[[], Any]], threads: int) -> tuple[dict, dict]:
+  """Runs `jobs` (each lowers and compiles one program) side by side on `threads` threads.
+
+  Returns ({name: result}, {name: seconds}).
+  """
+  def timed(fn):
     t0 = time.perf_counter()
     out = fn()
-    return name, out, time.perf_counter() - t0
+    return out, time.perf_counter() - t0
 
-  with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-    for name, out, sec in pool.map(lambda item: timed(*item), jobs.items()):
-      results[name], seconds[name] = out, sec
-  return results, seconds
+  done = side_by_side(timed, list(jobs.values()), threads)
+  return ({n: out for n, (out, _) in zip(jobs, done)},
+          {n: sec for n, (_, sec) in zip(jobs, done)})
 
 
 @dataclasses.dataclass(frozen=True)

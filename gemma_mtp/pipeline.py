@@ -7,7 +7,6 @@ cosine schedule) is fixed to fill the budget, so one command fits a device lease
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -101,16 +100,6 @@ def train_model(loss_fn, params, loader, *, seconds: float, lr: float, warmup: i
   return state.params, history, steps
 
 
-def side_by_side(fn, items: Sequence[Any], threads: int | None = None) -> list[Any]:
-  """[fn(x) for x in items] on `threads` threads (default: a quarter of the CPUs, at most 8):
-  XLA compiles outside the GIL, so the first (compiling) calls of different programs overlap.
-  Not for timing."""
-  import os  # pylint: disable=g-import-not-at-top
-  threads = threads or max(1, min(8, (os.cpu_count() or 1) // 4))
-  with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
-    return list(pool.map(fn, items))
-
-
 def eval_prompts(tokens: np.ndarray, *, num: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
   """`num` prompts of `prompt_len` tokens cut at random offsets of an eval token stream."""
   rng = np.random.default_rng(seed)
@@ -147,7 +136,8 @@ def evaluate_pair(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_
     entry.update({k: v for k, v in out.stats.items() if k != "bucket_trace"})
     return entry
 
-  results["acceptance"] = side_by_side(accept, acceptance_runs)   # untimed: compile in parallel
+  # Untimed, so the runs (and their compilations) go side by side.
+  results["acceptance"] = bench.side_by_side(accept, acceptance_runs)
   for entry in results["acceptance"]:
     log.info("acceptance %s", entry)
   fixed = [e for e in results["acceptance"] if not e["adaptive"] and e["temperature"] == 0.0]
@@ -160,7 +150,7 @@ def evaluate_pair(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_
     calls.append(functools.partial(api.generate, target, list(prompts[:b]), drafter=drafter,
                                    spec_config=metrics.spec_config(buckets, adaptive, draft_cost),
                                    **kw))
-  side_by_side(lambda call: call(), calls)
+  bench.side_by_side(lambda call: call(), calls)
   for temperature, b, buckets, adaptive in runs:
     r = metrics.compare(target, drafter, list(prompts[:b]), max_new_tokens=max_new_tokens,
                         draft_lengths=buckets, adaptive=adaptive, temperature=temperature,
@@ -209,7 +199,8 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
                              spec_config=metrics.spec_config(buckets, True, draft_cost))
   kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature, seed=1)
   first = next(iter(workloads.values()))[0]
-  side_by_side(lambda c: api.generate(target, [first], **kw, **c), list(configs.values()))
+  bench.side_by_side(lambda c: api.generate(target, [first], **kw, **c),
+                     list(configs.values()))
   totals: dict[str, dict[str, float]] = {}
   entries = []
   for wname, prompts in workloads.items():
