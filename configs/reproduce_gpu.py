@@ -2,14 +2,15 @@ r"""The GPU reproduction: the largest target that trains (with its drafter) in o
 
   python experiments/reproduce_gpu.py --config=configs/reproduce_gpu.py --config.out_dir=runs/gpu
 
-Target: D = 512, 12 layers (3 sliding : 1 full), 8k vocabulary, ~45M parameters. Why this size:
-on one H200 the demo target (10M) trained at 30 ms per 64 x 512-token step, mostly fixed
-per-step overhead, so this model, ~20x the demo's FLOPs per token, measured 79 ms per step (not
-600 ms). 150 s of target training is ~1,900 steps = ~60M tokens, ~1.3 tokens per parameter and
-about one pass over the corpus (stdlib + 150 MB of the machine's installed Python packages): a
-bigger model would see fewer tokens than it has parameters in the same time. The rest of the 9
-minutes: data (~30 s), compilation, the drafter (75 s), and the evaluation (acceptance per draft
-length, speed at batch 1 and 8, code / prose / mixed workloads; ~2.5 min).
+Target: D = 512, 12 layers (3 sliding : 1 full), 8k vocabulary, 51M parameters. Why this size:
+on one H200 the demo target (10M) trained at 30 ms per 64 x 512-token step (experiments/NOTES.md),
+mostly fixed per-step overhead, so this one, ~5x the parameters, runs at 79 ms per step
+(`experiments/results/reproduce_gpu_h200_metrics.jsonl`). 150 s of target training gave 1,753
+steps = 57M tokens (`reproduce_gpu_h200.json`): ~1.1 tokens per parameter and ~1.2 passes over
+the 47M-token corpus (stdlib + 150 MB of the machine's installed Python packages). A bigger model
+would see fewer tokens than it has parameters in the same time. The rest of the 9 minutes: data,
+compilation, the drafter (75 s) and the evaluation (acceptance per draft length, speed at batch 1
+and 8, code / prose / mixed workloads); 517 s in all.
 """
 
 import importlib.util
