@@ -9,6 +9,8 @@ One JSON record per run (rewritten after every part, so a run cut short keeps wh
   verify    one forward of K + 1 positions relative to one decode step (batch 1, first context);
   drafter   one step of the released drafter shape of each model relative to one target step;
   predict   Leviathan speedups from those costs for acceptance 0.6-0.9;
+  int8      batch-1 decode (first context) of the --int8_models shapes with int8 weight-only
+            weights (quant.py, embeddings included) next to the same run's bf16 step;
   e2e       end-to-end `generate` (prompt 512, 128 new tokens, batch 1) of the E2B and 31B
             shapes, plain and with a random assistant at K = 4, tokens/s (compare with `hf`);
   hf        the same shapes through `transformers` `generate` (torch; run it as its own process,
@@ -47,6 +49,7 @@ from gemma_mtp import config as config_lib
 from gemma_mtp import drafter as drafter_lib
 from gemma_mtp import metrics
 from gemma_mtp import params as params_lib
+from gemma_mtp import quant
 
 _MODELS = flags.DEFINE_list("models", ["gemma4_e2b", "gemma4_e4b", "gemma4_31b", "gemma4_26b_a4b"],
                             "model presets (config.PRESETS; 'tiny' for smoke tests)")
@@ -57,6 +60,8 @@ _CONTEXTS = flags.DEFINE_list("contexts", ["1024", "8192"], "decode context leng
 _VERIFY_K = flags.DEFINE_list("verify_k", ["1", "2", "4", "8"], "draft lengths K (K+1 positions)")
 _VERIFY_MODELS = flags.DEFINE_list("verify_models", ["gemma4_e2b", "gemma4_e4b", "gemma4_31b"],
                                    "models whose verification cost is measured ('tiny' too)")
+_INT8_MODELS = flags.DEFINE_list("int8_models", ["gemma4_31b", "gemma4_e4b"],
+                                 "models whose int8 decode is measured (int8 part)")
 _SHORT = flags.DEFINE_integer("short_steps", 8, "steps of the short timed run")
 _LONG = flags.DEFINE_integer("long_steps", 40, "steps of the long timed run")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per length (best is kept)")
@@ -182,6 +187,18 @@ def measure_model(name: str, copy_gbs: float, parts: set[str]) -> dict:
         "timing": t}
     logging.info("%s drafter: %.3f ms/step = %.1f%% of a target step", name,
                  entry["drafter"]["ms_per_step"], 100 * entry["drafter"]["relative_to_target_step"])
+  if "int8" in parts and name in _INT8_MODELS.value and base and not _late(f"{name} int8"):
+    case = bench.DecodeCase(1, contexts[0])
+    qparams = quant.quantize_params(params, cfg, embeddings=True)
+    del params
+    prog = bench.lower_decode(qparams, cfg, case, _LONG.value)
+    t = bench.time_decode(prog, qparams, cfg, case, short=_SHORT.value, long=_LONG.value,
+                          repeats=_REPEATS.value)
+    q = bench.summarize_decode(cfg, case, t, copy_gbs, params=qparams)
+    q["speedup_over_bf16"] = base["ms_per_step"] / q["ms_per_step"]
+    entry["int8"] = q
+    logging.info("%s int8: %.3f ms/step (%.2fx bf16), %.0f%% of copy", name, q["ms_per_step"],
+                 q["speedup_over_bf16"], 100 * q["bandwidth_fraction"])
   if "predict" in parts and "verify" in entry and "drafter" in entry:
     costs = {v["draft_length"]: v["relative_to_decode"] for v in entry["verify"]}
     entry["predicted_speedups"] = bench.leviathan_table(
@@ -335,7 +352,7 @@ def main(argv):
     copy_gbs = record["copy"]["gb_per_s"]
     logging.info("copy bandwidth: %.0f GB/s", copy_gbs)
     save()
-  if parts & {"decode", "verify", "drafter", "predict"}:
+  if parts & {"decode", "verify", "drafter", "predict", "int8"}:
     if copy_gbs is None:
       raise app.UsageError("decode figures need the copy part (bandwidth_fraction)")
     for name in _MODELS.value:

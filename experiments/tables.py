@@ -97,6 +97,19 @@ def pair_tables(rec: dict) -> list[str]:
   return out
 
 
+def int8_table(rec: dict) -> list[str]:
+  out = [_row("shape, batch 1", "bf16 ms / step", "int8 ms / step", "int8 tokens/s", "speedup",
+              "int8 bytes / step (GB)", "fraction of copy bandwidth"), _row(*["---"] * 7)]
+  for name, m in rec["models"].items():
+    q = m.get("int8")
+    if q:
+      out.append(_row(name.replace("gemma4_", ""), f"{q['ms_per_step'] * q['speedup_over_bf16']:.2f}",
+                      f"{q['ms_per_step']:.2f}", f"{q['tokens_per_second']:.0f}",
+                      f"{q['speedup_over_bf16']:.2f}x", f"{q['bytes_per_step'] / 1e9:.1f}",
+                      f"{q['bandwidth_fraction']:.0%}"))
+  return out
+
+
 def tp_table(rec: dict) -> list[str]:
   out = [_row("31B-shaped decode, batch 1", "ms / token", "tokens/s",
               "GB/s per GPU (weights + cache)"), _row(*["---"] * 4)]
@@ -123,6 +136,7 @@ def main():
       ("Verification and drafter cost relative to one decode step", cost_table,
        "benchmark_h200.json"),
       ("Side by side with transformers", side_by_side_table, "benchmark_h200.json"),
+      ("int8 weight-only decode", int8_table, "benchmark_h200.json"),
       ("GPU-trained pair (reproduce_gpu_h200.json)", pair_tables, "reproduce_gpu_h200.json"),
       ("Tensor parallelism (tp_decode_31b_2xh200.json)", tp_table, "tp_decode_31b_2xh200.json"),
       ("New domain (new_domain_h200.json)", domain_table, "new_domain_h200.json"),

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from gemma_mtp import drafter as drafter_lib
 from gemma_mtp import kv_cache as kvc
+from gemma_mtp import layers
 from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
 from gemma_mtp.config import ModelConfig
@@ -71,31 +72,33 @@ def _nbytes(tree) -> int:
 def expected_experts_read(cfg: ModelConfig, tokens: int) -> float:
   """Expert weight matrices one MoE layer reads for `tokens` routed tokens.
 
-  Decode gathers k experts per token (`layers.moe`: tokens * k while that is <= E), so repeats are
-  read again; otherwise the grouped path reads each distinct expert once (expected number of
-  distinct experts under uniform routing, which random weights give).
+  Decode gathers k experts per token (`layers.gathers_experts`), so repeats are read again;
+  otherwise the grouped path reads each distinct expert once (expected number of distinct
+  experts under uniform routing, which random weights give).
   """
   e, k = cfg.num_experts, cfg.num_experts_per_token
-  if tokens * k <= e:
+  if layers.gathers_experts(tokens, k, e):
     return float(tokens * k)
   return e * (1.0 - (1.0 - k / e) ** tokens)
 
 
-def weight_bytes_per_step(cfg: ModelConfig, batch: int, tokens_per_row: int = 1) -> dict[str, float]:
+def weight_bytes_per_step(cfg: ModelConfig, batch: int, tokens_per_row: int = 1, *,
+                          params=None) -> dict[str, float]:
   """Weight bytes one forward of `batch` x `tokens_per_row` positions must read.
 
   Every matrix is read once, the tied embedding once (by the output head; the input lookup reads
   B rows), the per-layer embedding table only at the B looked-up rows, and MoE experts only for
-  the experts routed to (see `expected_experts_read`).
+  the experts routed to (see `expected_experts_read`). `params`: the actual tree (e.g. int8 with
+  its scales) instead of `cfg`'s float parameters.
   Returns {'total', 'dense', 'experts_routed', 'experts_all'} in bytes.
   """
-  abstract = params_lib.abstract_params(cfg)
+  abstract = params_lib.abstract_params(cfg) if params is None else params
   total = float(_nbytes(abstract))
   experts_all = 0.0
   experts_routed = 0.0
   if "ple" in abstract:
     table = abstract["ple"]["embed"]
-    row = math.prod(table.shape[1:]) * jnp.dtype(table.dtype).itemsize
+    row = _nbytes(table) / table.shape[0]
     total -= _nbytes(table) - batch * tokens_per_row * row
   for layer in abstract["layers"]:
     if "moe" in layer:
@@ -324,11 +327,11 @@ def time_decode(compiled, params, cfg: ModelConfig, case: DecodeCase, *, short: 
   return res
 
 
-def summarize_decode(cfg: ModelConfig, case: DecodeCase, timing: dict, copy_gb_per_s: float
-                     ) -> dict:
+def summarize_decode(cfg: ModelConfig, case: DecodeCase, timing: dict, copy_gb_per_s: float, *,
+                     params=None) -> dict:
   """Figures of one decode measurement: latency, tokens/s, bytes, bandwidth and its fraction."""
   per_step = timing["per_step_s"]
-  w = weight_bytes_per_step(cfg, case.batch, case.chunk)
+  w = weight_bytes_per_step(cfg, case.batch, case.chunk, params=params)
   kv = kv_bytes(cfg, case.batch, case.context)
   read = w["total"] + kv
   gbs = read / per_step / 1e9

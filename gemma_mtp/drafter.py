@@ -251,10 +251,10 @@ def tap_masks(taps: dict, *, convention: str, window: int, start: jax.Array, las
 def head(params: dict, z: jax.Array, cfg: DrafterConfig) -> jax.Array:
   """Float32 logits [B, V] from the final-normed drafter state z [B, Da]."""
   if not cfg.num_centroids:
-    return jnp.einsum("BD,VD->BV", z, params["embed"], preferred_element_type=F32)
+    return quant.einsum("BD,VD->BV", z, params["embed"], preferred_element_type=F32)
   b = z.shape[0]
   per_cluster = cfg.vocab_size // cfg.num_centroids
-  c = jnp.einsum("BD,CD->BC", z, params["centroids"], preferred_element_type=F32)
+  c = quant.einsum("BD,CD->BC", z, params["centroids"], preferred_element_type=F32)
   _, top = jax.lax.top_k(c, cfg.centroid_top_k)                          # [B, k]
   clusters = params["token_ordering"].reshape(cfg.num_centroids, per_cluster)
   ids = clusters[top].reshape(b, -1)                                     # [B, k * V / C]
@@ -282,7 +282,7 @@ def step_seq(params: dict, cfg: DrafterConfig, *, target_params: dict,
   params = quant.cast(params, dtype)
   e = model_lib.embed_tokens(target_params, tokens, target_config).astype(dtype)
   u = jnp.concatenate([e, hidden.astype(dtype)], axis=-1)              # [B, T, 2 Dt]
-  z = jnp.einsum("BTE,ED->BTD", u, params["pre_proj"])
+  z = quant.einsum("BTE,ED->BTD", u, params["pre_proj"])
   for i, p in enumerate(params["layers"]):
     kind = cfg.layer_types[i]
     tap, visible = taps[kind], masks[kind]
@@ -293,7 +293,7 @@ def step_seq(params: dict, cfg: DrafterConfig, *, target_params: dict,
 
     z = model_lib.block(p, z, attend, None, cfg)
   z = layers.rms_norm(z, params["final_norm"], eps=cfg.rms_eps)        # [B, T, Da]
-  h_out = jnp.einsum("BTD,DE->BTE", z, params["post_proj"])
+  h_out = quant.einsum("BTD,DE->BTE", z, params["post_proj"])
   b, t = tokens.shape
   logits = head(params, z.reshape(b * t, -1), cfg).reshape(b, t, -1)
   return logits, h_out

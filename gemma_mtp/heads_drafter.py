@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from gemma_mtp import layers
 from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
+from gemma_mtp import quant
 from gemma_mtp import sampling
 from gemma_mtp.config import ModelConfig
 
@@ -123,11 +124,11 @@ def logits_seq(params: dict, cfg: ParallelHeadsConfig, *, target_params: dict,
   p = jax.tree_util.tree_map(lambda w: w[heads].astype(dtype), params)
   e = model_lib.embed_tokens(target_params, tokens, target_config).astype(dtype)
   u = jnp.concatenate([e, hidden.astype(dtype)], axis=-1)              # [B, T, 2D]
-  z = jnp.einsum("BTE,HED->BTHD", u, p["in_proj"])
+  z = quant.einsum("BTE,HED->BTHD", u, p["in_proj"])
   zn = layers.rms_norm(z, p["pre_norm"], eps=cfg.rms_eps)
-  gate = jnp.einsum("BTHD,HDI->BTHI", zn, p["mlp"]["gate"])
-  up = jnp.einsum("BTHD,HDI->BTHI", zn, p["mlp"]["up"])
-  z = z + jnp.einsum("BTHI,HID->BTHD", layers.gelu(gate) * up, p["mlp"]["down"])
+  gate = quant.einsum("BTHD,HDI->BTHI", zn, p["mlp"]["gate"])
+  up = quant.einsum("BTHD,HDI->BTHI", zn, p["mlp"]["up"])
+  z = z + quant.einsum("BTHI,HID->BTHD", layers.gelu(gate) * up, p["mlp"]["down"])
   z = layers.rms_norm(z, p["final_norm"], eps=cfg.rms_eps)             # [B, T, Hs, D]
   b, t, hs, d = z.shape
   logits = model_lib.lm_head(target_params, z.reshape(b, t * hs, d), target_config)

@@ -147,6 +147,17 @@ def _expert_ffn_grouped(x, weights, experts, p):
   return jnp.zeros((m, x.shape[-1]), F32).at[token_of].add(out).astype(x.dtype)
 
 
+def gathers_experts(tokens: int, top_k: int, num_experts: int) -> bool:
+  """The static choice of `moe`: gather k expert matrices per token, or grouped matmuls.
+
+  Gathering reads an expert once per (token, expert) pair, grouped matmuls once per distinct
+  expert but with more fixed cost. On an H200 (26B-A4B shapes, 128 experts, k = 8) gathering
+  wins at 8 pairs (batch-1 decode 5.5 vs 14.2 ms) and loses at 64 (batch 8: 17.7 vs 16.5 ms;
+  experiments/results/decode_probe_h200.json), hence the cut at a quarter of the experts.
+  """
+  return tokens * top_k <= num_experts // 4
+
+
 def moe(residual: jax.Array, p: dict, *, top_k: int, eps: float) -> jax.Array:
   """Routed experts of the Gemma 4 MoE block (the shared dense MLP is applied by the caller).
 
@@ -160,9 +171,7 @@ def moe(residual: jax.Array, p: dict, *, top_k: int, eps: float) -> jax.Array:
   x = residual.reshape(-1, shape[-1])
   weights, experts = route(x, p, top_k=top_k, eps=eps)
   xn = rms_norm(x, p["pre_norm"], eps=eps)
-  # Static choice: gathering reads k expert matrices per token, grouped matmuls read each expert
-  # once; gather wins while there are fewer (token, expert) pairs than experts (decode).
-  if x.shape[0] * top_k <= p["down"].shape[0]:
+  if gathers_experts(x.shape[0], top_k, p["down"].shape[0]):
     out = _expert_ffn_gathered(xn, weights, experts, p)
   else:
     out = _expert_ffn_grouped(xn, weights, experts, p)

@@ -206,14 +206,55 @@ def nbytes(params: Any) -> int:
 
 # ---- ops that accept a quantized or a float weight ---------------------------------------------
 
+# Backends on which a matmul whose activation has a single row runs on two rows (the second one
+# zeros, its result dropped). XLA's GPU compiler turns a one-row dot (batch-1 decoding) into an
+# elementwise multiply plus a reduction instead of a GEMM kernel. On an H200 that reduction is up
+# to 2.3x slower for small weights (E4B's q projection [2560, 2048]: 25 us vs 11 us on two rows;
+# a 26B-A4B expert [2816, 1408]: 22 us vs 13 us) and made a batch-1 decode step slower than a
+# 2-position one; padding took E2B's batch-1 step from 3.68 to 2.63 ms and E4B's from 5.41 to
+# 4.11 ms (experiments/results/decode_probe_h200.json). Large weights stream about as fast
+# either way (31B's MLP [5376, 21504]: 3.61 TB/s as a reduction, 3.55 on two rows).
+PAD_ONE_ROW_BACKENDS = ("gpu",)
+
+
+def pad_one_row() -> bool:
+  """Whether one-row matmuls are padded to two rows on the backend being traced for."""
+  return jax.default_backend() in PAD_ONE_ROW_BACKENDS
+
+
+def _one_row(spec: str, x: jax.Array) -> bool:
+  """True when x's rows (its axes not shared with the weight) number one and lead its shape."""
+  ins, out = spec.replace(" ", "").split("->")
+  x_letters, w_letters = ins.split(",")
+  if x_letters.startswith("..."):
+    if not out.startswith("..."):
+      return False
+    row_axes = range(x.ndim - len(x_letters) + 3)
+    row_axes = list(row_axes) + [x.ndim - len(x_letters) + 3 + i
+                                 for i, c in enumerate(x_letters[3:]) if c not in w_letters]
+  else:
+    if x_letters[0] in w_letters or not out.startswith(x_letters[0]):
+      return False
+    row_axes = [i for i, c in enumerate(x_letters) if c not in w_letters]
+  return x.ndim > 0 and all(x.shape[a] == 1 for a in row_axes)
+
+
 def einsum(spec: str, x: jax.Array, w: QArray | jax.Array, *,
            preferred_element_type=None) -> jax.Array:
   """`jnp.einsum(spec, x, w)` with w a float array or a QArray.
 
   For a QArray: einsum(x, q) in float32 accumulation, times the scales arranged along the output
   axes, cast to `preferred_element_type` (default: the result type of x and w.dtype). Every output
-  channel axis of w must appear in the output (true of every weight of the model).
+  channel axis of w must appear in the output (true of every weight of the model). A one-row x is
+  padded to two rows where `pad_one_row()` says so (same values: row 0 is computed alone).
   """
+  if pad_one_row() and _one_row(spec, x):
+    x2 = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
+    return _einsum(spec, x2, w, preferred_element_type=preferred_element_type)[:1]
+  return _einsum(spec, x, w, preferred_element_type=preferred_element_type)
+
+
+def _einsum(spec, x, w, *, preferred_element_type):
   if not is_quantized(w):
     return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
   out_dtype = preferred_element_type or jnp.result_type(x.dtype, jnp.dtype(w.dtype))

@@ -175,7 +175,8 @@ def test_moe_block_equals_dequantized():
   p = quant.quantize_params(_init(MOE), MOE)["layers"][0]["moe"]
   assert quant.is_quantized(p["gate_up"]) and not quant.is_quantized(p["router"])
   moe = jax.jit(lambda p, x: layers.moe(x, p, top_k=MOE.num_experts_per_token, eps=MOE.rms_eps))
-  for rows in (24, 2):    # 48 (token, expert) pairs > 8 experts: grouped; 4 <= 8: gathered
+  for rows in (24, 1):    # 48 (token, expert) pairs > 8 / 4: grouped; 2 <= 8 / 4: gathered
+    assert layers.gathers_experts(rows, MOE.num_experts_per_token, MOE.num_experts) == (rows == 1)
     x = jax.random.normal(jax.random.PRNGKey(rows), (rows, MOE.embed_dim))
     _assert_close(moe(p, x), moe(quant.dequantize_params(p), x))
 
@@ -244,3 +245,37 @@ def test_scale_shardings_follow_weights():
         q = tuple(s.q.spec) + (None,) * 4
         for i, entry in enumerate(tuple(s.scale.spec)):
           assert entry is None or entry == q[i]
+
+
+@pytest.mark.parametrize("spec,shape,one_row", [
+    ("BTD,DNH->BTNH", (1, 1, 8), True), ("BTD,DNH->BTNH", (1, 2, 8), False),
+    ("BTD,DNH->BTNH", (2, 1, 8), False), ("...D,DI->...I", (1, 1, 8), True),
+    ("...D,DI->...I", (3, 8), False), ("BTHD,HDI->BTHI", (1, 1, 4, 8), True),
+    ("MD,MkDF->MkF", (1, 8), False),    # the rows axis is shared with the weight: not padded
+])
+def test_one_row_detection(spec, shape, one_row):
+  assert quant._one_row(spec, jnp.zeros(shape)) == one_row  # pylint: disable=protected-access
+
+
+def test_one_row_padding_keeps_values_and_greedy_decoding(monkeypatch, ple_params):
+  """The GPU's two-row padding of one-row matmuls (forced on the CPU here) changes no value of
+  note: float and int8 matmuls agree, and plain greedy decoding emits the same tokens."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 1, PLE.embed_dim))
+  w = jax.random.normal(jax.random.PRNGKey(1), (PLE.embed_dim, 3, 5))
+  qw = quant.quantize(w, (0,))
+  spec = "BTD,DNH->BTNH"
+  plain = [quant.einsum(spec, x, v) for v in (w, qw)]
+  target = gemma_mtp.Target(PLE, ple_params)
+  prompt = PROMPTS[:1]                                # batch 1: decoding matmuls have one row
+  tokens = gemma_mtp.generate(target, prompt, max_new_tokens=12).tokens
+  monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
+  jax.clear_caches()
+  assert quant.pad_one_row()
+  text = jax.jit(lambda a, b: quant.einsum(spec, a, b)).lower(x, w).as_text()
+  assert "tensor<2x1x" in text                        # the matmul ran on two rows
+  for v, ref in zip((w, qw), plain):
+    got = quant.einsum(spec, x, v)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  assert jnp.array_equal(gemma_mtp.generate(target, prompt, max_new_tokens=12).tokens, tokens)
+  jax.clear_caches()
