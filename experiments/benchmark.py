@@ -355,6 +355,7 @@ def main(argv):
   if parts & {"decode", "verify", "drafter", "predict", "int8"}:
     if copy_gbs is None:
       raise app.UsageError("decode figures need the copy part (bandwidth_fraction)")
+    record["models"] = {}   # (--update) no model entry of an older run is kept beside new ones
     for name in _MODELS.value:
       if _late(name):
         break

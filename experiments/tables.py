@@ -130,6 +130,69 @@ def domain_table(rec: dict) -> list[str]:
   return out
 
 
+def _params(d: dict) -> str:
+  n = f"{d['params'] / 1e6:.2f}M"
+  if d["kind"] == "self" and d["int8_weights"]:
+    return f"{n} (int8 copies of {d['runs_target_layers']} target layers + adapter)"
+  if d["kind"] == "self":
+    return f"{n} + {d['runs_target_layers']} target layers ({d['target_layer_params'] / 1e6:.2f}M)"
+  if d["kind"] == "parallel_heads":
+    return f"{n} + the target's head"
+  return n
+
+
+def variants_tables(rec: dict) -> list[str]:
+  """The drafter-variants comparison (gemma_mtp/variants.py) of one record."""
+  ev, cfg = rec["evaluation"], rec["config"]
+  big, small = max(cfg["batches"]), sorted(b for b in cfg["batches"] if b != max(cfg["batches"]))
+  err = rec["int8"]["logit_error"]
+  dtype = rec["target"]["config"]["dtype"]
+  plain = {(e["target"], e["batch"], e["workload"]): e for e in ev["plain"]}
+  int8_plain = ", ".join(f"batch {b} {plain['int8', b, 'mixed']['speedup_vs_float']:.2f}x"
+                         for b in sorted(cfg["batches"]))
+  dist = ", ".join(f"{k} {d['steps']} steps" for k, d in rec["distilled"].items())
+  out = [f"Target {rec['target']['params'] / 1e6:.1f}M parameters ({dtype}); held-out code and "
+         f"prose, {cfg['prompts']} + {cfg['prompts']} prompts of {cfg['prompt_len']} tokens at "
+         f"batch {big}, {cfg['small_batch_prompts']} + {cfg['small_batch_prompts']} at batch "
+         f"{', '.join(map(str, small))}, {cfg['max_new_tokens']} new tokens, greedy. Distilled: "
+         f"{dist}; {rec['times']['total_s']:.0f} s end to end.",
+         f"int8 target: {rec['int8']['param_bytes'] / 1e6:.1f} MB of weights against "
+         f"{rec['target']['param_bytes'] / 1e6:.1f} MB; logit error on held-out code "
+         f"({err['positions']} positions, {err['compute_dtype']}): rms {err['rms_rel']:.3f} of "
+         f"the logits, top-1 agreement {err['top1_agreement']:.3f}; plain int8 decoding against "
+         f"plain {dtype}: {int8_plain}.", ""]
+  ks = list(cfg["buckets"])
+  speed_cols = [f"speedup batch {b}" for b in sorted(cfg["batches"])]
+  out += [_row("variant", "target", "drafter parameters",
+               "tokens / target forward, code, K = " + " / ".join(map(str, ks)), "prose",
+               "acceptance by position, code, largest K", *speed_cols, "greedy = plain"),
+          _row(*["---"] * (7 + len(speed_cols)))]
+  for v in ev["variants"]:
+    runs = {(r["k"], r["batch"], r["workload"]): r for r in v["runs"]}
+    tpf = lambda w, runs=runs, v=v: " / ".join(
+        f"{runs[k, big, w]['tokens_per_forward']:.2f}" if (k, big, w) in runs else "-"
+        for k in ks)
+    acc = " ".join(f"{a:.2f}" for a in runs[max(v["draft_lengths"]), big, "code"]
+                   ["acceptance_by_position"])
+    speeds = []
+    for b in sorted(cfg["batches"]):
+      r = runs[v["fastest_k"], b, "mixed"]
+      vs = f", {r['speedup_vs_float']:.2f}x vs {dtype}" if "speedup_vs_float" in r else ""
+      speeds.append(f"{r['speedup']:.2f}x (K={v['fastest_k']}{vs})")
+    rows = [r["rows_equal"] for r in v["runs"] if r["workload"] == "mixed"]
+    equal = "yes" if min(rows) == 1.0 else f"{min(rows):.0%} to {max(rows):.0%} of rows"
+    out.append(_row(v["name"], v["target"], _params(v["drafter"]), tpf("code"), tpf("prose"),
+                    acc, *speeds, equal))
+  out += ["", _row(f"batch-{big} speedup, code + prose (tokens / forward)",
+                   *[f"K={k}" for k in ks]), _row(*["---"] * (1 + len(ks)))]
+  for v in ev["variants"]:
+    runs = {r["k"]: r for r in v["runs"] if r["batch"] == big and r["workload"] == "mixed"}
+    out.append(_row(v["name"], *[
+        f"{runs[k]['speedup']:.2f}x ({runs[k]['tokens_per_forward']:.1f})" if k in runs else "-"
+        for k in ks]))
+  return out
+
+
 def main():
   sections = [
       ("Decode (benchmark_h200.json)", decode_table, "benchmark_h200.json"),
@@ -140,6 +203,7 @@ def main():
       ("GPU-trained pair (reproduce_gpu_h200.json)", pair_tables, "reproduce_gpu_h200.json"),
       ("Tensor parallelism (tp_decode_31b_2xh200.json)", tp_table, "tp_decode_31b_2xh200.json"),
       ("New domain (new_domain_h200.json)", domain_table, "new_domain_h200.json"),
+      ("Drafter variants (variants_h200.json)", variants_tables, "variants_h200.json"),
   ]
   for title, fn, name in sections:
     if (RESULTS / name).is_file():

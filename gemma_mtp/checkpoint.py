@@ -1434,6 +1434,9 @@ def _drafter_config_from_json(d: Any, where: str, kind: str = "assistant"):
   d = dict(d)
   if "layer_types" in d:
     d["layer_types"] = tuple(d["layer_types"])
+  for name, value in d.items():   # a nested ModelConfig (a self-drafter's int8_layers)
+    if isinstance(value, dict):
+      d[name] = _config_from_json(value, f"{where} ({name})")
   try:
     return cls(**d)
   except (TypeError, ValueError) as e:
@@ -1530,11 +1533,6 @@ def is_hf_drafter_dir(path: PathLike) -> bool:
     return False
 
 
-def _cast_floats(tree: Any, dtype: str) -> Any:
-  return jax.tree_util.tree_map(
-      lambda w: w.astype(dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w, tree)
-
-
 def with_convention(dcfg, convention: str, *, where: str):
   """`dcfg` with another tap convention; ValueError for drafters that have none (not assistants)."""
   if dcfg.kind != _drafter_lib().DrafterConfig.kind:
@@ -1563,7 +1561,7 @@ def load_drafter(path: PathLike, target_cfg: ModelConfig, *,
       dcfg = with_convention(dcfg, convention, where=str(path))
     check_drafter_matches(dcfg, target_cfg)
     dcfg = dcfg.replace(dtype=target_cfg.dtype, param_dtype=target_cfg.param_dtype)
-    return dcfg, _cast_floats(tree, dcfg.param_dtype)
+    return dcfg, quant.cast(tree, dcfg.param_dtype)   # int8 weights (and their scales) stay
   if is_hf_dir(path):
     dcfg = read_hf_drafter_config(path, target_cfg, convention=convention or "hf")
     check_drafter_matches(dcfg, target_cfg)

@@ -91,5 +91,6 @@ def describe(cfg) -> str:
   if cfg.kind == PARALLEL_HEADS:
     return (f"parallel-heads drafter ({n:.2f}M params, {cfg.num_heads} heads, MLP "
             f"{cfg.mlp_dim}, {cfg.dtype})")
-  return (f"self-drafter (first {cfg.num_layers} target layers, adapter rank "
+  layers = "int8 copies of the first" if cfg.int8_layers is not None else "first"
+  return (f"self-drafter ({layers} {cfg.num_layers} target layers, adapter rank "
           f"{cfg.adapter_rank}: {n:.2f}M params, {cfg.dtype})")

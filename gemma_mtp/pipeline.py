@@ -37,22 +37,6 @@ from gemma_mtp.config import ModelConfig
 log = logging.getLogger(__name__)
 
 
-def budgeted_steps(loss_fn, make_state, loader, *, seconds: float, calib_steps: int = 20,
-                   max_steps: int = 1_000_000) -> int:
-  """Steps that fit in `seconds`, from the time of `calib_steps` steps after compilation."""
-  state = make_state(100)
-  state, _ = train.train_step(state, loader.batch_at(0), loss_fn)
-  jax.block_until_ready(state.params)
-  t0 = time.perf_counter()
-  for i in range(1, calib_steps + 1):
-    state, m = train.train_step(state, loader.batch_at(i), loss_fn)
-  jax.block_until_ready(m)
-  per_step = (time.perf_counter() - t0) / calib_steps
-  steps = int(min(max_steps, max(calib_steps, seconds / per_step)))
-  log.info("calibration: %.1f ms/step -> %d steps in %.0f s", per_step * 1e3, steps, seconds)
-  return steps
-
-
 def add_train_files(corpus: data.Corpus, roots: Sequence[str], *, max_bytes: int) -> data.Corpus:
   """Adds the files under `roots` to the train split only ('site-packages' or 'site-packages/X'
   name this interpreter's installed packages).
@@ -82,6 +66,21 @@ def add_train_files(corpus: data.Corpus, roots: Sequence[str], *, max_bytes: int
   return data.Corpus(corpus.train_files + tuple(chosen), corpus.eval_files, stats)
 
 
+def build_split(out_dir: str | pathlib.Path, *, corpus_roots: Sequence[str] = (),
+                eval_fraction: float, extra_train_roots: Sequence[str] = (),
+                extra_train_max_bytes: int = 0) -> tuple[data.Corpus, pathlib.Path]:
+  """The train / held-out split of `run` (and of the shipped demo pair), written to `out_dir`.
+
+  Held-out files are the standard library's (or `corpus_roots`') chosen by path hash
+  (`data.is_eval`), so the split is the same on every machine; `extra_train_roots` add training
+  files only (`add_train_files`). Returns (corpus, the directory `data.write_corpus` wrote).
+  """
+  corpus = data.build_corpus(list(corpus_roots) or None, eval_fraction=eval_fraction)
+  if extra_train_roots:
+    corpus = add_train_files(corpus, extra_train_roots, max_bytes=extra_train_max_bytes)
+  return corpus, data.write_corpus(corpus, out_dir)
+
+
 def train_model(loss_fn, params, loader, *, seconds: float, lr: float, warmup: int, seed: int,
                 eval_fn=None, metrics_file=None, steps: int = 0) -> tuple[Any, list[dict], int]:
   """AdamW with warmup + cosine decay for `steps` (0: as many as fit in `seconds`)."""
@@ -93,7 +92,7 @@ def train_model(loss_fn, params, loader, *, seconds: float, lr: float, warmup: i
                                    train.make_optimizer(opt), rng=jax.random.PRNGKey(seed))
 
   if not steps:
-    steps = budgeted_steps(loss_fn, make_state, loader, seconds=seconds)
+    steps = train.budgeted_steps(loss_fn, make_state, loader, seconds=seconds)
   state, history = train.fit(loss_fn, make_state(steps), loader, steps=steps, eval_fn=eval_fn,
                              eval_every=max(steps // 4, 1), log_every=max(steps // 20, 1),
                              metrics_file=metrics_file)
@@ -280,10 +279,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
   times: dict[str, float] = {}
   t0 = time.perf_counter()
 
-  corpus = data.build_corpus(list(cfg.corpus_roots) or None, eval_fraction=cfg.eval_fraction)
-  if cfg.extra_train_roots:
-    corpus = add_train_files(corpus, cfg.extra_train_roots, max_bytes=cfg.extra_train_max_bytes)
-  corpus_dir = data.write_corpus(corpus, out / "corpus")
+  corpus, corpus_dir = build_split(
+      out / "corpus", corpus_roots=cfg.corpus_roots, eval_fraction=cfg.eval_fraction,
+      extra_train_roots=cfg.extra_train_roots, extra_train_max_bytes=cfg.extra_train_max_bytes)
   times["corpus_s"] = time.perf_counter() - t0
 
   t = time.perf_counter()

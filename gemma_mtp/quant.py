@@ -204,6 +204,19 @@ def nbytes(params: Any) -> int:
              for x in jax.tree_util.tree_leaves(params))
 
 
+def logit_error(logits: jax.Array, ref: jax.Array) -> dict[str, float]:
+  """How far `logits` [..., V] (e.g. of the int8 model) are from `ref` (the float model's).
+
+  Returns {"rms_rel": rms(logits - ref) / rms(ref), "top1_agreement": share of positions with the
+  same argmax, "kl": mean KL(softmax(ref) || softmax(logits)) in nats}.
+  """
+  logits, ref = jnp.asarray(logits, F32), jnp.asarray(ref, F32)
+  kl = jnp.sum(jax.nn.softmax(ref) * (jax.nn.log_softmax(ref) - jax.nn.log_softmax(logits)), -1)
+  return {"rms_rel": float(jnp.sqrt(jnp.mean((logits - ref) ** 2) / jnp.mean(ref ** 2))),
+          "top1_agreement": float(jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(ref, -1))),
+          "kl": float(jnp.mean(kl))}
+
+
 # ---- ops that accept a quantized or a float weight ---------------------------------------------
 
 # Backends on which a matmul whose activation has a single row runs on two rows (the second one
@@ -331,5 +344,5 @@ def _path_name(path) -> str:
 
 
 __all__ = ["QArray", "quantize", "dequantize", "quantize_params", "dequantize_params",
-           "quantized_specs", "specs_like", "cast", "describe", "nbytes", "einsum", "ragged_dot",
-           "take", "lookup", "is_quantized"]
+           "quantized_specs", "specs_like", "cast", "describe", "nbytes", "logit_error", "einsum",
+           "ragged_dot", "take", "lookup", "is_quantized"]

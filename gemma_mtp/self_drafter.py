@@ -18,7 +18,16 @@ commit as usual. The ring holds window + K + 1 slots, so these writes never evic
 position needs. KV-shared layers are handled as in the target: with N past the first shared
 layer, the prefix config shares the same layers (their sources lie in the prefix).
 
-Parameter tree: {} without adapter, else adapter: {a [D, r], b [r, D]}.
+int8 layers: `with_int8_layers` gives a self-drafter that runs int8 copies of the N layers (taken
+from the int8-quantized target, `quant.quantize_params`) while the target it drafts for keeps its
+float weights, so a draft step reads half the layer bytes. The copies are the drafter's own
+parameters (`layers`); the embedding / head, PLE table and final norm stay the target's. Its draft
+steps attend to the committed K/V of the float target (already in the cache) and to their own int8
+K/V of the draft positions, which the verify forward overwrites as above: drafts differ from the
+float prefix's only by the int8 rounding, and verification stays exact whatever they are.
+
+Parameter tree: adapter: {a [D, r], b [r, D]} (with adapter_rank > 0), layers: [N layer trees with
+`quant.QArray` matmul weights] (with int8 layers); {} for neither.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import jax.numpy as jnp
 from gemma_mtp import layers
 from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
+from gemma_mtp import quant
 from gemma_mtp import sampling
 from gemma_mtp.config import ModelConfig
 
@@ -48,6 +58,9 @@ class SelfDrafterConfig:
     adapter_rank: r of the residual adapter before the final norm; 0 for none.
     dtype: the target's compute dtype (layers and adapter run in the target's dtype).
     param_dtype: the adapter's stored dtype.
+    int8_layers: None: the drafter runs the target's own first N layers. Else the N-layer prefix
+      config of its target (`prefix_config`): the drafter carries int8 copies of those layers
+      (`with_int8_layers`) and runs them instead.
   """
 
   kind: ClassVar[str] = "self"  # see drafter_kinds.py
@@ -58,11 +71,15 @@ class SelfDrafterConfig:
   adapter_rank: int = 0
   dtype: str = "bfloat16"
   param_dtype: str = "bfloat16"
+  int8_layers: ModelConfig | None = None
 
   def __post_init__(self):
     if self.num_layers < 1 or self.adapter_rank < 0:
       raise ValueError(f"num_layers={self.num_layers} must be >= 1 and adapter_rank="
                        f"{self.adapter_rank} >= 0")
+    if self.int8_layers is not None and self.int8_layers.num_layers != self.num_layers:
+      raise ValueError(f"int8_layers has {self.int8_layers.num_layers} layers, expected "
+                       f"num_layers={self.num_layers}")
 
   def replace(self, **kw) -> "SelfDrafterConfig":
     return dataclasses.replace(self, **kw)
@@ -87,6 +104,11 @@ def check_matches(cfg: SelfDrafterConfig, target: ModelConfig) -> list[str]:
   if cfg.num_layers > target.num_layers:
     problems.append(f"self-drafter num_layers {cfg.num_layers} > the target's "
                     f"{target.num_layers} layers")
+  elif cfg.int8_layers is not None:
+    shapes = lambda c: params_lib.map_specs(lambda s: s.shape, params_lib.param_specs(c)["layers"])
+    if shapes(cfg.int8_layers) != shapes(prefix_config(target, cfg.num_layers)):
+      problems.append("the self-drafter's int8 layers are not shaped as the target's first "
+                      f"{cfg.num_layers} layers")
   return problems
 
 
@@ -99,17 +121,45 @@ def prefix_config(target: ModelConfig, num_layers: int) -> ModelConfig:
 
 
 def param_specs(cfg: SelfDrafterConfig) -> dict[str, Any]:
-  if not cfg.adapter_rank:
-    return {}
-  d, r = cfg.target_embed_dim, cfg.adapter_rank
-  return {"adapter": {
-      "a": params_lib.ParamSpec((d, r), ("embed", None)),
-      "b": params_lib.ParamSpec((r, d), (None, "embed"), init="zeros"),
-  }}
+  specs = {}
+  if cfg.adapter_rank:
+    d, r = cfg.target_embed_dim, cfg.adapter_rank
+    specs["adapter"] = {
+        "a": params_lib.ParamSpec((d, r), ("embed", None)),
+        "b": params_lib.ParamSpec((r, d), (None, "embed"), init="zeros"),
+    }
+  if cfg.int8_layers is not None:
+    specs["layers"] = quant.quantized_specs(cfg.int8_layers)["layers"]
+  return specs
 
 
 def init_params(cfg: SelfDrafterConfig, key: jax.Array):
+  if cfg.int8_layers is not None:
+    raise ValueError("a self-drafter's int8 layers are copies of its target's: build it with "
+                     "with_int8_layers")
   return params_lib.init_from_specs(param_specs(cfg), cfg, key)
+
+
+def with_int8_layers(cfg: SelfDrafterConfig, params: dict, quantized_target_params: dict,
+                     target: ModelConfig) -> tuple[SelfDrafterConfig, dict]:
+  """The self-drafter (`cfg`, `params`: its adapter, if any) on int8 copies of its N layers.
+
+  Args:
+    quantized_target_params: the target's parameters quantized by `quant.quantize_params` (e.g.
+      `api.quantize_target(target).params`); only its first N layers are kept.
+    target: the target's config (the drafter still drafts for the float target).
+  Returns:
+    (config with `int8_layers`, params with `layers`: the N int8 layer trees).
+  """
+  layers_ = quantized_target_params["layers"][:cfg.num_layers]
+  if not any(quant.is_quantized(w) for w in
+             jax.tree_util.tree_leaves(layers_, is_leaf=quant.is_quantized)):
+    raise ValueError("with_int8_layers needs quantized target params (quant.quantize_params)")
+  qcfg = cfg.replace(int8_layers=prefix_config(target, cfg.num_layers))
+  problems = check_matches(qcfg, target)
+  if problems:
+    raise ValueError("; ".join(problems))
+  return qcfg, {**{k: v for k, v in params.items() if k != "layers"}, "layers": list(layers_)}
 
 
 def logits_seq(params: dict, cfg: SelfDrafterConfig, *, target_params: dict,
@@ -121,6 +171,8 @@ def logits_seq(params: dict, cfg: SelfDrafterConfig, *, target_params: dict,
     the chunk written, or None).
   """
   pcfg = prefix_config(target_config, cfg.num_layers)
+  if cfg.int8_layers is not None:   # the drafter's own int8 copies of the layers
+    target_params = {**target_params, "layers": params["layers"]}
   x, _, cache = model_lib.run_layers(target_params, tokens, config=pcfg, cache=cache)
   if cfg.adapter_rank:
     a = params["adapter"]

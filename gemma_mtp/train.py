@@ -292,6 +292,27 @@ def _eval_step(params, batch, loss_arrays, loss_static, rng):
   return {**metrics, "loss": loss}
 
 
+def budgeted_steps(loss_fn: LossFn, make_state: Callable[[int], TrainState], loader, *,
+                   seconds: float, calib_steps: int = 20, max_steps: int = 1_000_000) -> int:
+  """Steps that fit in `seconds`, from the time of `calib_steps` steps after compilation.
+
+  `make_state(total_steps)` makes a fresh state whose schedule lasts `total_steps`; the
+  calibration runs on one (its step compiles once more for the real schedule: the optimizer is a
+  static part of the state).
+  """
+  state = make_state(100)
+  state, _ = train_step(state, loader.batch_at(0), loss_fn)
+  jax.block_until_ready(state.params)
+  t0 = time.perf_counter()
+  for i in range(1, calib_steps + 1):
+    state, m = train_step(state, loader.batch_at(i), loss_fn)
+  jax.block_until_ready(m)
+  per_step = (time.perf_counter() - t0) / calib_steps
+  steps = int(min(max_steps, max(calib_steps, seconds / per_step)))
+  log.info("calibration: %.1f ms/step -> %d steps in %.0f s", per_step * 1e3, steps, seconds)
+  return steps
+
+
 def make_eval_fn(loss_fn: LossFn, batches: Sequence[dict], *, seed: int = 0
                  ) -> Callable[[Any], dict[str, float]]:
   """eval_fn(params) -> mean of "loss" and every metric of `loss_fn` over fixed `batches`."""
@@ -642,17 +663,31 @@ def _fit_and_export(loss_fn: LossFn, init_params: Callable[[jax.Array], Any], *,
                     workdir: pathlib.Path, optimizer: OptimizerConfig, seq_len: int,
                     batch_size: int, steps: int, seed: int, log_every: int, eval_every: int,
                     eval_batches: int, ckpt_every: int, keep_checkpoints: int, resume: bool,
-                    export_dtype: str, ckpt_metadata: Mapping[str, Any]) -> TrainState:
+                    export_dtype: str, ckpt_metadata: Mapping[str, Any],
+                    seconds: float = 0.0) -> TrainState:
   """The loop shared by the recipes: trains (or resumes) and exports to `<workdir>/<kind>`.
 
   `init_params(key)` makes fresh parameters; `save(out, params, cfg, step=...)` writes the export
-  (`checkpoint.save_params` or `save_drafter`) with `cfg` in `export_dtype`.
+  (`checkpoint.save_params` or `save_drafter`) with `cfg` in `export_dtype`. With `seconds` > 0 the
+  run (and the optimizer's schedule) lasts as many steps as fit in `seconds` (`budgeted_steps`),
+  at most `steps`.
   """
   loader = data.make_loader(corpus_dir, "train", tok, seq_len=seq_len, batch_size=batch_size,
                             seed=seed)
   eval_fn = _eval_fn(corpus_dir, tok, loss_fn, seq_len=seq_len, batch_size=batch_size,
                      eval_batches=eval_batches)
   k_init, k_train = jax.random.split(jax.random.PRNGKey(seed))
+
+  def make_state(total: int) -> TrainState:
+    opt = dataclasses.replace(optimizer, total_steps=total,
+                              warmup_steps=min(optimizer.warmup_steps, total - 1))
+    # A copy of the key: train steps donate the state's buffers.
+    return TrainState.create(init_params(k_init), make_optimizer(opt), rng=jnp.array(k_train))
+
+  if seconds > 0:
+    steps = budgeted_steps(loss_fn, make_state, loader, seconds=seconds, max_steps=steps)
+    optimizer = dataclasses.replace(optimizer, total_steps=steps,
+                                    warmup_steps=min(optimizer.warmup_steps, steps - 1))
   state = TrainState.create(init_params(k_init), make_optimizer(optimizer), rng=k_train)
   state, _ = fit(loss_fn, state, loader, steps=steps, eval_fn=eval_fn, eval_every=eval_every,
                  ckpt_dir=workdir / "checkpoints", ckpt_every=ckpt_every,
@@ -740,6 +775,7 @@ def train_drafter(
     batch_size: int = 32,
     optimizer: OptimizerConfig = OptimizerConfig(),
     steps: int = 10_000,
+    seconds: float = 0.0,
     seed: int = 0,
     log_every: int = 50,
     eval_every: int = 1000,
@@ -761,6 +797,8 @@ def train_drafter(
     draft_steps: drafter steps unrolled per position in the loss.
     step_weights: loss weight of each draft step (default all 1).
     loss_type: 'kl' (to the target's distribution) or 'ce' (to the target's greedy token).
+    seconds: > 0: train for as many steps as fit in this many seconds (after compilation; at
+      most `steps`), with the optimizer's schedule fitted to them.
     Other arguments as in `train_target`.
   """
   from gemma_mtp import drafter_kinds  # pylint: disable=g-import-not-at-top
@@ -795,7 +833,8 @@ def train_drafter(
                             "target": str(target_path), "draft_steps": draft_steps,
                             "step_weights": step_weights, "loss_type": loss_type,
                             "optimizer": dataclasses.asdict(optimizer), "seq_len": seq_len,
-                            "batch_size": batch_size, "steps": steps, "seed": seed})
+                            "batch_size": batch_size, "steps": steps, "seconds": seconds,
+                            "seed": seed})
   loss_fn = jax.tree_util.Partial(
       functools.partial(_drafter_loss, dcfg=dcfg, tcfg=tcfg, steps=draft_steps,
                         step_weights=step_weights, loss_type=loss_type),
@@ -806,5 +845,5 @@ def train_drafter(
       corpus_dir=corpus_dir, tok=tok, workdir=workdir, optimizer=optimizer, seq_len=seq_len,
       batch_size=batch_size, steps=steps, seed=seed, log_every=log_every, eval_every=eval_every,
       eval_batches=eval_batches, ckpt_every=ckpt_every, keep_checkpoints=keep_checkpoints,
-      resume=resume, export_dtype=export_dtype,
+      resume=resume, export_dtype=export_dtype, seconds=seconds,
       ckpt_metadata={"kind": "drafter", "target": str(target_path)})

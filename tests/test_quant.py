@@ -142,11 +142,8 @@ def test_real_sizes_store_half_of_bf16(preset):
 
 def _logit_error(logits, ref):
   """(rms(err) / rms(ref), top-1 agreement, mean KL(ref || logits)) over positions."""
-  err = float(jnp.sqrt(jnp.mean((logits - ref) ** 2) / jnp.mean(ref ** 2)))
-  top1 = float(jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(ref, -1)))
-  kl = float(jnp.mean(jnp.sum(jax.nn.softmax(ref) * (jax.nn.log_softmax(ref) -
-                                                     jax.nn.log_softmax(logits)), -1)))
-  return err, top1, kl
+  e = quant.logit_error(logits, ref)
+  return e["rms_rel"], e["top1_agreement"], e["kl"]
 
 
 def _assert_close(got, want):
