@@ -8,11 +8,17 @@ r"""Acceptance and speed of a target + drafter pair on held-out code or any fold
       --target=runs/target_small/target --tokenizer=data/stdlib/tokenizer.model
   # an untrained self-drafter: the demo target's first 2 layers (c = 2 of 8 layers)
   python experiments/evaluate.py --self_draft_layers=2 --draft_cost=0.25
+  # draft trees next to chains (assistant drafter, 'clean' convention): widths per depth
+  python experiments/evaluate.py --convention=clean --draft_lengths=3,4 \
+      --trees=2-1-1 --trees=3,2,1,1 --speed
 
-Reports, per draft-length bucket (and adaptive), greedy and sampled: mean tokens per target
-forward and acceptance by draft position; with --speed also plain vs speculative tokens/s; with
---workload_prompts the timed batch-1 code / prose / mixed workloads (plain, each fixed K,
-adaptive). The adaptive rule uses the drafter/target step cost measured on this device.
+Reports, per draft-length bucket and per draft tree (and adaptive chains), greedy and sampled:
+mean tokens per target forward and acceptance by draft position (a tree: by depth; also accepted
+drafts by sibling rank and positions verified per forward); with --speed also plain vs
+speculative tokens/s; with --workload_prompts the timed batch-1 code / prose / mixed workloads
+(plain, each fixed K, adaptive, each tree). The adaptive rule uses the drafter/target step cost
+measured on this device. With --trees and --speed, each tree is timed next to the best fixed
+chain length (batch 1 and 8).
 """
 
 import dataclasses
@@ -29,6 +35,7 @@ from gemma_mtp import demo
 from gemma_mtp import drafter_kinds
 from gemma_mtp import metrics
 from gemma_mtp import pipeline
+from gemma_mtp.tree import TreeSpec
 
 _TARGET = flags.DEFINE_string("target", None, "target checkpoint (ours or HF); default: demo")
 _DRAFTER = flags.DEFINE_string("drafter", None, "drafter checkpoint of any kind (ours or HF "
@@ -42,6 +49,9 @@ _PROMPTS = flags.DEFINE_integer("prompts", 32, "prompts cut from the data")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "tokens per prompt")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "new tokens per prompt")
 _DRAFT_LENGTHS = flags.DEFINE_list("draft_lengths", ["1", "2", "4", "8"], "buckets")
+_TREES = flags.DEFINE_multi_string("trees", [], "a draft tree as widths per depth, e.g. 3,2,1,1 "
+                                   "or 3-2-1-1 (TreeSpec.parse); repeat the flag for several; "
+                                   "needs an assistant drafter and --convention=clean")
 _TEMPERATURES = flags.DEFINE_list("temperatures", ["0", "1"], "0 = greedy")
 _CONVENTION = flags.DEFINE_enum("convention", None, ["hf", "clean"], "drafter convention")
 _SPEED = flags.DEFINE_bool("speed", False, "also time plain vs speculative (batch 1 and 8)")
@@ -77,6 +87,12 @@ def load():
 def main(argv):
   del argv
   target, drafter, tok = load()
+  trees = tuple(TreeSpec.parse(t) for t in _TREES.value)
+  if trees:
+    try:
+      drafter_kinds.check_trees(drafter.config)
+    except ValueError as e:
+      raise app.UsageError(f"--trees: {e}") from e
   if _DATA.value is None:
     files = data.build_corpus().eval_files
     source = "stdlib eval split"
@@ -89,8 +105,15 @@ def main(argv):
   prompts = pipeline.eval_prompts(tokens, num=_PROMPTS.value, prompt_len=_PROMPT_LEN.value)
   buckets = tuple(int(k) for k in _DRAFT_LENGTHS.value)
   temps = [float(t) for t in _TEMPERATURES.value]
-  runs = [(t, (k,), False) for t in temps for k in buckets] + [(t, buckets, True) for t in temps]
-  speed = [(t, b, buckets, True) for t in temps for b in (1, 8)] if _SPEED.value else []
+  runs = ([(t, (k,), False) for t in temps for k in buckets] +
+          [(t, (tree,), False) for t in temps for tree in trees] +
+          [(t, buckets, True) for t in temps])
+  speed = []
+  if _SPEED.value:
+    speed = [(t, b, buckets, True) for t in temps for b in (1, 8)]
+    if trees:   # each tree next to the best fixed chain (draft_lengths () in evaluate_pair)
+      speed += [(t, b, bucket, False) for t in temps for b in (1, 8)
+                for bucket in [()] + [(tree,) for tree in trees]]
   measured = None
   if drafter.config.kind == drafter_kinds.ASSISTANT:
     measured = bench.draft_cost(target.params, target.config, drafter.params, drafter.config,
@@ -111,19 +134,22 @@ def main(argv):
                                                  seed=1)
     result["workloads"] = pipeline.evaluate_workloads(
         target, drafter, workloads, buckets=buckets, max_new_tokens=_MAX_NEW.value,
-        draft_cost=cost)
+        draft_cost=cost, trees=trees)
     for e in result["workloads"]:
-      print(f"{e['workload']:6s} {e['config']:9s} {e['tokens_per_second']:8.1f} tokens/s "
+      print(f"{e['workload']:6s} {e['config']:14s} {e['tokens_per_second']:8.1f} tokens/s "
             f"{e['tokens_per_forward']:.2f} tokens/forward {e['speedup']:.2f}x")
-  for e in result["acceptance"]:
-    print(f"T={e['temperature']:<4} K={str(e['draft_lengths']):<14} adaptive={e['adaptive']!s:<5} "
-          f"tokens/forward={e['tokens_per_forward']:.2f}")
+  for e in result["acceptance"] + result["speed"]:
+    buckets = e["draft_lengths"] + e.get("trees", [])
+    acc = " ".join(f"{a:.2f}" for a in e["acceptance_by_position"] if a is not None)
+    print(f"T={e['temperature']:<4} buckets={str(buckets):<18} adaptive={e['adaptive']!s:<5} "
+          + (f"batch={e['batch']:<2} {e['speedup']:.2f}x " if "speedup" in e else "")
+          + f"tokens/forward={e['tokens_per_forward']:.2f} acceptance by position/depth: {acc}")
   if _OUT.value:
     metrics.write_record(_OUT.value, {
         "kind": "evaluate", "data": source, "files": len(files), "tokens": int(tokens.size),
         "drafter_kind": drafter.config.kind, "drafter_config": dataclasses.asdict(drafter.config),
         "convention": getattr(drafter.config, "convention", None),
-        "draft_cost": _DRAFT_COST.value, **result})
+        "draft_cost": _DRAFT_COST.value, "trees": [t.label for t in trees], **result})
     logging.info("wrote %s", _OUT.value)
 
 

@@ -111,8 +111,9 @@ def generate(target: Target, prompts, *, max_new_tokens: int, temperature: float
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int | list[int] | None = None, drafter=None,
              draft_lengths: tuple[int, ...] = (1, 2, 4, 8), adaptive: bool = True,
-             spec_config: speculative.SpecConfig | None = None, cache_size: int | None = None,
-             timing: bool = False, return_drafts: bool = False) -> GenerateOutput:
+             trees: tuple = (), spec_config: speculative.SpecConfig | None = None,
+             cache_size: int | None = None, timing: bool = False,
+             return_drafts: bool = False) -> GenerateOutput:
   """Generates up to `max_new_tokens` per row (greedy when temperature == 0).
 
   Without a drafter: plain decoding, one target forward per token. With a drafter
@@ -124,7 +125,10 @@ def generate(target: Target, prompts, *, max_new_tokens: int, temperature: float
     eos_id: token id(s) that end a row (included in its output).
     drafter: a drafter of any kind for `target` (`drafter_kinds`), or None.
     draft_lengths: static draft-length buckets; `adaptive=False` uses the first for every round.
-    spec_config: full speculative settings (overrides draft_lengths / adaptive).
+    trees: static draft-tree buckets after the chains (`TreeSpec`, e.g.
+      `TreeSpec.from_widths((3, 2, 1, 1))`; pass draft_lengths=() for trees alone); they need an
+      assistant drafter with the 'clean' convention (ValueError otherwise).
+    spec_config: full speculative settings (overrides draft_lengths / adaptive / trees).
     cache_size: optional cap on cache positions (prompt + new tokens must fit).
     timing: add `wall_seconds` (blocks until done; includes compilation on a first call) and its
       split into `prefill_seconds` (timed again as a separate program) and `decode_seconds`.
@@ -132,7 +136,9 @@ def generate(target: Target, prompts, *, max_new_tokens: int, temperature: float
   Returns:
     GenerateOutput with `.tokens` and `.stats`: target_forwards, new_tokens, tokens_per_forward
     (new tokens per target forward per row, prefill excluded); with a drafter also drafted,
-    accepted, acceptance_by_position, bucket_counts {K: rounds}, bucket_trace (K per round).
+    accepted, acceptance_by_position (per draft position; a tree: per depth), bucket_counts
+    {K or tree label: rounds}, bucket_trace (K or tree label per round); with trees also
+    accepted_by_rank and positions_per_forward (`speculative.stats_of`).
   """
   cfg = target.config
   sampler = decoding.default_sampler(temperature, top_k, top_p)
@@ -154,9 +160,9 @@ def generate(target: Target, prompts, *, max_new_tokens: int, temperature: float
                  int(np.sum(np.maximum(count - 1, 0))), 1)}
   else:
     spec = spec_config or speculative.SpecConfig(draft_lengths=tuple(draft_lengths),
-                                                 adaptive=adaptive)
+                                                 adaptive=adaptive, trees=tuple(trees))
     max_len = decoding.check_capacity(cfg, batch.tokens.shape[1], max_new_tokens,
-                                      slack=spec.max_draft + 1, cache_size=cache_size)
+                                      slack=spec.max_chunk, cache_size=cache_size)
     state = speculative.speculative_generate(
         target.params, drafter.params, batch, jax.random.PRNGKey(seed), tcfg=cfg,
         dcfg=drafter.config, spec=spec, sampler=sampler, max_new=max_new_tokens,

@@ -7,6 +7,9 @@ One drafter step (`step`) maps (last token, carried hidden state) to (logits, ne
   z = 4 Gemma 4 blocks whose attention has queries only, reading the target's tap K/V
   z = RMSNorm(z);  h_out = z @ post_proj;  logits = head(z)   (no softcap)
 
+A speculative round drafts a chain (`draft`: K recurrent steps) or, with the 'clean' convention, a
+static tree (`draft_tree`: one batched call per depth, several candidates per node; tree.py).
+
 The head is the tied dense head, or the centroid ("ordered embedding") head of the E2B/E4B drafters:
 top-k centroids -> their clusters of `token_ordering` -> candidate ids -> sparse logits, every other
 entry filled with (min of the candidate logits over the batch) - 1 as in the reference.
@@ -25,12 +28,14 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gemma_mtp import layers
 from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
 from gemma_mtp import quant
 from gemma_mtp import sampling
+from gemma_mtp import tree as tree_lib
 from gemma_mtp.config import FULL, SLIDING, ModelConfig, pattern
 
 F32 = jnp.float32
@@ -320,6 +325,23 @@ def step(params: dict, cfg: DrafterConfig, *, target_params: dict, target_config
 
 # ---- one speculative round's drafts -------------------------------------------------------------
 
+def round_taps(dcfg: DrafterConfig, tcfg: ModelConfig, state) -> tuple[dict, dict, jax.Array]:
+  """The target's tap K/V read from `state.cache` for one round, their visibility and the query
+  position (`tap_masks`).
+
+  Returns:
+    (taps {kind: model.Tap}, masks {kind: [B, S] bool}, query positions [B] int32).
+  """
+  cache = state.cache
+  taps = {kind: model_lib.Tap(k=cache.k[layer], v=cache.v[layer],
+                              idx=cache.slot_indices(tcfg.is_full(layer)))
+          for kind, layer in tcfg.tap_layers.items()}
+  masks, query = tap_masks(
+      taps, convention=dcfg.convention, window=tcfg.sliding_window, start=cache.start,
+      last_idx=cache.length, call_start=state.call_start, call_end=state.call_end)
+  return taps, masks, query
+
+
 def draft(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, state, *, k: int,
           sampler: sampling.SamplingParams, key: jax.Array):
   """K recurrent drafter steps from (state.last, state.hidden) on the target's cached taps.
@@ -330,12 +352,7 @@ def draft(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, state, *, k:
     (drafts [B, K] int32, q [B, K, V] drafter probabilities or None (greedy), state.cache).
   """
   cache = state.cache
-  taps = {kind: model_lib.Tap(k=cache.k[layer], v=cache.v[layer],
-                              idx=cache.slot_indices(tcfg.is_full(layer)))
-          for kind, layer in tcfg.tap_layers.items()}
-  masks, query = tap_masks(
-      taps, convention=dcfg.convention, window=tcfg.sliding_window, start=cache.start,
-      last_idx=cache.length, call_start=state.call_start, call_end=state.call_end)
+  taps, masks, query = round_taps(dcfg, tcfg, state)
 
   def one(carry, step_key):
     tok, h = carry
@@ -348,5 +365,56 @@ def draft(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, state, *, k:
   return drafts.T, (None if q is None else jnp.swapaxes(q, 0, 1)), cache
 
 
+def draft_tree(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, state, *,
+               tree: tree_lib.TreeSpec, sampler: sampling.SamplingParams, key: jax.Array):
+  """The nodes of a static draft tree, one batched drafter call per depth ('clean' convention).
+
+  The drafter has no cache of its own: with the 'clean' convention every step of a round sees the
+  same committed tap K/V at the same query position, so the f nodes of one depth are f
+  independent queries (`step_seq` with T = f), and a node's children continue from its step's
+  output state, as the next step of a chain would. Children are the top-k of the node's logits
+  (greedy sampler) or k tokens drawn without replacement from its processed distribution q
+  (Gumbel top-k), k = the node's number of children (`tree.draw_children`).
+
+  Args:
+    state: `speculative.SpecState` (cache, last, hidden are read).
+  Returns:
+    (tokens [B, N] int32 (node 0 = state.last), q [B, N, V] float32 (row v: the distribution the
+     children of v were drawn from; zeros for leaves) or None (greedy), state.cache).
+  """
+  if dcfg.convention != CLEAN_CONVENTION:
+    raise ValueError(f"draft trees need the assistant drafter's {CLEAN_CONVENTION!r} convention "
+                     f"(every node of a depth sees the same committed K/V), got "
+                     f"{dcfg.convention!r}")
+  taps, masks, query = round_taps(dcfg, tcfg, state)
+  b, n = state.last.shape[0], tree.num_nodes
+  tokens = jnp.zeros((b, n), jnp.int32).at[:, 0].set(state.last)
+  q_all = None
+  hidden = state.hidden[:, None]                                          # [B, 1, Dt]
+  keys = jax.random.split(key, tree.max_depth)
+  for d, (lo, hi) in enumerate(tree.levels[:-1]):
+    f = hi - lo                                                           # nodes at depth d
+    logits, h_out = step_seq(
+        dparams, dcfg, target_params=tparams, target_config=tcfg, tokens=tokens[:, lo:hi],
+        hidden=hidden, query_pos=jnp.broadcast_to(query[:, None], (b, f)), taps=taps,
+        masks={kind: jnp.broadcast_to(m[:, None, :], (b, f, m.shape[-1]))
+               for kind, m in masks.items()})                            # [B, f, V], [B, f, Dt]
+    kids = tree.children[lo:hi]                                           # [f, Bmax] static
+    width = int((kids >= 0).sum(axis=1).max())
+    cand, q = tree_lib.draw_children(keys[d], logits, k=width, sampler=sampler)  # [B, f, width]
+    # Static scatter of each node's candidates into its children's slots (fewer children than
+    # `width`: its lowest-ranked candidates are dropped).
+    src = [(i, r) for i in range(f) for r in range(width) if kids[i, r] >= 0]
+    dst = np.array([kids[i, r] for i, r in src])
+    tokens = tokens.at[:, dst].set(cand[:, np.array([i for i, _ in src]),
+                                        np.array([r for _, r in src])])
+    if q is not None:
+      q_all = jnp.zeros((b, n, q.shape[-1]), F32) if q_all is None else q_all
+      q_all = q_all.at[:, lo:hi].set(q)
+    nlo, nhi = tree.levels[d + 1]
+    hidden = h_out[:, np.array([tree.parents[c] - lo for c in range(nlo, nhi)])]  # [B, f', Dt]
+  return tokens, q_all, state.cache
+
+
 __all__ = ["DrafterConfig", "SLIDING", "FULL", "step", "step_seq", "tap_masks", "param_specs",
-           "init_params", "draft"]
+           "init_params", "round_taps", "draft", "draft_tree"]

@@ -20,6 +20,13 @@ fields `dtype`, `param_dtype`):
      cache, where a drafter may have written K/V at positions >= length (the verify forward
      overwrites them).
 
+and, if the kind drafts static trees (tree.py; today only the assistant, with the 'clean'
+convention; `check_trees` says why another cannot):
+
+  draft_tree(dparams, cfg, tparams, tcfg, state, *, tree, sampler, key)
+      -> (tokens [B, N] int32 (node 0 = state.last), q [B, N, V] float32 or None (greedy), cache)
+     row v of q is the distribution the children of node v were drawn from (without replacement).
+
 Distillation of each kind is in distill.py; checkpoints store the kind (`drafter_kind`).
 """
 
@@ -79,6 +86,33 @@ def draft(dparams, dcfg, tparams, tcfg: ModelConfig, state, *, k: int, sampler,
   """K drafts of one speculative round (see the module docstring)."""
   return module(dcfg.kind).draft(dparams, dcfg, tparams, tcfg, state, k=k, sampler=sampler,
                                   key=key)
+
+
+def check_trees(cfg) -> None:
+  """Raises ValueError unless `cfg` can draft the tree buckets of `speculative.SpecConfig.trees`.
+
+  Only the assistant with the 'clean' convention can: its nodes of one depth are independent
+  queries on the same committed K/V. Parallel heads draft every position from the same state
+  (no per-candidate continuation), the self-drafter would need a tree-masked pass through its own
+  layers, and the assistant's 'hf' convention reads K/V that depend on the previous round's
+  chain layout.
+  """
+  if cfg.kind != ASSISTANT:
+    raise ValueError(f"tree buckets need an {ASSISTANT!r} drafter with the "
+                     f"{drafter.CLEAN_CONVENTION!r} convention; a {cfg.kind!r} drafter drafts "
+                     f"chains only (use draft_lengths)")
+  if cfg.convention != drafter.CLEAN_CONVENTION:
+    raise ValueError(f"tree buckets need the {ASSISTANT!r} drafter's "
+                     f"{drafter.CLEAN_CONVENTION!r} convention, got convention "
+                     f"{cfg.convention!r} (load it with convention='clean')")
+
+
+def draft_tree(dparams, dcfg, tparams, tcfg: ModelConfig, state, *, tree, sampler,
+               key: jax.Array):
+  """The nodes of one round's draft tree (see the module docstring; `check_trees` first)."""
+  check_trees(dcfg)
+  return module(dcfg.kind).draft_tree(dparams, dcfg, tparams, tcfg, state, tree=tree,
+                                      sampler=sampler, key=key)
 
 
 def describe(cfg) -> str:

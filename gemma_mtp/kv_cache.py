@@ -9,7 +9,9 @@ each ring slot holds, so masks need no modular arithmetic and stale slots are ha
 Only the forward pass writes K/V; it never advances `length`. The caller commits how many of the
 written positions are kept (plain decoding: all; speculative decoding: the accepted ones), so a
 rejected draft costs a length update, never a copy: its entries are overwritten next round and are
-invisible until then because they lie in the future of every later query.
+invisible until then because they lie in the future of every later query. A draft-tree round
+(tree.py) writes its nodes at length + node and `compact` moves the accepted path's K/V to
+length + 1.. before the same length update.
 """
 
 from __future__ import annotations
@@ -94,6 +96,39 @@ def write(buf: jax.Array, new: jax.Array, idx: jax.Array) -> jax.Array:
     new, idx = new[:, t - s:], idx[:, t - s:]
   rows = jnp.arange(buf.shape[0])[:, None]
   return buf.at[rows, idx % s].set(new.astype(buf.dtype))
+
+
+def compact(cache: KVCache, src: jax.Array, num: jax.Array) -> KVCache:
+  """Moves the accepted path of a tree round into place (see tree.py).
+
+  The K/V a tree forward wrote at index length + src[b, i] (BFS node src[b, i], the (i + 1)-th
+  node of the path below the root) moves to index length + 1 + i, for i < num[b]; other entries
+  are untouched, and the sliding rings' `ring_idx` labels the moved slots with their new index.
+  All sources are read before any destination is written, so overlapping ranges are fine. For a
+  chain (src[b, i] = i + 1) this is the identity.
+
+  Args:
+    src: [B, M] int32 path node indices below the root (node index = offset from `length`).
+    num: [B] int32 accepted path length (<= M).
+  """
+  b, m = src.shape
+  rows = jnp.arange(b)[:, None]
+  dst = cache.length[:, None] + 1 + jnp.arange(m, dtype=jnp.int32)       # [B, M]
+  src = cache.length[:, None] + src
+  keep = jnp.arange(m) < num[:, None]
+
+  def move(buf):
+    if buf is None:
+      return None
+    s = buf.shape[1]
+    # [B, M, K, H]: the path's entries where kept, else what the destination already holds.
+    moved = jnp.where(keep[:, :, None, None], buf[rows, src % s], buf[rows, dst % s])
+    return buf.at[rows, dst % s].set(moved)
+
+  r = cache.ring_size
+  labels = jnp.where(keep, dst, cache.ring_idx[rows, dst % r])
+  return cache.replace(k=tuple(move(x) for x in cache.k), v=tuple(move(x) for x in cache.v),
+                       ring_idx=cache.ring_idx.at[rows, dst % r].set(labels))
 
 
 def write_ring_idx(ring_idx: jax.Array, idx: jax.Array) -> jax.Array:

@@ -87,23 +87,26 @@ def compare(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_tokens
 
   Returns a dict with tokens/s of both (new tokens / best wall time of `repeats` runs after a
   compiling run), the speedup, and the speculative statistics. With temperature 0 it also checks
-  that both outputs are equal (`outputs_equal`). `draft_cost`: the adaptive rule's drafter/target
-  step cost ratio (None: `SpecConfig`'s default).
+  that both outputs are equal (`outputs_equal`). `draft_lengths`: the buckets, chain lengths K
+  and/or `tree.TreeSpec`s, chains first (`spec_config`); the record lists them as
+  `draft_lengths` (the Ks) and, if any, `trees` (their labels). `draft_cost`: the adaptive rule's
+  drafter/target step cost ratio (None: `SpecConfig`'s default).
   """
   from gemma_mtp import api  # pylint: disable=g-import-not-at-top
   kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             eos_id=eos_id, seed=seed)
   plain, t_plain = timed_generate(api.generate, target, prompts, repeats=repeats, **kw)
+  config = spec_config(draft_lengths, adaptive, draft_cost)
   spec, t_spec = timed_generate(api.generate, target, prompts, repeats=repeats, drafter=drafter,
-                                spec_config=spec_config(draft_lengths, adaptive, draft_cost), **kw)
+                                spec_config=config, **kw)
   n_plain, n_spec = plain.stats["new_tokens"], spec.stats["new_tokens"]
   result = {
       "batch": len(prompts),
       "max_new_tokens": max_new_tokens,
       "temperature": temperature,
-      "draft_lengths": list(draft_lengths),
+      **bucket_fields(config),
       "adaptive": adaptive,
-      "draft_cost": spec_config(draft_lengths, adaptive, draft_cost).draft_cost,
+      "draft_cost": config.draft_cost,
       "plain_seconds": t_plain,
       "speculative_seconds": t_spec,
       "plain_tokens_per_second": n_plain / t_plain,
@@ -117,10 +120,34 @@ def compare(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_tokens
 
 
 def spec_config(draft_lengths, adaptive: bool, draft_cost: float | None = None):
-  """`SpecConfig` of these buckets, with `draft_cost` if given (else the default)."""
+  """`SpecConfig` of these buckets, with `draft_cost` if given (else the default).
+
+  `draft_lengths` are buckets: ints K (chains) and/or `tree.TreeSpec` (trees), chains first as
+  `SpecConfig` numbers them (ValueError otherwise, so that "the first bucket" of a non-adaptive
+  run is the one given first).
+  """
   from gemma_mtp import speculative  # pylint: disable=g-import-not-at-top
+  from gemma_mtp import tree as tree_lib  # pylint: disable=g-import-not-at-top
+  buckets = tuple(draft_lengths)
+  is_tree = [isinstance(b, tree_lib.TreeSpec) for b in buckets]
+  if is_tree != sorted(is_tree):
+    raise ValueError(f"chain lengths must come before trees in the buckets, got "
+                     f"{[b.label if t else b for b, t in zip(buckets, is_tree)]}")
   extra = {} if draft_cost is None else {"draft_cost": float(draft_cost)}
-  return speculative.SpecConfig(draft_lengths=tuple(draft_lengths), adaptive=adaptive, **extra)
+  return speculative.SpecConfig(draft_lengths=tuple(int(b) for b, t in zip(buckets, is_tree)
+                                                    if not t),
+                                trees=tuple(b for b, t in zip(buckets, is_tree) if t),
+                                adaptive=adaptive, **extra)
+
+
+def bucket_fields(config) -> dict[str, Any]:
+  """The record fields naming a `SpecConfig`'s buckets: draft_lengths [K...], and with trees
+  also trees [label...] and tree_nodes [N...]."""
+  fields: dict[str, Any] = {"draft_lengths": list(config.draft_lengths)}
+  if config.trees:
+    fields["trees"] = [t.label for t in config.trees]
+    fields["tree_nodes"] = [t.num_nodes for t in config.trees]
+  return fields
 
 
 def leviathan_speedup(acceptance: float, k: int, cost: float) -> float:

@@ -4,7 +4,10 @@
   * no cache: causal self-attention within `tokens` (scoring, training, and the first half of a
     prefill; `prefill` then writes the K/V into a fresh cache);
   * with a cache: `tokens` are the next T positions of every row (plain decoding T = 1, speculative
-    verification T = K + 1). Their K/V are written at `cache.length` and they attend to the cache.
+    verification T = K + 1). Their K/V are written at `cache.length` and they attend to the cache;
+    with `tree`, the T = N tokens are the nodes of a draft tree (tree.py): written at
+    `cache.length + n`, positioned at `cache.length + depth[n]`, each attending to the cache and
+    to its ancestors.
 The caller commits positions by advancing `cache.length` (see kv_cache.py).
 """
 
@@ -21,6 +24,7 @@ import numpy as np
 from gemma_mtp import kv_cache as kvc
 from gemma_mtp import layers
 from gemma_mtp import quant
+from gemma_mtp import tree as tree_lib
 from gemma_mtp.config import FULL, SLIDING, ModelConfig
 from gemma_mtp.kv_cache import KVCache
 
@@ -137,12 +141,14 @@ def lm_head(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
-               cache: KVCache | None = None, start: jax.Array | None = None):
+               cache: KVCache | None = None, start: jax.Array | None = None,
+               tree: tree_lib.TreeSpec | None = None):
   """The decoder layers of `forward` (embedding through the last layer; no final norm or head).
 
   `config` may describe a prefix of the layers of `params` (the self-drafter): only the first
   `config.num_layers` layers run, and with a cache only their K/V are written. `params` may be
   int8-quantized (quant.py): quantized weights stay int8 and are dequantized inside their matmuls.
+  `tree`: as in `forward`.
 
   Returns:
     (x [B, T, D] residual stream after the last layer, kv_now: per layer the (k, v, kv_idx) it
@@ -151,13 +157,18 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   cfg = config
   params = quant.cast(params, cfg.dtype)
   b, t = tokens.shape
+  if tree is not None and (cache is None or t != tree.num_nodes):
+    raise ValueError(f"a tree forward needs a cache and {tree.num_nodes} tokens per row, got "
+                     f"{t} tokens{'' if cache is not None else ' and no cache'}")
   if cache is None:
     start = jnp.zeros((b,), jnp.int32) if start is None else start.astype(jnp.int32)
     idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   else:
     start = cache.start
     idx = cache.length[:, None] + jnp.arange(t, dtype=jnp.int32)
-  positions = jnp.maximum(idx - start[:, None], 0)
+  # [B, T] sequence index each token stands at (RoPE, masks); a tree node's K/V slot is idx.
+  q_idx = idx if tree is None else cache.length[:, None] + jnp.asarray(tree.depth)
+  positions = jnp.maximum(q_idx - start[:, None], 0)
 
   x = embed_tokens(params, tokens, cfg)
   ple = per_layer_inputs(params, tokens, x, cfg) if cfg.per_layer_dim else None
@@ -184,7 +195,11 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
           k, v = new_k[i], new_v[i]
           kv_idx = ring_idx if kind == SLIDING else cache.slot_indices(True)
         kv_now[i] = (k, v, kv_idx)
-      mask = layers.attention_mask(idx, kv_idx, start, window=window)
+      if tree is None:
+        mask = layers.attention_mask(idx, kv_idx, start, window=window)
+      else:
+        mask = tree_lib.attention_mask(q_idx, kv_idx, start, window=window,
+                                       chunk_start=cache.length, tree=tree)
       return layers.attention(q, k, v, mask)
 
     x = block(p, x, attend, None if ple is None else ple[:, :, i], cfg)
@@ -196,7 +211,7 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
 
 def forward(params: dict, tokens: jax.Array, *, config: ModelConfig,
             cache: KVCache | None = None, start: jax.Array | None = None,
-            last_only: bool = False) -> ForwardOutput:
+            last_only: bool = False, tree: tree_lib.TreeSpec | None = None) -> ForwardOutput:
   """Runs the decoder on `tokens` [B, T].
 
   Args:
@@ -207,10 +222,13 @@ def forward(params: dict, tokens: jax.Array, *, config: ModelConfig,
     cache: None for causal attention within `tokens`; else the chunk follows `cache.length`.
     start: [B] first real index of left-padded rows (no-cache mode only; default 0).
     last_only: compute logits only at the last position (prefill).
+    tree: (static) the tokens are the N nodes of this draft tree (cache mode only; see the module
+      docstring).
   """
   cfg = config
   params = jax.tree_util.tree_map(lambda w: w.astype(cfg.dtype), params)
-  x, kv_now, new_cache = run_layers(params, tokens, config=cfg, cache=cache, start=start)
+  x, kv_now, new_cache = run_layers(params, tokens, config=cfg, cache=cache, start=start,
+                                    tree=tree)
   hidden = layers.rms_norm(x, params["final_norm"], eps=cfg.rms_eps)
   logits = lm_head(params, hidden[:, -1:] if last_only else hidden, cfg)
   taps = {kind: Tap(*kv_now[layer]) for kind, layer in cfg.tap_layers.items()}

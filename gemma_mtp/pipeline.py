@@ -113,13 +113,18 @@ def evaluate_pair(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_
                   ) -> dict[str, Any]:
   """Tokens per target forward, acceptance by position, and speculative vs plain speed.
 
+  Buckets (`draft_lengths` below) are chain lengths K and/or `tree.TreeSpec` draft trees, chains
+  first (`metrics.spec_config`); entries name them as `draft_lengths` (Ks) and, with trees,
+  `trees` (labels) and `tree_nodes` (`metrics.bucket_fields`).
+
   Args:
     acceptance_runs: (temperature, draft_lengths, adaptive) runs over all prompts as one batch
       (run side by side: they are not timed).
     speed_runs: (temperature, batch, draft_lengths, adaptive) timings on the first `batch`
       prompts (`metrics.compare`: plain and speculative in the same process, compiled side by side
       first, then timed one after the other). A draft_lengths of () means "the best fixed length
-      of the greedy acceptance runs".
+      of the greedy acceptance runs" (chains only: a tree's tokens per forward buy more verified
+      positions, so it is timed only when asked for).
     draft_cost: drafter/target step cost of the adaptive rule (None: `SpecConfig`'s default;
       `bench.draft_cost` measures it).
   """
@@ -127,10 +132,10 @@ def evaluate_pair(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_
 
   def accept(run):
     temperature, buckets, adaptive = run
+    config = metrics.spec_config(buckets, adaptive, draft_cost)
     out = api.generate(target, list(prompts), max_new_tokens=max_new_tokens, drafter=drafter,
-                       spec_config=metrics.spec_config(buckets, adaptive, draft_cost),
-                       temperature=temperature, eos_id=eos_id, seed=1)
-    entry = {"temperature": temperature, "draft_lengths": list(buckets), "adaptive": adaptive,
+                       spec_config=config, temperature=temperature, eos_id=eos_id, seed=1)
+    entry = {"temperature": temperature, **metrics.bucket_fields(config), "adaptive": adaptive,
              "prompts": len(prompts)}
     entry.update({k: v for k, v in out.stats.items() if k != "bucket_trace"})
     return entry
@@ -139,7 +144,8 @@ def evaluate_pair(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_
   results["acceptance"] = bench.side_by_side(accept, acceptance_runs)
   for entry in results["acceptance"]:
     log.info("acceptance %s", entry)
-  fixed = [e for e in results["acceptance"] if not e["adaptive"] and e["temperature"] == 0.0]
+  fixed = [e for e in results["acceptance"]
+           if not e["adaptive"] and e["temperature"] == 0.0 and "trees" not in e]
   best = tuple(max(fixed, key=lambda e: e["tokens_per_forward"])["draft_lengths"]) if fixed else (4,)
   runs = [(t, b, buckets or best, adaptive) for t, b, buckets, adaptive in speed_runs]
   calls = []
@@ -182,10 +188,11 @@ def prose_tokens(roots: Sequence[str], tok, *, max_bytes: int) -> np.ndarray:
 
 def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[int]]], *,
                        buckets: tuple[int, ...], max_new_tokens: int, eos_id=None,
-                       temperature: float = 0.0, draft_cost: float | None = None
-                       ) -> list[dict[str, Any]]:
+                       temperature: float = 0.0, draft_cost: float | None = None,
+                       trees: tuple = ()) -> list[dict[str, Any]]:
   """Batch-1 generation over each workload's prompts, one after the other, for plain decoding,
-  every fixed draft length and adaptive buckets; plus the 'mixed' workload (all of them).
+  every fixed draft length, every fixed draft tree of `trees` (`tree.TreeSpec`; configuration
+  named by its label) and adaptive chain buckets; plus the 'mixed' workload (all of them).
 
   Every configuration is compiled first (side by side), then each runs through every prompt of a
   workload in turn; seconds are the wall time of that pass. Returns one entry per (workload,
@@ -194,6 +201,8 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
   configs = {"plain": {}}
   configs.update({f"K={k}": dict(drafter=drafter, draft_lengths=(k,), adaptive=False)
                   for k in buckets})
+  configs.update({t.label: dict(drafter=drafter, spec_config=metrics.spec_config(
+      (t,), False, draft_cost)) for t in trees})
   configs["adaptive"] = dict(drafter=drafter,
                              spec_config=metrics.spec_config(buckets, True, draft_cost))
   kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature, seed=1)

@@ -13,6 +13,13 @@ Each round (one loop iteration, a static draft length K chosen from the buckets)
   4. commit: `cache.length += accepted + 1` (rejected K/V stay in the buffers, invisible);
   5. statistics, and the adaptive choice of the next round's bucket.
 
+Tree buckets (`SpecConfig.trees`, tree.py; design in experiments/tree_drafting_design.md) draft
+several candidates per node (top-k greedy, or sampled without replacement) with the drafter kind's
+`draft_tree` (the assistant, 'clean' convention), verify the N nodes in one tree-masked target
+forward, walk the tree (greedy, or recursive rejection sampling over the siblings: exact), move
+the accepted path's K/V into place (`kv_cache.compact`), and commit exactly as a chain round
+does (`_commit`). A chain round is unchanged by the presence of tree buckets.
+
 Adaptive draft length: an exponential moving average of the per-draft acceptance probability a
 (maximum-likelihood estimate from each round: accepted drafts / (accepted drafts + rejections))
 picks the bucket K maximising the expected tokens per unit of cost,
@@ -29,11 +36,14 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gemma_mtp import decoding
 from gemma_mtp import drafter_kinds
+from gemma_mtp import kv_cache as kvc
 from gemma_mtp import model as model_lib
 from gemma_mtp import sampling
+from gemma_mtp import tree as tree_lib
 from gemma_mtp.config import ModelConfig
 from gemma_mtp.kv_cache import KVCache
 
@@ -45,12 +55,17 @@ class SpecConfig:
   """Static configuration of the speculative loop.
 
   Attributes:
-    draft_lengths: the static buckets K (each compiled once inside the loop).
+    draft_lengths: the static chain buckets K (each compiled once inside the loop); may be ()
+      when `trees` is given.
     adaptive: choose the bucket per round from the acceptance estimate; if False, the first
-      bucket is used for every round.
+      bucket is used for every round (the first chain, or the first tree if there is none).
     ema_decay: weight of the past in the acceptance estimate (per round).
     initial_acceptance: the estimate before any round.
     draft_cost: c, the cost of one drafter step relative to one target forward.
+    trees: static draft-tree buckets (`tree.TreeSpec`), numbered after the chains; they need a
+      drafter that drafts trees (`drafter_kinds.check_trees`: the assistant, 'clean').
+    node_cost: the adaptive rule's cost of verifying one tree node beyond a chain of the same
+      depth, relative to one target forward (`tree.TreeSpec.value`).
   """
 
   draft_lengths: tuple[int, ...] = (1, 2, 4, 8)
@@ -58,10 +73,17 @@ class SpecConfig:
   ema_decay: float = 0.7
   initial_acceptance: float = 0.6
   draft_cost: float = 0.05
+  trees: tuple[tree_lib.TreeSpec, ...] = ()
+  node_cost: float = 0.02
 
   def __post_init__(self):
-    if not self.draft_lengths or any(k < 1 for k in self.draft_lengths):
-      raise ValueError(f"draft_lengths must be positive integers, got {self.draft_lengths}")
+    if not (self.draft_lengths or self.trees) or any(k < 1 for k in self.draft_lengths):
+      raise ValueError(f"draft_lengths must be positive integers (or () with trees given), got "
+                       f"{self.draft_lengths}")
+    if any(not isinstance(t, tree_lib.TreeSpec) or t.num_nodes < 2 for t in self.trees):
+      raise ValueError(f"trees must be tree.TreeSpec with at least one draft, got {self.trees}")
+    if len(set(self.trees)) != len(self.trees):
+      raise ValueError(f"trees has duplicates: {[t.label for t in self.trees]}")
     if len(set(self.draft_lengths)) != len(self.draft_lengths):
       raise ValueError(f"draft_lengths has duplicates: {self.draft_lengths}")
     if not 0.0 <= self.ema_decay < 1.0:
@@ -69,7 +91,23 @@ class SpecConfig:
 
   @property
   def max_draft(self) -> int:
-    return max(self.draft_lengths)
+    """The deepest bucket (chain length or tree depth)."""
+    return max(list(self.draft_lengths) + [t.max_depth for t in self.trees])
+
+  @property
+  def max_chunk(self) -> int:
+    """The most positions one verification writes (K + 1, or a tree's N nodes)."""
+    return max([k + 1 for k in self.draft_lengths] + [t.num_nodes for t in self.trees])
+
+  @property
+  def max_width(self) -> int:
+    """The most candidates of one node (1 without trees)."""
+    return max([1] + [t.max_width for t in self.trees])
+
+  @property
+  def bucket_labels(self) -> tuple:
+    """Per bucket index: K for a chain, `tree.label` (e.g. 'tree(3,2,1)') for a tree."""
+    return tuple(self.draft_lengths) + tuple(t.label for t in self.trees)
 
 
 def best_bucket(acceptance: jax.Array, spec: SpecConfig) -> jax.Array:
@@ -77,7 +115,12 @@ def best_bucket(acceptance: jax.Array, spec: SpecConfig) -> jax.Array:
   a = jnp.clip(acceptance, 0.0, 0.999)
   ks = jnp.asarray(spec.draft_lengths, F32)
   tokens = (1.0 - a ** (ks + 1.0)) / (1.0 - a)
-  return jnp.argmax(tokens / (1.0 + ks * spec.draft_cost)).astype(jnp.int32)
+  value = tokens / (1.0 + ks * spec.draft_cost)
+  if spec.trees:  # tree buckets follow the chains
+    value = jnp.concatenate([value] + [t.value(a, draft_cost=spec.draft_cost,
+                                               node_cost=spec.node_cost)[None]
+                                       for t in spec.trees])
+  return jnp.argmax(value).astype(jnp.int32)
 
 
 @flax.struct.dataclass
@@ -95,10 +138,14 @@ class SpecState:
     bucket: () int32 bucket index of the next round.
     rounds: () int32 target forwards after the prefill.
     row_forwards: () int32 sum over rounds of the rows still running (per-row forwards).
-    drafted, accepted: [Kmax] int32 per draft position j: rows that drafted / accepted draft j.
+    drafted, accepted: [Kmax] int32 per draft position (tree: depth) j: rows that drafted /
+      accepted a draft there.
+    accepted_rank: [Rmax] int32 accepted drafts by rank among their siblings (0: the drafter's
+      best; Rmax = `SpecConfig.max_width`; a chain's drafts are all rank 0).
     bucket_counts: [num_buckets] int32 rounds per bucket.
     trace: [N] int32 bucket index used by each round (-1 after the last).
-    draft_trace: [N, B, Kmax] int32 drafts proposed in each round (-1 beyond its K).
+    draft_trace: [N, B, Kmax] int32 drafts proposed in each round (-1 beyond its K; a tree
+      round records its rank-0 path).
   """
 
   cache: KVCache
@@ -116,6 +163,7 @@ class SpecState:
   row_forwards: jax.Array
   drafted: jax.Array
   accepted: jax.Array
+  accepted_rank: jax.Array
   bucket_counts: jax.Array
   trace: jax.Array
   draft_trace: jax.Array
@@ -157,37 +205,95 @@ def make_round(k: int, *, dparams, dcfg, tparams, tcfg, sampler, spec: SpecConfi
     else:
       p = sampling.probs(res.logits, sampler)
       n, nxt = sampling.verify_stochastic(k_verify, drafts, q, p)
-    tokens = sampling.accepted_tokens(drafts, n, nxt)                     # [B, k + 1]
-    active = ~s.done
-    out, count, done = emit_chunk(s.out, s.count, s.done, tokens, n + 1, eos_ids=eos_ids,
-                                  max_new=max_new)
     rows = jnp.arange(chunk.shape[0])
-    r = jnp.minimum(s.rounds, s.trace.shape[0] - 1)
-    length = s.cache.length
-    cache = res.cache.replace(length=jnp.where(active, length + n + 1, length))
-    # Statistics over the rows that were running this round.
-    act = active.astype(jnp.int32)
-    pos = jnp.arange(spec.max_draft)
-    drafted = s.drafted + jnp.sum(act[:, None] * (pos[None, :] < k), axis=0)
-    accepted = s.accepted + jnp.sum(act[:, None] * (pos[None, :] < n[:, None]), axis=0)
-    succ = jnp.sum(act * n).astype(F32)
-    fail = jnp.sum(act * (n < k)).astype(F32)
-    round_acc = jnp.where(succ + fail > 0, succ / jnp.maximum(succ + fail, 1.0), s.acceptance)
-    acceptance = spec.ema_decay * s.acceptance + (1.0 - spec.ema_decay) * round_acc
-    return s.replace(
-        cache=cache, last=jnp.where(active, nxt, s.last),
-        hidden=jnp.where(active[:, None], res.hidden[rows, n], s.hidden),
-        call_start=jnp.where(active, length, s.call_start),
-        call_end=jnp.where(active, length + k, s.call_end),
-        out=out, count=count, done=done, rng=rng, acceptance=acceptance,
-        rounds=s.rounds + 1, row_forwards=s.row_forwards + jnp.sum(act),
-        drafted=drafted, accepted=accepted,
-        bucket_counts=s.bucket_counts.at[s.bucket].add(1),
-        trace=s.trace.at[r].set(s.bucket),
-        draft_trace=s.draft_trace.at[r].set(
-            jnp.pad(drafts, ((0, 0), (0, spec.max_draft - k)), constant_values=-1)))
+    return _commit(s, cache=res.cache, hidden=res.hidden[rows, n], drafts=drafts, n=n, nxt=nxt,
+                   fails=(n < k).astype(jnp.int32), k=k, written=k, rng=rng, spec=spec,
+                   eos_ids=eos_ids, max_new=max_new)
 
   return round_fn
+
+
+def make_tree_round(tree: tree_lib.TreeSpec, *, dparams, dcfg, tparams, tcfg, sampler,
+                    spec: SpecConfig, eos_ids, max_new):
+  """The loop body for a static draft tree (N nodes, depth D)."""
+  chain = [0]                                   # rank-0 path: the drafts recorded in draft_trace
+  while tree.children[chain[-1], 0] >= 0:
+    chain.append(int(tree.children[chain[-1], 0]))
+  rank = jnp.asarray(tree.rank)
+
+  def round_fn(s: SpecState) -> SpecState:
+    rng, k_draft, k_verify = jax.random.split(s.rng, 3)
+    tokens, q, cache = drafter_kinds.draft_tree(dparams, dcfg, tparams, tcfg, s, tree=tree,
+                                                sampler=sampler, key=k_draft)   # [B, N]
+    res = model_lib.forward(tparams, tokens, config=tcfg, cache=cache, tree=tree)
+    if sampler.is_greedy:
+      path, n, nxt, fails = tree_lib.verify_greedy(tokens, res.logits, tree=tree)
+    else:
+      p = sampling.probs(res.logits, sampler)
+      path, n, nxt, fails = tree_lib.verify_stochastic(k_verify, tokens, q, p, tree=tree)
+    rows = jnp.arange(tokens.shape[0])
+    cache = kvc.compact(res.cache, path[:, 1:], jnp.where(s.done, 0, n))
+    path_tokens = jnp.take_along_axis(tokens, path[:, 1:], axis=1)      # [B, D]
+    return _commit(s, cache=cache, hidden=res.hidden[rows, path[rows, n]], drafts=path_tokens,
+                   n=n, nxt=nxt, fails=fails, k=tree.max_depth, written=tree.num_nodes - 1,
+                   rng=rng, spec=spec, eos_ids=eos_ids, max_new=max_new,
+                   ranks=rank[path[:, 1:]],
+                   trace_drafts=jnp.pad(tokens[:, np.array(chain[1:])],
+                                        ((0, 0), (0, tree.max_depth + 1 - len(chain))),
+                                        constant_values=-1))
+
+  return round_fn
+
+
+def _commit(s: SpecState, *, cache, hidden, drafts, n, nxt, fails, k, written, rng,
+            spec: SpecConfig, eos_ids, max_new, ranks=None, trace_drafts=None) -> SpecState:
+  """Emits drafts[:, :n] + nxt per row, advances the cache length, updates the statistics.
+
+  Args:
+    cache: the cache after the verify forward (a tree: after compaction).
+    hidden: [B, Dt] target hidden state at the last accepted position.
+    drafts: [B, k] the drafts along the accepted path (a chain: all its drafts).
+    n: [B] accepted drafts; nxt: [B] correction / bonus token.
+    fails: [B] int32 candidates rejected this round (a chain: 1 if n < k).
+    k: the depth of the bucket; written: positions written after the root (call_end).
+    ranks: [B, k] sibling rank of each path draft (default: a chain's, all 0).
+    trace_drafts: [B, k] drafts recorded in draft_trace (default `drafts`).
+  """
+  tokens = sampling.accepted_tokens(drafts, n, nxt)                       # [B, k + 1]
+  active = ~s.done
+  out, count, done = emit_chunk(s.out, s.count, s.done, tokens, n + 1, eos_ids=eos_ids,
+                                max_new=max_new)
+  r = jnp.minimum(s.rounds, s.trace.shape[0] - 1)
+  length = s.cache.length
+  cache = cache.replace(length=jnp.where(active, length + n + 1, length))
+  # Statistics over the rows that were running this round.
+  act = active.astype(jnp.int32)
+  pos = jnp.arange(spec.max_draft)
+  drafted = s.drafted + jnp.sum(act[:, None] * (pos[None, :] < k), axis=0)
+  accepted = s.accepted + jnp.sum(act[:, None] * (pos[None, :] < n[:, None]), axis=0)
+  if ranks is None:
+    accepted_rank = s.accepted_rank.at[0].add(jnp.sum(act * n))
+  else:   # [B, k, Rmax] one-hot ranks of the accepted path drafts
+    hits = (ranks[:, :, None] == jnp.arange(spec.max_width)) & \
+        (jnp.arange(k)[None, :, None] < n[:, None, None])
+    accepted_rank = s.accepted_rank + jnp.sum(act[:, None, None] * hits, axis=(0, 1))
+  succ = jnp.sum(act * n).astype(F32)
+  fail = jnp.sum(act * fails).astype(F32)
+  round_acc = jnp.where(succ + fail > 0, succ / jnp.maximum(succ + fail, 1.0), s.acceptance)
+  acceptance = spec.ema_decay * s.acceptance + (1.0 - spec.ema_decay) * round_acc
+  trace_drafts = drafts if trace_drafts is None else trace_drafts
+  return s.replace(
+      cache=cache, last=jnp.where(active, nxt, s.last),
+      hidden=jnp.where(active[:, None], hidden, s.hidden),
+      call_start=jnp.where(active, length, s.call_start),
+      call_end=jnp.where(active, length + written, s.call_end),
+      out=out, count=count, done=done, rng=rng, acceptance=acceptance,
+      rounds=s.rounds + 1, row_forwards=s.row_forwards + jnp.sum(act),
+      drafted=drafted, accepted=accepted, accepted_rank=accepted_rank,
+      bucket_counts=s.bucket_counts.at[s.bucket].add(1),
+      trace=s.trace.at[r].set(s.bucket),
+      draft_trace=s.draft_trace.at[r].set(
+          jnp.pad(trace_drafts, ((0, 0), (0, spec.max_draft - k)), constant_values=-1)))
 
 
 @functools.partial(jax.jit, static_argnames=("tcfg", "dcfg", "spec", "sampler", "max_new",
@@ -198,21 +304,25 @@ def speculative_generate(tparams, dparams, batch: decoding.PromptBatch, rng, *, 
   """Prefill, then draft/verify rounds until every row is done. Returns the final SpecState.
 
   `dcfg` is a drafter config of any kind (`drafter_kinds`); its longest draft must cover the
-  largest bucket.
+  largest bucket, and tree buckets need a kind that drafts trees (`drafter_kinds.check_trees`).
+  `max_len` must leave `spec.max_chunk` positions of slack after the last new token.
   """
   longest = drafter_kinds.max_draft(dcfg)
   if longest is not None and spec.max_draft > longest:
     raise ValueError(f"draft_lengths {spec.draft_lengths} exceed the {longest} drafts the "
                      f"{dcfg.kind} drafter makes")
+  if spec.trees:
+    drafter_kinds.check_trees(dcfg)
   b, t = batch.tokens.shape
+  # The sliding rings hold a whole verification chunk (K + 1 or N nodes) plus the round's root.
   out0, cache = model_lib.prefill(tparams, batch.tokens, batch.start, config=tcfg,
-                                  max_len=max_len, max_chunk=spec.max_draft + 2)
+                                  max_len=max_len, max_chunk=spec.max_chunk + 1)
   rng, key = jax.random.split(rng)
   first = sampling.sample(key, out0.logits[:, -1], sampler)
   out, count, done = decoding.emit(jnp.full((b, max_new), -1, jnp.int32),
                                    jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), first,
                                    eos_ids=eos_ids, max_new=max_new)
-  nb = len(spec.draft_lengths)
+  nb = len(spec.bucket_labels)
   init_acc = jnp.asarray(spec.initial_acceptance, F32)
   state = SpecState(
       cache=cache, last=first, hidden=out0.hidden[:, -1],
@@ -222,11 +332,13 @@ def speculative_generate(tparams, dparams, batch: decoding.PromptBatch, rng, *, 
       rounds=jnp.zeros((), jnp.int32), row_forwards=jnp.zeros((), jnp.int32),
       drafted=jnp.zeros((spec.max_draft,), jnp.int32),
       accepted=jnp.zeros((spec.max_draft,), jnp.int32),
+      accepted_rank=jnp.zeros((spec.max_width,), jnp.int32),
       bucket_counts=jnp.zeros((nb,), jnp.int32), trace=jnp.full((max_new,), -1, jnp.int32),
       draft_trace=jnp.full((max_new, b, spec.max_draft), -1, jnp.int32))
   kw = dict(dparams=dparams, dcfg=dcfg, tparams=tparams, tcfg=tcfg, sampler=sampler, spec=spec,
             eos_ids=eos_ids, max_new=max_new)
-  branches = [make_round(k, **kw) for k in spec.draft_lengths]
+  branches = ([make_round(k, **kw) for k in spec.draft_lengths] +
+              [make_tree_round(tr, **kw) for tr in spec.trees])
 
   def body(s: SpecState) -> SpecState:
     s = branches[0](s) if nb == 1 else jax.lax.switch(s.bucket, branches, s)
@@ -241,7 +353,9 @@ def stats_of(state: SpecState, spec: SpecConfig, num_rows: int, *, drafts: bool 
   """Host-side statistics dict of a finished run (see `api.generate`).
 
   With `drafts`, also "drafts": per round, per row, the drafts proposed (rows already finished
-  in that round included)."""
+  in that round included; a tree round: its rank-0 path). With tree buckets, also
+  "accepted_by_rank" (accepted drafts by sibling rank, 0 = the drafter's best) and
+  "positions_per_forward" (positions verified per target forward: K + 1 or a tree's nodes)."""
   s = jax.device_get(state.replace(cache=None))
   new = int(s.count.sum())
   drafted, accepted = s.drafted.tolist(), s.accepted.tolist()
@@ -253,9 +367,18 @@ def stats_of(state: SpecState, spec: SpecConfig, num_rows: int, *, drafts: bool 
       "accepted": int(sum(accepted)),
       "tokens_per_forward": (new - num_rows) / max(int(s.row_forwards), 1),
       "acceptance_by_position": [a / d if d else None for a, d in zip(accepted, drafted)],
-      "bucket_counts": {k: int(c) for k, c in zip(spec.draft_lengths, s.bucket_counts)},
-      "bucket_trace": [spec.draft_lengths[i] for i in s.trace[:rounds].tolist()],
+      "bucket_counts": {k: int(c) for k, c in zip(spec.bucket_labels, s.bucket_counts)},
+      "bucket_trace": [spec.bucket_labels[i] for i in s.trace[:rounds].tolist()],
       "final_acceptance_estimate": float(s.acceptance),
       **({"drafts": [[[d for d in row if d >= 0] for row in rnd]
                      for rnd in s.draft_trace[:rounds].tolist()]} if drafts else {}),
+      **(_tree_stats(s, spec) if spec.trees else {}),
   }
+
+
+def _tree_stats(s: SpecState, spec: SpecConfig) -> dict:
+  """Statistics that only mean something next to tree buckets (host side, see `stats_of`)."""
+  sizes = [k + 1 for k in spec.draft_lengths] + [t.num_nodes for t in spec.trees]
+  counts = s.bucket_counts.tolist()
+  return {"accepted_by_rank": s.accepted_rank.tolist(),
+          "positions_per_forward": sum(c * n for c, n in zip(counts, sizes)) / max(sum(counts), 1)}
