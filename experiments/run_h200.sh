@@ -5,6 +5,8 @@
 #   bash experiments/run_h200.sh train_and_bench   # GPU 0: 9-minute reproduction; GPU 1: benchmark
 #   bash experiments/run_h200.sh tp_hf_domain      # both: 31B tensor parallel; then GPU 0:
 #                                                  # transformers side by side; GPU 1: new domain
+#   bash experiments/run_h200.sh variants_and_bench  # GPU 0: drafter variants (issue 8);
+#                                                  # GPU 1: benchmark again (keeps its hf part)
 set -u
 OUT=${OUT:-runs/h200}
 mkdir -p "$OUT"
@@ -34,8 +36,18 @@ case "${1:-}" in
         --out="$OUT/new_domain_h200.json" > "$OUT/new_domain.log" 2>&1) &
     wait
     ;;
+  variants_and_bench)
+    cp "$BENCH" "$OUT/benchmark_h200.json"
+    (CUDA_VISIBLE_DEVICES=0 timeout 575 python experiments/variants.py \
+        --config=configs/variants_gpu.py --config.record="$OUT/variants_h200.json" \
+        > "$OUT/variants.log" 2>&1) &
+    (CUDA_VISIBLE_DEVICES=1 timeout 575 python experiments/benchmark.py --update --deadline_s=520 \
+        --parts=copy,decode,verify,drafter,predict,int8,e2e --e2e_models=gemma4_e2b \
+        --out="$OUT/benchmark_h200.json" > "$OUT/benchmark.log" 2>&1) &
+    wait
+    ;;
   *)
-    echo "usage: $0 train_and_bench | tp_hf_domain" >&2
+    echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench" >&2
     exit 2
     ;;
 esac
