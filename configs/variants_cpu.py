@@ -43,6 +43,7 @@ def get_config():
   c.logit_sequences = 2
   c.logit_seq_len = 128
   c.buckets = (1, 2)
+  c.trees = ("2,1",)
   c.batches = (1, 2)
   c.prompts = 4
   c.small_batch_prompts = 2

@@ -73,6 +73,9 @@ def get_config():
   c.logit_seq_len = 512
 
   c.buckets = (1, 2, 4, 8)         # draft lengths K, each evaluated fixed
+  c.trees = ("3,2,1,1", "2,2,1,1,1,1")  # multi-candidate drafting: children per node at each
+                                   # depth (21 and 22 drafts in one verify), assistant 'clean'
+
   c.batches = (1, 8)               # largest: every K; smaller: the K fastest at the largest
   c.prompts = 32                   # per workload (code, prose), at the largest batch
   c.small_batch_prompts = 8        # per workload at the smaller batches

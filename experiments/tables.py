@@ -169,10 +169,13 @@ def variants_tables(rec: dict) -> list[str]:
           _row(*["---"] * (7 + len(speed_cols)))]
   for v in ev["variants"]:
     runs = {(r["k"], r["batch"], r["workload"]): r for r in v["runs"]}
-    tpf = lambda w, runs=runs, v=v: " / ".join(
-        f"{runs[k, big, w]['tokens_per_forward']:.2f}" if (k, big, w) in runs else "-"
-        for k in ks)
-    acc = " ".join(f"{a:.2f}" for a in runs[max(v["draft_lengths"]), big, "code"]
+    trees = [k for k in v["draft_lengths"] if isinstance(k, str)]   # tree labels, not Ks
+    cols = trees or ks
+    tpf = lambda w, runs=runs, cols=cols, trees=trees: " / ".join(
+        (f"{k} " if trees else "") +
+        (f"{runs[k, big, w]['tokens_per_forward']:.2f}" if (k, big, w) in runs else "-")
+        for k in cols)
+    acc = " ".join(f"{a:.2f}" for a in runs[v["draft_lengths"][-1], big, "code"]
                    ["acceptance_by_position"])
     speeds = []
     for b in sorted(cfg["batches"]):
@@ -187,6 +190,10 @@ def variants_tables(rec: dict) -> list[str]:
                    *[f"K={k}" for k in ks]), _row(*["---"] * (1 + len(ks)))]
   for v in ev["variants"]:
     runs = {r["k"]: r for r in v["runs"] if r["batch"] == big and r["workload"] == "mixed"}
+    if any(isinstance(k, str) for k in runs):   # trees: one cell per tree, labelled
+      cells = [f"{k}: {r['speedup']:.2f}x ({r['tokens_per_forward']:.1f})" for k, r in runs.items()]
+      out.append(_row(v["name"], *(cells + ["-"] * len(ks))[:len(ks)]))
+      continue
     out.append(_row(v["name"], *[
         f"{runs[k]['speedup']:.2f}x ({runs[k]['tokens_per_forward']:.1f})" if k in runs else "-"
         for k in ks]))

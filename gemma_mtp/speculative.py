@@ -365,6 +365,7 @@ def stats_of(state: SpecState, spec: SpecConfig, num_rows: int, *, drafts: bool 
       "new_tokens": new,
       "drafted": int(sum(drafted)),
       "accepted": int(sum(accepted)),
+      "row_forwards": int(s.row_forwards),
       "tokens_per_forward": (new - num_rows) / max(int(s.row_forwards), 1),
       "acceptance_by_position": [a / d if d else None for a, d in zip(accepted, drafted)],
       "bucket_counts": {k: int(c) for k, c in zip(spec.bucket_labels, s.bucket_counts)},

@@ -25,10 +25,12 @@ The default variants (`default_variants`):
   self             the distilled self-drafter, float target
   int8_target      the shipped assistant on the int8 target
   int8_self        the distilled self-drafter on int8 copies of its layers, float target
+  tree             multi-candidate drafting: the shipped assistant ('clean' convention) drafts
+                   each static tree of `trees` (top-k branching), verified in one forward
 
-Adding a design (e.g. multi-candidate tree drafting) is one more `Variant` in that list: its
-`spec` holds the extra `speculative.SpecConfig` fields and `draft_lengths` its own Ks if the
-configured buckets do not apply.
+Adding a design is one more `Variant` in that list: its `spec` holds the extra
+`speculative.SpecConfig` fields, `draft_lengths` its own Ks if the configured buckets do not
+apply, `trees` its draft trees.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from gemma_mtp import self_drafter
 from gemma_mtp import speculative
 from gemma_mtp import tokenizer as tokenizer_lib
 from gemma_mtp import train
+from gemma_mtp import tree as tree_lib
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,7 @@ class VariantsConfig:
   logit_sequences: int = 8
   logit_seq_len: int = 512
   buckets: tuple[int, ...] = (1, 2, 4, 8)
+  trees: tuple[str, ...] = ()
   batches: tuple[int, ...] = (1, 8)
   prompts: int = 32
   small_batch_prompts: int = 8
@@ -116,9 +120,11 @@ class Variant:
     name: its label in the record and the table.
     target: which target verifies (FLOAT or INT8, keys of the targets dict).
     drafter: the drafter (any kind, `drafter_kinds`).
-    spec: further `speculative.SpecConfig` fields; each run sets draft_lengths=(K,) and
-      adaptive=False.
+    spec: further `speculative.SpecConfig` fields; each run sets draft_lengths=(K,) (or one tree)
+      and adaptive=False.
     draft_lengths: the Ks evaluated; None: the configured buckets the drafter can make.
+    trees: instead of chains, static draft trees (`tree.TreeSpec.parse` text, e.g. '3,2,1,1'),
+      each evaluated as the only bucket; its "K" in the record is the tree's label.
   """
 
   name: str
@@ -126,28 +132,48 @@ class Variant:
   drafter: api.Drafter
   spec: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   draft_lengths: tuple[int, ...] | None = None
+  trees: tuple[str, ...] = ()
 
-  def lengths(self, buckets: Sequence[int]) -> tuple[int, ...]:
+  def lengths(self, buckets: Sequence[int]) -> tuple[int | str, ...]:
+    if self.trees:
+      return tuple(tree_lib.TreeSpec.parse(t).label for t in self.trees)
     if self.draft_lengths is not None:
       return tuple(self.draft_lengths)
     longest = drafter_kinds.max_draft(self.drafter.config)
     return tuple(k for k in buckets if longest is None or k <= longest)
 
-  def spec_config(self, k: int) -> speculative.SpecConfig:
+  def spec_config(self, k: int | str) -> speculative.SpecConfig:
+    if isinstance(k, str):
+      return speculative.SpecConfig(draft_lengths=(), trees=(tree_lib.TreeSpec.parse(k),),
+                                    adaptive=False, **self.spec)
     return speculative.SpecConfig(draft_lengths=(k,), adaptive=False, **self.spec)
 
 
+def _depth(k: int | str) -> int:
+  """Draft positions of bucket k (a chain's length or a tree label's depth)."""
+  return tree_lib.TreeSpec.parse(k).max_depth if isinstance(k, str) else k
+
+
+def _order(key: tuple) -> tuple:
+  """Sort key of (name, k, batch, workload) run keys whose k are ints (chains) or labels."""
+  return (isinstance(key[1], str), str(key[1]) if isinstance(key[1], str) else key[1], key[2])
+
+
 def default_variants(*, assistant: api.Drafter, heads: api.Drafter, self_draft: api.Drafter,
-                     int8_self: api.Drafter) -> list[Variant]:
-  return [
+                     int8_self: api.Drafter, tree_assistant: api.Drafter | None = None,
+                     trees: Sequence[str] = ()) -> list[Variant]:
+  """The compared designs; `tree_assistant` (the assistant in the 'clean' convention, which
+  tree drafting needs) drafts each of `trees` (multi-candidate drafting)."""
+  out = [
       Variant("assistant", FLOAT, assistant),
       Variant("parallel_heads", FLOAT, heads),
       Variant("self", FLOAT, self_draft),
       Variant("int8_target", INT8, assistant),
       Variant("int8_self", FLOAT, int8_self),
-      # Multi-candidate (tree) drafting goes here, e.g.
-      #   Variant("tree", FLOAT, assistant, spec={...SpecConfig tree fields...}),
   ]
+  if trees and tree_assistant is not None:
+    out.append(Variant("tree", FLOAT, tree_assistant, trees=tuple(trees)))
+  return out
 
 
 # ---- parts --------------------------------------------------------------------------------------
@@ -215,7 +241,7 @@ def drafter_summary(drafter: api.Drafter, target: api.Target) -> dict[str, Any]:
 # ---- evaluation ---------------------------------------------------------------------------------
 
 def _generate(target: api.Target, prompts: PromptSet, *, max_new_tokens: int,
-              variant: Variant | None = None, k: int = 0) -> api.GenerateOutput:
+              variant: Variant | None = None, k: int | str = 0) -> api.GenerateOutput:
   if variant is None:
     return api.generate(target, list(prompts), max_new_tokens=max_new_tokens)
   return api.generate(target, list(prompts), max_new_tokens=max_new_tokens,
@@ -223,7 +249,7 @@ def _generate(target: api.Target, prompts: PromptSet, *, max_new_tokens: int,
 
 
 def _pass(target: api.Target, prompts: PromptSet, *, batch: int, max_new_tokens: int,
-          repeats: int, variant: Variant | None = None, k: int = 0
+          repeats: int, variant: Variant | None = None, k: int | str = 0
           ) -> tuple[list[list[int]], dict[str, Any]]:
   """Every prompt, `batch` rows per call (programs compiled already); the best of `repeats`
   passes. Returns (new tokens per prompt, counters; `_figures` derives the rates)."""
@@ -236,13 +262,13 @@ def _pass(target: api.Target, prompts: PromptSet, *, batch: int, max_new_tokens:
   counts = {"seconds": best, "prompts": len(prompts),
             "new_tokens": sum(o.stats["new_tokens"] for o in outs)}
   if variant is not None:
-    # A round of fixed length K drafts K tokens on every running row, so a call's per-row
-    # target forwards are drafted / K, and position j's accepted count is its rate times that.
-    forwards = [o.stats["drafted"] / k for o in outs]
+    # A round of one fixed bucket drafts every position of it on every running row, so position
+    # j's accepted count is its acceptance rate times the call's per-row target forwards.
+    forwards = [o.stats["row_forwards"] for o in outs]
     counts["row_forwards"] = sum(forwards)
     counts["accepted_by_position"] = [
         sum(f * (o.stats["acceptance_by_position"][j] or 0.0) for f, o in zip(forwards, outs))
-        for j in range(k)]
+        for j in range(_depth(k))]
   return [row for o in outs for row in o.tokens], counts
 
 
@@ -361,7 +387,7 @@ def evaluate(targets: Mapping[str, api.Target], variants: Sequence[Variant],
   variant_entries = []
   for v in variants:
     entries = []
-    for (name, k, b, w), c in sorted(run_counts.items(), key=lambda kv: kv[0][1:3]):
+    for (name, k, b, w), c in sorted(run_counts.items(), key=lambda kv: _order(kv[0])):
       if name != v.name:
         continue
       e = {"k": k, "batch": b, "workload": w, **_figures(c)}
@@ -446,8 +472,13 @@ def run(cfg: VariantsConfig) -> dict[str, Any]:
   path = cfg.record or out / "variants.json"
   metrics.write_record(path, record)   # so far; replaced when the evaluation is done
 
+  tree_assistant = None
+  if cfg.trees:
+    tree_assistant = api.load_drafter(cfg.assistant or demo.DRAFTER_DIR, target,
+                                      convention="clean")
   variants = default_variants(assistant=assistant, heads=drafters["parallel_heads"],
-                              self_draft=drafters["self"], int8_self=int8_self)
+                              self_draft=drafters["self"], int8_self=int8_self,
+                              tree_assistant=tree_assistant, trees=cfg.trees)
   targets = {FLOAT: target, INT8: qtarget}
   t = time.perf_counter()
   evaluation = evaluate(targets, variants, workloads, buckets=cfg.buckets, batches=cfg.batches,

@@ -26,7 +26,7 @@ STDLIB = pathlib.Path(sysconfig.get_paths()["stdlib"])
 FILES = ("getopt.py", "shlex.py", "heapq.py", "fractions.py", "functools.py", "textwrap.py",
          "bisect.py", "colorsys.py", "contextlib.py", "dataclasses.py", "statistics.py",
          "string.py", "queue.py", "sched.py", "glob.py", "fnmatch.py", "base64.py")
-NAMES = ["assistant", "parallel_heads", "self", "int8_target", "int8_self"]
+NAMES = ["assistant", "parallel_heads", "self", "int8_target", "int8_self", "tree"]
 
 
 def _load(path: pathlib.Path):
@@ -108,18 +108,19 @@ def test_every_variant_has_acceptance_per_position_for_each_k(run):
   assert [v["name"] for v in ev["variants"]] == NAMES
   big, small = max(cfg.batches), min(cfg.batches)
   for v in ev["variants"]:
-    assert v["draft_lengths"] == list(cfg.buckets)
+    trees = {"tree(2,1)": 2} if v["name"] == "tree" else {}   # configs/variants_cpu.py: '2,1'
+    assert v["draft_lengths"] == (list(trees) or list(cfg.buckets))
     runs = {(r["k"], r["batch"], r["workload"]): r for r in v["runs"]}
-    for k in cfg.buckets:
+    for k in trees or cfg.buckets:
       for w in ("code", "prose", "mixed"):
         r = runs[k, big, w]
         acc = r["acceptance_by_position"]
-        assert len(acc) == k and all(0.0 <= a <= 1.0 for a in acc)
+        assert len(acc) == trees.get(k, k) and all(0.0 <= a <= 1.0 for a in acc)
         # Each row-round emits accepted + 1 tokens (fewer when a row hits max_new_tokens).
         assert 1.0 <= r["tokens_per_forward"] <= 1.0 + sum(acc) + 1e-9
         assert r["new_tokens"] == r["prompts"] * cfg.max_new_tokens
         assert r["speedup"] > 0
-    assert v["fastest_k"] in cfg.buckets
+    assert v["fastest_k"] in (list(trees) or cfg.buckets)
     assert {(b, w) for (k, b, w) in runs if b == small} == {
         (small, w) for w in ("code", "prose", "mixed")}
     assert all(k == v["fastest_k"] for (k, b, _) in runs if b == small)
@@ -153,6 +154,8 @@ def test_parameter_counts_match_the_drafter_trees(run):
     assert summary[name]["params"] == params_lib.count_params(
         drafter_kinds.param_specs(d.config))
   assert summary["int8_target"]["params"] == summary["assistant"]["params"]
+  assert summary["tree"]["params"] == summary["assistant"]["params"]
+  assert summary["tree"]["config"]["convention"] == "clean"
   # The int8 self-drafter's own parameters: its adapter and int8 copies of the target's layer.
   assert summary["int8_self"]["params"] == size(trees["self"].params) + size(
       qt.params["layers"][:1])
@@ -168,8 +171,8 @@ def test_readme_table(run):
   rows = [line for line in lines if line.startswith("| ") and "---" not in line]
   assert [r.split(" | ")[0][2:] for r in rows] == (
       ["variant", *NAMES, "batch-2 speedup, code + prose (tokens / forward)", *NAMES])
-  assert all(r.count(" | ") == rows[0].count(" | ") for r in rows[1:6])
-  assert np.all(["yes |" in r for r in rows[1:6]])
+  assert all(r.count(" | ") == rows[0].count(" | ") for r in rows[1:7])
+  assert np.all(["yes |" in r for r in rows[1:7]])
 
 
 def test_distill_within_a_seconds_budget(run, tmp_path):
