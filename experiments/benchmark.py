@@ -107,7 +107,9 @@ def measure_model(name: str, copy_gbs: float, parts: set[str]) -> dict:
   """decode / verify / drafter / predict entries of one model shape."""
   cfg = model_config(name)
   entry: dict = {"params": params_lib.count_params(params_lib.param_specs(cfg)),
-                 "layers": cfg.num_layers, "dtype": cfg.dtype}
+                 "layers": cfg.num_layers, "dtype": cfg.dtype,
+                 "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "copy_gb_per_s": copy_gbs}
   t0 = time.perf_counter()
   params = bench.random_params(params_lib.param_specs(cfg), cfg, jax.random.PRNGKey(0))
   jax.block_until_ready(params)
@@ -355,8 +357,7 @@ def main(argv):
   if parts & {"decode", "verify", "drafter", "predict", "int8"}:
     if copy_gbs is None:
       raise app.UsageError("decode figures need the copy part (bandwidth_fraction)")
-    record["models"] = {}   # (--update) no model entry of an older run is kept beside new ones
-    for name in _MODELS.value:
+    for name in _MODELS.value:   # (--update) replaces these models' entries, keeps the others'
       if _late(name):
         break
       record["models"][name] = measure_model(name, copy_gbs, parts)

@@ -38,11 +38,12 @@ case "${1:-}" in
     ;;
   variants_and_bench)
     cp "$BENCH" "$OUT/benchmark_h200.json"
-    (CUDA_VISIBLE_DEVICES=0 timeout 575 python experiments/variants.py \
+    (CUDA_VISIBLE_DEVICES=0 timeout 560 python experiments/variants.py \
         --config=configs/variants_gpu.py --config.record="$OUT/variants_h200.json" \
         > "$OUT/variants.log" 2>&1) &
-    (CUDA_VISIBLE_DEVICES=1 timeout 575 python experiments/benchmark.py --update --deadline_s=520 \
-        --parts=copy,decode,verify,drafter,predict,int8,e2e --e2e_models=gemma4_e2b \
+    (CUDA_VISIBLE_DEVICES=1 timeout 560 python experiments/benchmark.py --update \
+        --deadline_s="${BENCH_DEADLINE:-520}" --models="${BENCH_MODELS:-gemma4_e2b,gemma4_e4b,gemma4_31b,gemma4_26b_a4b}" \
+        --parts="${BENCH_PARTS:-copy,decode,verify,drafter,predict,int8,e2e}" --e2e_models=gemma4_e2b \
         --out="$OUT/benchmark_h200.json" > "$OUT/benchmark.log" 2>&1) &
     wait
     ;;

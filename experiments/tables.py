@@ -179,9 +179,10 @@ def variants_tables(rec: dict) -> list[str]:
                    ["acceptance_by_position"])
     speeds = []
     for b in sorted(cfg["batches"]):
-      r = runs[v["fastest_k"], b, "mixed"]
+      k = v.get("fastest_k_by_batch", {}).get(str(b), v["fastest_k"])
+      r = runs[k, b, "mixed"]
       vs = f", {r['speedup_vs_float']:.2f}x vs {dtype}" if "speedup_vs_float" in r else ""
-      speeds.append(f"{r['speedup']:.2f}x (K={v['fastest_k']}{vs})")
+      speeds.append(f"{r['speedup']:.2f}x (K={k}{vs})")
     rows = [r["rows_equal"] for r in v["runs"] if r["workload"] == "mixed"]
     equal = "yes" if min(rows) == 1.0 else f"{min(rows):.0%} to {max(rows):.0%} of rows"
     out.append(_row(v["name"], v["target"], _params(v["drafter"]), tpf("code"), tpf("prose"),

@@ -226,7 +226,7 @@ def forward(params: dict, tokens: jax.Array, *, config: ModelConfig,
       docstring).
   """
   cfg = config
-  params = jax.tree_util.tree_map(lambda w: w.astype(cfg.dtype), params)
+  params = quant.cast(params, cfg.dtype)   # int8 weights stay int8, their scales float32
   x, kv_now, new_cache = run_layers(params, tokens, config=cfg, cache=cache, start=start,
                                     tree=tree)
   hidden = layers.rms_norm(x, params["final_norm"], eps=cfg.rms_eps)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.struct
@@ -226,8 +227,12 @@ def logit_error(logits: jax.Array, ref: jax.Array) -> dict[str, float]:
 # a 26B-A4B expert [2816, 1408]: 22 us vs 13 us) and made a batch-1 decode step slower than a
 # 2-position one; padding took E2B's batch-1 step from 3.68 to 2.63 ms and E4B's from 5.41 to
 # 4.11 ms (experiments/results/decode_probe_h200.json). Large weights stream about as fast
-# either way (31B's MLP [5376, 21504]: 3.61 TB/s as a reduction, 3.55 on two rows).
+# either way (31B's MLP [5376, 21504]: 3.61 TB/s as a reduction, 3.55 on two rows) and padding
+# every matmul of the 31B shape made its batch-1 step 2.8% slower (16.52 -> 16.98 ms,
+# results/benchmark_h200.json runs B and H), so weights of PAD_MAX_WEIGHT_SIZE elements or more
+# (31B's MLP, q and o projections, every vocabulary-sized head) keep one row.
 PAD_ONE_ROW_BACKENDS = ("gpu",)
+PAD_MAX_WEIGHT_SIZE = 32 << 20
 
 
 def pad_one_row() -> bool:
@@ -261,7 +266,7 @@ def einsum(spec: str, x: jax.Array, w: QArray | jax.Array, *,
   channel axis of w must appear in the output (true of every weight of the model). A one-row x is
   padded to two rows where `pad_one_row()` says so (same values: row 0 is computed alone).
   """
-  if pad_one_row() and _one_row(spec, x):
+  if pad_one_row() and _one_row(spec, x) and math.prod(w.shape) < PAD_MAX_WEIGHT_SIZE:
     x2 = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
     return _einsum(spec, x2, w, preferred_element_type=preferred_element_type)[:1]
   return _einsum(spec, x, w, preferred_element_type=preferred_element_type)

@@ -95,6 +95,7 @@ class VariantsConfig:
   batches: tuple[int, ...] = (1, 8)
   prompts: int = 32
   small_batch_prompts: int = 8
+  small_batch_all_k: bool = False
   prompt_len: int = 128
   max_new_tokens: int = 128
   repeats: int = 2
@@ -299,14 +300,17 @@ def _prefix_agreement(rows: list[list[int]], ref: list[list[int]]) -> float:
 def evaluate(targets: Mapping[str, api.Target], variants: Sequence[Variant],
              workloads: Mapping[str, PromptSet], *, buckets: Sequence[int],
              batches: Sequence[int], small_batch_prompts: int, max_new_tokens: int,
-             repeats: int = 1, threads: int | None = None) -> dict[str, Any]:
+             repeats: int = 1, threads: int | None = None,
+             small_batch_all_k: bool = False) -> dict[str, Any]:
   """Greedy plain and speculative decoding of every variant on every workload.
 
   At the largest batch: plain decoding of every target and every variant at each of its Ks over
   all prompts (tokens per target forward, acceptance by position, speed). At each smaller batch:
   plain decoding and every variant at the K that was fastest at the largest batch (over all
-  workloads), on the first `small_batch_prompts` prompts of each workload. Programs are compiled
-  side by side before timing (those of the smaller batches after the K is known).
+  workloads), or with `small_batch_all_k` at every K (the fastest K differs with the batch), on
+  the first `small_batch_prompts` prompts of each workload. Programs are compiled side by side
+  before timing (those of the smaller batches after the K is known unless all are run).
+  `fastest_k_by_batch` of each variant: its fastest K at each batch (code + prose).
 
   Returns {"plain": [...], "variants": [...], "times": {...}}: one entry per (target or variant,
   K, batch, workload) plus the workload "mixed" (all workloads together); speculative entries have
@@ -329,6 +333,8 @@ def evaluate(targets: Mapping[str, api.Target], variants: Sequence[Variant],
 
   jobs = [(t, b, None, 0) for t in used for b in batches]
   jobs += [(v.target, big, v, k) for v in variants for k in v.lengths(buckets)]
+  if small_batch_all_k:
+    jobs += [(v.target, b, v, k) for v in variants for k in v.lengths(buckets) for b in small]
   times["compile_s"] = compile_all(jobs)
   log.info("compiled %d programs side by side in %.1f s", len(jobs), times["compile_s"])
 
@@ -349,9 +355,12 @@ def evaluate(targets: Mapping[str, api.Target], variants: Sequence[Variant],
 
   fastest = {v.name: min(v.lengths(buckets), key=lambda k, v=v: mixed_seconds(v, k))
              for v in variants}
+  small_ks = {v.name: (v.lengths(buckets) if small_batch_all_k else (fastest[v.name],))
+              for v in variants}
   if small:
-    jobs = [(v.target, b, v, fastest[v.name]) for v in variants for b in small]
-    times["compile_small_batches_s"] = compile_all(jobs)
+    if not small_batch_all_k:
+      jobs = [(v.target, b, v, fastest[v.name]) for v in variants for b in small]
+      times["compile_small_batches_s"] = compile_all(jobs)
     t0 = time.perf_counter()
     for b in small:
       for w, prompts in workloads.items():
@@ -359,9 +368,9 @@ def evaluate(targets: Mapping[str, api.Target], variants: Sequence[Variant],
         for t in used:
           plain[t, b, w] = _pass(targets[t], some, batch=b, repeats=repeats, **kw)
         for v in variants:
-          runs[v.name, fastest[v.name], b, w] = _pass(targets[v.target], some, batch=b,
-                                                      repeats=repeats, variant=v,
-                                                      k=fastest[v.name], **kw)
+          for k in small_ks[v.name]:
+            runs[v.name, k, b, w] = _pass(targets[v.target], some, batch=b, repeats=repeats,
+                                          variant=v, k=k, **kw)
     times["small_batches_s"] = time.perf_counter() - t0
 
   def with_mixed(table):
@@ -401,9 +410,16 @@ def evaluate(targets: Mapping[str, api.Target], variants: Sequence[Variant],
               for a, r in zip(runs[name, k, b, x][0], plain[v.target, b, x][0])]
       e["outputs_equal"], e["rows_equal"] = all(same), float(np.mean(same))
       entries.append(e)
+    by_batch = {}
+    for b in small:
+      by_batch[b] = min(small_ks[v.name], key=lambda k, v=v, b=b: sum(
+          runs[v.name, k, b, w][1]["seconds"] for w in workloads))
+    by_batch[big] = fastest[v.name]
     variant_entries.append({"name": v.name, "target": v.target, "spec": dict(v.spec),
                             "draft_lengths": list(v.lengths(buckets)),
-                            "fastest_k": fastest[v.name], "runs": entries})
+                            "fastest_k": fastest[v.name],
+                            "fastest_k_by_batch": {str(b): k for b, k in by_batch.items()},
+                            "runs": entries})
   return {"plain": plain_entries, "variants": variant_entries, "times": times}
 
 
@@ -484,7 +500,8 @@ def run(cfg: VariantsConfig) -> dict[str, Any]:
   evaluation = evaluate(targets, variants, workloads, buckets=cfg.buckets, batches=cfg.batches,
                         small_batch_prompts=cfg.small_batch_prompts,
                         max_new_tokens=cfg.max_new_tokens, repeats=cfg.repeats,
-                        threads=cfg.compile_threads or None)
+                        threads=cfg.compile_threads or None,
+                        small_batch_all_k=cfg.small_batch_all_k)
   for entry, v in zip(evaluation["variants"], variants):
     entry["drafter"] = drafter_summary(v.drafter, targets[v.target])
   times["evaluate_s"] = time.perf_counter() - t
