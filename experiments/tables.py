@@ -25,15 +25,19 @@ def decode_table(rec: dict) -> list[str]:
          _row("shape", "params", "batch", "context", "ms / step", "tokens/s",
               "bytes / step (GB)", "fraction of copy bandwidth"),
          _row(*["---"] * 8)]
+  notes = []
   for name, m in rec["models"].items():
+    if "note" in m:
+      notes.append(f"\\* {name.replace('gemma4_', '')}: {m['note']}")
     for d in m["decode"]:
-      out.append(_row(name.replace("gemma4_", ""), f"{m['params'] / 1e9:.1f}B", d["batch"],
+      out.append(_row(name.replace("gemma4_", "") + ("\\*" if "note" in m else ""),
+                      f"{m['params'] / 1e9:.1f}B", d["batch"],
                       d["context"], f"{d['ms_per_step']:.2f}", f"{d['tokens_per_second']:.0f}",
                       f"{d['bytes_per_step'] / 1e9:.1f}", f"{d['bandwidth_fraction']:.0%}"))
     for f in m.get("failed", []):
       out.append(_row(name.replace("gemma4_", ""), "", f["case"], "", "out of memory", "", "",
                       ""))
-  return out
+  return out + ([""] + notes if notes else [])
 
 
 def cost_table(rec: dict) -> list[str]:

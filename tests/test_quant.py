@@ -276,3 +276,20 @@ def test_one_row_padding_keeps_values_and_greedy_decoding(monkeypatch, ple_param
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
   assert jnp.array_equal(gemma_mtp.generate(target, prompt, max_new_tokens=12).tokens, tokens)
   jax.clear_caches()
+
+
+def test_bf16_forward_keeps_int8_values_and_float32_scales(ple_params):
+  """In a bf16 forward the int8 weights reach their matmuls as int8 and the scales stay float32:
+  no scale is rounded to bf16 (model.forward once converted every leaf of the tree, QArray
+  children included, to the compute dtype)."""
+  cfg = PLE.replace(dtype="bfloat16")
+  qp = quant.quantize_params(ple_params, PLE)
+  tokens = jnp.asarray([[3, 4, 5]], jnp.int32)
+  jaxpr = jax.make_jaxpr(lambda p: model_lib.forward(p, tokens, config=cfg).logits)(qp)
+  leaves = jax.tree_util.tree_leaves(qp, is_leaf=quant.is_quantized)
+  scale_shapes = {tuple(x.scale.shape) for x in leaves if quant.is_quantized(x)}
+  rounded = [e for e in jaxpr.eqns if e.primitive.name == "convert_element_type"
+             and e.invars[0].aval.dtype == jnp.float32
+             and e.params["new_dtype"] == jnp.bfloat16
+             and tuple(e.invars[0].aval.shape) in scale_shapes]
+  assert scale_shapes and not rounded, [e.invars[0].aval for e in rounded]
