@@ -262,24 +262,31 @@ def _one_round(key, ctx, q_table, p_table, *, greedy_drafts, verify, soft_q_for_
   return sampling.accepted_tokens(drafts[None], n, nxt)[0], n[0]
 
 
-@functools.partial(jax.jit, static_argnames=('greedy_drafts', 'verify', 'soft_q_for_greedy'))
-def _simulate(keys, q_table, p_table, *, greedy_drafts, verify, soft_q_for_greedy=False):
-  """Runs ROUNDS speculative rounds per key; returns (first NUM_TOKENS tokens, first-round accepts)."""
+def run_rounds(keys, round_fn, *, depth: int, rounds: int = ROUNDS):
+  """`rounds` speculative rounds per key, each `round_fn(key, ctx) -> (tokens [depth + 1],
+  accepted n)`; returns (first NUM_TOKENS tokens [keys, NUM_TOKENS], first-round accepts)."""
 
   def one(key):
     out = jnp.full((NUM_TOKENS,), -1, jnp.int32)
     count, ctx, first_n = jnp.int32(0), jnp.int32(CONTEXT), jnp.int32(0)
     pos = jnp.arange(NUM_TOKENS)
-    for r, k in enumerate(jax.random.split(key, ROUNDS)):
-      toks, n = _one_round(k, ctx, q_table, p_table, greedy_drafts=greedy_drafts, verify=verify,
-                           soft_q_for_greedy=soft_q_for_greedy)
+    for r, k in enumerate(jax.random.split(key, rounds)):
+      toks, n = round_fn(k, ctx)
       fill = (pos >= count) & (pos <= count + n)
-      out = jnp.where(fill, toks[jnp.clip(pos - count, 0, K)], out)
+      out = jnp.where(fill, toks[jnp.clip(pos - count, 0, depth)], out)
       count, ctx = count + n + 1, toks[n]
       first_n = n if r == 0 else first_n
     return out, first_n
 
   return jax.vmap(one)(keys)
+
+
+@functools.partial(jax.jit, static_argnames=('greedy_drafts', 'verify', 'soft_q_for_greedy'))
+def _simulate(keys, q_table, p_table, *, greedy_drafts, verify, soft_q_for_greedy=False):
+  """Runs ROUNDS speculative rounds per key; returns (first NUM_TOKENS tokens, first-round accepts)."""
+  return run_rounds(keys, functools.partial(
+      _one_round, q_table=q_table, p_table=p_table, greedy_drafts=greedy_drafts, verify=verify,
+      soft_q_for_greedy=soft_q_for_greedy), depth=K)
 
 
 def _pvalues(tokens):

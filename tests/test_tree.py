@@ -29,8 +29,8 @@ from gemma_mtp import sampling
 from gemma_mtp import speculative
 from gemma_mtp import tree as tree_lib
 from gemma_mtp.tree import TreeSpec
-from tests.test_sampling import (CONTEXT, DRAFT_PARAMS, FALSE_ALARM, NUM_TOKENS, P, V,
-                                 _drafter_q, _pvalues, chi2_pvalue)
+from tests.test_sampling import (DRAFT_PARAMS, FALSE_ALARM, NUM_TOKENS, P, V, _drafter_q,
+                                 _pvalues, chi2_pvalue, run_rounds)
 from tests.test_speculative import (PROMPTS, TARGET, agreeing_pair, exact_first_tokens,
                                     pool_small_cells, random_drafter)
 
@@ -196,22 +196,9 @@ def _tree_round(key, ctx, q_table, p_table, *, tree, mode, verify_mode):
 
 @functools.partial(jax.jit, static_argnames=("tree", "mode", "verify_mode"))
 def _simulate(keys, q_table, p_table, *, tree, mode, verify_mode):
-  depth = tree.max_depth
-
-  def one(key):
-    out = jnp.full((NUM_TOKENS,), -1, jnp.int32)
-    count, ctx, first_n = jnp.int32(0), jnp.int32(CONTEXT), jnp.int32(0)
-    pos = jnp.arange(NUM_TOKENS)
-    for r, k in enumerate(jax.random.split(key, ROUNDS)):
-      toks, n = _tree_round(k, ctx, q_table, p_table, tree=tree, mode=mode,
-                            verify_mode=verify_mode)
-      fill = (pos >= count) & (pos <= count + n)
-      out = jnp.where(fill, toks[jnp.clip(pos - count, 0, depth)], out)
-      count, ctx = count + n + 1, toks[n]
-      first_n = n if r == 0 else first_n
-    return out, first_n
-
-  return jax.vmap(one)(keys)
+  return run_rounds(keys, functools.partial(_tree_round, q_table=q_table, p_table=p_table,
+                                            tree=tree, mode=mode, verify_mode=verify_mode),
+                    depth=tree.max_depth, rounds=ROUNDS)
 
 
 def _run(mode, *, seed, verify_mode=None, tree=TREE):
