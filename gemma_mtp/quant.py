@@ -244,17 +244,13 @@ def _one_row(spec: str, x: jax.Array) -> bool:
   """True when x's rows (its axes not shared with the weight) number one and lead its shape."""
   ins, out = spec.replace(" ", "").split("->")
   x_letters, w_letters = ins.split(",")
-  if x_letters.startswith("..."):
+  if x_letters.startswith("..."):   # one '.' per axis the ellipsis stands for
     if not out.startswith("..."):
       return False
-    row_axes = range(x.ndim - len(x_letters) + 3)
-    row_axes = list(row_axes) + [x.ndim - len(x_letters) + 3 + i
-                                 for i, c in enumerate(x_letters[3:]) if c not in w_letters]
-  else:
-    if x_letters[0] in w_letters or not out.startswith(x_letters[0]):
-      return False
-    row_axes = [i for i, c in enumerate(x_letters) if c not in w_letters]
-  return x.ndim > 0 and all(x.shape[a] == 1 for a in row_axes)
+    x_letters, out = "." * (x.ndim - len(x_letters) + 3) + x_letters[3:], "."
+  if not x_letters or x_letters[0] in w_letters or not out.startswith(x_letters[0]):
+    return False
+  return all(n == 1 for c, n in zip(x_letters, x.shape) if c not in w_letters)
 
 
 def einsum(spec: str, x: jax.Array, w: QArray | jax.Array, *,
