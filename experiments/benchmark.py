@@ -125,6 +125,9 @@ def measure_model(name: str, copy_gbs: float, parts: set[str]) -> dict:
     cases += [bench.DecodeCase(1, contexts[0], k + 1) for k in map(int, _VERIFY_K.value)]
     if base not in cases:
       cases.append(base)
+  if ("int8" in parts and name in _INT8_MODELS.value
+      and bench.DecodeCase(1, contexts[0]) not in cases):   # int8's bf16 baseline
+    cases.append(bench.DecodeCase(1, contexts[0]))
   jobs = {c.name: (lambda c=c: bench.lower_decode(params, cfg, c, _LONG.value)) for c in cases}
   dcfg = None
   if "drafter" in parts:
@@ -357,10 +360,13 @@ def main(argv):
   if parts & {"decode", "verify", "drafter", "predict", "int8"}:
     if copy_gbs is None:
       raise app.UsageError("decode figures need the copy part (bandwidth_fraction)")
-    for name in _MODELS.value:   # (--update) replaces these models' entries, keeps the others'
+    for name in _MODELS.value:   # (--update) replaces the measured parts of these models
       if _late(name):
         break
-      record["models"][name] = measure_model(name, copy_gbs, parts)
+      entry = measure_model(name, copy_gbs, parts)
+      if _UPDATE.value and "decode" not in parts:   # keep the stored decode table (the entry
+        entry.pop("decode", None)                   # holds only the int8 / verify baseline)
+      record["models"][name] = {**record["models"].get(name, {}), **entry}
       save()
   if "e2e" in parts:
     record["e2e"] = {}

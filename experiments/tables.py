@@ -107,10 +107,31 @@ def int8_table(rec: dict) -> list[str]:
   for name, m in rec["models"].items():
     q = m.get("int8")
     if q:
-      out.append(_row(name.replace("gemma4_", ""), f"{q['ms_per_step'] * q['speedup_over_bf16']:.2f}",
+      out.append(_row(name.replace("gemma4_", "") + (" \\*" if q.get("note") else ""),
+                      f"{q['ms_per_step'] * q['speedup_over_bf16']:.2f}",
                       f"{q['ms_per_step']:.2f}", f"{q['tokens_per_second']:.0f}",
                       f"{q['speedup_over_bf16']:.2f}x", f"{q['bytes_per_step'] / 1e9:.1f}",
                       f"{q['bandwidth_fraction']:.0%}"))
+  notes = [f"\\* {q['note']}" for m in rec["models"].values() if (q := m.get("int8"))
+           and q.get("note")]
+  return out + ([""] + notes if notes else [])
+
+
+def kernel_table(rec: dict) -> list[str]:
+  """Decode with the Pallas kernels off and on (kernel_probe record, its 'decode' part)."""
+  out = [_row("shape", "case", "XLA ms / step", "kernels ms / step", "speedup",
+              "kernels + gathered experts to batch 16 ms / step"), _row(*["---"] * 6)]
+  for name, entries in rec["decode"].items():
+    by = {}
+    for e in entries:
+      if "ms_per_step" in e:
+        case = f"batch {e['batch']}" + (f", {e['positions_per_forward']} positions"
+                                        if e["positions_per_forward"] > 1 else "")
+        by.setdefault(case, {})[e["variant"]] = e["ms_per_step"]
+    for case, v in by.items():
+      gather = f"{v['on_gather']:.2f}" if "on_gather" in v else "-"
+      out.append(_row(name.replace("gemma4_", ""), case, f"{v['off']:.2f}", f"{v['on']:.2f}",
+                      f"{v['off'] / v['on']:.2f}x", gather))
   return out
 
 
@@ -212,6 +233,8 @@ def main():
        "benchmark_h200.json"),
       ("Side by side with transformers", side_by_side_table, "benchmark_h200.json"),
       ("int8 weight-only decode", int8_table, "benchmark_h200.json"),
+      ("Pallas kernels off and on (kernel_probe_h200.json)", kernel_table,
+       "kernel_probe_h200.json"),
       ("GPU-trained pair (reproduce_gpu_h200.json)", pair_tables, "reproduce_gpu_h200.json"),
       ("Tensor parallelism (tp_decode_31b_2xh200.json)", tp_table, "tp_decode_31b_2xh200.json"),
       ("New domain (new_domain_h200.json)", domain_table, "new_domain_h200.json"),

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 
 from gemma_mtp import drafter as drafter_lib
 from gemma_mtp import kv_cache as kvc
-from gemma_mtp import layers
 from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
 from gemma_mtp.config import ModelConfig
@@ -70,15 +69,12 @@ def _nbytes(tree) -> int:
 
 
 def expected_experts_read(cfg: ModelConfig, tokens: int) -> float:
-  """Expert weight matrices one MoE layer reads for `tokens` routed tokens.
-
-  Decode gathers k experts per token (`layers.gathers_experts`), so repeats are read again;
-  otherwise the grouped path reads each distinct expert once (expected number of distinct
-  experts under uniform routing, which random weights give).
+  """Expert weight matrices one MoE layer must read for `tokens` routed tokens: the expected
+  number of distinct experts routed to under uniform routing (which random weights give); k at
+  one token. The gathered path (`layers.gathers_experts`) reads an expert again for each pair
+  routed to it, so at several tokens it moves more bytes than this floor.
   """
   e, k = cfg.num_experts, cfg.num_experts_per_token
-  if layers.gathers_experts(tokens, k, e):
-    return float(tokens * k)
   return e * (1.0 - (1.0 - k / e) ** tokens)
 
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_mtp import matvec
 from gemma_mtp import quant
 
 F32 = jnp.float32
@@ -122,11 +123,11 @@ def route(x: jax.Array, p: dict, *, top_k: int, eps: float) -> tuple[jax.Array, 
 
 
 def _expert_ffn_gathered(x, weights, experts, p):
-  """Few tokens: gather the k chosen experts' weights per token ([M, k, D, 2X] reads)."""
+  """Few tokens: each token's k chosen experts, read per (token, expert) pair."""
   x_dim = p["down"].shape[1]
-  gate_up = quant.einsum("MD,MkDF->MkF", x, quant.take(p["gate_up"], experts))
+  gate_up = quant.expert_matmul(x, p["gate_up"], experts)                   # [M, k, 2X]
   h = gelu(gate_up[..., :x_dim]) * gate_up[..., x_dim:]
-  out = quant.einsum("MkX,MkXD->MkD", h, quant.take(p["down"], experts))
+  out = quant.expert_matmul(h, p["down"], experts)                          # [M, k, D]
   return jnp.einsum("MkD,Mk->MD", out.astype(F32), weights).astype(x.dtype)
 
 
@@ -148,14 +149,17 @@ def _expert_ffn_grouped(x, weights, experts, p):
 
 
 def gathers_experts(tokens: int, top_k: int, num_experts: int) -> bool:
-  """The static choice of `moe`: gather k expert matrices per token, or grouped matmuls.
+  """The static choice of `moe`: each (token, expert) pair's expert read on its own, or grouped
+  matmuls (`ragged_dot`, each distinct expert read once but with more fixed cost).
 
-  Gathering reads an expert once per (token, expert) pair, grouped matmuls once per distinct
-  expert but with more fixed cost. On an H200 (26B-A4B shapes, 128 experts, k = 8) gathering
-  wins at 8 pairs (batch-1 decode 5.5 vs 14.2 ms) and loses at 64 (batch 8: 17.7 vs 16.5 ms;
-  experiments/results/decode_probe_h200.json), hence the cut at a quarter of the experts.
+  With the Pallas kernel (`matvec.enabled()`: GPUs) a pair reads its expert in place, and on an
+  H200 (26B-A4B, 128 experts, k = 8) that wins up to a pair per expert: batch-1 decode 4.03 ms
+  vs 5.43 grouped, a 5-position verification 5.60 vs 15.5, batch 8 7.25 vs 16.1
+  (experiments/results/kernel_probe_h200.json). Without it the pairs' experts are gathered into
+  a copy first, which wins only up to a quarter of the experts (batch 1: 5.5 vs 14.2 ms; batch 8:
+  17.7 vs 16.5; results/decode_probe_h200.json).
   """
-  return tokens * top_k <= num_experts // 4
+  return tokens * top_k <= (num_experts if matvec.enabled() else num_experts // 4)
 
 
 def moe(residual: jax.Array, p: dict, *, top_k: int, eps: float) -> jax.Array:

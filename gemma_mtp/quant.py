@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_mtp import matvec
 from gemma_mtp import params as params_lib
 from gemma_mtp.config import ModelConfig
 
@@ -259,13 +260,59 @@ def einsum(spec: str, x: jax.Array, w: QArray | jax.Array, *,
 
   For a QArray: einsum(x, q) in float32 accumulation, times the scales arranged along the output
   axes, cast to `preferred_element_type` (default: the result type of x and w.dtype). Every output
-  channel axis of w must appear in the output (true of every weight of the model). A one-row x is
-  padded to two rows where `pad_one_row()` says so (same values: row 0 is computed alone).
+  channel axis of w must appear in the output (true of every weight of the model).
+
+  With `matvec.enabled()` (GPUs), a one-row bf16 activation times a large int8 weight whose
+  leading axes are the contracted ones goes through the Pallas kernel, which reads the int8
+  values as int8 (`_kernel_einsum`; XLA converts them to bf16 in a pass of its own). Otherwise a one-row x is padded to two rows where `pad_one_row()` says so
+  (same values: row 0 is computed alone).
   """
+  if matvec.enabled():
+    y = _kernel_einsum(spec, x, w, preferred_element_type)
+    if y is not None:
+      return y
   if pad_one_row() and _one_row(spec, x) and math.prod(w.shape) < PAD_MAX_WEIGHT_SIZE:
     x2 = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
     return _einsum(spec, x2, w, preferred_element_type=preferred_element_type)[:1]
   return _einsum(spec, x, w, preferred_element_type=preferred_element_type)
+
+
+def _matmul_layout(spec: str, x: jax.Array, w) -> tuple[tuple, int, tuple] | None:
+  """(row shape, contracted size, output-channel shape) when `spec` is x [rows..., c...] times
+  w [c..., o...] -> [rows..., o...] (w's leading axes contracted, in x's trailing order)."""
+  ins, out = spec.replace(" ", "").split("->")
+  x_letters, w_letters = ins.split(",")
+  if "..." in w_letters or len(w_letters) != w.ndim:
+    return None
+  if x_letters.startswith("..."):
+    if not out.startswith("..."):
+      return None
+    extra = "".join(chr(0x100 + i) for i in range(x.ndim - len(x_letters) + 3))
+    x_letters, out = extra + x_letters[3:], extra + out[3:]
+  con = "".join(c for c in w_letters if c in x_letters)
+  rows = x_letters[:len(x_letters) - len(con)]
+  if (len(x_letters) != x.ndim or not x_letters.endswith(con) or not w_letters.startswith(con)
+      or out != rows + w_letters[len(con):]):
+    return None
+  return tuple(x.shape[:len(rows)]), math.prod(w.shape[:len(con)]), tuple(w.shape[len(con):])
+
+
+def _kernel_einsum(spec, x, w, preferred_element_type):
+  """`einsum` through `matvec.matmul`, or None where the kernel does not apply."""
+  if (not is_quantized(w) or w.q.dtype != jnp.int8 or x.dtype != jnp.bfloat16
+      or w.size < matvec.MIN_INT8_SIZE):
+    return None
+  layout = _matmul_layout(spec, x, w)
+  if layout is None:
+    return None
+  row_shape, k, out_shape = layout
+  m, n = math.prod(row_shape), math.prod(out_shape)
+  cfg = matvec.block_config(1, k, n, itemsize=1)
+  if m != 1 or cfg is None:   # several rows: XLA's fused int8 GEMM is faster (matvec)
+    return None
+  y = matvec.matmul(x.reshape(m, k), w.q.reshape(k, n), w.scale.reshape(n), cfg=cfg)
+  out_dtype = preferred_element_type or jnp.result_type(x.dtype, jnp.dtype(w.dtype))
+  return y.reshape(row_shape + out_shape).astype(out_dtype)
 
 
 def _einsum(spec, x, w, *, preferred_element_type):
@@ -311,6 +358,27 @@ def ragged_dot(x: jax.Array, w: QArray | jax.Array, group_sizes: jax.Array, *,
   return (y * s).astype(jnp.result_type(x.dtype, jnp.dtype(w.dtype)))
 
 
+def expert_matmul(x: jax.Array, w: QArray | jax.Array, experts: jax.Array) -> jax.Array:
+  """Per (token m, slot j): x times expert experts[m, j] of w [E, D, N] -> [M, k, N].
+
+  x is [M, D] (the same row for a token's k experts) or [M, k, D] (one row per pair). With
+  `matvec.enabled()` and bf16 activations the chosen experts are read in place by
+  `matvec.gathered_matmul`; otherwise their weights are gathered ([M, k, D, N]) and contracted.
+  """
+  m, k = experts.shape
+  values = w.q if is_quantized(w) else w
+  cfg = matvec.block_config(m * k, w.shape[1], w.shape[2], itemsize=values.dtype.itemsize)
+  if (matvec.enabled() and cfg is not None and x.dtype == jnp.bfloat16
+      and values.dtype in (jnp.bfloat16, jnp.int8)):
+    rows = jnp.broadcast_to(x[:, None], (m, k, x.shape[-1])) if x.ndim == 2 else x
+    scale = jnp.squeeze(w.scale, axis=1) if is_quantized(w) else None
+    y = matvec.gathered_matmul(rows.reshape(m * k, -1), values, experts.reshape(-1), scale,
+                               cfg=cfg)
+    return y.reshape(m, k, -1).astype(jnp.result_type(x.dtype, jnp.dtype(w.dtype)))
+  spec = "MD,MkDF->MkF" if x.ndim == 2 else "MkD,MkDF->MkF"
+  return einsum(spec, x, take(w, experts))
+
+
 def take(w: QArray | jax.Array, idx: jax.Array) -> QArray | jax.Array:
   """Rows w[idx] along axis 0 (an output-channel axis for a QArray); idx [...] -> [..., *rest]."""
   if not is_quantized(w):
@@ -346,4 +414,4 @@ def _path_name(path) -> str:
 
 __all__ = ["QArray", "quantize", "dequantize", "quantize_params", "dequantize_params",
            "quantized_specs", "specs_like", "cast", "describe", "nbytes", "logit_error", "einsum",
-           "ragged_dot", "take", "lookup", "is_quantized"]
+           "ragged_dot", "expert_matmul", "take", "lookup", "is_quantized"]
