@@ -16,9 +16,11 @@ Reports, per draft-length bucket and per draft tree (and adaptive chains), greed
 mean tokens per target forward and acceptance by draft position (a tree: by depth; also accepted
 drafts by sibling rank and positions verified per forward); with --speed also plain vs
 speculative tokens/s; with --workload_prompts the timed batch-1 code / prose / mixed workloads
-(plain, each fixed K, adaptive, each tree). The adaptive rule uses the drafter/target step cost
-measured on this device. With --trees and --speed, each tree is timed next to the best fixed
-chain length (batch 1 and 8).
+(plain, each fixed K, adaptive, each tree; the adaptive configuration carries its acceptance
+estimate from prompt to prompt, as a serving loop would, and the record gives every
+configuration's rounds per bucket). The adaptive rule uses the drafter/target step cost and the
+verification cost of each K measured on this device. With --trees and --speed, each tree is
+timed next to the best fixed chain length (batch 1 and 8).
 """
 
 import dataclasses
@@ -58,6 +60,9 @@ _SPEED = flags.DEFINE_bool("speed", False, "also time plain vs speculative (batc
 _DRAFT_COST = flags.DEFINE_float("draft_cost", 0.0, "drafter/target step cost c of the adaptive "
                                  "rule; 0: measure it on this device (assistant drafters; other "
                                  "kinds: SpecConfig's default)")
+_VERIFY_COSTS = flags.DEFINE_list("verify_costs", [], "per --draft_lengths entry, the cost of "
+                                   "verifying K drafts relative to one decode step (adaptive "
+                                   "rule); empty: measure them on this device")
 _WORKLOADS = flags.DEFINE_integer("workload_prompts", 0, "> 0: also batch-1 code / prose / mixed "
                                   "workloads of this many prompts each (timed)")
 _PROSE = flags.DEFINE_list("prose_roots", ["site-packages"], "where prose (.md/.rst/METADATA) is")
@@ -82,6 +87,18 @@ def load():
   if _SELF_LAYERS.value is not None:
     drafter = gemma_mtp.random_drafter(target, kind="self", num_layers=_SELF_LAYERS.value)
   return target, drafter, tok
+
+
+def verify_costs(target, buckets) -> dict:
+  """{'measured': `bench.verify_costs` (None if given by --verify_costs), 'used': {K: cost}}."""
+  if _VERIFY_COSTS.value:
+    if len(_VERIFY_COSTS.value) != len(buckets):
+      raise app.UsageError(f"--verify_costs needs one cost per draft length {list(buckets)}, "
+                           f"got {_VERIFY_COSTS.value}")
+    return {"measured": None, "used": dict(zip(buckets, map(float, _VERIFY_COSTS.value)))}
+  measured = bench.verify_costs(target.params, target.config, buckets,
+                                context=_PROMPT_LEN.value + _MAX_NEW.value)
+  return {"measured": measured, "used": measured["ratio"]}
 
 
 def main(argv):
@@ -120,10 +137,13 @@ def main(argv):
                                 context=_PROMPT_LEN.value + _MAX_NEW.value)
   cost = _DRAFT_COST.value or (measured["ratio"] if measured else None)
   logging.info("draft cost: measured %s, used %s", measured and measured["ratio"], cost)
+  verify = verify_costs(target, buckets)
+  logging.info("verify costs: %s", verify)
+  costs = dict(draft_cost=cost, verify_costs=verify["used"])
   result = pipeline.evaluate_pair(target, drafter, prompts, acceptance_runs=runs,
-                                  speed_runs=speed, max_new_tokens=_MAX_NEW.value,
-                                  draft_cost=cost)
+                                  speed_runs=speed, max_new_tokens=_MAX_NEW.value, **costs)
   result["draft_cost"] = {"measured": measured, "used": cost}
+  result["verify_costs"] = verify
   if _WORKLOADS.value:
     n = _WORKLOADS.value
     workloads = {"code": pipeline.eval_prompts(tokens, num=n, prompt_len=_PROMPT_LEN.value,
@@ -134,10 +154,11 @@ def main(argv):
                                                  seed=1)
     result["workloads"] = pipeline.evaluate_workloads(
         target, drafter, workloads, buckets=buckets, max_new_tokens=_MAX_NEW.value,
-        draft_cost=cost, trees=trees)
+        trees=trees, **costs)
     for e in result["workloads"]:
       print(f"{e['workload']:6s} {e['config']:14s} {e['tokens_per_second']:8.1f} tokens/s "
-            f"{e['tokens_per_forward']:.2f} tokens/forward {e['speedup']:.2f}x")
+            f"{e['tokens_per_forward']:.2f} tokens/forward {e['speedup']:.2f}x"
+            + (f" rounds per bucket {e['bucket_counts']}" if e["config"] == "adaptive" else ""))
   for e in result["acceptance"] + result["speed"]:
     buckets = e["draft_lengths"] + e.get("trees", [])
     acc = " ".join(f"{a:.2f}" for a in e["acceptance_by_position"] if a is not None)

@@ -38,10 +38,14 @@ class GenerateOutput:
   """Attributes:
     tokens: one list of new token ids per row (EOS included, nothing after it).
     stats: counters of the run (`target_forwards`, ... ; see `generate`).
+    adaptive_state: with a drafter, the adaptive rule's estimator after the run
+      (`speculative.AdaptiveState` of host arrays): pass it to the next `generate` call of the
+      same speculative settings to carry the estimate over. None without a drafter.
   """
 
   tokens: list[list[int]]
   stats: dict
+  adaptive_state: Any = None
 
 
 def random_target(config: ModelConfig, seed: int = 0) -> Target:
@@ -113,7 +117,8 @@ def generate(target: Target, prompts, *, max_new_tokens: int, temperature: float
              draft_lengths: tuple[int, ...] = (1, 2, 4, 8), adaptive: bool = True,
              trees: tuple = (), spec_config: speculative.SpecConfig | None = None,
              cache_size: int | None = None, timing: bool = False,
-             return_drafts: bool = False) -> GenerateOutput:
+             return_drafts: bool = False,
+             adaptive_state: speculative.AdaptiveState | None = None) -> GenerateOutput:
   """Generates up to `max_new_tokens` per row (greedy when temperature == 0).
 
   Without a drafter: plain decoding, one target forward per token. With a drafter
@@ -133,12 +138,17 @@ def generate(target: Target, prompts, *, max_new_tokens: int, temperature: float
     timing: add `wall_seconds` (blocks until done; includes compilation on a first call) and its
       split into `prefill_seconds` (timed again as a separate program) and `decode_seconds`.
     return_drafts: with a drafter, add `drafts`: per round, per row, the proposed drafts.
+    adaptive_state: with a drafter, the estimator to start from: `.adaptive_state` of an earlier
+      call with the same speculative settings (what a serving loop does: the acceptance of
+      one request predicts the next one's, and no call restarts from the prior; no
+      recompilation), or None for the prior.
   Returns:
     GenerateOutput with `.tokens` and `.stats`: target_forwards, new_tokens, tokens_per_forward
     (new tokens per target forward per row, prefill excluded); with a drafter also drafted,
     accepted, acceptance_by_position (per draft position; a tree: per depth), bucket_counts
-    {K or tree label: rounds}, bucket_trace (K or tree label per round); with trees also
-    accepted_by_rank and positions_per_forward (`speculative.stats_of`).
+    {K or tree label: rounds}, bucket_trace (K or tree label per round),
+    final_acceptance_estimate and final_acceptance_by_position (the estimator's); with trees
+    also accepted_by_rank and positions_per_forward (`speculative.stats_of`).
   """
   cfg = target.config
   sampler = decoding.default_sampler(temperature, top_k, top_p)
@@ -146,6 +156,7 @@ def generate(target: Target, prompts, *, max_new_tokens: int, temperature: float
   rows = batch.tokens.shape[0]
   eos_ids = decoding.normalize_eos(eos_id)
   t0 = time.perf_counter()
+  estimator = None
   if drafter is None:
     max_len = decoding.check_capacity(cfg, batch.tokens.shape[1], max_new_tokens,
                                       cache_size=cache_size)
@@ -166,14 +177,20 @@ def generate(target: Target, prompts, *, max_new_tokens: int, temperature: float
     state = speculative.speculative_generate(
         target.params, drafter.params, batch, jax.random.PRNGKey(seed), tcfg=cfg,
         dcfg=drafter.config, spec=spec, sampler=sampler, max_new=max_new_tokens,
-        eos_ids=eos_ids, max_len=decoding.round_up(max_len, decoding.PROMPT_BUCKET))
+        eos_ids=eos_ids, max_len=decoding.round_up(max_len, decoding.PROMPT_BUCKET),
+        # Never None here: the prior and a carried state then share one compiled program.
+        adaptive_state=(speculative.initial_adaptive_state(spec) if adaptive_state is None
+                        else adaptive_state))
+    # One transfer; the host estimator passes back in as the prior does (same program).
+    state = jax.device_get(state.replace(cache=None))
     stats = speculative.stats_of(state, spec, rows, drafts=return_drafts)
-    out, count = jax.device_get((state.out, state.count))
+    out, count, estimator = state.out, state.count, state.adaptive
   if timing:
     stats["wall_seconds"] = time.perf_counter() - t0
     stats["prefill_seconds"] = _time_prefill(target, batch, max_len)
     stats["decode_seconds"] = stats["wall_seconds"] - stats["prefill_seconds"]
-  return GenerateOutput(tokens=decoding.rows_to_lists(out, count), stats=stats)
+  return GenerateOutput(tokens=decoding.rows_to_lists(out, count), stats=stats,
+                        adaptive_state=estimator)
 
 
 # ---- drafters ------------------------------------------------------------------------------------

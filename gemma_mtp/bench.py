@@ -197,6 +197,33 @@ def draft_cost(tparams, tcfg: ModelConfig, dparams, dcfg: drafter_lib.DrafterCon
           "ratio": max(drafter, 0.0) / max(target, 1e-9)}
 
 
+def verify_costs(tparams, tcfg: ModelConfig, draft_lengths, *, batch: int = 1,
+                 context: int = 512, short: int = 4, long: int = 20, repeats: int = 3) -> dict:
+  """Measured cost of verifying K drafts (one target forward of K + 1 positions) relative to one
+  decode step on this device, for each K of `draft_lengths`.
+
+  This is `speculative.SpecConfig.verify_costs` (the benchmark's verify part measures the same
+  `decode_loop` programs at larger sizes). Returns {'decode_step_s', 'verify_step_s': {K: s},
+  'measured': {K: ratio}, 'ratio': {K: cost}}: 'ratio' is 'measured' made at least 1 and
+  non-decreasing in K (verifying more positions never costs less; a lower figure is timing
+  noise, and the rule would take it for a bargain).
+  """
+  ks = sorted(set(int(k) for k in draft_lengths))
+  context = max(min(context, tcfg.max_seq_len - long - max(ks) - 2), long)
+  seconds = {}
+  for chunk in [1] + [k + 1 for k in ks]:
+    case = DecodeCase(batch, context, chunk)
+    seconds[chunk] = time_decode(lower_decode(tparams, tcfg, case, long), tparams, tcfg, case,
+                                 short=short, long=long, repeats=repeats)["per_step_s"]
+  base = max(seconds[1], 1e-9)
+  measured = {k: seconds[k + 1] / base for k in ks}
+  ratio, floor = {}, 1.0
+  for k in ks:
+    floor = ratio[k] = max(floor, measured[k])
+  return {"decode_step_s": seconds[1], "verify_step_s": {k: seconds[k + 1] for k in ks},
+          "measured": measured, "ratio": ratio}
+
+
 def slope_seconds(run: Callable[[int], Any], *, short: int, long: int, repeats: int) -> dict:
   """Per-step seconds as (best time of `long` steps - best of `short`) / (long - short).
 

@@ -82,21 +82,23 @@ def timed_generate(generate, target, prompts, *, repeats: int = 3, **kw) -> tupl
 def compare(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
             draft_lengths=(1, 2, 4, 8), adaptive=True, temperature=0.0, top_k=None, top_p=None,
             eos_id=None, repeats: int = 3, seed: int = 0,
-            draft_cost: float | None = None) -> dict[str, Any]:
+            draft_cost: float | None = None,
+            verify_costs: dict[int, float] | None = None) -> dict[str, Any]:
   """Plain and speculative generation of the same prompts in the same process.
 
   Returns a dict with tokens/s of both (new tokens / best wall time of `repeats` runs after a
   compiling run), the speedup, and the speculative statistics. With temperature 0 it also checks
   that both outputs are equal (`outputs_equal`). `draft_lengths`: the buckets, chain lengths K
   and/or `tree.TreeSpec`s, chains first (`spec_config`); the record lists them as
-  `draft_lengths` (the Ks) and, if any, `trees` (their labels). `draft_cost`: the adaptive rule's
-  drafter/target step cost ratio (None: `SpecConfig`'s default).
+  `draft_lengths` (the Ks) and, if any, `trees` (their labels). `draft_cost`, `verify_costs`:
+  the adaptive rule's costs (`spec_config`). Every call starts from the prior estimate (the
+  timed calls repeat the same prompts, so a carried estimate would have seen them).
   """
   from gemma_mtp import api  # pylint: disable=g-import-not-at-top
   kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             eos_id=eos_id, seed=seed)
   plain, t_plain = timed_generate(api.generate, target, prompts, repeats=repeats, **kw)
-  config = spec_config(draft_lengths, adaptive, draft_cost)
+  config = spec_config(draft_lengths, adaptive, draft_cost, verify_costs)
   spec, t_spec = timed_generate(api.generate, target, prompts, repeats=repeats, drafter=drafter,
                                 spec_config=config, **kw)
   n_plain, n_spec = plain.stats["new_tokens"], spec.stats["new_tokens"]
@@ -107,6 +109,7 @@ def compare(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_tokens
       **bucket_fields(config),
       "adaptive": adaptive,
       "draft_cost": config.draft_cost,
+      "verify_costs": list(config.verify_costs),
       "plain_seconds": t_plain,
       "speculative_seconds": t_spec,
       "plain_tokens_per_second": n_plain / t_plain,
@@ -119,12 +122,14 @@ def compare(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_tokens
   return result
 
 
-def spec_config(draft_lengths, adaptive: bool, draft_cost: float | None = None):
+def spec_config(draft_lengths, adaptive: bool, draft_cost: float | None = None,
+                verify_costs: dict[int, float] | None = None):
   """`SpecConfig` of these buckets, with `draft_cost` if given (else the default).
 
   `draft_lengths` are buckets: ints K (chains) and/or `tree.TreeSpec` (trees), chains first as
   `SpecConfig` numbers them (ValueError otherwise, so that "the first bucket" of a non-adaptive
-  run is the one given first).
+  run is the one given first). `verify_costs`: {K: cost of verifying K drafts relative to one
+  decode step} (`bench.verify_costs`' "ratio"), covering every chain bucket; None: 1 for all.
   """
   from gemma_mtp import speculative  # pylint: disable=g-import-not-at-top
   from gemma_mtp import tree as tree_lib  # pylint: disable=g-import-not-at-top
@@ -134,8 +139,13 @@ def spec_config(draft_lengths, adaptive: bool, draft_cost: float | None = None):
     raise ValueError(f"chain lengths must come before trees in the buckets, got "
                      f"{[b.label if t else b for b, t in zip(buckets, is_tree)]}")
   extra = {} if draft_cost is None else {"draft_cost": float(draft_cost)}
-  return speculative.SpecConfig(draft_lengths=tuple(int(b) for b, t in zip(buckets, is_tree)
-                                                    if not t),
+  chains = [int(b) for b, t in zip(buckets, is_tree) if not t]
+  if verify_costs is not None:
+    missing = [k for k in chains if k not in verify_costs]
+    if missing:
+      raise ValueError(f"verify_costs {verify_costs} has no cost for draft lengths {missing}")
+    extra["verify_costs"] = tuple(float(verify_costs[k]) for k in chains)
+  return speculative.SpecConfig(draft_lengths=tuple(chains),
                                 trees=tuple(b for b, t in zip(buckets, is_tree) if t),
                                 adaptive=adaptive, **extra)
 

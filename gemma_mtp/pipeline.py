@@ -109,8 +109,8 @@ def eval_prompts(tokens: np.ndarray, *, num: int, prompt_len: int, seed: int = 0
 def evaluate_pair(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                   acceptance_runs: Sequence[tuple[float, tuple[int, ...], bool]] = (),
                   speed_runs: Sequence[tuple[float, int, tuple[int, ...], bool]] = (),
-                  eos_id=None, repeats: int = 2, draft_cost: float | None = None
-                  ) -> dict[str, Any]:
+                  eos_id=None, repeats: int = 2, draft_cost: float | None = None,
+                  verify_costs: dict[int, float] | None = None) -> dict[str, Any]:
   """Tokens per target forward, acceptance by position, and speculative vs plain speed.
 
   Buckets (`draft_lengths` below) are chain lengths K and/or `tree.TreeSpec` draft trees, chains
@@ -127,12 +127,15 @@ def evaluate_pair(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_
       positions, so it is timed only when asked for).
     draft_cost: drafter/target step cost of the adaptive rule (None: `SpecConfig`'s default;
       `bench.draft_cost` measures it).
+    verify_costs: {K: verification cost relative to a decode step} of the adaptive rule
+      (`metrics.spec_config`; None: 1; `bench.verify_costs` measures them).
   """
+  costs = dict(draft_cost=draft_cost, verify_costs=verify_costs)
   results: dict[str, Any] = {"acceptance": [], "speed": []}
 
   def accept(run):
     temperature, buckets, adaptive = run
-    config = metrics.spec_config(buckets, adaptive, draft_cost)
+    config = metrics.spec_config(buckets, adaptive, **costs)
     out = api.generate(target, list(prompts), max_new_tokens=max_new_tokens, drafter=drafter,
                        spec_config=config, temperature=temperature, eos_id=eos_id, seed=1)
     entry = {"temperature": temperature, **metrics.bucket_fields(config), "adaptive": adaptive,
@@ -153,13 +156,13 @@ def evaluate_pair(target, drafter, prompts: Sequence[Sequence[int]], *, max_new_
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, eos_id=eos_id)
     calls.append(functools.partial(api.generate, target, list(prompts[:b]), **kw))
     calls.append(functools.partial(api.generate, target, list(prompts[:b]), drafter=drafter,
-                                   spec_config=metrics.spec_config(buckets, adaptive, draft_cost),
+                                   spec_config=metrics.spec_config(buckets, adaptive, **costs),
                                    **kw))
   bench.side_by_side(lambda call: call(), calls)
   for temperature, b, buckets, adaptive in runs:
     r = metrics.compare(target, drafter, list(prompts[:b]), max_new_tokens=max_new_tokens,
                         draft_lengths=buckets, adaptive=adaptive, temperature=temperature,
-                        eos_id=eos_id, repeats=repeats, draft_cost=draft_cost)
+                        eos_id=eos_id, repeats=repeats, **costs)
     r.pop("bucket_trace", None)
     results["speed"].append(r)
     log.info("speed %s", r)
@@ -189,58 +192,81 @@ def prose_tokens(roots: Sequence[str], tok, *, max_bytes: int) -> np.ndarray:
 def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[int]]], *,
                        buckets: tuple[int, ...], max_new_tokens: int, eos_id=None,
                        temperature: float = 0.0, draft_cost: float | None = None,
+                       verify_costs: dict[int, float] | None = None,
                        trees: tuple = ()) -> list[dict[str, Any]]:
   """Batch-1 generation over each workload's prompts, one after the other, for plain decoding,
   every fixed draft length, every fixed draft tree of `trees` (`tree.TreeSpec`; configuration
   named by its label) and adaptive chain buckets; plus the 'mixed' workload (all of them).
 
   Every configuration is compiled first (side by side), then each runs through every prompt of a
-  workload in turn; seconds are the wall time of that pass. Returns one entry per (workload,
-  configuration) with tokens/s, tokens per target forward and the speedup over plain decoding.
+  workload in turn; seconds are the wall time of that pass. The adaptive configuration (costs:
+  `metrics.spec_config`) carries its acceptance estimator from one prompt to the next within a
+  pass (`api.generate(adaptive_state=)`), as a serving loop would; each pass starts from the
+  prior. Returns one entry per (workload, configuration) with tokens/s, tokens per target
+  forward, the speedup over plain decoding and the rounds per bucket (`bucket_counts`).
   """
   configs = {"plain": {}}
   configs.update({f"K={k}": dict(drafter=drafter, draft_lengths=(k,), adaptive=False)
                   for k in buckets})
   configs.update({t.label: dict(drafter=drafter, spec_config=metrics.spec_config(
       (t,), False, draft_cost)) for t in trees})
-  configs["adaptive"] = dict(drafter=drafter,
-                             spec_config=metrics.spec_config(buckets, True, draft_cost))
+  configs["adaptive"] = dict(drafter=drafter, spec_config=metrics.spec_config(
+      buckets, True, draft_cost, verify_costs))
   kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature, seed=1)
   first = next(iter(workloads.values()))[0]
   bench.side_by_side(lambda c: api.generate(target, [first], **kw, **c),
                      list(configs.values()))
-  totals: dict[str, dict[str, float]] = {}
+  totals: dict[str, dict[str, Any]] = {}
   entries = []
   for wname, prompts in workloads.items():
     for cname, c in configs.items():
       t0 = time.perf_counter()
-      new = forwards = drafted = accepted = 0
-      for p in prompts:
-        st = api.generate(target, [p], **kw, **c).stats
-        new += st["new_tokens"]
-        forwards += st["target_forwards"]
-        drafted += st.get("drafted", 0)
-        accepted += st.get("accepted", 0)
-      sec = time.perf_counter() - t0
-      tot = totals.setdefault(cname, dict(seconds=0.0, new=0, forwards=0, prompts=0))
-      for k, v in (("seconds", sec), ("new", new), ("forwards", forwards),
-                   ("prompts", len(prompts))):
-        tot[k] += v
-      entries.append(dict(workload=wname, config=cname, prompts=len(prompts), seconds=sec,
-                          new_tokens=new, tokens_per_second=new / sec,
-                          tokens_per_forward=(new - len(prompts)) / max(forwards, 1),
-                          draft_acceptance=accepted / drafted if drafted else None))
-  for cname, tot in totals.items():
-    entries.append(dict(workload="mixed", config=cname, prompts=tot["prompts"],
-                        seconds=tot["seconds"], new_tokens=tot["new"],
-                        tokens_per_second=tot["new"] / tot["seconds"],
-                        tokens_per_forward=(tot["new"] - tot["prompts"]) / max(tot["forwards"], 1)))
+      st = _run_prompts(target, prompts, carry=cname == "adaptive", **kw, **c)
+      st["seconds"] = time.perf_counter() - t0
+      tot = totals.setdefault(cname, dict(seconds=0.0, new=0, forwards=0, prompts=0,
+                                          drafted=0, accepted=0, buckets={}))
+      _add_counts(tot, st)
+      entries.append(_workload_entry(wname, cname, st))
+  entries += [_workload_entry("mixed", cname, tot) for cname, tot in totals.items()]
   plain = {e["workload"]: e["seconds"] for e in entries if e["config"] == "plain"}
   for e in entries:
     e["speedup"] = plain[e["workload"]] / e["seconds"]
     log.info("workload %s %s: %.1f tokens/s, %.2f tokens/forward, %.2fx", e["workload"],
              e["config"], e["tokens_per_second"], e["tokens_per_forward"], e["speedup"])
   return entries
+
+
+def _run_prompts(target, prompts, *, carry: bool, **kw) -> dict[str, Any]:
+  """Generates each prompt alone, in turn (carrying the adaptive estimator if `carry`); sums
+  new tokens, target forwards, drafted / accepted drafts and rounds per bucket."""
+  tot = dict(new=0, forwards=0, prompts=len(prompts), drafted=0, accepted=0, buckets={})
+  state = None
+  for p in prompts:
+    out = api.generate(target, [p], adaptive_state=state, **kw)
+    state = out.adaptive_state if carry else None
+    st = out.stats
+    _add_counts(tot, dict(new=st["new_tokens"], forwards=st["target_forwards"],
+                          drafted=st.get("drafted", 0), accepted=st.get("accepted", 0),
+                          buckets=st.get("bucket_counts", {})))
+  return tot
+
+
+def _add_counts(tot: dict[str, Any], st: dict[str, Any]) -> None:
+  """Adds the counts of `st` (numbers, and `buckets` {label: rounds}) into `tot`."""
+  for k, v in st.items():
+    if k == "buckets":
+      for label, c in v.items():
+        tot["buckets"][label] = tot["buckets"].get(label, 0) + c
+    else:
+      tot[k] = tot.get(k, 0) + v
+
+
+def _workload_entry(wname: str, cname: str, tot: dict[str, Any]) -> dict[str, Any]:
+  return dict(workload=wname, config=cname, prompts=tot["prompts"], seconds=tot["seconds"],
+              new_tokens=tot["new"], tokens_per_second=tot["new"] / tot["seconds"],
+              tokens_per_forward=(tot["new"] - tot["prompts"]) / max(tot["forwards"], 1),
+              draft_acceptance=tot["accepted"] / tot["drafted"] if tot["drafted"] else None,
+              bucket_counts={str(k): v for k, v in tot["buckets"].items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,7 +388,11 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                                   context=cfg.prompt_len + cfg.max_new_tokens)
       cost = cfg.draft_cost or measured["ratio"]
       results["draft_cost"] = {"measured": measured, "used": cost}
-      log.info("draft cost: %s", results["draft_cost"])
+      verify = bench.verify_costs(target.params, target.config, buckets,
+                                  context=cfg.prompt_len + cfg.max_new_tokens)
+      results["verify_costs"] = {"measured": verify, "used": verify["ratio"]}
+      log.info("draft cost: %s; verify costs: %s", results["draft_cost"],
+               results["verify_costs"])
     fixed = buckets if main and cfg.full_eval else (4 if 4 in buckets else buckets[-1],)
     acceptance = [(0.0, (k,), False) for k in fixed] + [(0.0, buckets, True)]
     speed = []
@@ -373,7 +403,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
                  (0.0, sb, buckets, True), (1.0, 1, buckets, True), (1.0, sb, buckets, True)]
     results[convention] = evaluate_pair(target, drafter, prompts, acceptance_runs=acceptance,
                                         speed_runs=speed, max_new_tokens=cfg.max_new_tokens,
-                                        draft_cost=cost)
+                                        draft_cost=cost, verify_costs=verify["ratio"])
     if main and cfg.workload_prompts:
       n = cfg.workload_prompts
       workloads = {"code": eval_prompts(eval_tokens, num=n, prompt_len=cfg.prompt_len, seed=1)}
@@ -382,7 +412,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         workloads["prose"] = eval_prompts(prose, num=n, prompt_len=cfg.prompt_len, seed=1)
       results[convention]["workloads"] = evaluate_workloads(
           target, drafter, workloads, buckets=buckets, max_new_tokens=cfg.max_new_tokens,
-          draft_cost=cost)
+          draft_cost=cost, verify_costs=verify["ratio"])
   times["evaluate_s"] = time.perf_counter() - t
   times["total_s"] = time.perf_counter() - t0
 

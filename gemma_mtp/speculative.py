@@ -20,12 +20,23 @@ forward, walk the tree (greedy, or recursive rejection sampling over the sibling
 the accepted path's K/V into place (`kv_cache.compact`), and commit exactly as a chain round
 does (`_commit`). A chain round is unchanged by the presence of tree buckets.
 
-Adaptive draft length: an exponential moving average of the per-draft acceptance probability a
-(maximum-likelihood estimate from each round: accepted drafts / (accepted drafts + rejections))
-picks the bucket K maximising the expected tokens per unit of cost,
-    (1 - a^(K+1)) / (1 - a) / (1 + K c),
-with c the drafter/target cost ratio of one step (Leviathan et al. 2023, eq. 1). The choice is a
-`lax.switch` on the device; no host round trip.
+Adaptive draft length (`SpecConfig.adaptive`): an estimator (`AdaptiveState`) keeps discounted
+counts, per draft position j, of the rows whose draft j was judged (drafts 1..j-1 accepted) and of
+those whose draft j was accepted; every round multiplies all counts by `ema_decay` and adds the
+round's rows, so a batch of B rows weighs B times one row. The conditional acceptance
+    p_j = (accepted_j + w a) / (judged_j + w)        (w = `prior_weight`)
+is shrunk toward the pooled per-draft acceptance a (all accepted drafts over all judged
+candidates, itself shrunk toward `initial_acceptance`); a position no round has reached lately
+is estimated by a, so a long K whose first positions look good gets tried. A chain K then yields
+    E[tokens | K] = 1 + sum_{i<=K} prod_{j<=i} p_j
+per round at the cost `verify_costs[K] + K c` (c = `draft_cost` of one drafter step, verify_costs
+measured by `bench.verify_costs`: a target forward of K + 1 positions relative to one of 1;
+default 1). A tree bucket keeps the geometric `tree.TreeSpec.value` at a (its verification cost
+interpolated from the chains' measured ones). The bucket of best E[tokens] / cost wins if it
+beats the current one by the relative `switch_margin` (hysteresis). The choice is a `lax.switch`
+on the device; no host round trip. The estimator is an input and an output of
+`speculative_generate`, so a serving loop carries it from one call to the next
+(`api.generate(adaptive_state=...)`) instead of restarting every call from the prior.
 """
 
 from __future__ import annotations
@@ -57,11 +68,19 @@ class SpecConfig:
   Attributes:
     draft_lengths: the static chain buckets K (each compiled once inside the loop); may be ()
       when `trees` is given.
-    adaptive: choose the bucket per round from the acceptance estimate; if False, the first
-      bucket is used for every round (the first chain, or the first tree if there is none).
-    ema_decay: weight of the past in the acceptance estimate (per round).
-    initial_acceptance: the estimate before any round.
+    adaptive: choose the bucket per round from the acceptance estimate (`AdaptiveState`); if
+      False, the first bucket is used for every round (the first chain, or the first tree if
+      there is none).
+    ema_decay: per round, the factor on the estimator's past counts.
+    initial_acceptance: the prior per-draft acceptance (what the pooled estimate starts from).
+    prior_weight: pseudo-counts w of the priors: of `initial_acceptance` in the pooled
+      estimate, of the pooled estimate in each position's.
+    switch_margin: hysteresis: the bucket changes only to one whose value (expected tokens per
+      cost) exceeds the current bucket's by this relative margin.
     draft_cost: c, the cost of one drafter step relative to one target forward.
+    verify_costs: per chain bucket (same order as `draft_lengths`), the cost of verifying K
+      drafts (a target forward of K + 1 positions) relative to a forward of one position
+      (`bench.verify_costs`); () = 1 for every K.
     trees: static draft-tree buckets (`tree.TreeSpec`), numbered after the chains; they need a
       drafter that drafts trees (`drafter_kinds.check_trees`: the assistant, 'clean').
     node_cost: the adaptive rule's cost of verifying one tree node beyond a chain of the same
@@ -70,9 +89,12 @@ class SpecConfig:
 
   draft_lengths: tuple[int, ...] = (1, 2, 4, 8)
   adaptive: bool = True
-  ema_decay: float = 0.7
+  ema_decay: float = 0.9
   initial_acceptance: float = 0.6
+  prior_weight: float = 4.0
+  switch_margin: float = 0.03
   draft_cost: float = 0.05
+  verify_costs: tuple[float, ...] = ()
   trees: tuple[tree_lib.TreeSpec, ...] = ()
   node_cost: float = 0.02
 
@@ -88,6 +110,16 @@ class SpecConfig:
       raise ValueError(f"draft_lengths has duplicates: {self.draft_lengths}")
     if not 0.0 <= self.ema_decay < 1.0:
       raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+    if not 0.0 <= self.initial_acceptance <= 1.0:
+      raise ValueError(f"initial_acceptance must be in [0, 1], got {self.initial_acceptance}")
+    if not self.prior_weight > 0.0:
+      raise ValueError(f"prior_weight must be > 0, got {self.prior_weight}")
+    if not 0.0 <= self.switch_margin < 1.0:
+      raise ValueError(f"switch_margin must be in [0, 1), got {self.switch_margin}")
+    if self.verify_costs and (len(self.verify_costs) != len(self.draft_lengths)
+                              or any(not c > 0 for c in self.verify_costs)):
+      raise ValueError(f"verify_costs must be () or one positive cost per draft length "
+                       f"{self.draft_lengths}, got {self.verify_costs}")
 
   @property
   def max_draft(self) -> int:
@@ -109,18 +141,117 @@ class SpecConfig:
     """Per bucket index: K for a chain, `tree.label` (e.g. 'tree(3,2,1)') for a tree."""
     return tuple(self.draft_lengths) + tuple(t.label for t in self.trees)
 
+  def verify_cost(self, depth: int) -> float:
+    """The verification cost of a bucket of this depth: the chain's, interpolated (and held
+    constant outside) between the measured chains for a tree; 1 without `verify_costs`."""
+    if not self.verify_costs:
+      return 1.0
+    ks, costs = zip(*sorted(zip(self.draft_lengths, self.verify_costs)))
+    return float(np.interp(depth, ks, costs))
+
+
+@flax.struct.dataclass
+class AdaptiveState:
+  """The adaptive rule's acceptance estimator (Kmax = `SpecConfig.max_draft`); one belongs to
+  one `SpecConfig` (its counts and bucket index are in that configuration's terms).
+
+  Attributes:
+    judged: [Kmax] float32 discounted count of chain drafts judged at position j (the row's
+      drafts before j accepted).
+    accepted: [Kmax] float32 discounted count of those accepted.
+    succ, fail: () float32 discounted accepted drafts / rejected candidates of every round
+      (chains and trees): the pooled estimate.
+    bucket: () int32 the bucket the rule chose last (-1: none yet).
+  """
+
+  judged: jax.Array
+  accepted: jax.Array
+  succ: jax.Array
+  fail: jax.Array
+  bucket: jax.Array
+
+
+def initial_adaptive_state(spec: SpecConfig) -> AdaptiveState:
+  """The estimator before any round: no counts (every estimate is the prior), no bucket.
+
+  Host arrays, so that building one costs no device work and carries the same shapes and
+  dtypes as a returned state (one compiled program for both)."""
+  zeros = np.zeros((spec.max_draft,), np.float32)
+  return AdaptiveState(judged=zeros, accepted=zeros.copy(), succ=np.float32(0.0),
+                       fail=np.float32(0.0), bucket=np.int32(-1))
+
+
+def pooled_acceptance(est: AdaptiveState, spec: SpecConfig):
+  """() per-draft acceptance over all positions and rounds, shrunk toward the prior.
+
+  Plain arithmetic: host (numpy) and device states alike."""
+  w = spec.prior_weight
+  return (est.succ + w * spec.initial_acceptance) / (est.succ + est.fail + w)
+
+
+def position_acceptance(est: AdaptiveState, spec: SpecConfig, pooled=None):
+  """[Kmax] conditional acceptance of draft j given drafts before j accepted, shrunk toward the
+  pooled estimate (positions without recent observations fall back to it)."""
+  pooled = pooled_acceptance(est, spec) if pooled is None else pooled
+  w = spec.prior_weight
+  return (est.accepted + w * pooled) / (est.judged + w)
+
+
+def bucket_values(p: jax.Array, pooled: jax.Array, spec: SpecConfig) -> jax.Array:
+  """[num_buckets] expected tokens per unit of cost of every bucket.
+
+  Args:
+    p: [Kmax] conditional acceptance per draft position (chains).
+    pooled: () per-candidate acceptance (trees, `tree.TreeSpec.value`).
+  """
+  # tokens[i] = 1 + sum_{m<=i} prod_{j<=m} p_j: expected tokens of a chain of i + 1 drafts.
+  tokens = 1.0 + jnp.cumsum(jnp.cumprod(p))
+  ks = np.asarray(spec.draft_lengths, np.int32)
+  cost = np.asarray([spec.verify_cost(k) + k * spec.draft_cost for k in ks], np.float32)
+  values = [tokens[ks - 1] / cost] if spec.draft_lengths else []
+  values += [t.value(pooled, draft_cost=spec.draft_cost, node_cost=spec.node_cost,
+                     verify_cost=spec.verify_cost(t.max_depth))[None] for t in spec.trees]
+  return jnp.concatenate(values).astype(F32)
+
 
 def best_bucket(acceptance: jax.Array, spec: SpecConfig) -> jax.Array:
-  """Index of the bucket maximising expected tokens per cost at per-draft acceptance a."""
-  a = jnp.clip(acceptance, 0.0, 0.999)
-  ks = jnp.asarray(spec.draft_lengths, F32)
-  tokens = (1.0 - a ** (ks + 1.0)) / (1.0 - a)
-  value = tokens / (1.0 + ks * spec.draft_cost)
-  if spec.trees:  # tree buckets follow the chains
-    value = jnp.concatenate([value] + [t.value(a, draft_cost=spec.draft_cost,
-                                               node_cost=spec.node_cost)[None]
-                                       for t in spec.trees])
-  return jnp.argmax(value).astype(jnp.int32)
+  """Index of the bucket maximising expected tokens per cost when every draft is accepted with
+  probability a (geometric acceptance)."""
+  a = jnp.asarray(acceptance, F32)
+  return jnp.argmax(bucket_values(jnp.full((spec.max_draft,), a), a, spec)).astype(jnp.int32)
+
+
+def choose_bucket(est: AdaptiveState, spec: SpecConfig) -> AdaptiveState:
+  """The estimator with `bucket` set by the rule: the bucket of best value, unless the current
+  one (if any) is within `switch_margin` of it."""
+  pooled = pooled_acceptance(est, spec)
+  values = bucket_values(position_acceptance(est, spec, pooled), pooled, spec)
+  best = jnp.argmax(values).astype(jnp.int32)
+  current = jnp.asarray(est.bucket, jnp.int32)
+  keep = (current >= 0) & (values[best] <= values[jnp.maximum(current, 0)]
+                           * (1.0 + spec.switch_margin))
+  return est.replace(bucket=jnp.where(keep, current, best))
+
+
+def observe(est: AdaptiveState, spec: SpecConfig, *, n: jax.Array, fails: jax.Array,
+            active: jax.Array, k: int, chain: bool = True) -> AdaptiveState:
+  """The estimator after one round: every count times `ema_decay`, plus the running rows'.
+
+  Args:
+    n: [B] accepted drafts; fails: [B] rejected candidates; active: [B] rows that ran.
+    k: the bucket's depth.
+    chain: the round judged one candidate per position (a chain); a tree round only feeds the
+      pooled counts (its depths hold several candidates, not one conditional draft).
+  """
+  act = active.astype(jnp.int32)
+  d = spec.ema_decay
+  pos = jnp.arange(spec.max_draft)[None]                                   # [1, Kmax]
+  judged, accepted = d * est.judged, d * est.accepted
+  if chain:   # [B, Kmax] masks summed over the running rows
+    judged = judged + jnp.sum(act[:, None] * ((pos <= n[:, None]) & (pos < k)), axis=0)
+    accepted = accepted + jnp.sum(act[:, None] * (pos < n[:, None]), axis=0)
+  return est.replace(judged=judged, accepted=accepted, succ=d * est.succ + jnp.sum(act * n),
+                     fail=d * est.fail + jnp.sum(act * fails))
 
 
 @flax.struct.dataclass
@@ -134,8 +265,8 @@ class SpecState:
     call_start, call_end: [B] int32 first / last index the previous target forward processed.
     out, count, done: emitted tokens [B, N] (-1 padded), count [B], finished rows [B].
     rng: PRNG key, split every round.
-    acceptance: () float32 EMA of the per-draft acceptance probability.
-    bucket: () int32 bucket index of the next round.
+    adaptive: the acceptance estimator (`AdaptiveState`; its `bucket` is the rule's choice).
+    bucket: () int32 bucket index of the next round (0 throughout when not adaptive).
     rounds: () int32 target forwards after the prefill.
     row_forwards: () int32 sum over rounds of the rows still running (per-row forwards).
     drafted, accepted: [Kmax] int32 per draft position (tree: depth) j: rows that drafted /
@@ -157,7 +288,7 @@ class SpecState:
   count: jax.Array
   done: jax.Array
   rng: jax.Array
-  acceptance: jax.Array
+  adaptive: AdaptiveState
   bucket: jax.Array
   rounds: jax.Array
   row_forwards: jax.Array
@@ -277,17 +408,14 @@ def _commit(s: SpecState, *, cache, hidden, drafts, n, nxt, fails, k, written, r
     hits = (ranks[:, :, None] == jnp.arange(spec.max_width)) & \
         (jnp.arange(k)[None, :, None] < n[:, None, None])
     accepted_rank = s.accepted_rank + jnp.sum(act[:, None, None] * hits, axis=(0, 1))
-  succ = jnp.sum(act * n).astype(F32)
-  fail = jnp.sum(act * fails).astype(F32)
-  round_acc = jnp.where(succ + fail > 0, succ / jnp.maximum(succ + fail, 1.0), s.acceptance)
-  acceptance = spec.ema_decay * s.acceptance + (1.0 - spec.ema_decay) * round_acc
+  adaptive = observe(s.adaptive, spec, n=n, fails=fails, active=active, k=k, chain=ranks is None)
   trace_drafts = drafts if trace_drafts is None else trace_drafts
   return s.replace(
       cache=cache, last=jnp.where(active, nxt, s.last),
       hidden=jnp.where(active[:, None], hidden, s.hidden),
       call_start=jnp.where(active, length, s.call_start),
       call_end=jnp.where(active, length + written, s.call_end),
-      out=out, count=count, done=done, rng=rng, acceptance=acceptance,
+      out=out, count=count, done=done, rng=rng, adaptive=adaptive,
       rounds=s.rounds + 1, row_forwards=s.row_forwards + jnp.sum(act),
       drafted=drafted, accepted=accepted, accepted_rank=accepted_rank,
       bucket_counts=s.bucket_counts.at[s.bucket].add(1),
@@ -300,12 +428,18 @@ def _commit(s: SpecState, *, cache, hidden, drafts, n, nxt, fails, k, written, r
                                              "eos_ids", "max_len"))
 def speculative_generate(tparams, dparams, batch: decoding.PromptBatch, rng, *, tcfg: ModelConfig,
                          dcfg, spec: SpecConfig, sampler: sampling.SamplingParams,
-                         max_new: int, eos_ids: tuple[int, ...], max_len: int) -> SpecState:
+                         max_new: int, eos_ids: tuple[int, ...], max_len: int,
+                         adaptive_state: AdaptiveState | None = None) -> SpecState:
   """Prefill, then draft/verify rounds until every row is done. Returns the final SpecState.
 
   `dcfg` is a drafter config of any kind (`drafter_kinds`); its longest draft must cover the
   largest bucket, and tree buckets need a kind that drafts trees (`drafter_kinds.check_trees`).
   `max_len` must leave `spec.max_chunk` positions of slack after the last new token.
+  `adaptive_state`: the estimator to start from, a traced input (the final state's `adaptive`
+  of an earlier call with this `spec`), None for the prior (`initial_adaptive_state`). The
+  prior is host arrays; pass a returned state as host arrays too (`jax.device_get`, as
+  `api.generate` does), or it compiles once more for its committed placement. A non-adaptive
+  run updates the counts but uses bucket 0.
   """
   longest = drafter_kinds.max_draft(dcfg)
   if longest is not None and spec.max_draft > longest:
@@ -323,12 +457,14 @@ def speculative_generate(tparams, dparams, batch: decoding.PromptBatch, rng, *, 
                                    jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), first,
                                    eos_ids=eos_ids, max_new=max_new)
   nb = len(spec.bucket_labels)
-  init_acc = jnp.asarray(spec.initial_acceptance, F32)
+  est = _checked(initial_adaptive_state(spec) if adaptive_state is None else adaptive_state, spec)
+  if spec.adaptive:
+    est = choose_bucket(est, spec)
   state = SpecState(
       cache=cache, last=first, hidden=out0.hidden[:, -1],
       call_start=batch.start, call_end=jnp.full((b,), t - 1, jnp.int32),
-      out=out, count=count, done=done, rng=rng, acceptance=init_acc,
-      bucket=best_bucket(init_acc, spec) if spec.adaptive else jnp.zeros((), jnp.int32),
+      out=out, count=count, done=done, rng=rng, adaptive=est,
+      bucket=est.bucket if spec.adaptive else jnp.zeros((), jnp.int32),
       rounds=jnp.zeros((), jnp.int32), row_forwards=jnp.zeros((), jnp.int32),
       drafted=jnp.zeros((spec.max_draft,), jnp.int32),
       accepted=jnp.zeros((spec.max_draft,), jnp.int32),
@@ -343,10 +479,23 @@ def speculative_generate(tparams, dparams, batch: decoding.PromptBatch, rng, *, 
   def body(s: SpecState) -> SpecState:
     s = branches[0](s) if nb == 1 else jax.lax.switch(s.bucket, branches, s)
     if spec.adaptive:
-      s = s.replace(bucket=best_bucket(s.acceptance, spec))
+      chosen = choose_bucket(s.adaptive, spec)
+      s = s.replace(adaptive=chosen, bucket=chosen.bucket)
     return s
 
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
+
+
+def _checked(est: AdaptiveState, spec: SpecConfig) -> AdaptiveState:
+  """`est` as float32 / int32 arrays; ValueError if its shapes are not `spec`'s."""
+  want = jax.tree_util.tree_map(np.shape, initial_adaptive_state(spec))
+  got = jax.tree_util.tree_map(np.shape, est)
+  if got != want:
+    raise ValueError(f"adaptive_state has shapes {got}, expected {want} (a state belongs to "
+                     f"the SpecConfig whose run returned it)")
+  est = jax.tree_util.tree_map(lambda x: jnp.asarray(x, F32), est)
+  return est.replace(bucket=jnp.clip(est.bucket.astype(jnp.int32), -1,
+                                     len(spec.bucket_labels) - 1))
 
 
 def stats_of(state: SpecState, spec: SpecConfig, num_rows: int, *, drafts: bool = False) -> dict:
@@ -355,7 +504,9 @@ def stats_of(state: SpecState, spec: SpecConfig, num_rows: int, *, drafts: bool 
   With `drafts`, also "drafts": per round, per row, the drafts proposed (rows already finished
   in that round included; a tree round: its rank-0 path). With tree buckets, also
   "accepted_by_rank" (accepted drafts by sibling rank, 0 = the drafter's best) and
-  "positions_per_forward" (positions verified per target forward: K + 1 or a tree's nodes)."""
+  "positions_per_forward" (positions verified per target forward: K + 1 or a tree's nodes).
+  "final_acceptance_estimate" and "final_acceptance_by_position" are the estimator's pooled and
+  per-position acceptance after the last round (`pooled_acceptance`, `position_acceptance`)."""
   s = jax.device_get(state.replace(cache=None))
   new = int(s.count.sum())
   drafted, accepted = s.drafted.tolist(), s.accepted.tolist()
@@ -370,7 +521,8 @@ def stats_of(state: SpecState, spec: SpecConfig, num_rows: int, *, drafts: bool 
       "acceptance_by_position": [a / d if d else None for a, d in zip(accepted, drafted)],
       "bucket_counts": {k: int(c) for k, c in zip(spec.bucket_labels, s.bucket_counts)},
       "bucket_trace": [spec.bucket_labels[i] for i in s.trace[:rounds].tolist()],
-      "final_acceptance_estimate": float(s.acceptance),
+      "final_acceptance_estimate": float(pooled_acceptance(s.adaptive, spec)),
+      "final_acceptance_by_position": position_acceptance(s.adaptive, spec).tolist(),
       **({"drafts": [[[d for d in row if d >= 0] for row in rnd]
                      for rnd in s.draft_trace[:rounds].tolist()]} if drafts else {}),
       **(_tree_stats(s, spec) if spec.trees else {}),

@@ -179,12 +179,14 @@ class TreeSpec:
       reach.append(reach[self.parents[n]] * (1.0 - acceptance) ** int(self.rank[n]) * acceptance)
     return sum(reach)
 
-  def value(self, acceptance: jax.Array, *, draft_cost: float, node_cost: float) -> jax.Array:
+  def value(self, acceptance: jax.Array, *, draft_cost: float, node_cost: float,
+            verify_cost: float = 1.0) -> jax.Array:
     """Expected tokens per unit of cost at per-candidate acceptance a (the adaptive rule):
-    expected_tokens(a) / (1 + depth c + extra nodes node_cost), where the extra nodes are those
-    beyond a chain of the same depth. A chain gives `speculative.best_bucket`'s chain value."""
+    expected_tokens(a) / (verify_cost + depth c + extra nodes node_cost), where verify_cost is
+    the verification of a chain of the same depth and the extra nodes are those beyond it. A
+    chain gives `speculative.best_bucket`'s chain value."""
     extra = self.num_nodes - self.max_depth - 1
-    return self.expected_tokens(acceptance) / (1.0 + self.max_depth * draft_cost
+    return self.expected_tokens(acceptance) / (verify_cost + self.max_depth * draft_cost
                                                + extra * node_cost)
 
 

@@ -56,8 +56,14 @@ def test_reproduction_writes_a_complete_record(record):
   # The adaptive rule's drafter cost was measured on this device and used by every adaptive run.
   cost = rec["evaluation"]["draft_cost"]
   assert cost["used"] == cost["measured"]["ratio"] > 0
+  # So were the verification costs of each bucket (at least 1, non-decreasing in K).
+  verify = rec["evaluation"]["verify_costs"]
+  assert sorted(verify["used"]) == [1, 2] and 1.0 <= verify["used"][1] <= verify["used"][2]
+  assert verify["measured"]["decode_step_s"] > 0
   ev = rec["evaluation"]["hf"]
   assert all(s["draft_cost"] == cost["used"] for s in ev["speed"])
+  assert all(s["verify_costs"] == [verify["used"][k] for k in s["draft_lengths"]]
+             for s in ev["speed"])
   assert [(e["draft_lengths"], e["adaptive"], e["temperature"]) for e in ev["acceptance"]] == [
       ([2], False, 0.0), ([1, 2], True, 0.0), ([1, 2], True, 1.0)]
   speed = ev["speed"]
@@ -74,6 +80,12 @@ def test_reproduction_writes_a_complete_record(record):
     assert e["new_tokens"] == e["prompts"] * cfg.max_new_tokens
     assert 1.0 <= e["tokens_per_forward"] <= 3.0
     assert e["speedup"] > 0
+    # Rounds per bucket: one bucket for a fixed K, the adaptive rule's choices otherwise.
+    rounds = sum(e["bucket_counts"].values())
+    if e["config"] != "plain":
+      assert rounds == round((e["new_tokens"] - e["prompts"]) / e["tokens_per_forward"]), e
+    assert set(e["bucket_counts"]) == {"K=1": {"1"}, "K=2": {"2"}}.get(
+        e["config"], {"1", "2"} if e["config"] == "adaptive" else set())
   plain = [e for e in work if e["config"] == "plain"]
   assert all(e["tokens_per_forward"] == 1.0 and e["speedup"] == 1.0 for e in plain)
   # The shipped pair loads as users load it.

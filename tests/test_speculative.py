@@ -1,5 +1,6 @@
 """Speculative decoding: lossless greedy output, exact sampling, counts, and the compiled loop."""
 
+import contextlib
 import dataclasses
 import itertools
 
@@ -16,6 +17,8 @@ from gemma_mtp import model as model_lib
 from gemma_mtp import sampling
 from gemma_mtp import speculative
 from tests.test_sampling import FALSE_ALARM, chi2_pvalue
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 TARGET = config_lib.tiny(layer_types=config_lib.pattern(7, 3), num_kv_shared_layers=3,
                          double_wide_mlp=True, per_layer_dim=8, per_layer_vocab_size=256,
@@ -115,6 +118,56 @@ def test_adaptive_picks_long_drafts_when_they_are_accepted():
   out = gemma_mtp.generate(target, [[7, 8, 9]], max_new_tokens=100, drafter=drafter)
   assert out.stats["bucket_trace"][-1] == 8
   assert out.stats["bucket_counts"][8] >= out.stats["target_forwards"] - 3
+
+
+def test_carried_adaptive_state_stays_lossless():
+  """A second call that starts from the first call's estimator (other prompts, same shapes: the
+  programs of test_greedy_equals_plain_with_rejections) is still plain greedy decoding."""
+  target, drafter = agreeing_pair(TARGET, residual_scale=0.8)
+  kw = dict(max_new_tokens=120, drafter=drafter, draft_lengths=(1, 2, 4, 8), adaptive=True)
+  first = gemma_mtp.generate(target, PROMPTS, **kw)
+  prompts = [p[::-1] for p in PROMPTS[::-1]]
+  ref = gemma_mtp.generate(target, prompts, max_new_tokens=120).tokens
+  out = gemma_mtp.generate(target, prompts, adaptive_state=first.adaptive_state, **kw)
+  assert out.tokens == ref
+  assert 0 < out.stats["accepted"] < out.stats["drafted"]
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """Yields a list that gets one entry per XLA compilation inside the block."""
+  seen = []
+  listener = lambda event, secs, **kw: seen.append(event) if event == BACKEND_COMPILE else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield seen
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_carried_adaptive_state_warms_the_first_round_without_recompiling():
+  """Drafts always accepted: from the prior (a = 0.6) the first round drafts K = 4, from the
+  estimator of an earlier call K = 8; calls with a carried state compile nothing new, also with
+  parameters committed to a device (as loaded checkpoints are)."""
+  target, drafter = agreeing_pair(TARGET, residual_scale=0.0)
+  dev = jax.devices()[0]
+  target = gemma_mtp.Target(target.config, jax.device_put(target.params, dev))
+  drafter = Drafter(drafter.config, jax.device_put(drafter.params, dev))
+  kw = dict(max_new_tokens=120, drafter=drafter)
+  cold = gemma_mtp.generate(target, PROMPTS, **kw)
+  assert cold.stats["bucket_trace"][0] == 4 and cold.stats["bucket_trace"][-1] == 8
+  assert cold.stats["final_acceptance_estimate"] > 0.95
+  with count_compiles() as compiles:
+    warm = gemma_mtp.generate(target, PROMPTS, adaptive_state=cold.adaptive_state, **kw)
+    again = gemma_mtp.generate(target, PROMPTS, adaptive_state=warm.adaptive_state, **kw)
+  assert not compiles
+  assert warm.stats["bucket_trace"][0] == 8 and again.stats["bucket_trace"][0] == 8
+  assert warm.stats["bucket_counts"][8] == warm.stats["target_forwards"]
+  assert warm.tokens == again.tokens == cold.tokens
+  # A state belongs to the configuration that made it.
+  with pytest.raises(ValueError, match="adaptive_state has shapes"):
+    gemma_mtp.generate(target, PROMPTS, adaptive_state=cold.adaptive_state,
+                       max_new_tokens=120, drafter=drafter, draft_lengths=(1, 2))
 
 
 def test_eos_and_max_tokens_per_row():
