@@ -31,7 +31,6 @@ import jax.numpy as jnp
 from gemma_mtp import bench
 from gemma_mtp import config as config_lib
 from gemma_mtp import layers
-from gemma_mtp import metrics
 from gemma_mtp import params as params_lib
 from gemma_mtp import quant
 
@@ -222,19 +221,8 @@ def moe_part() -> dict:
 
 def main(argv):
   del argv
-  record = {"environment": metrics.environment(), "context": _CONTEXT.value}
-  record["copy"] = bench.copy_bandwidth(
-      num_bytes=(4 << 30) if jax.default_backend() == "gpu" else (16 << 20))
-  print("copy", record["copy"]["gb_per_s"], flush=True)
-  parts = {"matmul": matmul_part, "decode": decode_part, "moe": moe_part}
-  for part in _PARTS.value:
-    t0 = time.perf_counter()
-    try:
-      record[part] = parts[part]()
-    except Exception as e:  # pylint: disable=broad-except  (keep the other parts' figures)
-      record[part] = {"failed": repr(e)[:2000]}
-    record.setdefault("seconds", {})[part] = time.perf_counter() - t0
-    metrics.write_record(_OUT.value, record)
+  bench.run_probe(_OUT.value, {"matmul": matmul_part, "decode": decode_part, "moe": moe_part}, _PARTS.value,
+                  context=_CONTEXT.value)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from gemma_mtp import drafter as drafter_lib
 from gemma_mtp import kv_cache as kvc
+from gemma_mtp import metrics
 from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
 from gemma_mtp.config import ModelConfig
@@ -273,6 +274,25 @@ def copy_bandwidth(num_bytes: int = 4 << 30, repeats: int = 10, inner: int = 8) 
   best_name = max(variants, key=variants.get)
   return {"bytes": num_bytes, "gb_per_s": variants[best_name], "best": best_name,
           "variants_gb_per_s": variants}
+
+
+def run_probe(out: str, parts: dict[str, Callable[[], Any]], selected, **fields) -> dict:
+  """A diagnostic probe's JSON record at `out`: the machine, `fields`, the copy bandwidth, then
+  each `selected` part in turn (a part that raises records its error and the others still run),
+  written after every part so a killed run keeps what it measured."""
+  record = {"environment": metrics.environment(), **fields}
+  record["copy"] = copy_bandwidth(
+      num_bytes=(4 << 30) if jax.default_backend() == "gpu" else (16 << 20))
+  print("copy", record["copy"]["gb_per_s"], flush=True)
+  for part in selected:
+    t0 = time.perf_counter()
+    try:
+      record[part] = parts[part]()
+    except Exception as e:  # pylint: disable=broad-except  (keep the other parts' figures)
+      record[part] = {"failed": repr(e)[:2000]}
+    record.setdefault("seconds", {})[part] = time.perf_counter() - t0
+    metrics.write_record(out, record)
+  return record
 
 
 def side_by_side(fn, items, threads: int | None = None) -> list[Any]:
