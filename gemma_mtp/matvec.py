@@ -15,9 +15,9 @@ chunks; partial sums over the split are added afterwards. One row goes through m
 several through a dot on 16 padded rows.
 
 Measured on an H200 (experiments/results/kernel_probe_h200.json, runs J and K of
-experiments/NOTES.md): 26B-A4B experts of 8 pairs 35 us per layer vs 277 us through XLA's
-gather; decode 5.43 -> 4.03 ms at batch 1 and 16.1 -> 7.25 ms at batch 8; the 31B shape with
-int8 weights 19.7 -> 15.2 ms at batch 1. For bf16 dense weights the kernel is not faster than
+experiments/NOTES.md): 26B-A4B decode 5.43 -> 4.03 ms at batch 1 and 16.1 -> 7.25 ms at batch 8
+(the kernel streams routed experts at 2.7-3.8 TB/s); the 31B shape with int8 weights 19.7 ->
+15.2 ms at batch 1. For bf16 dense weights the kernel is not faster than
 XLA's GEMM (E4B's MLP 2.7 vs 2.9 TB/s; the E4B step 4.78 vs 4.13 ms), nor for int8 weights with
 several rows (31B, 5 positions: 18.7 vs 14.7 ms), so `quant` uses it only for one-row int8
 matmuls of large weights and `layers` for routed experts.
