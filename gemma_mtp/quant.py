@@ -264,8 +264,9 @@ def einsum(spec: str, x: jax.Array, w: QArray | jax.Array, *,
 
   With `matvec.enabled()` (GPUs), a one-row bf16 activation times a large int8 weight whose
   leading axes are the contracted ones goes through the Pallas kernel, which reads the int8
-  values as int8 (`_kernel_einsum`; XLA converts them to bf16 in a pass of its own). Otherwise a one-row x is padded to two rows where `pad_one_row()` says so
-  (same values: row 0 is computed alone).
+  values as int8 (`_kernel_einsum`; XLA converts them to bf16 in a pass of its own). Otherwise
+  a one-row x is padded to two rows where `pad_one_row()` says so (same values: row 0 is
+  computed alone).
   """
   if matvec.enabled():
     y = _kernel_einsum(spec, x, w, preferred_element_type)
