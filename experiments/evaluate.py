@@ -65,6 +65,9 @@ _VERIFY_COSTS = flags.DEFINE_list("verify_costs", [], "per --draft_lengths entry
                                    "rule); empty: measure them on this device")
 _WORKLOADS = flags.DEFINE_integer("workload_prompts", 0, "> 0: also batch-1 code / prose / mixed "
                                   "workloads of this many prompts each (timed)")
+_CALIBRATE = flags.DEFINE_bool("calibrate", True, "workloads: the adaptive rules use round costs "
+                                "measured in the loop by the first workload's fixed-K passes "
+                                "(pipeline.round_costs) instead of the step costs")
 _PROSE = flags.DEFINE_list("prose_roots", ["site-packages"], "where prose (.md/.rst/METADATA) is")
 _OUT = flags.DEFINE_string("out", None, "JSON record path")
 
@@ -154,11 +157,14 @@ def main(argv):
                                                  seed=1)
     result["workloads"] = pipeline.evaluate_workloads(
         target, drafter, workloads, buckets=buckets, max_new_tokens=_MAX_NEW.value,
-        trees=trees, **costs)
+        trees=trees, calibrate=_CALIBRATE.value, **costs)
     for e in result["workloads"]:
-      print(f"{e['workload']:6s} {e['config']:14s} {e['tokens_per_second']:8.1f} tokens/s "
+      adaptive = e["config"].startswith("adaptive")
+      print(f"{e['workload']:6s} {e['config']:17s} {e['tokens_per_second']:8.1f} tokens/s "
             f"{e['tokens_per_forward']:.2f} tokens/forward {e['speedup']:.2f}x"
-            + (f" rounds per bucket {e['bucket_counts']}" if e["config"] == "adaptive" else ""))
+            + (f" rounds per bucket {e['bucket_counts']}" if adaptive else ""))
+    print("adaptive costs:", next((e["costs"] for e in result["workloads"]
+                                   if e["config"].startswith("adaptive")), None))
   for e in result["acceptance"] + result["speed"]:
     buckets = e["draft_lengths"] + e.get("trees", [])
     acc = " ".join(f"{a:.2f}" for a in e["acceptance_by_position"] if a is not None)

@@ -30,6 +30,7 @@ from gemma_mtp import drafter as drafter_lib
 from gemma_mtp import metrics
 from gemma_mtp import params as params_lib
 from gemma_mtp import quant
+from gemma_mtp import speculative
 from gemma_mtp import tokenizer as tokenizer_lib
 from gemma_mtp import train
 from gemma_mtp.config import ModelConfig
@@ -192,56 +193,114 @@ def prose_tokens(roots: Sequence[str], tok, *, max_bytes: int) -> np.ndarray:
 def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[int]]], *,
                        buckets: tuple[int, ...], max_new_tokens: int, eos_id=None,
                        temperature: float = 0.0, draft_cost: float | None = None,
-                       verify_costs: dict[int, float] | None = None,
-                       trees: tuple = ()) -> list[dict[str, Any]]:
+                       verify_costs: dict[int, float] | None = None, trees: tuple = (),
+                       calibrate: bool = False) -> list[dict[str, Any]]:
   """Batch-1 generation over each workload's prompts, one after the other, for plain decoding,
   every fixed draft length, every fixed draft tree of `trees` (`tree.TreeSpec`; configuration
-  named by its label) and adaptive chain buckets; plus the 'mixed' workload (all of them).
+  named by its label), adaptive chain buckets chosen every round ('adaptive') and chosen once
+  per prompt ('adaptive per call', `speculative.per_call_config`: no `lax.switch` in the loop);
+  plus the 'mixed' workload (all of them).
 
   Every configuration is compiled first (side by side), then each runs through every prompt of a
-  workload in turn; seconds are the wall time of that pass. The adaptive configuration (costs:
-  `metrics.spec_config`) carries its acceptance estimator from one prompt to the next within a
-  pass (`api.generate(adaptive_state=)`), as a serving loop would; each pass starts from the
-  prior. Returns one entry per (workload, configuration) with tokens/s, tokens per target
-  forward, the speedup over plain decoding and the rounds per bucket (`bucket_counts`).
+  workload in turn; seconds are the wall time of that pass. The adaptive configurations carry
+  their acceptance estimator from one prompt to the next within a pass
+  (`api.generate(adaptive_state=)`), as a serving loop would; each pass starts from the prior.
+  Their costs are `draft_cost` / `verify_costs` (`metrics.spec_config`), or with `calibrate` the
+  round costs measured in the loop by the first workload's fixed-K passes (`round_costs`: what a
+  round of each K costs relative to a plain decoding step, everything in the round included).
+
+  Returns one entry per (workload, configuration) with tokens/s, tokens per target forward,
+  the speedup over plain decoding and the rounds per bucket (`bucket_counts`); the adaptive
+  entries also with the costs their rule used (`costs`: draft_cost, verify_costs by K).
   """
-  configs = {"plain": {}}
-  configs.update({f"K={k}": dict(drafter=drafter, draft_lengths=(k,), adaptive=False)
-                  for k in buckets})
-  configs.update({t.label: dict(drafter=drafter, spec_config=metrics.spec_config(
+  fixed = {"plain": {}}
+  fixed.update({f"K={k}": dict(drafter=drafter, draft_lengths=(k,), adaptive=False)
+                for k in buckets})
+  fixed.update({t.label: dict(drafter=drafter, spec_config=metrics.spec_config(
       (t,), False, draft_cost)) for t in trees})
-  configs["adaptive"] = dict(drafter=drafter, spec_config=metrics.spec_config(
-      buckets, True, draft_cost, verify_costs))
   kw = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, temperature=temperature, seed=1)
   first = next(iter(workloads.values()))[0]
-  bench.side_by_side(lambda c: api.generate(target, [first], **kw, **c),
-                     list(configs.values()))
+
+  used = {}
+
+  def adaptive_configs(costs_draft, costs_verify):
+    spec = metrics.spec_config(buckets, True, costs_draft, costs_verify)
+    used.update(draft_cost=spec.draft_cost, verify_costs=dict(zip(
+        spec.draft_lengths, spec.verify_costs or [1.0] * len(buckets))),
+                calibrated=calibrate)
+    return {"adaptive": dict(drafter=drafter, spec_config=spec),
+            "adaptive per call": dict(drafter=drafter, per_call=spec)}
+
+  def warm(configs):   # compile side by side (the per-call configuration: one program per K)
+    for c in configs.values():
+      if "per_call" in c:
+        speculative.per_call_config(c["per_call"], None)   # the bucket choice's own program
+    calls = [c for c in configs.values() if "per_call" not in c]
+    calls += [dict(drafter=drafter, spec_config=speculative.first_bucket_config(c["per_call"], b))
+              for c in configs.values() if "per_call" in c for b in range(len(buckets))]
+    bench.side_by_side(lambda c: api.generate(target, [first], **kw, **c), calls)
+
+  adaptive = None if calibrate else adaptive_configs(draft_cost, verify_costs)
+  warm({**fixed, **(adaptive or {})})
   totals: dict[str, dict[str, Any]] = {}
   entries = []
   for wname, prompts in workloads.items():
-    for cname, c in configs.items():
-      t0 = time.perf_counter()
-      st = _run_prompts(target, prompts, carry=cname == "adaptive", **kw, **c)
-      st["seconds"] = time.perf_counter() - t0
-      tot = totals.setdefault(cname, dict(seconds=0.0, new=0, forwards=0, prompts=0,
-                                          drafted=0, accepted=0, buckets={}))
-      _add_counts(tot, st)
-      entries.append(_workload_entry(wname, cname, st))
+    for cname, c in fixed.items():
+      entries.append(_timed_pass(target, wname, cname, prompts, c, kw, totals))
+    if adaptive is None:
+      adaptive = adaptive_configs(0.0, round_costs(entries, buckets))
+      warm(adaptive)
+    for cname, c in adaptive.items():
+      entries.append(_timed_pass(target, wname, cname, prompts, c, kw, totals))
   entries += [_workload_entry("mixed", cname, tot) for cname, tot in totals.items()]
   plain = {e["workload"]: e["seconds"] for e in entries if e["config"] == "plain"}
   for e in entries:
     e["speedup"] = plain[e["workload"]] / e["seconds"]
+    if e["config"].startswith("adaptive"):
+      e["costs"] = used
     log.info("workload %s %s: %.1f tokens/s, %.2f tokens/forward, %.2fx", e["workload"],
              e["config"], e["tokens_per_second"], e["tokens_per_forward"], e["speedup"])
   return entries
 
 
-def _run_prompts(target, prompts, *, carry: bool, **kw) -> dict[str, Any]:
-  """Generates each prompt alone, in turn (carrying the adaptive estimator if `carry`); sums
-  new tokens, target forwards, drafted / accepted drafts and rounds per bucket."""
+def round_costs(entries: Sequence[dict[str, Any]], buckets: Sequence[int]) -> dict[int, float]:
+  """{K: seconds per round of the fixed-K pass / seconds per step of the plain pass} from the
+  first workload's entries (`_workload_entry`s): the whole round (drafting, verification,
+  acceptance, commit, the loop's own overhead) relative to one plain decoding step, made
+  non-decreasing in K."""
+  wname = entries[0]["workload"]
+  per_round = {e["config"]: e["seconds"] / max(e["forwards"], 1) for e in entries
+               if e["workload"] == wname}
+  costs, last = {}, 0.0
+  for k in sorted(buckets):
+    last = max(last, per_round[f"K={k}"] / per_round["plain"])
+    costs[k] = last
+  return costs
+
+
+def _timed_pass(target, wname, cname, prompts, config, kw, totals) -> dict[str, Any]:
+  """One timed pass of configuration `config` over `prompts`; adds its counts to `totals`."""
+  t0 = time.perf_counter()
+  st = _run_prompts(target, prompts, **kw, **config)
+  st["seconds"] = time.perf_counter() - t0
+  tot = totals.setdefault(cname, dict(seconds=0.0, new=0, forwards=0, prompts=0,
+                                      drafted=0, accepted=0, buckets={}))
+  _add_counts(tot, st)
+  return _workload_entry(wname, cname, st)
+
+
+def _run_prompts(target, prompts, *, per_call=None, **kw) -> dict[str, Any]:
+  """Generates each prompt alone, in turn; an adaptive configuration (a `spec_config` with
+  `adaptive`, or `per_call`: a chain SpecConfig whose bucket is chosen per prompt) carries its
+  estimator from prompt to prompt. Sums new tokens, target forwards, drafted / accepted drafts
+  and rounds per bucket."""
   tot = dict(new=0, forwards=0, prompts=len(prompts), drafted=0, accepted=0, buckets={})
+  spec = kw.get("spec_config")
+  carry = per_call is not None or (spec is not None and spec.adaptive)
   state = None
   for p in prompts:
+    if per_call is not None:
+      kw["spec_config"], state = speculative.per_call_config(per_call, state)
     out = api.generate(target, [p], adaptive_state=state, **kw)
     state = out.adaptive_state if carry else None
     st = out.stats
@@ -266,6 +325,7 @@ def _workload_entry(wname: str, cname: str, tot: dict[str, Any]) -> dict[str, An
               new_tokens=tot["new"], tokens_per_second=tot["new"] / tot["seconds"],
               tokens_per_forward=(tot["new"] - tot["prompts"]) / max(tot["forwards"], 1),
               draft_acceptance=tot["accepted"] / tot["drafted"] if tot["drafted"] else None,
+              forwards=tot["forwards"],
               bucket_counts={str(k): v for k, v in tot["buckets"].items()})
 
 

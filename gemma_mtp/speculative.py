@@ -254,6 +254,38 @@ def observe(est: AdaptiveState, spec: SpecConfig, *, n: jax.Array, fails: jax.Ar
                      fail=d * est.fail + jnp.sum(act * fails))
 
 
+def per_call_config(spec: SpecConfig, est: AdaptiveState | None
+                    ) -> tuple[SpecConfig, AdaptiveState]:
+  """Adaptivity per call instead of per round: the chain bucket the rule picks from `est` (with
+  its hysteresis), as a non-adaptive copy of `spec` whose first bucket is that one, and `est`
+  with its `bucket` set to that choice (an index into `spec`'s buckets).
+
+  The copy keeps `spec`'s buckets (so `max_draft` and the estimator's shapes), so the estimator
+  the call returns (`SpecState.adaptive`: a non-adaptive run still counts) carries to the next
+  call. The loop then has no `lax.switch`: one compiled program per bucket. For short rounds the
+  switch costs more than choosing every round gains (on XLA GPU it reads the branch index back
+  to the host once per round; experiments/NOTES.md, run M).
+  """
+  if spec.trees:
+    raise ValueError("per-call adaptivity takes chain buckets only")
+  est = initial_adaptive_state(spec) if est is None else est
+  chosen = jax.device_get(_choose_jit(_checked(est, spec), spec))
+  return first_bucket_config(spec, int(chosen.bucket)), chosen
+
+
+_choose_jit = jax.jit(choose_bucket, static_argnums=1)   # one small program, not op by op
+
+
+def first_bucket_config(spec: SpecConfig, b: int) -> SpecConfig:
+  """A non-adaptive configuration running chain bucket `b` of `spec` every round, with `spec`'s
+  other buckets behind it (same `max_draft`, so the same estimator shapes; the estimator keeps
+  `spec`'s decay and priors). Its cost fields are the defaults: a non-adaptive loop does not read
+  them, and one compiled program then serves every cost calibration."""
+  ks = spec.draft_lengths
+  return dataclasses.replace(spec, draft_lengths=(ks[b],) + ks[:b] + ks[b + 1:], adaptive=False,
+                             draft_cost=SpecConfig.draft_cost, verify_costs=())
+
+
 @flax.struct.dataclass
 class SpecState:
   """State of the speculative loop (B rows, N = max new tokens, Kmax = largest bucket).

@@ -2,6 +2,7 @@
 per-position estimates and their fallback, the bucket choice with hysteresis, on synthetic
 rounds whose per-position acceptance is known."""
 
+import dataclasses
 import functools
 
 import jax
@@ -190,3 +191,35 @@ def test_config_validation_and_spec_config_costs():
   assert metrics.spec_config((2,), False).verify_costs == ()
   with pytest.raises(ValueError, match=r"no cost for draft lengths \[8\]"):
     metrics.spec_config((2, 8), True, None, {2: 1.1})
+
+
+def test_per_call_config_runs_the_chosen_bucket_and_carries_the_estimator():
+  """Per-call adaptivity: the rule's choice becomes the first (only used) bucket of a fixed
+  configuration with the same estimator shapes; the choice follows the carried counts."""
+  fixed, est = speculative.per_call_config(SPEC, None)
+  prior_k = SPEC.draft_lengths[int(est.bucket)]
+  assert not fixed.adaptive and fixed.draft_lengths[0] == prior_k
+  assert sorted(fixed.draft_lengths) == sorted(SPEC.draft_lengths)
+  assert fixed.max_draft == SPEC.max_draft and not fixed.verify_costs
+  for profile in (HIGH, LOW, STEEP):
+    _, est = simulate(SPEC, [(profile, 300)], batch=1)
+    fixed, chosen = speculative.per_call_config(SPEC, jax.device_get(est))
+    assert fixed.draft_lengths[0] == SPEC.draft_lengths[int(chosen.bucket)] == true_best(
+        profile, SPEC)
+  # One program per bucket, whatever the costs of the adaptive configuration.
+  cheap = dataclasses.replace(SPEC, draft_cost=0.01, verify_costs=())
+  assert speculative.first_bucket_config(cheap, 2) == speculative.first_bucket_config(SPEC, 2)
+  with pytest.raises(ValueError, match="chain buckets only"):
+    speculative.per_call_config(dataclasses.replace(SPEC, trees=(TreeSpec.parse("2,1"),)), None)
+
+
+def test_round_costs_divide_round_time_by_plain_step_time():
+  from gemma_mtp import pipeline  # pylint: disable=g-import-not-at-top
+  entries = [dict(workload="code", config="plain", seconds=1.0, forwards=1000),
+             dict(workload="code", config="K=1", seconds=0.7, forwards=500),
+             dict(workload="code", config="K=2", seconds=0.5, forwards=300),
+             dict(workload="code", config="K=4", seconds=0.3, forwards=200),
+             dict(workload="prose", config="plain", seconds=9.0, forwards=1)]
+  costs = pipeline.round_costs(entries, (1, 2, 4))
+  assert costs[1] == pytest.approx(1.4) and costs[2] == pytest.approx(5 / 3)
+  assert costs[4] == pytest.approx(5 / 3)   # 1.5 measured, held non-decreasing in K

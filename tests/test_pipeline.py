@@ -73,7 +73,7 @@ def test_reproduction_writes_a_complete_record(record):
   assert all(s["outputs_equal"] for s in speed if s["temperature"] == 0.0)
   # Workloads: code and prose, each configuration, and their union.
   work = ev["workloads"]
-  configs = ["plain", "K=1", "K=2", "adaptive"]
+  configs = ["plain", "K=1", "K=2", "adaptive", "adaptive per call"]
   for w in ("code", "prose", "mixed"):
     assert [e["config"] for e in work if e["workload"] == w] == configs
   for e in work:
@@ -85,7 +85,9 @@ def test_reproduction_writes_a_complete_record(record):
     if e["config"] != "plain":
       assert rounds == round((e["new_tokens"] - e["prompts"]) / e["tokens_per_forward"]), e
     assert set(e["bucket_counts"]) == {"K=1": {"1"}, "K=2": {"2"}}.get(
-        e["config"], {"1", "2"} if e["config"] == "adaptive" else set())
+        e["config"], {"1", "2"} if e["config"].startswith("adaptive") else set())
+    if e["config"].startswith("adaptive") and e["workload"] != "mixed":
+      assert e["costs"]["verify_costs"] == verify["used"] and not e["costs"]["calibrated"]
   plain = [e for e in work if e["config"] == "plain"]
   assert all(e["tokens_per_forward"] == 1.0 and e["speedup"] == 1.0 for e in plain)
   # The shipped pair loads as users load it.

@@ -133,6 +133,24 @@ def test_carried_adaptive_state_stays_lossless():
   assert 0 < out.stats["accepted"] < out.stats["drafted"]
 
 
+def test_per_call_adaptivity_is_lossless_and_follows_the_estimator():
+  """Buckets chosen per call from the carried estimator (`speculative.per_call_config`): each
+  call is plain greedy decoding; with drafts always accepted the prior's K = 4 gives way to
+  K = 8 once the estimator has seen a call."""
+  target, drafter = agreeing_pair(TARGET, residual_scale=0.0)
+  spec = speculative.SpecConfig(draft_lengths=(1, 2, 4, 8))
+  ref = gemma_mtp.generate(target, PROMPTS, max_new_tokens=60).tokens
+  state, ks = None, []
+  for _ in range(2):
+    fixed, state = speculative.per_call_config(spec, state)
+    ks.append(fixed.draft_lengths[0])
+    out = gemma_mtp.generate(target, PROMPTS, max_new_tokens=60, drafter=drafter,
+                             spec_config=fixed, adaptive_state=state)
+    assert out.tokens == ref and set(out.stats["bucket_trace"]) == {ks[-1]}
+    state = out.adaptive_state
+  assert ks == [4, 8]
+
+
 @contextlib.contextmanager
 def count_compiles():
   """Yields a list that gets one entry per XLA compilation inside the block."""
