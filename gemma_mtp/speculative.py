@@ -262,9 +262,10 @@ def per_call_config(spec: SpecConfig, est: AdaptiveState | None
 
   The copy keeps `spec`'s buckets (so `max_draft` and the estimator's shapes), so the estimator
   the call returns (`SpecState.adaptive`: a non-adaptive run still counts) carries to the next
-  call. The loop then has no `lax.switch`: one compiled program per bucket. For short rounds the
-  switch costs more than choosing every round gains (on XLA GPU it reads the branch index back
-  to the host once per round; experiments/NOTES.md, run M).
+  call. The loop then has no `lax.switch`: one compiled program per bucket. Measured on the
+  H200 demo pair it loses to choosing every round (mixed code + prose, batch 1: 1.22x vs 1.40x
+  over plain decoding; experiments/NOTES.md, run N): a prompt keeps the bucket chosen before it
+  even where its acceptance differs, so the switch's cost is the smaller one.
   """
   if spec.trees:
     raise ValueError("per-call adaptivity takes chain buckets only")
