@@ -68,6 +68,8 @@ _WORKLOADS = flags.DEFINE_integer("workload_prompts", 0, "> 0: also batch-1 code
 _CALIBRATE = flags.DEFINE_bool("calibrate", True, "workloads: the adaptive rules use round costs "
                                 "measured in the loop by the first workload's fixed-K passes "
                                 "(pipeline.round_costs) instead of the step costs")
+_PER_CALL = flags.DEFINE_bool("per_call", False, "workloads: also the adaptive rule choosing the "
+                              "bucket once per prompt (speculative.per_call_config)")
 _PROSE = flags.DEFINE_list("prose_roots", ["site-packages"], "where prose (.md/.rst/METADATA) is")
 _OUT = flags.DEFINE_string("out", None, "JSON record path")
 
@@ -157,7 +159,7 @@ def main(argv):
                                                  seed=1)
     result["workloads"] = pipeline.evaluate_workloads(
         target, drafter, workloads, buckets=buckets, max_new_tokens=_MAX_NEW.value,
-        trees=trees, calibrate=_CALIBRATE.value, **costs)
+        trees=trees, calibrate=_CALIBRATE.value, per_call=_PER_CALL.value, **costs)
     for e in result["workloads"]:
       adaptive = e["config"].startswith("adaptive")
       print(f"{e['workload']:6s} {e['config']:17s} {e['tokens_per_second']:8.1f} tokens/s "

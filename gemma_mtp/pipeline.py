@@ -194,12 +194,13 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
                        buckets: tuple[int, ...], max_new_tokens: int, eos_id=None,
                        temperature: float = 0.0, draft_cost: float | None = None,
                        verify_costs: dict[int, float] | None = None, trees: tuple = (),
-                       calibrate: bool = False) -> list[dict[str, Any]]:
+                       calibrate: bool = False, per_call: bool = False) -> list[dict[str, Any]]:
   """Batch-1 generation over each workload's prompts, one after the other, for plain decoding,
   every fixed draft length, every fixed draft tree of `trees` (`tree.TreeSpec`; configuration
-  named by its label), adaptive chain buckets chosen every round ('adaptive') and chosen once
-  per prompt ('adaptive per call', `speculative.per_call_config`: no `lax.switch` in the loop);
-  plus the 'mixed' workload (all of them).
+  named by its label), adaptive chain buckets chosen every round ('adaptive') and, with
+  `per_call`, chosen once per prompt ('adaptive per call', `speculative.per_call_config`: no
+  `lax.switch` in the loop; slower on the H200 demo pair, NOTES run N); plus the 'mixed'
+  workload (all of them).
 
   Every configuration is compiled first (side by side), then each runs through every prompt of a
   workload in turn; seconds are the wall time of that pass. The adaptive configurations carry
@@ -228,8 +229,10 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
     used.update(draft_cost=spec.draft_cost, verify_costs=dict(zip(
         spec.draft_lengths, spec.verify_costs or [1.0] * len(buckets))),
                 calibrated=calibrate)
-    return {"adaptive": dict(drafter=drafter, spec_config=spec),
-            "adaptive per call": dict(drafter=drafter, per_call=spec)}
+    configs = {"adaptive": dict(drafter=drafter, spec_config=spec)}
+    if per_call:
+      configs["adaptive per call"] = dict(drafter=drafter, per_call=spec)
+    return configs
 
   def warm(configs):   # compile side by side (the per-call configuration: one program per K)
     for c in configs.values():

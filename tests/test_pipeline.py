@@ -73,7 +73,7 @@ def test_reproduction_writes_a_complete_record(record):
   assert all(s["outputs_equal"] for s in speed if s["temperature"] == 0.0)
   # Workloads: code and prose, each configuration, and their union.
   work = ev["workloads"]
-  configs = ["plain", "K=1", "K=2", "adaptive", "adaptive per call"]
+  configs = ["plain", "K=1", "K=2", "adaptive"]
   for w in ("code", "prose", "mixed"):
     assert [e["config"] for e in work if e["workload"] == w] == configs
   for e in work:

@@ -151,6 +151,29 @@ def test_per_call_adaptivity_is_lossless_and_follows_the_estimator():
   assert ks == [4, 8]
 
 
+def test_workloads_with_per_call_adaptivity_and_calibrated_costs():
+  """`pipeline.evaluate_workloads(calibrate=True, per_call=True)`: the adaptive rules use the
+  round costs of the fixed-K passes, the per-call configuration runs one bucket per prompt, and
+  every configuration emits every token."""
+  from gemma_mtp import pipeline  # pylint: disable=g-import-not-at-top
+  target, drafter = agreeing_pair(TARGET, residual_scale=0.0)
+  work = pipeline.evaluate_workloads(target, drafter, {"code": PROMPTS[:2]}, buckets=(1, 2),
+                                     max_new_tokens=24, calibrate=True, per_call=True)
+  configs = ["plain", "K=1", "K=2", "adaptive", "adaptive per call"]
+  assert [e["config"] for e in work if e["workload"] == "code"] == configs
+  for e in work:
+    assert e["new_tokens"] == 2 * 24
+  costs = next(e["costs"] for e in work if e["config"] == "adaptive per call")
+  assert costs["calibrated"] and costs["draft_cost"] == 0.0
+  assert 1.0 <= costs["verify_costs"][1] <= costs["verify_costs"][2]
+  # Drafts always accepted: a prompt run at K takes ceil(23 / (K + 1)) rounds (the first of its
+  # 24 tokens comes from the prefill). Per call, each bucket's rounds are whole prompts.
+  counts = {e["config"]: e["bucket_counts"] for e in work if e["workload"] == "code"}
+  per_prompt = {k: -(-23 // (int(k) + 1)) for k in ("1", "2")}
+  assert sum(c // per_prompt[k] for k, c in counts["adaptive per call"].items()) == 2
+  assert all(c % per_prompt[k] == 0 for k, c in counts["adaptive per call"].items())
+
+
 @contextlib.contextmanager
 def count_compiles():
   """Yields a list that gets one entry per XLA compilation inside the block."""
