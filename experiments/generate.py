@@ -14,7 +14,9 @@ from absl import flags
 from absl import logging
 
 import gemma_mtp
+from gemma_mtp import bench
 from gemma_mtp import demo
+from gemma_mtp import drafter_kinds
 from gemma_mtp import metrics
 
 DEFAULT_PROMPT = '''import os
@@ -60,11 +62,15 @@ def main(argv):
   if _INT8.value:
     target = gemma_mtp.quantize_target(target, embeddings=True)
   prompt = tok.encode(_PROMPT.value)
+  cost = None   # the adaptive rule's drafter/target step cost, measured on this machine
+  if _ADAPTIVE.value and drafter.config.kind == drafter_kinds.ASSISTANT:
+    cost = bench.draft_cost(target.params, target.config, drafter.params, drafter.config,
+                            context=len(prompt) + _MAX_NEW.value)["ratio"]
   result = metrics.compare(
       target, drafter, [prompt] * _BATCH.value, max_new_tokens=_MAX_NEW.value,
       draft_lengths=[int(k) for k in _DRAFT_LENGTHS.value], adaptive=_ADAPTIVE.value,
       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-      eos_id=tok.eos_id, repeats=_REPEATS.value, seed=_SEED.value)
+      eos_id=tok.eos_id, repeats=_REPEATS.value, seed=_SEED.value, draft_cost=cost)
   out = gemma_mtp.generate(target, [prompt], max_new_tokens=_MAX_NEW.value, drafter=drafter,
                            draft_lengths=[int(k) for k in _DRAFT_LENGTHS.value],
                            adaptive=_ADAPTIVE.value, temperature=_TEMPERATURE.value,
