@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import math
 import os
+import pathlib
 import time
 from typing import Any, Callable
 
@@ -223,6 +224,60 @@ def verify_costs(tparams, tcfg: ModelConfig, draft_lengths, *, batch: int = 1,
     floor = ratio[k] = max(floor, measured[k])
   return {"decode_step_s": seconds[1], "verify_step_s": {k: seconds[k + 1] for k in ks},
           "measured": measured, "ratio": ratio}
+
+
+def kernel_profile(run: Callable[[], Any], steps: int, trace_dir: str, *, top: int = 30) -> dict:
+  """What the device does in `steps` steps of `run()` (which must block): one profiler trace
+  (written under `trace_dir`) summarized per step.
+
+  Returns {'kernels_per_step', 'busy_us_per_step' (union of kernel intervals), 'span_us_per_step'
+  (first kernel start to last end), 'gap_us_per_step' (span - busy), 'top' (the `top` kernel
+  names by time: calls and microseconds per step, the HLO op where the trace names it), 'lines'
+  (every device line's event count)}. Kernels are the events of the device lines named
+  'Stream ...' (CUPTI), else of the device's busiest line; {} where no device plane exists
+  (the CPU).
+  """
+  run()
+  with jax.profiler.trace(trace_dir):
+    run()
+  files = sorted(pathlib.Path(trace_dir).rglob("*.xplane.pb"), key=lambda f: f.stat().st_mtime)
+  if not files:
+    return {}
+  data = jax.profiler.ProfileData.from_file(str(files[-1]))
+  planes = [p for p in data.planes if p.name.startswith("/device:")]
+  if not planes:
+    return {}
+  lines = list(planes[0].lines)
+  counts = {line.name: sum(1 for _ in line.events) for line in lines}
+  streams = [line for line in lines if line.name.startswith("Stream")] or [
+      max(lines, key=lambda line: counts[line.name])]
+  events = []
+  for line in streams:
+    for e in line.events:
+      stats = dict(e.stats)
+      events.append((e.start_ns, e.duration_ns, e.name, stats.get("hlo_op", "")))
+  if not events:
+    return {"lines": counts}
+  events.sort()
+  busy, end = 0.0, -math.inf
+  for start, dur, _, _ in events:   # union of intervals (streams may overlap)
+    busy += max(0.0, start + dur - max(start, end))
+    end = max(end, start + dur)
+  span = end - events[0][0]
+  by_name: dict[str, list] = {}
+  for _, dur, name, op in events:
+    entry = by_name.setdefault(name[:160], [0, 0.0, op])
+    entry[0] += 1
+    entry[1] += dur
+  ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+  return {
+      "steps": steps, "kernels_per_step": len(events) / steps,
+      "busy_us_per_step": busy / steps / 1e3, "span_us_per_step": span / steps / 1e3,
+      "gap_us_per_step": (span - busy) / steps / 1e3,
+      "top": [{"name": n, "hlo_op": op, "calls_per_step": c / steps, "us_per_step": d / steps / 1e3}
+              for n, (c, d, op) in ranked],
+      "lines": counts,
+  }
 
 
 def slope_seconds(run: Callable[[int], Any], *, short: int, long: int, repeats: int) -> dict:

@@ -97,9 +97,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
 
 
 def mlp(x: jax.Array, p: dict) -> jax.Array:
-  """GeGLU: down(gelu(x @ gate) * (x @ up)). x: [..., D]; weights float or quant.QArray."""
-  gate = quant.einsum("...D,DI->...I", x, p["gate"])
-  up = quant.einsum("...D,DI->...I", x, p["up"])
+  """GeGLU: down(gelu(x @ gate) * (x @ up)). x: [..., D]; weights float or quant.QArray, gate and
+  up separate or joined as `gate_up` [D, 2I] (model.fuse_projections)."""
+  if "gate_up" in p:
+    gate, up = jnp.split(quant.einsum("...D,DI->...I", x, p["gate_up"]), 2, axis=-1)
+  else:
+    gate = quant.einsum("...D,DI->...I", x, p["gate"])
+    up = quant.einsum("...D,DI->...I", x, p["up"])
   return quant.einsum("...I,ID->...D", gelu(gate) * up, p["down"])
 
 

@@ -110,6 +110,95 @@ def project_q(p: dict, xn: jax.Array, positions: jax.Array, cfg: ModelConfig, ki
                            _inv_freq(cfg, kind))
 
 
+def project_fused(p: dict, xn: jax.Array, positions: jax.Array, cfg: ModelConfig, kind: str):
+  """q, k, v of a layer in the fused layout (`fuse_projections`): one matmul, then one norm over
+  every head (q_norm's weight on the q heads, k_norm's on the k heads, none on the v heads) and
+  one RoPE over the q and k heads; the same values as `project_q` + `project_kv`."""
+  n = cfg.num_heads
+  with_v = "qkv" in p
+  raw = quant.einsum("BTD,DNH->BTNH", xn, p["qkv"] if with_v else p["qk"])
+  total, h = raw.shape[2], raw.shape[3]
+  kv = (total - n) // (2 if with_v else 1)
+  weight = jnp.concatenate([jnp.broadcast_to(p["q_norm"], (n, h)),
+                            jnp.broadcast_to(p["k_norm"], (kv, h)),
+                            jnp.ones((total - n - kv, h), p["q_norm"].dtype)])
+  normed = layers.rms_norm(raw, weight, eps=cfg.rms_eps)
+  qk = layers.apply_rope(normed[:, :, :n + kv], positions, _inv_freq(cfg, kind))
+  if with_v:
+    v = normed[:, :, n + kv:]
+  else:   # k_eq_v: the values are the raw keys, v-normed
+    v = layers.rms_norm(raw[:, :, n:], eps=cfg.rms_eps)
+  return qk[:, :, :n], qk[:, :, n:], v
+
+
+def is_fused(params: dict) -> bool:
+  """Whether a target's parameters are in the fused inference layout (`fuse_projections`)."""
+  return any("qkv" in p["attn"] or "qk" in p["attn"] or "gate_up" in p["mlp"]
+             for p in params["layers"])
+
+
+def fuse_projections(params: dict, config: ModelConfig, *, donate: bool = False) -> dict:
+  """The inference layout of a target's parameters: fewer, larger matmuls per layer.
+
+  In each layer that owns K/V, q [D, N, H], k [D, K, H] and v [D, K, H] become one `qkv`
+  [D, N + 2K, H] (`qk` [D, N + K, H] for k_eq_v layers); in each dense MLP, gate [D, I] and up
+  [D, I] become one `gate_up` [D, 2I]. `forward` (and everything built on it) computes the same
+  values from either layout; at batch 1 a step runs 3 matmuls fewer per layer, each of which
+  costs a few microseconds of fixed time on a GPU (experiments/NOTES.md, run O). Quantized
+  weights (quant.py) are joined with their scales. For inference on one device: the sharding
+  rules and checkpoint writers take the checkpoint layout (`unfuse_projections` undoes this).
+
+  Args:
+    params: a target's parameter tree (float or int8), in the checkpoint layout.
+    config: its ModelConfig.
+    donate: delete each original weight once joined (peak memory: one layer's weights more,
+      not a second copy of the model); `params` must not be used afterwards.
+  """
+  if is_fused(params):
+    return params
+
+  def join(parent, names, new):
+    ws = [parent[k] for k in names]
+    out = {k: v for k, v in parent.items() if k not in names}
+    out[new] = quant.concatenate(ws, axis=1)
+    if donate:
+      for w in ws:
+        for leaf in jax.tree_util.tree_leaves(w):
+          leaf.delete()
+    return out
+
+  new_layers = []
+  for p in params["layers"]:
+    p = dict(p)
+    attn = p["attn"]
+    if "k" in attn:   # a layer that owns K/V (KV-shared layers project only q)
+      names = ("q", "k", "v") if "v" in attn else ("q", "k")
+      p["attn"] = join(attn, names, "qkv" if "v" in attn else "qk")
+    p["mlp"] = join(p["mlp"], ("gate", "up"), "gate_up")
+    new_layers.append(p)
+  del config  # the layout is read from the keys; the argument keeps the call uniform
+  return {**params, "layers": type(params["layers"])(new_layers)}
+
+
+def unfuse_projections(params: dict, config: ModelConfig) -> dict:
+  """The checkpoint layout of parameters made by `fuse_projections`."""
+  new_layers = []
+  for i, p in enumerate(params["layers"]):
+    p, attn = dict(p), dict(p["attn"])
+    for fused, names in (("qkv", ("q", "k", "v")), ("qk", ("q", "k"))):
+      if fused in attn:
+        kv = config.layer_kv_heads(i)
+        pieces = quant.split(attn.pop(fused), [config.num_heads] + [kv] * (len(names) - 1), 1)
+        attn.update(zip(names, pieces))
+    p["attn"] = attn
+    if "gate_up" in p["mlp"]:
+      mlp = dict(p["mlp"])
+      mlp["gate"], mlp["up"] = quant.split(mlp.pop("gate_up"), [config.layer_mlp_dim(i)] * 2, 1)
+      p["mlp"] = mlp
+    new_layers.append(p)
+  return {**params, "layers": type(params["layers"])(new_layers)}
+
+
 def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
   """Dense GeGLU FFN, or (MoE models) shared dense MLP + routed experts; includes the FFN norms."""
   h = layers.mlp(layers.rms_norm(x, p["pre_ffw_norm"], eps=cfg.rms_eps), p["mlp"])
@@ -182,11 +271,15 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
     window = cfg.sliding_window if kind == SLIDING else None
 
     def attend(xn, i=i, p=p, kind=kind, window=window):
-      q = project_q(p["attn"], xn, positions, cfg, kind)
       if cfg.is_kv_shared(i):
+        q = project_q(p["attn"], xn, positions, cfg, kind)
         k, v, kv_idx = kv_now[cfg.kv_source(i)]
       else:
-        k, v = project_kv(p["attn"], xn, positions, cfg, kind)
+        if "k" in p["attn"]:
+          q = project_q(p["attn"], xn, positions, cfg, kind)
+          k, v = project_kv(p["attn"], xn, positions, cfg, kind)
+        else:
+          q, k, v = project_fused(p["attn"], xn, positions, cfg, kind)
         if cache is None:
           kv_idx = idx
         else:

@@ -397,6 +397,32 @@ def slice_axis(w: QArray | jax.Array, axis: int, n: int) -> QArray | jax.Array:
   return w.replace(q=cut(w.q), scale=cut(w.scale))
 
 
+def concatenate(ws, axis: int) -> QArray | jax.Array:
+  """Weights joined along `axis`, an output axis (a QArray's scales are joined alike).
+
+  Raises:
+    ValueError: float and quantized weights mixed, or `axis` contracted in a quantized weight.
+  """
+  quantized = [is_quantized(w) for w in ws]
+  if not any(quantized):
+    return jnp.concatenate(ws, axis=axis)
+  if not all(quantized):
+    raise ValueError("concatenate: float and quantized weights mixed")
+  if any(w.scale.shape[axis] != w.q.shape[axis] for w in ws):
+    raise ValueError(f"concatenate: axis {axis} is contracted in a quantized weight")
+  return ws[0].replace(q=jnp.concatenate([w.q for w in ws], axis=axis),
+                       scale=jnp.concatenate([w.scale for w in ws], axis=axis))
+
+
+def split(w: QArray | jax.Array, sizes, axis: int) -> list[QArray | jax.Array]:
+  """The inverse of `concatenate`: pieces of `sizes` along the output axis `axis`."""
+  cuts = list(np.cumsum(sizes)[:-1])
+  if not is_quantized(w):
+    return jnp.split(w, cuts, axis=axis)
+  return [w.replace(q=q, scale=s) for q, s in zip(jnp.split(w.q, cuts, axis=axis),
+                                                   jnp.split(w.scale, cuts, axis=axis))]
+
+
 def lookup(table: QArray | jax.Array, idx: jax.Array) -> jax.Array:
   """Embedding rows table[idx] as floats in the table's dtype."""
   return dequantize(take(table, idx))
@@ -415,4 +441,4 @@ def _path_name(path) -> str:
 
 __all__ = ["QArray", "quantize", "dequantize", "quantize_params", "dequantize_params",
            "quantized_specs", "specs_like", "cast", "describe", "nbytes", "logit_error", "einsum",
-           "ragged_dot", "expert_matmul", "take", "lookup", "is_quantized"]
+           "ragged_dot", "expert_matmul", "take", "lookup", "is_quantized", "concatenate", "split"]

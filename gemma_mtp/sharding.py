@@ -55,6 +55,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gemma_mtp import checkpoint
 from gemma_mtp import drafter_kinds
+from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
 from gemma_mtp import quant
 from gemma_mtp.config import ModelConfig
@@ -287,7 +288,15 @@ def init_drafter_sharded(dcfg, key: jax.Array, mesh: jax.sharding.Mesh, *,
 def shard_target(target, mesh: jax.sharding.Mesh, *, rules: Rules = LOGICAL_AXIS_RULES):
   """A copy of `target` (`api.Target` or any dataclass with .config and .params) re-sharded.
 
-  Float or int8-quantized params (`quant.quantize_params`)."""
+  Float or int8-quantized params (`quant.quantize_params`), in the checkpoint layout: the fused
+  one (`model.fuse_projections`) would split q, k and v across devices unevenly.
+
+  Raises:
+    ValueError: the params are fused.
+  """
+  if model_lib.is_fused(target.params):
+    raise ValueError("shard_target: the params are in the fused inference layout; shard "
+                     "model.unfuse_projections(params, config) instead")
   specs = quant.specs_like(target.params, target.config)
   return dataclasses.replace(target, params=shard_params(target.params, specs, mesh, rules=rules))
 
