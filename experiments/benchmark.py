@@ -23,7 +23,8 @@ One JSON record per run (rewritten after every part, so a run cut short keeps wh
   python experiments/benchmark.py --models=tiny --batches=1,2 --contexts=64 --verify_k=1,2 \
       --parts=copy,decode,verify,drafter,predict --copy_mb=64          # CPU smoke test
 
-Decode steps are timed inside one compiled loop (gemma_mtp/bench.py): the per-step time is the
+The target weights are in the fused inference layout (`model.fuse_projections`, --layout) unless
+--layout=checkpoint. Decode steps are timed inside one compiled loop (gemma_mtp/bench.py): the per-step time is the
 slope between a short and a long run of the same program. All programs of one model compile
 side by side on --compile_threads threads before any is timed.
 """
@@ -48,8 +49,8 @@ from gemma_mtp import bench
 from gemma_mtp import config as config_lib
 from gemma_mtp import drafter as drafter_lib
 from gemma_mtp import metrics
+from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
-from gemma_mtp import quant
 
 _MODELS = flags.DEFINE_list("models", ["gemma4_e2b", "gemma4_e4b", "gemma4_31b", "gemma4_26b_a4b"],
                             "model presets (config.PRESETS; 'tiny' for smoke tests)")
@@ -77,6 +78,8 @@ _PAIR_RECORD = flags.DEFINE_string("pair_record", None, "reproduction record of 
 _OUT = flags.DEFINE_string("out", None, "record path; default experiments/results/"
                            "benchmark_<device>_<time>.json")
 _PLOT = flags.DEFINE_bool("plot", True, "write <out>.png next to the record")
+_LAYOUT = flags.DEFINE_enum("layout", "fused", ["fused", "checkpoint"], "target parameter layout "
+                             "(model.fuse_projections, or as checkpoints store it)")
 _UPDATE = flags.DEFINE_bool("update", False, "add this run's parts to the existing record at --out "
                             "(keeps its other parts and its machine description)")
 
@@ -112,8 +115,11 @@ def measure_model(name: str, copy_gbs: float, parts: set[str]) -> dict:
                  "copy_gb_per_s": copy_gbs}
   t0 = time.perf_counter()
   params = bench.random_params(params_lib.param_specs(cfg), cfg, jax.random.PRNGKey(0))
+  if _LAYOUT.value == "fused":
+    params = model_lib.fuse_projections(params, cfg, donate=True)
   jax.block_until_ready(params)
   entry["init_s"] = time.perf_counter() - t0
+  entry["layout"] = _LAYOUT.value
 
   contexts = [int(c) for c in _CONTEXTS.value]
   cases = []
@@ -194,7 +200,7 @@ def measure_model(name: str, copy_gbs: float, parts: set[str]) -> dict:
                  entry["drafter"]["ms_per_step"], 100 * entry["drafter"]["relative_to_target_step"])
   if "int8" in parts and name in _INT8_MODELS.value and base and not _late(f"{name} int8"):
     case = bench.DecodeCase(1, contexts[0])
-    qparams = quant.quantize_params(params, cfg, embeddings=True)
+    qparams = api.quantize_target(api.Target(cfg, params), embeddings=True, donate=True).params
     del params
     prog = bench.lower_decode(qparams, cfg, case, _LONG.value)
     t = bench.time_decode(prog, qparams, cfg, case, short=_SHORT.value, long=_LONG.value,
@@ -217,6 +223,8 @@ def end_to_end(name: str) -> dict:
   dcfg = drafter_config(name, cfg)
   target = api.Target(cfg, bench.random_params(params_lib.param_specs(cfg), cfg,
                                                jax.random.PRNGKey(0)))
+  if _LAYOUT.value == "fused":
+    target = api.fuse_target(target, donate=True)
   drafter = api.Drafter(dcfg, bench.random_params(drafter_lib.param_specs(dcfg), dcfg,
                                                   jax.random.PRNGKey(1)))
   prompt = np.random.default_rng(0).integers(3, cfg.vocab_size, (1, _E2E_PROMPT.value)).tolist()

@@ -7,6 +7,8 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused       `model.fuse_projections`: one q|k|v and one gate|up matmul per layer;
   fused_pad   fused, with every one-row matmul padded to two rows whatever the weight's size
               (`quant.PAD_MAX_WEIGHT_SIZE` lifted: a fused gate|up is above it on E4B);
+  fused_nopad fused, no one-row matmul padded (with XLA_FLAGS=--xla_gpu_enable_dot_strength_
+              reduction=false XLA keeps one-row matmuls as GEMMs instead of multiply + reduce);
 the per-step time (slope of a short and a long run of the decode loop, as the benchmark), one
 verification of 5 positions, and a profiler trace of `--profile_steps` steps summarized per step
 (`bench.kernel_profile`: kernels per step, time the device is busy, the gaps between kernels,
@@ -42,6 +44,7 @@ _LONG = flags.DEFINE_integer("long", 64, "long loop")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 8, "steps in the profiled run (0: none)")
 
 _LIBRARY_PAD_MAX = quant.PAD_MAX_WEIGHT_SIZE
+_LIBRARY_PAD_BACKENDS = quant.PAD_ONE_ROW_BACKENDS
 
 
 def _variant_config(cfg, name):
@@ -53,6 +56,7 @@ def _variant_config(cfg, name):
 
 def _measure(model: str, variant: str, cfg, params) -> list[dict]:
   quant.PAD_MAX_WEIGHT_SIZE = (1 << 62) if variant == "fused_pad" else _LIBRARY_PAD_MAX
+  quant.PAD_ONE_ROW_BACKENDS = () if variant == "fused_nopad" else _LIBRARY_PAD_BACKENDS
   vcfg = _variant_config(cfg, variant)
   cases = [bench.DecodeCase(1, _CONTEXT.value)]
   if model in _VERIFY.value:
@@ -76,6 +80,7 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
       del prog
   finally:
     quant.PAD_MAX_WEIGHT_SIZE = _LIBRARY_PAD_MAX
+    quant.PAD_ONE_ROW_BACKENDS = _LIBRARY_PAD_BACKENDS
   return entries
 
 

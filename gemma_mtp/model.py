@@ -162,9 +162,7 @@ def fuse_projections(params: dict, config: ModelConfig, *, donate: bool = False)
     out = {k: v for k, v in parent.items() if k not in names}
     out[new] = quant.concatenate(ws, axis=1)
     if donate:
-      for w in ws:
-        for leaf in jax.tree_util.tree_leaves(w):
-          leaf.delete()
+      _delete(ws)
     return out
 
   new_layers = []
@@ -180,23 +178,33 @@ def fuse_projections(params: dict, config: ModelConfig, *, donate: bool = False)
   return {**params, "layers": type(params["layers"])(new_layers)}
 
 
-def unfuse_projections(params: dict, config: ModelConfig) -> dict:
-  """The checkpoint layout of parameters made by `fuse_projections`."""
+def unfuse_projections(params: dict, config: ModelConfig, *, donate: bool = False) -> dict:
+  """The checkpoint layout of parameters made by `fuse_projections` (`donate` as there)."""
+  def cut(w, sizes):
+    pieces = quant.split(w, sizes, 1)
+    if donate:
+      _delete(w)
+    return pieces
+
   new_layers = []
   for i, p in enumerate(params["layers"]):
     p, attn = dict(p), dict(p["attn"])
     for fused, names in (("qkv", ("q", "k", "v")), ("qk", ("q", "k"))):
       if fused in attn:
         kv = config.layer_kv_heads(i)
-        pieces = quant.split(attn.pop(fused), [config.num_heads] + [kv] * (len(names) - 1), 1)
-        attn.update(zip(names, pieces))
+        attn.update(zip(names, cut(attn.pop(fused), [config.num_heads] + [kv] * (len(names) - 1))))
     p["attn"] = attn
     if "gate_up" in p["mlp"]:
       mlp = dict(p["mlp"])
-      mlp["gate"], mlp["up"] = quant.split(mlp.pop("gate_up"), [config.layer_mlp_dim(i)] * 2, 1)
+      mlp["gate"], mlp["up"] = cut(mlp.pop("gate_up"), [config.layer_mlp_dim(i)] * 2)
       p["mlp"] = mlp
     new_layers.append(p)
   return {**params, "layers": type(params["layers"])(new_layers)}
+
+
+def _delete(tree):
+  for leaf in jax.tree_util.tree_leaves(tree):
+    leaf.delete()
 
 
 def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:

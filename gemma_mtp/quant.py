@@ -127,11 +127,15 @@ def quantize_params(params: Any, config, *, embeddings: bool = False) -> Any:
       table [Vp, L, P] (one scale per (row, layer)); for Gemma 4 these are a large share of the
       bytes (E2B: the PLE table alone is most of the parameters).
   Raises:
-    ValueError: `params` is already quantized.
+    ValueError: `params` is already quantized, or fused (`model.fuse_projections`: quantize the
+      checkpoint layout, then fuse; `api.quantize_target` does both).
     TypeError: `config` is not a decoder ModelConfig (MTP drafters are not quantized here).
   """
   if not isinstance(config, ModelConfig):
     raise TypeError(f"quantize_params takes a decoder ModelConfig, got {type(config).__name__}")
+  if any({"qkv", "qk"} & set(p["attn"]) or "gate_up" in p["mlp"] for p in params["layers"]):
+    raise ValueError("quantize_params: the params are in the fused inference layout; quantize "
+                     "model.unfuse_projections(params, config), then fuse the result")
   specs = params_lib.param_specs(config)
 
   def one(path, spec, w):
