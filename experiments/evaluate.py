@@ -70,6 +70,8 @@ _CALIBRATE = flags.DEFINE_bool("calibrate", True, "workloads: the adaptive rules
                                 "(pipeline.round_costs) instead of the step costs")
 _PER_CALL = flags.DEFINE_bool("per_call", False, "workloads: also the adaptive rule choosing the "
                               "bucket once per prompt (speculative.per_call_config)")
+_SEGMENTS = flags.DEFINE_list("segment_rounds", [], "workloads: also the adaptive rule choosing "
+                              "once per this many rounds (the default config: SpecConfig's)")
 _PROSE = flags.DEFINE_list("prose_roots", ["site-packages"], "where prose (.md/.rst/METADATA) is")
 _OUT = flags.DEFINE_string("out", None, "JSON record path")
 
@@ -159,10 +161,11 @@ def main(argv):
                                                  seed=1)
     result["workloads"] = pipeline.evaluate_workloads(
         target, drafter, workloads, buckets=buckets, max_new_tokens=_MAX_NEW.value,
-        trees=trees, calibrate=_CALIBRATE.value, per_call=_PER_CALL.value, **costs)
+        trees=trees, calibrate=_CALIBRATE.value, per_call=_PER_CALL.value,
+        segment_rounds=[int(n) for n in _SEGMENTS.value], **costs)
     for e in result["workloads"]:
       adaptive = e["config"].startswith("adaptive")
-      print(f"{e['workload']:6s} {e['config']:17s} {e['tokens_per_second']:8.1f} tokens/s "
+      print(f"{e['workload']:6s} {e['config']:21s} {e['tokens_per_second']:8.1f} tokens/s "
             f"{e['tokens_per_forward']:.2f} tokens/forward {e['speedup']:.2f}x"
             + (f" rounds per bucket {e['bucket_counts']}" if adaptive else ""))
     print("adaptive costs:", next((e["costs"] for e in result["workloads"]

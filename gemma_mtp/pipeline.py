@@ -194,13 +194,15 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
                        buckets: tuple[int, ...], max_new_tokens: int, eos_id=None,
                        temperature: float = 0.0, draft_cost: float | None = None,
                        verify_costs: dict[int, float] | None = None, trees: tuple = (),
-                       calibrate: bool = False, per_call: bool = False) -> list[dict[str, Any]]:
+                       calibrate: bool = False, per_call: bool = False,
+                       segment_rounds: Sequence[int] = ()) -> list[dict[str, Any]]:
   """Batch-1 generation over each workload's prompts, one after the other, for plain decoding,
   every fixed draft length, every fixed draft tree of `trees` (`tree.TreeSpec`; configuration
   named by its label), adaptive chain buckets chosen every round ('adaptive') and, with
   `per_call`, chosen once per prompt ('adaptive per call', `speculative.per_call_config`: no
   `lax.switch` in the loop; slower on the H200 demo pair, NOTES run N); plus the 'mixed'
-  workload (all of them).
+  workload (all of them). 'adaptive' chooses once per `SpecConfig.segment_rounds` rounds (the
+  default); each n of `segment_rounds` other than that adds 'adaptive, segment=n'.
 
   Every configuration is compiled first (side by side), then each runs through every prompt of a
   workload in turn; seconds are the wall time of that pass. The adaptive configurations carry
@@ -230,6 +232,10 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
         spec.draft_lengths, spec.verify_costs or [1.0] * len(buckets))),
                 calibrated=calibrate)
     configs = {"adaptive": dict(drafter=drafter, spec_config=spec)}
+    for n in segment_rounds:
+      if n != spec.segment_rounds:
+        configs[f"adaptive, segment={n}"] = dict(
+            drafter=drafter, spec_config=dataclasses.replace(spec, segment_rounds=n))
     if per_call:
       configs["adaptive per call"] = dict(drafter=drafter, per_call=spec)
     return configs

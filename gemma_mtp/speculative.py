@@ -34,7 +34,10 @@ measured by `bench.verify_costs`: a target forward of K + 1 positions relative t
 default 1). A tree bucket keeps the geometric `tree.TreeSpec.value` at a (its verification cost
 interpolated from the chains' measured ones). The bucket of best E[tokens] / cost wins if it
 beats the current one by the relative `switch_margin` (hysteresis). The choice is a `lax.switch`
-on the device; no host round trip. The estimator is an input and an output of
+on the device; no host round trip. It is made once per segment of `segment_rounds` rounds, each
+segment an inner loop of the chosen bucket, so that the switch and the rule cost a round only a
+fraction of their time (on the H200 demo pair they cost ~30-45 us per round against rounds of
+0.6-1.2 ms when chosen every round: experiments/NOTES.md, runs N and R). The estimator is an input and an output of
 `speculative_generate`, so a serving loop carries it from one call to the next
 (`api.generate(adaptive_state=...)`) instead of restarting every call from the prior.
 """
@@ -85,6 +88,9 @@ class SpecConfig:
       drafter that drafts trees (`drafter_kinds.check_trees`: the assistant, 'clean').
     node_cost: the adaptive rule's cost of verifying one tree node beyond a chain of the same
       depth, relative to one target forward (`tree.TreeSpec.value`).
+    segment_rounds: adaptive: the rule chooses once per segment of this many rounds (the
+      estimator still counts every round); a segment is the chosen bucket's own inner loop, so
+      the `lax.switch` and the rule's kernels run once per segment. 1 = choose every round.
   """
 
   draft_lengths: tuple[int, ...] = (1, 2, 4, 8)
@@ -97,6 +103,7 @@ class SpecConfig:
   verify_costs: tuple[float, ...] = ()
   trees: tuple[tree_lib.TreeSpec, ...] = ()
   node_cost: float = 0.02
+  segment_rounds: int = 4
 
   def __post_init__(self):
     if not (self.draft_lengths or self.trees) or any(k < 1 for k in self.draft_lengths):
@@ -114,6 +121,8 @@ class SpecConfig:
       raise ValueError(f"initial_acceptance must be in [0, 1], got {self.initial_acceptance}")
     if not self.prior_weight > 0.0:
       raise ValueError(f"prior_weight must be > 0, got {self.prior_weight}")
+    if self.segment_rounds < 1:
+      raise ValueError(f"segment_rounds must be >= 1, got {self.segment_rounds}")
     if not 0.0 <= self.switch_margin < 1.0:
       raise ValueError(f"switch_margin must be in [0, 1), got {self.switch_margin}")
     if self.verify_costs and (len(self.verify_costs) != len(self.draft_lengths)
@@ -509,6 +518,9 @@ def speculative_generate(tparams, dparams, batch: decoding.PromptBatch, rng, *, 
   branches = ([make_round(k, **kw) for k in spec.draft_lengths] +
               [make_tree_round(tr, **kw) for tr in spec.trees])
 
+  if spec.adaptive and nb > 1 and spec.segment_rounds > 1:
+    branches = [_segment(f, spec.segment_rounds) for f in branches]
+
   def body(s: SpecState) -> SpecState:
     s = branches[0](s) if nb == 1 else jax.lax.switch(s.bucket, branches, s)
     if spec.adaptive:
@@ -517,6 +529,18 @@ def speculative_generate(tparams, dparams, batch: decoding.PromptBatch, rng, *, 
     return s
 
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
+
+
+def _segment(round_fn, rounds: int):
+  """Up to `rounds` rounds of one bucket in a loop of their own (fewer once every row is done)."""
+  def run(s: SpecState) -> SpecState:
+    def cond(carry):
+      s, i = carry
+      return (i < rounds) & ~jnp.all(s.done)
+
+    return jax.lax.while_loop(cond, lambda c: (round_fn(c[0]), c[1] + 1),
+                              (s, jnp.zeros((), jnp.int32)))[0]
+  return run
 
 
 def _checked(est: AdaptiveState, spec: SpecConfig) -> AdaptiveState:

@@ -113,11 +113,32 @@ def test_always_agreeing_drafter_gives_k_plus_one_tokens(k):
   assert out.stats["accepted"] == out.stats["drafted"] == rounds * k
 
 
-def test_adaptive_picks_long_drafts_when_they_are_accepted():
+@pytest.mark.parametrize("segment", [1, 4])
+def test_adaptive_picks_long_drafts_when_they_are_accepted(segment):
+  """From the prior the rule starts at K = 4; it moves to K = 8 after the first segment (one
+  round, or the default four) and stays there."""
   target, drafter = agreeing_pair(TARGET, residual_scale=0.0)
-  out = gemma_mtp.generate(target, [[7, 8, 9]], max_new_tokens=100, drafter=drafter)
-  assert out.stats["bucket_trace"][-1] == 8
-  assert out.stats["bucket_counts"][8] >= out.stats["target_forwards"] - 3
+  spec = speculative.SpecConfig(segment_rounds=segment)
+  out = gemma_mtp.generate(target, [[7, 8, 9]], max_new_tokens=100, drafter=drafter,
+                           spec_config=spec)
+  trace = out.stats["bucket_trace"]
+  assert trace[:segment] == [4] * segment and set(trace[segment:]) == {8}
+
+
+@pytest.mark.parametrize("segment", [1, 3])
+def test_adaptive_segments_choose_between_segments_only(segment):
+  """With rejections the rule switches buckets, but only at segment boundaries (each call's
+  rounds counted from 0), and the output is plain greedy decoding."""
+  target, drafter = agreeing_pair(TARGET, residual_scale=0.8)
+  ref = gemma_mtp.generate(target, PROMPTS[:2], max_new_tokens=80).tokens
+  spec = speculative.SpecConfig(draft_lengths=(1, 2, 4, 8), segment_rounds=segment,
+                                switch_margin=0.0)
+  out = gemma_mtp.generate(target, PROMPTS[:2], max_new_tokens=80, drafter=drafter,
+                           spec_config=spec)
+  assert out.tokens == ref
+  trace = out.stats["bucket_trace"]
+  switches = [i for i in range(1, len(trace)) if trace[i] != trace[i - 1]]
+  assert switches and all(i % segment == 0 for i in switches), trace
 
 
 def test_carried_adaptive_state_stays_lossless():
