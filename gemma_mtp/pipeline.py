@@ -201,8 +201,8 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
   named by its label), adaptive chain buckets chosen every round ('adaptive') and, with
   `per_call`, chosen once per prompt ('adaptive per call', `speculative.per_call_config`: no
   `lax.switch` in the loop; slower on the H200 demo pair, NOTES run N); plus the 'mixed'
-  workload (all of them). 'adaptive' chooses once per `SpecConfig.segment_rounds` rounds (the
-  default); each n of `segment_rounds` other than that adds 'adaptive, segment=n'.
+  workload (all of them). 'adaptive' chooses every `SpecConfig.segment_rounds` rounds (the
+  default: every round); each other n of `segment_rounds` adds 'adaptive, segment=n'.
 
   Every configuration is compiled first (side by side), then each runs through every prompt of a
   workload in turn; seconds are the wall time of that pass. The adaptive configurations carry

@@ -34,10 +34,10 @@ measured by `bench.verify_costs`: a target forward of K + 1 positions relative t
 default 1). A tree bucket keeps the geometric `tree.TreeSpec.value` at a (its verification cost
 interpolated from the chains' measured ones). The bucket of best E[tokens] / cost wins if it
 beats the current one by the relative `switch_margin` (hysteresis). The choice is a `lax.switch`
-on the device; no host round trip. It is made once per segment of `segment_rounds` rounds, each
-segment an inner loop of the chosen bucket, so that the switch and the rule cost a round only a
-fraction of their time (on the H200 demo pair they cost ~30-45 us per round against rounds of
-0.6-1.2 ms when chosen every round: experiments/NOTES.md, runs N and R). The estimator is an input and an output of
+on the device; no host round trip. With `segment_rounds` > 1 it is made once per segment of that
+many rounds, each segment an inner loop of the chosen bucket, so that the switch and the rule
+cost a round only a fraction of their time (~30-45 us per round on the H200 demo pair, whose
+rounds take 0.6-1.2 ms; segments of 4 did not make it faster there: experiments/NOTES.md, run R). The estimator is an input and an output of
 `speculative_generate`, so a serving loop carries it from one call to the next
 (`api.generate(adaptive_state=...)`) instead of restarting every call from the prior.
 """
@@ -90,7 +90,8 @@ class SpecConfig:
       depth, relative to one target forward (`tree.TreeSpec.value`).
     segment_rounds: adaptive: the rule chooses once per segment of this many rounds (the
       estimator still counts every round); a segment is the chosen bucket's own inner loop, so
-      the `lax.switch` and the rule's kernels run once per segment. 1 = choose every round.
+      the `lax.switch` and the rule's kernels run once per segment. 1 (the default) = choose
+      every round: on the H200 demo pair segments of 4 were no faster (NOTES.md, run R).
   """
 
   draft_lengths: tuple[int, ...] = (1, 2, 4, 8)
@@ -103,7 +104,7 @@ class SpecConfig:
   verify_costs: tuple[float, ...] = ()
   trees: tuple[tree_lib.TreeSpec, ...] = ()
   node_cost: float = 0.02
-  segment_rounds: int = 4
+  segment_rounds: int = 1
 
   def __post_init__(self):
     if not (self.draft_lengths or self.trees) or any(k < 1 for k in self.draft_lengths):

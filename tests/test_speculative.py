@@ -116,7 +116,7 @@ def test_always_agreeing_drafter_gives_k_plus_one_tokens(k):
 @pytest.mark.parametrize("segment", [1, 4])
 def test_adaptive_picks_long_drafts_when_they_are_accepted(segment):
   """From the prior the rule starts at K = 4; it moves to K = 8 after the first segment (one
-  round, or the default four) and stays there."""
+  round, or four) and stays there."""
   target, drafter = agreeing_pair(TARGET, residual_scale=0.0)
   spec = speculative.SpecConfig(segment_rounds=segment)
   out = gemma_mtp.generate(target, [[7, 8, 9]], max_new_tokens=100, drafter=drafter,
