@@ -166,15 +166,17 @@ def fuse_projections(params: dict, config: ModelConfig, *, donate: bool = False)
     return out
 
   new_layers = []
-  for p in params["layers"]:
+  for i, p in enumerate(params["layers"]):
     p = dict(p)
     attn = p["attn"]
+    if attn["q"].shape[1] != config.num_heads:   # project_fused splits by config.num_heads
+      raise ValueError(f"fuse_projections: layer {i} has {attn['q'].shape[1]} query heads, the "
+                       f"config {config.num_heads}")
     if "k" in attn:   # a layer that owns K/V (KV-shared layers project only q)
       names = ("q", "k", "v") if "v" in attn else ("q", "k")
       p["attn"] = join(attn, names, "qkv" if "v" in attn else "qk")
     p["mlp"] = join(p["mlp"], ("gate", "up"), "gate_up")
     new_layers.append(p)
-  del config  # the layout is read from the keys; the argument keeps the call uniform
   return {**params, "layers": type(params["layers"])(new_layers)}
 
 

@@ -275,12 +275,13 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
 def round_costs(entries: Sequence[dict[str, Any]], buckets: Sequence[int]) -> dict[int, float]:
   """{K: seconds per round of the fixed-K pass / seconds per step of the plain pass} from the
   first workload's entries (`_workload_entry`s): the whole round (drafting, verification,
-  acceptance, commit, the loop's own overhead) relative to one plain decoding step, made
-  non-decreasing in K."""
+  acceptance, commit, the loop's own overhead) relative to one plain decoding step, made at
+  least 1 and non-decreasing in K (a round drafts and verifies more than a plain step does; a
+  lower figure is timing noise)."""
   wname = entries[0]["workload"]
   per_round = {e["config"]: e["seconds"] / max(e["forwards"], 1) for e in entries
                if e["workload"] == wname}
-  costs, last = {}, 0.0
+  costs, last = {}, 1.0
   for k in sorted(buckets):
     last = max(last, per_round[f"K={k}"] / per_round["plain"])
     costs[k] = last

@@ -223,3 +223,18 @@ def test_round_costs_divide_round_time_by_plain_step_time():
   costs = pipeline.round_costs(entries, (1, 2, 4))
   assert costs[1] == pytest.approx(1.4) and costs[2] == pytest.approx(5 / 3)
   assert costs[4] == pytest.approx(5 / 3)   # 1.5 measured, held non-decreasing in K
+  entries[1]["seconds"] = 0.4                # 0.8 of a plain step: noise, held at 1
+  assert pipeline.round_costs(entries, (1, 2, 4))[1] == 1.0
+
+
+def test_slope_falls_back_when_noise_exceeds_the_steps():
+  """A slope <= 0 (the long run timed faster than the short one) is not a step time: the long
+  run's time per step stands in, and the record says so."""
+  from gemma_mtp import bench  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  t = bench.slope_seconds(lambda n: time.sleep(0.02 if n == 2 else 0.01), short=2, long=4,
+                          repeats=1)
+  assert t["slope_s"] < 0 and t["fallback"]
+  assert t["per_step_s"] == pytest.approx(t["long_s"] / 4)
+  t = bench.slope_seconds(lambda n: time.sleep(0.005 * n), short=2, long=4, repeats=2)
+  assert "fallback" not in t and t["per_step_s"] == pytest.approx(0.005, rel=0.5)

@@ -104,6 +104,11 @@ def test_checkpoint_writers_and_sharding_refuse_the_fused_layout(tmp_path):
   _assert_same_tree(loaded, params)
 
 
+def test_fusing_with_another_config_is_refused():
+  with pytest.raises(ValueError, match="query heads"):
+    model_lib.fuse_projections(_init(PLE), MOE.replace(num_heads=4))
+
+
 def test_concatenate_checks_quantized_axes():
   w = jnp.ones((4, 3))
   qw = quant.quantize(w, (0,))
