@@ -7,6 +7,8 @@
 #                                                  # transformers side by side; GPU 1: new domain
 #   bash experiments/run_h200.sh variants_and_bench  # GPU 0: drafter variants (issue 8);
 #                                                  # GPU 1: benchmark again (keeps its hf part)
+#   bash experiments/run_h200.sh fused_one_gpu     # one H200: step probe, benchmark with the
+#                                                  # fused layout, adaptive segments (runs O-T)
 set -u
 OUT=${OUT:-runs/h200}
 mkdir -p "$OUT"
@@ -47,8 +49,28 @@ case "${1:-}" in
         --out="$OUT/benchmark_h200.json" > "$OUT/benchmark.log" 2>&1) &
     wait
     ;;
+  fused_one_gpu)
+    timeout 400 python experiments/step_probe.py --models=gemma4_e4b,gemma4_26b_a4b,gemma4_e2b \
+        --out="$OUT/step_probe_h200.json" > "$OUT/step_probe.log" 2>&1
+    timeout 280 python experiments/step_probe.py --models=gemma4_31b --variants=checkpoint,fused \
+        --out="$OUT/step_probe_31b_h200.json" > "$OUT/step_probe_31b.log" 2>&1
+    cp "$BENCH" "$OUT/benchmark_h200.json"
+    timeout 575 python experiments/benchmark.py --update --deadline_s=530 \
+        --models=gemma4_31b,gemma4_e4b,gemma4_e2b --parts=copy,decode,verify,drafter,predict,int8,e2e \
+        --e2e_models=gemma4_e2b --out="$OUT/benchmark_h200.json" > "$OUT/benchmark.log" 2>&1
+    timeout 190 python experiments/benchmark.py --update --deadline_s=170 --models=gemma4_26b_a4b \
+        --parts=copy,decode --out="$OUT/benchmark_h200.json" > "$OUT/bench26.log" 2>&1
+    timeout 200 python experiments/benchmark.py --update --deadline_s=190 --models=gemma4_e2b \
+        --parts=copy,decode --short_steps=16 --long_steps=136 --out="$OUT/benchmark_h200.json" \
+        > "$OUT/bench_e2b.log" 2>&1
+    for n in 16 32; do
+      timeout 330 python experiments/evaluate.py --workload_prompts=$n --temperatures= \
+          --draft_lengths=2,4,8 --verify_costs=1,1,1 --calibrate --segment_rounds=1,4 \
+          --out="$OUT/evaluate_demo_workloads_segments${n}_h200.json" > "$OUT/evaluate$n.log" 2>&1
+    done
+    ;;
   *)
-    echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench" >&2
+    echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu" >&2
     exit 2
     ;;
 esac
