@@ -195,7 +195,8 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
                        temperature: float = 0.0, draft_cost: float | None = None,
                        verify_costs: dict[int, float] | None = None, trees: tuple = (),
                        calibrate: bool = False, per_call: bool = False,
-                       segment_rounds: Sequence[int] = ()) -> list[dict[str, Any]]:
+                       segment_rounds: Sequence[int] = (), repeats: int = 1
+                       ) -> list[dict[str, Any]]:
   """Batch-1 generation over each workload's prompts, one after the other, for plain decoding,
   every fixed draft length, every fixed draft tree of `trees` (`tree.TreeSpec`; configuration
   named by its label), adaptive chain buckets chosen every round ('adaptive') and, with
@@ -212,10 +213,18 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
   round costs measured in the loop by the first workload's fixed-K passes (`round_costs`: what a
   round of each K costs relative to a plain decoding step, everything in the round included).
 
+  With `repeats` > 1 every workload's passes run that many times, interleaved (all
+  configurations once, then again), so that drifts of the machine fall on every configuration
+  alike; an entry's `seconds` is the median pass and `seconds_runs` lists them all ('mixed':
+  per repeat, the sum over the workloads). The counts of a pass do not change between repeats
+  (greedy decoding, each pass from the prior), only its time.
+
   Returns one entry per (workload, configuration) with tokens/s, tokens per target forward,
   the speedup over plain decoding and the rounds per bucket (`bucket_counts`); the adaptive
   entries also with the costs their rule used (`costs`: draft_cost, verify_costs by K).
   """
+  if repeats < 1:
+    raise ValueError(f"repeats must be >= 1, got {repeats}")
   fixed = {"plain": {}}
   fixed.update({f"K={k}": dict(drafter=drafter, draft_lengths=(k,), adaptive=False)
                 for k in buckets})
@@ -253,14 +262,26 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
   warm({**fixed, **(adaptive or {})})
   totals: dict[str, dict[str, Any]] = {}
   entries = []
+
+  def passes(wname, prompts, configs):
+    runs = {cname: [] for cname in configs}
+    for _ in range(repeats):
+      for cname, c in configs.items():
+        runs[cname].append(_timed_pass(target, prompts, c, kw))
+    for cname, done in runs.items():
+      tot = totals.setdefault(cname, dict(seconds_runs=[0.0] * repeats, new=0, forwards=0,
+                                          prompts=0, drafted=0, accepted=0, buckets={}))
+      _add_counts(tot, {k: v for k, v in done[0].items() if k != "seconds"})
+      tot["seconds_runs"] = [a + r["seconds"] for a, r in zip(tot["seconds_runs"], done)]
+      entries.append(_workload_entry(wname, cname, {**done[0], "seconds_runs": [
+          r["seconds"] for r in done]}))
+
   for wname, prompts in workloads.items():
-    for cname, c in fixed.items():
-      entries.append(_timed_pass(target, wname, cname, prompts, c, kw, totals))
+    passes(wname, prompts, fixed)
     if adaptive is None:
       adaptive = adaptive_configs(0.0, round_costs(entries, buckets))
       warm(adaptive)
-    for cname, c in adaptive.items():
-      entries.append(_timed_pass(target, wname, cname, prompts, c, kw, totals))
+    passes(wname, prompts, adaptive)
   entries += [_workload_entry("mixed", cname, tot) for cname, tot in totals.items()]
   plain = {e["workload"]: e["seconds"] for e in entries if e["config"] == "plain"}
   for e in entries:
@@ -288,15 +309,12 @@ def round_costs(entries: Sequence[dict[str, Any]], buckets: Sequence[int]) -> di
   return costs
 
 
-def _timed_pass(target, wname, cname, prompts, config, kw, totals) -> dict[str, Any]:
-  """One timed pass of configuration `config` over `prompts`; adds its counts to `totals`."""
+def _timed_pass(target, prompts, config, kw) -> dict[str, Any]:
+  """One timed pass of configuration `config` over `prompts`: its counts and `seconds`."""
   t0 = time.perf_counter()
   st = _run_prompts(target, prompts, **kw, **config)
   st["seconds"] = time.perf_counter() - t0
-  tot = totals.setdefault(cname, dict(seconds=0.0, new=0, forwards=0, prompts=0,
-                                      drafted=0, accepted=0, buckets={}))
-  _add_counts(tot, st)
-  return _workload_entry(wname, cname, st)
+  return st
 
 
 def _run_prompts(target, prompts, *, per_call=None, **kw) -> dict[str, Any]:
@@ -331,8 +349,13 @@ def _add_counts(tot: dict[str, Any], st: dict[str, Any]) -> None:
 
 
 def _workload_entry(wname: str, cname: str, tot: dict[str, Any]) -> dict[str, Any]:
-  return dict(workload=wname, config=cname, prompts=tot["prompts"], seconds=tot["seconds"],
-              new_tokens=tot["new"], tokens_per_second=tot["new"] / tot["seconds"],
+  """An entry of `evaluate_workloads` from a pass's counts and its `seconds_runs` (the median is
+  `seconds`)."""
+  runs = tot["seconds_runs"]
+  seconds = float(np.median(runs))
+  return dict(workload=wname, config=cname, prompts=tot["prompts"], seconds=seconds,
+              seconds_runs=list(runs),
+              new_tokens=tot["new"], tokens_per_second=tot["new"] / seconds,
               tokens_per_forward=(tot["new"] - tot["prompts"]) / max(tot["forwards"], 1),
               draft_acceptance=tot["accepted"] / tot["drafted"] if tot["drafted"] else None,
               forwards=tot["forwards"],

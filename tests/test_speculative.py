@@ -173,17 +173,21 @@ def test_per_call_adaptivity_is_lossless_and_follows_the_estimator():
 
 
 def test_workloads_with_per_call_adaptivity_and_calibrated_costs():
-  """`pipeline.evaluate_workloads(calibrate=True, per_call=True)`: the adaptive rules use the
-  round costs of the fixed-K passes, the per-call configuration runs one bucket per prompt, and
-  every configuration emits every token."""
+  """`pipeline.evaluate_workloads(calibrate=True, per_call=True, repeats=3)`: the adaptive rules
+  use the round costs of the fixed-K passes, the per-call configuration runs one bucket per
+  prompt, every configuration emits every token, and each reports the median of its three
+  passes ('mixed' of one workload: the same passes)."""
   from gemma_mtp import pipeline  # pylint: disable=g-import-not-at-top
   target, drafter = agreeing_pair(TARGET, residual_scale=0.0)
   work = pipeline.evaluate_workloads(target, drafter, {"code": PROMPTS[:2]}, buckets=(1, 2),
-                                     max_new_tokens=24, calibrate=True, per_call=True)
+                                     max_new_tokens=24, calibrate=True, per_call=True, repeats=3)
   configs = ["plain", "K=1", "K=2", "adaptive", "adaptive per call"]
   assert [e["config"] for e in work if e["workload"] == "code"] == configs
   for e in work:
     assert e["new_tokens"] == 2 * 24
+    assert len(e["seconds_runs"]) == 3 and e["seconds"] == sorted(e["seconds_runs"])[1]
+  runs = {(e["workload"], e["config"]): e["seconds_runs"] for e in work}
+  assert all(runs["mixed", c] == runs["code", c] for c in configs)
   costs = next(e["costs"] for e in work if e["config"] == "adaptive per call")
   assert costs["calibrated"] and costs["draft_cost"] == 0.0
   assert 1.0 <= costs["verify_costs"][1] <= costs["verify_costs"][2]
