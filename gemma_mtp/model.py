@@ -206,7 +206,8 @@ def unfuse_projections(params: dict, config: ModelConfig, *, donate: bool = Fals
 
 def _delete(tree):
   for leaf in jax.tree_util.tree_leaves(tree):
-    leaf.delete()
+    if isinstance(leaf, jax.Array):   # host (numpy) leaves are left to the garbage collector
+      leaf.delete()
 
 
 def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
