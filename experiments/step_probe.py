@@ -8,7 +8,11 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_pad   fused, with every one-row matmul padded to two rows whatever the weight's size
               (`quant.PAD_MAX_WEIGHT_SIZE` lifted: a fused gate|up is above it on E4B);
   fused_nopad fused, no one-row matmul padded (with XLA_FLAGS=--xla_gpu_enable_dot_strength_
-              reduction=false XLA keeps one-row matmuls as GEMMs instead of multiply + reduce);
+              reduction=false XLA keeps one-row matmuls as GEMMs instead of multiply + reduce;
+              jax 0.11.2's XLA does not know that flag);
+  fused_dpa   fused, attention through `jax.nn.dot_product_attention` (cuDNN's fused kernel where
+              it takes the shapes: bf16, head dim <= 256; else XLA's) instead of the explicit
+              einsum / softmax / einsum of `layers.attention` (5 kernels per layer at batch 1);
 the per-step time (slope of a short and a long run of the decode loop, as the benchmark), one
 verification of 5 positions, and a profiler trace of `--profile_steps` steps summarized per step
 (`bench.kernel_profile`: kernels per step, time the device is busy, the gaps between kernels,
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 
 from gemma_mtp import bench
 from gemma_mtp import config as config_lib
+from gemma_mtp import layers
 from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
 from gemma_mtp import quant
@@ -45,6 +50,7 @@ _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 8, "steps in the profiled
 
 _LIBRARY_PAD_MAX = quant.PAD_MAX_WEIGHT_SIZE
 _LIBRARY_PAD_BACKENDS = quant.PAD_ONE_ROW_BACKENDS
+_LIBRARY_ATTENTION = layers.attention
 
 
 def _variant_config(cfg, name):
@@ -54,9 +60,17 @@ def _variant_config(cfg, name):
   return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
 
 
+def _fused_attention(q, k, v, mask):
+  """`layers.attention` through `jax.nn.dot_product_attention` (scale 1: Gemma 4's QK-norm)."""
+  if q.shape[-1] > 256 or q.dtype != jnp.bfloat16:
+    return _LIBRARY_ATTENTION(q, k, v, mask)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=1.0)
+
+
 def _measure(model: str, variant: str, cfg, params) -> list[dict]:
   quant.PAD_MAX_WEIGHT_SIZE = (1 << 62) if variant == "fused_pad" else _LIBRARY_PAD_MAX
   quant.PAD_ONE_ROW_BACKENDS = () if variant == "fused_nopad" else _LIBRARY_PAD_BACKENDS
+  layers.attention = _fused_attention if variant == "fused_dpa" else _LIBRARY_ATTENTION
   vcfg = _variant_config(cfg, variant)
   cases = [bench.DecodeCase(1, _CONTEXT.value)]
   if model in _VERIFY.value:
@@ -81,6 +95,7 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
   finally:
     quant.PAD_MAX_WEIGHT_SIZE = _LIBRARY_PAD_MAX
     quant.PAD_ONE_ROW_BACKENDS = _LIBRARY_PAD_BACKENDS
+    layers.attention = _LIBRARY_ATTENTION
   return entries
 
 
