@@ -37,9 +37,10 @@ beats the current one by the relative `switch_margin` (hysteresis). The choice i
 on the device; no host round trip. With `segment_rounds` > 1 it is made once per segment of that
 many rounds, each segment an inner loop of the chosen bucket, so that the switch and the rule
 cost a round only a fraction of their time (~30-45 us per round on the H200 demo pair, whose
-rounds take 0.6-1.2 ms; segments of 4 did not make it faster there: experiments/NOTES.md, run R). The estimator is an input and an output of
-`speculative_generate`, so a serving loop carries it from one call to the next
-(`api.generate(adaptive_state=...)`) instead of restarting every call from the prior.
+rounds take 0.6-1.2 ms; segments of 4 did not make it faster there: experiments/NOTES.md, runs
+R and S). The estimator is an input and an output of `speculative_generate`, so a serving loop
+carries it from one call to the next (`api.generate(adaptive_state=...)`) instead of restarting
+every call from the prior.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class SpecConfig:
     segment_rounds: adaptive: the rule chooses once per segment of this many rounds (the
       estimator still counts every round); a segment is the chosen bucket's own inner loop, so
       the `lax.switch` and the rule's kernels run once per segment. 1 (the default) = choose
-      every round: on the H200 demo pair segments of 4 were no faster (NOTES.md, run R).
+      every round: on the H200 demo pair segments of 4 were no faster (NOTES.md, runs R, S).
   """
 
   draft_lengths: tuple[int, ...] = (1, 2, 4, 8)
