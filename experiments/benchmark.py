@@ -23,10 +23,10 @@ One JSON record per run (rewritten after every part, so a run cut short keeps wh
   python experiments/benchmark.py --models=tiny --batches=1,2 --contexts=64 --verify_k=1,2 \
       --parts=copy,decode,verify,drafter,predict --copy_mb=64          # CPU smoke test
 
-The target weights are in the fused inference layout (`model.fuse_projections`, --layout) unless
---layout=checkpoint. Decode steps are timed inside one compiled loop (gemma_mtp/bench.py): the per-step time is the
-slope between a short and a long run of the same program. All programs of one model compile
-side by side on --compile_threads threads before any is timed.
+The target weights are in the fused inference layout (`model.fuse_projections`) unless
+--layout=checkpoint. Decode steps are timed inside one compiled loop (gemma_mtp/bench.py): the
+per-step time is the slope between a short and a long run of the same program. All programs of
+one model compile side by side on --compile_threads threads before any is timed.
 """
 
 from __future__ import annotations
