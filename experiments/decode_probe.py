@@ -16,7 +16,6 @@ Three questions, each answered by timings in one JSON record:
 """
 
 import contextlib
-import dataclasses
 import functools
 import json
 import pathlib
@@ -158,10 +157,7 @@ def matmul_part() -> list[dict]:
 
 def _decode_cases(cfg, params, named_variants, cases):
   """Compiles every (variant, case) side by side, then times them one by one."""
-  # One config class per variant: jit caches traces by the (static) config, so equal configs
-  # would share the first variant's program.
-  cfgs = {v: type(f"ModelConfig_{v}", (type(cfg),), {})(**{
-      f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}) for v in named_variants}
+  cfgs = {v: bench.variant_config(cfg, v) for v in named_variants}
 
   def build(item):
     (vname, kw), case = item

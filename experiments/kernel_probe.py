@@ -16,7 +16,6 @@ Parts, each into one JSON record:
           expert ('on_gather').
 """
 
-import dataclasses
 import json
 import os
 import time
@@ -191,8 +190,7 @@ def _decode_variants(name, cfg, params, cases, variants) -> list[dict]:
   for vname, (mode, gathers) in variants.items():
     _with_kernels(mode)
     layers.gathers_experts = gathers
-    vcfg = type(f"ModelConfig_{vname}", (type(cfg),), {})(**{
-        f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+    vcfg = bench.variant_config(cfg, vname)
     t0 = time.perf_counter()
     try:
       progs = bench.side_by_side(lambda c, v=vcfg: bench.lower_decode(params, v, c, _LONG.value),

@@ -20,7 +20,6 @@ the costliest kernels). Run once more under `XLA_FLAGS` to compare compiler opti
 are recorded with the environment).
 """
 
-import dataclasses
 import functools
 import time
 
@@ -53,13 +52,6 @@ _LIBRARY_PAD_BACKENDS = quant.PAD_ONE_ROW_BACKENDS
 _LIBRARY_ATTENTION = layers.attention
 
 
-def _variant_config(cfg, name):
-  """A copy of `cfg` of its own class: jit caches programs by the static config, and the
-  variants differ in what is read while tracing."""
-  cls = type(f"ModelConfig_{name}", (type(cfg),), {})
-  return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
-
-
 def _fused_attention(q, k, v, mask):
   """`layers.attention` through `jax.nn.dot_product_attention` (scale 1: Gemma 4's QK-norm)."""
   if q.shape[-1] > 256 or q.dtype != jnp.bfloat16:
@@ -71,7 +63,7 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
   quant.PAD_MAX_WEIGHT_SIZE = (1 << 62) if variant == "fused_pad" else _LIBRARY_PAD_MAX
   quant.PAD_ONE_ROW_BACKENDS = () if variant == "fused_nopad" else _LIBRARY_PAD_BACKENDS
   layers.attention = _fused_attention if variant == "fused_dpa" else _LIBRARY_ATTENTION
-  vcfg = _variant_config(cfg, variant)
+  vcfg = bench.variant_config(cfg, variant)
   cases = [bench.DecodeCase(1, _CONTEXT.value)]
   if model in _VERIFY.value:
     cases.append(bench.DecodeCase(1, _CONTEXT.value, chunk=5))

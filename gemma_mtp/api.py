@@ -76,7 +76,7 @@ def quantize_target(target: Target, *, embeddings: bool = False, donate: bool = 
   as they are split (peak memory: the float model plus the int8 one); `target` is unusable
   afterwards."""
   cfg, params = target.config, target.params
-  fused = model_lib.is_fused(params)
+  fused = params_lib.is_fused(params)
   if fused:
     params = model_lib.unfuse_projections(params, cfg, donate=donate)
   params = quant.quantize_params(params, cfg, embeddings=embeddings)

@@ -394,6 +394,14 @@ class DecodeCase:
     return f"b{self.batch}_ctx{self.context}_t{self.chunk}"
 
 
+def variant_config(cfg: ModelConfig, name: str) -> ModelConfig:
+  """A copy of `cfg` of a class of its own: jit caches programs by the static config, so a probe
+  whose variants differ only in what is read while tracing (a module switch) needs distinct
+  configs, or every variant reuses the first one's program."""
+  cls = type(f"{type(cfg).__name__}_{name}", (type(cfg),), {})
+  return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+
+
 def lower_decode(params, cfg: ModelConfig, case: DecodeCase, steps_max: int):
   """Lowers and compiles `decode_loop` for `case` from abstract shapes (no allocation)."""
   max_len = case.context + steps_max + case.chunk

@@ -769,18 +769,14 @@ def save_hf(
 # Orbax
 # ================================================================================================
 
-_FUSED_NAME = re.compile(r"\.attn\.qkv?(\.|$)|\.mlp\.gate_up(\.|$)")
-
-
 def _check_tree(tree: Any, specs: dict[str, params_lib.ParamSpec], *, what: str) -> dict[str, Any]:
   """Flattens `tree` and checks names and shapes against `specs`; ValueError naming the tensor."""
+  if params_lib.is_fused(tree):
+    raise ValueError(f"{what}: the tree is in the fused inference layout "
+                     "(model.fuse_projections); pass model.unfuse_projections(params, config)")
   flat = _flat(tree)
   missing = [n for n in specs if n not in flat]
   unexpected = [n for n in flat if n not in specs]
-  fused = [n for n in unexpected if _FUSED_NAME.search(n)]
-  if fused:
-    raise ValueError(f"{what}: {_names(fused)} belong to the fused inference layout "
-                     "(model.fuse_projections); pass model.unfuse_projections(params, config)")
   if missing:
     raise ValueError(f"{what}: missing tensors {_names(missing)}")
   if unexpected:

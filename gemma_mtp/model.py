@@ -23,6 +23,7 @@ import numpy as np
 
 from gemma_mtp import kv_cache as kvc
 from gemma_mtp import layers
+from gemma_mtp import params as params_lib
 from gemma_mtp import quant
 from gemma_mtp import tree as tree_lib
 from gemma_mtp.config import FULL, SLIDING, ModelConfig
@@ -131,12 +132,6 @@ def project_fused(p: dict, xn: jax.Array, positions: jax.Array, cfg: ModelConfig
   return qk[:, :, :n], qk[:, :, n:], v
 
 
-def is_fused(params: dict) -> bool:
-  """Whether a target's parameters are in the fused inference layout (`fuse_projections`)."""
-  return any("qkv" in p["attn"] or "qk" in p["attn"] or "gate_up" in p["mlp"]
-             for p in params["layers"])
-
-
 def fuse_projections(params: dict, config: ModelConfig, *, donate: bool = False) -> dict:
   """The inference layout of a target's parameters: fewer, larger matmuls per layer.
 
@@ -154,7 +149,7 @@ def fuse_projections(params: dict, config: ModelConfig, *, donate: bool = False)
     donate: delete each original weight once joined (peak memory: one layer's weights more,
       not a second copy of the model); `params` must not be used afterwards.
   """
-  if is_fused(params):
+  if params_lib.is_fused(params):
     return params
 
   def join(parent, names, new):

@@ -151,6 +151,18 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
   return specs
 
 
+# Per layer part, the weights of the fused inference layout (`model.fuse_projections`).
+FUSED_NAMES = {"attn": ("qkv", "qk"), "mlp": ("gate_up",)}
+
+
+def is_fused(tree: Any) -> bool:
+  """Whether a target's parameter tree is in the fused inference layout (`model.fuse_projections`:
+  q|k|v and gate|up joined per layer), which checkpoints, sharding and quantization do not take."""
+  layers = tree.get("layers", ()) if isinstance(tree, dict) else ()
+  return any(isinstance(p, dict) and name in p.get(part, {})
+             for p in layers for part, names in FUSED_NAMES.items() for name in names)
+
+
 def is_spec(x) -> bool:
   return isinstance(x, ParamSpec)
 

@@ -133,7 +133,7 @@ def quantize_params(params: Any, config, *, embeddings: bool = False) -> Any:
   """
   if not isinstance(config, ModelConfig):
     raise TypeError(f"quantize_params takes a decoder ModelConfig, got {type(config).__name__}")
-  if any({"qkv", "qk"} & set(p["attn"]) or "gate_up" in p["mlp"] for p in params["layers"]):
+  if params_lib.is_fused(params):
     raise ValueError("quantize_params: the params are in the fused inference layout; quantize "
                      "model.unfuse_projections(params, config), then fuse the result")
   specs = params_lib.param_specs(config)

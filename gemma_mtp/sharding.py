@@ -55,7 +55,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gemma_mtp import checkpoint
 from gemma_mtp import drafter_kinds
-from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
 from gemma_mtp import quant
 from gemma_mtp.config import ModelConfig
@@ -294,7 +293,7 @@ def shard_target(target, mesh: jax.sharding.Mesh, *, rules: Rules = LOGICAL_AXIS
   Raises:
     ValueError: the params are fused.
   """
-  if model_lib.is_fused(target.params):
+  if params_lib.is_fused(target.params):
     raise ValueError("shard_target: the params are in the fused inference layout; shard "
                      "model.unfuse_projections(params, config) instead")
   specs = quant.specs_like(target.params, target.config)

@@ -18,6 +18,7 @@ import pytest
 import gemma_mtp
 from gemma_mtp import checkpoint
 from gemma_mtp import model as model_lib
+from gemma_mtp import params as params_lib
 from gemma_mtp import quant
 from gemma_mtp import sharding
 from tests.test_quant import MOE, PLE, _init
@@ -43,7 +44,7 @@ def test_fused_forward_equals_checkpoint_layout(cfg, int8):
   if int8:
     params = quant.quantize_params(params, cfg)
   fused = model_lib.fuse_projections(params, cfg)
-  assert model_lib.is_fused(fused) and not model_lib.is_fused(params)
+  assert params_lib.is_fused(fused) and not params_lib.is_fused(params)
   for i, (p, f) in enumerate(zip(params["layers"], fused["layers"])):
     owns_kv = not cfg.is_kv_shared(i)
     want = ({"qkv"} if "v" in p["attn"] else {"qk"}) if owns_kv else {"q"}
