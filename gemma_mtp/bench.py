@@ -16,6 +16,7 @@ import functools
 import math
 import os
 import pathlib
+import re
 import time
 from typing import Any, Callable
 
@@ -228,14 +229,9 @@ def verify_costs(tparams, tcfg: ModelConfig, draft_lengths, *, batch: int = 1,
 
 def kernel_profile(run: Callable[[], Any], steps: int, trace_dir: str, *, top: int = 30) -> dict:
   """What the device does in `steps` steps of `run()` (which must block): one profiler trace
-  (written under `trace_dir`) summarized per step.
-
-  Returns {'kernels_per_step', 'busy_us_per_step' (union of kernel intervals), 'span_us_per_step'
-  (first kernel start to last end), 'gap_us_per_step' (span - busy), 'top' (the `top` kernel
-  names by time: calls and microseconds per step, the HLO op where the trace names it), 'lines'
-  (every device line's event count)}. Kernels are the events of the device lines named
-  'Stream ...' (CUPTI), else of the device's busiest line; {} where no device plane exists
-  (the CPU).
+  (written under `trace_dir`) summarized per step by `summarize_kernels`, plus 'lines' (every
+  device line's event count). Kernels are the events of the device lines named 'Stream ...'
+  (CUPTI), else of the device's busiest line; {} where no device plane exists (the CPU).
   """
   run()
   with jax.profiler.trace(trace_dir):
@@ -251,32 +247,49 @@ def kernel_profile(run: Callable[[], Any], steps: int, trace_dir: str, *, top: i
   counts = {line.name: sum(1 for _ in line.events) for line in lines}
   streams = [line for line in lines if line.name.startswith("Stream")] or [
       max(lines, key=lambda line: counts[line.name])]
-  events = []
-  for line in streams:
-    for e in line.events:
-      stats = dict(e.stats)
-      events.append((e.start_ns, e.duration_ns, e.name, stats.get("hlo_op", "")))
+  events = [(e.start_ns, e.duration_ns, e.name, dict(e.stats).get("hlo_op", ""))
+            for line in streams for e in line.events]
+  return {**summarize_kernels(events, steps, top=top), "lines": counts}
+
+
+def summarize_kernels(events, steps: int, *, top: int = 30) -> dict:
+  """Per-step figures of kernel events (start_ns, duration_ns, name, hlo_op) covering `steps`.
+
+  Returns {'kernels_per_step', 'busy_us_per_step' (union of kernel intervals), 'span_us_per_step'
+  (first start to last end), 'gap_us_per_step' (span - busy), 'by_kind' (calls and microseconds
+  per step by kernel kind: the name without its numeric suffixes, e.g. 'gemm_fusion_dot' or
+  'loop_pad_fusion'), 'top' (the `top` kernel names by time, with their HLO op)}; {} without
+  events.
+  """
+  events = sorted(events)
   if not events:
-    return {"lines": counts}
-  events.sort()
+    return {}
   busy, end = 0.0, -math.inf
   for start, dur, _, _ in events:   # union of intervals (streams may overlap)
     busy += max(0.0, start + dur - max(start, end))
     end = max(end, start + dur)
   span = end - events[0][0]
+
+  def per_step(groups):
+    return {k: {"calls_per_step": c / steps, "us_per_step": d / steps / 1e3}
+            for k, (c, d) in sorted(groups.items(), key=lambda kv: -kv[1][1])}
+
   by_name: dict[str, list] = {}
+  by_kind: dict[str, list] = {}
+  ops = {}
   for _, dur, name, op in events:
-    entry = by_name.setdefault(name[:160], [0, 0.0, op])
-    entry[0] += 1
-    entry[1] += dur
-  ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    for groups, key in ((by_name, name[:160]), (by_kind, re.sub(r"_\d+", "", name[:160]))):
+      entry = groups.setdefault(key, [0, 0.0])
+      entry[0] += 1
+      entry[1] += dur
+    ops.setdefault(name[:160], op)
+  top_names = list(per_step(by_name).items())[:top]
   return {
       "steps": steps, "kernels_per_step": len(events) / steps,
       "busy_us_per_step": busy / steps / 1e3, "span_us_per_step": span / steps / 1e3,
       "gap_us_per_step": (span - busy) / steps / 1e3,
-      "top": [{"name": n, "hlo_op": op, "calls_per_step": c / steps, "us_per_step": d / steps / 1e3}
-              for n, (c, d, op) in ranked],
-      "lines": counts,
+      "by_kind": per_step(by_kind),
+      "top": [{"name": n, "hlo_op": ops[n], **v} for n, v in top_names],
   }
 
 

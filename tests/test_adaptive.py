@@ -238,3 +238,20 @@ def test_slope_falls_back_when_noise_exceeds_the_steps():
   assert t["per_step_s"] == pytest.approx(t["long_s"] / 4)
   t = bench.slope_seconds(lambda n: time.sleep(0.005 * n), short=2, long=4, repeats=2)
   assert "fallback" not in t and t["per_step_s"] == pytest.approx(0.005, rel=0.5)
+
+
+def test_kernel_summary_per_step_and_by_kind():
+  """`bench.summarize_kernels` (the profile of a GPU trace): busy time is the union of kernel
+  intervals, and kernels group by kind without their numeric suffixes."""
+  from gemma_mtp import bench  # pylint: disable=g-import-not-at-top
+  events = [(0, 10_000, "gemm_fusion_dot_7", "cb"), (5_000, 10_000, "gemm_fusion_dot_9", "cb"),
+            (20_000, 2_000, "loop_pad_fusion_3", "cb"), (30_000, 2_000, "loop_pad_fusion_4", "")]
+  got = bench.summarize_kernels(events, steps=2, top=1)
+  assert got["kernels_per_step"] == 2
+  assert got["busy_us_per_step"] == pytest.approx(19 / 2)     # [0, 15] + [20, 22] + [30, 32] us
+  assert got["span_us_per_step"] == pytest.approx(32 / 2)
+  assert got["gap_us_per_step"] == pytest.approx(13 / 2)
+  assert got["by_kind"] == {"gemm_fusion_dot": {"calls_per_step": 1, "us_per_step": 10},
+                            "loop_pad_fusion": {"calls_per_step": 1, "us_per_step": 2}}
+  assert [t["name"] for t in got["top"]] == ["gemm_fusion_dot_7"]
+  assert bench.summarize_kernels([], steps=2) == {}
