@@ -9,6 +9,12 @@
 #                                                  # GPU 1: benchmark again (keeps its hf part)
 #   bash experiments/run_h200.sh fused_one_gpu     # one H200: step probe, benchmark with the
 #                                                  # fused layout, adaptive segments (runs O-T)
+#   bash experiments/run_h200.sh paired_probe      # one H200: two-row step, cuDNN attention,
+#                                                  # adaptive with 5 passes (runs U, V)
+#   bash experiments/run_h200.sh adaptive_cmdbuf   # one H200: adaptive, command buffers (run W)
+#   bash experiments/run_h200.sh switch_root       # one H200: runs X, Y
+#   bash experiments/run_h200.sh conditional_cmdbuf  # one H200: run Z
+#   bash experiments/run_h200.sh unrolled_drafts   # one H200: round probe (run AA), unrolled (AB)
 set -u
 OUT=${OUT:-runs/h200}
 mkdir -p "$OUT"
@@ -69,8 +75,49 @@ case "${1:-}" in
           --out="$OUT/evaluate_demo_workloads_segments${n}_h200.json" > "$OUT/evaluate$n.log" 2>&1
     done
     ;;
+  paired_probe)      # session 6, run U: the step on two equal rows, cuDNN attention; run V
+    timeout 330 python experiments/step_probe.py --models=gemma4_e4b,gemma4_26b_a4b \
+        --variants=fused,fused_unpaired,fused_cudnn --verify_models=gemma4_e4b \
+        --hlo_dir=/tmp/hlo --out="$OUT/step_probe_paired_h200.json" > "$OUT/step_probe.log" 2>&1
+    tar -czf "$OUT/hlo.tgz" -C /tmp hlo
+    timeout 250 python experiments/evaluate.py --workload_prompts=16 --temperatures= \
+        --draft_lengths=2,4,8 --verify_costs=1,1,1 --calibrate --workload_repeats=5 \
+        --out="$OUT/evaluate_demo_workloads_repeats_h200.json" > "$OUT/evaluate.log" 2>&1
+    ;;
+  adaptive_cmdbuf)   # session 6, run W: the adaptive loop with conditionals in command buffers
+    XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
+      timeout 250 python experiments/evaluate.py --workload_prompts=16 --temperatures= \
+        --draft_lengths=2,4,8 --verify_costs=1,1,1 --calibrate --workload_repeats=5 \
+        --out="$OUT/evaluate_demo_workloads_cmdbuf_h200.json" > "$OUT/evaluate_cmdbuf.log" 2>&1
+    ;;
+  switch_root)       # session 6, runs X, Y: the switch as the loop body's root; attention of
+                     # the two-row step on one query
+    timeout 300 python experiments/step_probe.py --models=gemma4_e4b,gemma4_26b_a4b,gemma4_e2b \
+        --variants=fused,fused_unpaired --verify_models= \
+        --out="$OUT/step_probe_paired2_h200.json" > "$OUT/step_probe2.log" 2>&1
+    timeout 250 python experiments/evaluate.py --workload_prompts=16 --temperatures= \
+        --draft_lengths=2,4,8 --verify_costs=1,1,1 --calibrate --workload_repeats=5 \
+        --out="$OUT/evaluate_demo_workloads_root_h200.json" > "$OUT/evaluate_root.log" 2>&1
+    ;;
+  conditional_cmdbuf)  # session 6, run Z: the switch as a CUDA-graph conditional; 32 prompts
+    XLA_FLAGS="--xla_gpu_enable_command_buffer=+CONDITIONAL" \
+      timeout 200 python experiments/evaluate.py --workload_prompts=16 --temperatures= \
+        --draft_lengths=2,4,8 --verify_costs=1,1,1 --calibrate --workload_repeats=5 \
+        --out="$OUT/evaluate_demo_workloads_condcmd_h200.json" > "$OUT/evaluate_condcmd.log" 2>&1
+    timeout 300 python experiments/evaluate.py --workload_prompts=32 --temperatures= \
+        --draft_lengths=2,4,8 --verify_costs=1,1,1 --calibrate --workload_repeats=5 \
+        --out="$OUT/evaluate_demo_workloads_root32_h200.json" > "$OUT/evaluate_root32.log" 2>&1
+    ;;
+  unrolled_drafts)   # session 6, run AB: the drafter steps of a round unrolled
+    timeout 120 python experiments/round_probe.py --out="$OUT/round_probe_unrolled_h200.json" \
+        > "$OUT/round_probe.log" 2>&1
+    timeout 250 python experiments/evaluate.py --workload_prompts=16 --temperatures= \
+        --draft_lengths=2,4,8 --verify_costs=1,1,1 --calibrate --workload_repeats=3 \
+        --out="$OUT/evaluate_demo_workloads_unrolled_h200.json" > "$OUT/evaluate_unrolled.log" 2>&1
+    ;;
   *)
-    echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu" >&2
+    echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
+         "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts" >&2
     exit 2
     ;;
 esac

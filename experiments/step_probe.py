@@ -10,9 +10,14 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_nopad fused, no one-row matmul padded (with XLA_FLAGS=--xla_gpu_enable_dot_strength_
               reduction=false XLA keeps one-row matmuls as GEMMs instead of multiply + reduce;
               jax 0.11.2's XLA does not know that flag);
-  fused_dpa   fused, attention through `jax.nn.dot_product_attention` (cuDNN's fused kernel where
-              it takes the shapes: bf16, head dim <= 256; else XLA's) instead of the explicit
-              einsum / softmax / einsum of `layers.attention` (5 kernels per layer at batch 1);
+  fused_unpaired  fused, the batch-1 step on one row with each small matmul padded to two
+              (`model.PAIR_MAX_WEIGHT_SIZE` = 0; the library runs the step on two equal rows,
+              `model.pairs_rows`, since run U);
+  fused_cudnn fused, attention through `jax.nn.dot_product_attention(implementation='cudnn')`
+              (cuDNN's fused kernel where it takes the shapes: bf16, head dim <= 256; other
+              layers keep `layers.attention`) instead of the explicit einsum / softmax / einsum
+              (5 kernels per layer at batch 1); its decode logits are compared with the
+              library's (`attention_check`: one decode step after a 256-token prefill);
 the per-step time (slope of a short and a long run of the decode loop, as the benchmark), one
 verification of 5 positions, and a profiler trace of `--profile_steps` steps summarized per step
 (`bench.kernel_profile`: kernels per step, time the device is busy, the gaps between kernels,
@@ -21,6 +26,8 @@ are recorded with the environment).
 """
 
 import functools
+import gzip
+import pathlib
 import time
 
 from absl import app
@@ -46,23 +53,59 @@ _CONTEXT = flags.DEFINE_integer("context", 1024, "decode context")
 _SHORT = flags.DEFINE_integer("short", 16, "short loop")
 _LONG = flags.DEFINE_integer("long", 64, "long loop")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 8, "steps in the profiled run (0: none)")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", None, "if set: each batch-1 decode program's optimized "
+                               "HLO, gzipped, as <model>_<variant>.hlo.txt.gz (for reading; "
+                               "it names the machine's files, so not for committing)")
 
 _LIBRARY_PAD_MAX = quant.PAD_MAX_WEIGHT_SIZE
 _LIBRARY_PAD_BACKENDS = quant.PAD_ONE_ROW_BACKENDS
+_LIBRARY_PAIR_MAX = model_lib.PAIR_MAX_WEIGHT_SIZE
 _LIBRARY_ATTENTION = layers.attention
+_CUDNN_CALLS = {"cudnn": 0, "library": 0}
 
 
-def _fused_attention(q, k, v, mask):
-  """`layers.attention` through `jax.nn.dot_product_attention` (scale 1: Gemma 4's QK-norm)."""
-  if q.shape[-1] > 256 or q.dtype != jnp.bfloat16:
+def _cudnn_attention(q, k, v, mask):
+  """`layers.attention` through cuDNN's fused attention (scale 1: Gemma 4's QK-norm) where
+  `jax.nn.dot_product_attention` takes the shapes, else the library's."""
+  try:
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=1.0,
+                                       implementation="cudnn")
+  except (NotImplementedError, ValueError, RuntimeError):   # shapes or dtype cuDNN does not take
+    _CUDNN_CALLS["library"] += 1
     return _LIBRARY_ATTENTION(q, k, v, mask)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=1.0)
+  _CUDNN_CALLS["cudnn"] += 1
+  return out
+
+
+def _set_variant(variant: str):
+  quant.PAD_MAX_WEIGHT_SIZE = (1 << 62) if variant == "fused_pad" else _LIBRARY_PAD_MAX
+  quant.PAD_ONE_ROW_BACKENDS = () if variant == "fused_nopad" else _LIBRARY_PAD_BACKENDS
+  model_lib.PAIR_MAX_WEIGHT_SIZE = 0 if variant == "fused_unpaired" else _LIBRARY_PAIR_MAX
+  layers.attention = _cudnn_attention if variant == "fused_cudnn" else _LIBRARY_ATTENTION
+
+
+def attention_check(cfg, params) -> dict:
+  """One batch-1 decode step after a 256-token prefill, its attention through cuDNN and through
+  `layers.attention`: the logits' largest difference and the greedy tokens."""
+  _CUDNN_CALLS.update(cudnn=0, library=0)
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (1, 257), 0, cfg.vocab_size)
+  _, cache = jax.jit(functools.partial(model_lib.prefill, config=cfg, max_len=320, max_chunk=1))(
+      params, tokens[:, :256], jnp.zeros((1,), jnp.int32))
+  logits = {}
+  for variant in ("fused", "fused_cudnn"):
+    _set_variant(variant)
+    step = jax.jit(lambda p, c: model_lib.forward(p, tokens[:, 256:], config=cfg, cache=c).logits)
+    logits[variant] = jax.device_get(step(params, cache)).astype("float32")[0, -1]
+  _set_variant("fused")
+  ref, got = logits["fused"], logits["fused_cudnn"]
+  return {"max_abs_logit_diff": float(abs(got - ref).max()),
+          "logit_scale": float(abs(ref).max()),
+          "greedy_equal": bool(ref.argmax() == got.argmax()),
+          "attention_calls": dict(_CUDNN_CALLS)}
 
 
 def _measure(model: str, variant: str, cfg, params) -> list[dict]:
-  quant.PAD_MAX_WEIGHT_SIZE = (1 << 62) if variant == "fused_pad" else _LIBRARY_PAD_MAX
-  quant.PAD_ONE_ROW_BACKENDS = () if variant == "fused_nopad" else _LIBRARY_PAD_BACKENDS
-  layers.attention = _fused_attention if variant == "fused_dpa" else _LIBRARY_ATTENTION
+  _set_variant(variant)
   vcfg = bench.variant_config(cfg, variant)
   cases = [bench.DecodeCase(1, _CONTEXT.value)]
   if model in _VERIFY.value:
@@ -78,6 +121,10 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
       e = bench.summarize_decode(cfg, case, t, 1.0, params=params)
       e.pop("bandwidth_fraction")
       e.update(variant=variant, compile_s=compile_s)
+      if case.chunk == 1 and _HLO_DIR.value:
+        path = pathlib.Path(_HLO_DIR.value) / f"{model}_{variant}.hlo.txt.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(gzip.compress(prog.as_text().encode()))
       if case.chunk == 1 and _PROFILE_STEPS.value:
         e["profile"] = _profile(prog, params, vcfg, case, f"{model}_{variant}")
       entries.append(e)
@@ -85,9 +132,7 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
             e.get("profile", {}).get("kernels_per_step"), flush=True)
       del prog
   finally:
-    quant.PAD_MAX_WEIGHT_SIZE = _LIBRARY_PAD_MAX
-    quant.PAD_ONE_ROW_BACKENDS = _LIBRARY_PAD_BACKENDS
-    layers.attention = _LIBRARY_ATTENTION
+    _set_variant("fused")
   return entries
 
 
@@ -101,7 +146,7 @@ def _profile(prog, params, cfg, case, name) -> dict:
     cache, _ = prog(params, holder["cache"], tok, jnp.int32(case.context - n), jnp.int32(n))
     holder["cache"] = jax.block_until_ready(cache)
 
-  res = bench.kernel_profile(run, n, f"{_TRACE_DIR.value}/{name}")
+  res = bench.kernel_profile(run, n, f"{_TRACE_DIR.value}/{name}", sequence=True)
   del holder["cache"]
   return res
 
@@ -117,6 +162,9 @@ def model_entries(model: str) -> list[dict]:
   for variant in _VARIANTS.value:
     if variant != "checkpoint":
       entries += _measure(model, variant, cfg, params)
+  if "fused_cudnn" in _VARIANTS.value:
+    entries.append({"variant": "fused_cudnn", "attention_check": attention_check(cfg, params)})
+    print(model, entries[-1], flush=True)
   return entries
 
 

@@ -227,7 +227,8 @@ def verify_costs(tparams, tcfg: ModelConfig, draft_lengths, *, batch: int = 1,
           "measured": measured, "ratio": ratio}
 
 
-def kernel_profile(run: Callable[[], Any], steps: int, trace_dir: str, *, top: int = 30) -> dict:
+def kernel_profile(run: Callable[[], Any], steps: int, trace_dir: str, *, top: int = 30,
+                   sequence: bool = False) -> dict:
   """What the device does in `steps` steps of `run()` (which must block): one profiler trace
   (written under `trace_dir`) summarized per step by `summarize_kernels`, plus 'lines' (every
   device line's event count). Kernels are the events of the device lines named 'Stream ...'
@@ -249,17 +250,18 @@ def kernel_profile(run: Callable[[], Any], steps: int, trace_dir: str, *, top: i
       max(lines, key=lambda line: counts[line.name])]
   events = [(e.start_ns, e.duration_ns, e.name, dict(e.stats).get("hlo_op", ""))
             for line in streams for e in line.events]
-  return {**summarize_kernels(events, steps, top=top), "lines": counts}
+  return {**summarize_kernels(events, steps, top=top, sequence=sequence), "lines": counts}
 
 
-def summarize_kernels(events, steps: int, *, top: int = 30) -> dict:
+def summarize_kernels(events, steps: int, *, top: int = 30, sequence: bool = False) -> dict:
   """Per-step figures of kernel events (start_ns, duration_ns, name, hlo_op) covering `steps`.
 
   Returns {'kernels_per_step', 'busy_us_per_step' (union of kernel intervals), 'span_us_per_step'
   (first start to last end), 'gap_us_per_step' (span - busy), 'by_kind' (calls and microseconds
   per step by kernel kind: the name without its numeric suffixes, e.g. 'gemm_fusion_dot' or
   'loop_pad_fusion'), 'top' (the `top` kernel names by time, with their HLO op)}; {} without
-  events.
+  events. With `sequence`, also 'step_sequence': [name, microseconds] of one step's kernels in
+  order (the middle step, cut by count: kernels / steps from the start of that step).
   """
   events = sorted(events)
   if not events:
@@ -290,7 +292,13 @@ def summarize_kernels(events, steps: int, *, top: int = 30) -> dict:
       "gap_us_per_step": (span - busy) / steps / 1e3,
       "by_kind": per_step(by_kind),
       "top": [{"name": n, "hlo_op": ops[n], **v} for n, v in top_names],
-  }
+  } | ({"step_sequence": _step_sequence(events, steps)} if sequence else {})
+
+
+def _step_sequence(events, steps: int) -> list:
+  per = round(len(events) / steps)
+  first = per * (steps // 2)
+  return [[name[:160], dur / 1e3] for _, dur, name, _ in events[first:first + per]]
 
 
 def slope_seconds(run: Callable[[int], Any], *, short: int, long: int, repeats: int) -> dict:

@@ -29,7 +29,7 @@ def environment() -> dict[str, Any]:
       "jax": jax.__version__,
       "flax": flax.__version__,
       "numpy": np.__version__,
-  }
+  } | ({"xla_flags": os.environ["XLA_FLAGS"]} if os.environ.get("XLA_FLAGS") else {})
 
 
 def write_record(path: str | os.PathLike, record: dict[str, Any]) -> pathlib.Path:

@@ -254,4 +254,7 @@ def test_kernel_summary_per_step_and_by_kind():
   assert got["by_kind"] == {"gemm_fusion_dot": {"calls_per_step": 1, "us_per_step": 10},
                             "loop_pad_fusion": {"calls_per_step": 1, "us_per_step": 2}}
   assert [t["name"] for t in got["top"]] == ["gemm_fusion_dot_7"]
+  assert "step_sequence" not in got
+  seq = bench.summarize_kernels(events, steps=2, sequence=True)["step_sequence"]
+  assert seq == [["loop_pad_fusion_3", 2.0], ["loop_pad_fusion_4", 2.0]]   # the second step
   assert bench.summarize_kernels([], steps=2) == {}

@@ -121,3 +121,87 @@ def test_concatenate_checks_quantized_axes():
   np.testing.assert_allclose(quant.dequantize(joined), np.concatenate([w, 2 * w], axis=1))
   back = quant.split(joined, [3, 3], axis=1)
   np.testing.assert_allclose(quant.dequantize(back[1]), 2 * w)
+
+
+# ---- batch-1 decoding on two equal rows (model.pairs_rows) ---------------------------------------
+
+def _one_row_dots(jaxpr) -> int:
+  """dot_generals (at any depth) whose left operand has one row outside the contracted axes."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), (batch, _) = eqn.params["dimension_numbers"]
+      shape = eqn.invars[0].aval.shape
+      n += int(np.prod([d for i, d in enumerate(shape) if i not in contract + batch]) == 1)
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          n += _one_row_dots(sub)
+  return n
+
+
+@pytest.mark.parametrize("cfg,fuse", [(PLE, True), (PLE, False), (MOE, True)],
+                         ids=["ple_fused", "ple_checkpoint", "moe_fused"])
+def test_paired_rows_decode_step_equals_one_row(monkeypatch, cfg, fuse):
+  """A batch-1 decode step on a backend that pads one-row matmuls (forced on the CPU) runs its
+  token as two equal positions: the same logits, hidden state and cache as one row, only the
+  first copy written; no matmul of the layers is left with one row (the head's slice is)."""
+  params = _init(cfg)
+  params = model_lib.fuse_projections(params, cfg) if fuse else params
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (1, 8), 0, cfg.vocab_size)
+  _, cache = model_lib.prefill(params, tokens[:, :7], jnp.zeros((1,), jnp.int32), config=cfg,
+                               max_len=12, max_chunk=1)
+
+  def step(p, c):
+    return model_lib.forward(p, tokens[:, 7:], config=cfg, cache=c)
+
+  ref = step(params, cache)
+  ref_dots = _one_row_dots(jax.make_jaxpr(step)(params, cache).jaxpr)
+  assert not model_lib.pairs_rows(params, cfg, (1, 1), cached=True)   # the CPU: off
+  monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
+  jax.clear_caches()   # traces are cached per function: none made under the other policy
+  try:
+    _check_paired_step(params, cfg, step, cache, ref, ref_dots)
+  finally:
+    jax.clear_caches()
+  # Above the size limit the step keeps one row.
+  monkeypatch.setattr(model_lib, "PAIR_MAX_WEIGHT_SIZE", 1)
+  assert not model_lib.pairs_rows(params, cfg, (1, 1), cached=True)
+
+
+def _check_paired_step(params, cfg, step, cache, ref, ref_dots):
+  assert model_lib.pairs_rows(params, cfg, (1, 1), cached=True)
+  assert not model_lib.pairs_rows(params, cfg, (1, 1), cached=False)
+  assert not model_lib.pairs_rows(params, cfg, (1, 2), cached=True)
+  assert not model_lib.pairs_rows(params, cfg, (2, 1), cached=True)
+  assert not model_lib.pairs_rows(quant.quantize_params(_init(cfg), cfg), cfg, (1, 1), cached=True)
+  got = step(params, cache)
+  assert got.logits.shape == ref.logits.shape and got.hidden.shape == ref.hidden.shape
+  _assert_close(got.logits, ref.logits)
+  _assert_close(got.hidden, ref.hidden)
+  for a, b in zip(got.cache.k + got.cache.v, ref.cache.k + ref.cache.v):
+    if a is not None:
+      assert a.shape == b.shape
+      _assert_close(a, b)
+  assert np.array_equal(got.cache.ring_idx, ref.cache.ring_idx)
+  dots = _one_row_dots(jax.make_jaxpr(step)(params, cache).jaxpr)
+  if "moe" not in params["layers"][0]:   # (routed experts run on the kept copy alone)
+    assert dots == 0 < ref_dots           # the head is padded as before: these weights are small
+
+
+def test_paired_rows_greedy_plain_and_speculative_decoding(monkeypatch):
+  target, drafter = agreeing_pair(PLE, residual_scale=0.3)
+  fused = gemma_mtp.Target(PLE, model_lib.fuse_projections(target.params, PLE))
+  plain = gemma_mtp.generate(fused, PROMPTS[:1], max_new_tokens=16).tokens
+  spec = gemma_mtp.generate(fused, PROMPTS[:1], max_new_tokens=16, drafter=drafter,
+                            draft_lengths=(1, 3))
+  monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
+  jax.clear_caches()
+  try:
+    assert gemma_mtp.generate(fused, PROMPTS[:1], max_new_tokens=16).tokens == plain
+    got = gemma_mtp.generate(fused, PROMPTS[:1], max_new_tokens=16, drafter=drafter,
+                             draft_lengths=(1, 3))
+    assert got.tokens == spec.tokens == plain
+  finally:
+    jax.clear_caches()

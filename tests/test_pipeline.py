@@ -105,3 +105,17 @@ def test_adaptive_rule_prefers_shorter_drafts_when_drafting_costs_more():
   # a target step the rule picks K = 8, at the measured ~20% it picks K = 4 (the faster one).
   assert pick(0.85, 0.05) == 8 and pick(0.85, 0.2) == 4
   assert [pick(a, 0.2) for a in (0.3, 0.6, 0.95)] == [1, 2, 8]
+
+
+def test_records_carry_the_compiler_flags(tmp_path, monkeypatch):
+  """A record written under XLA_FLAGS says so (options change the figures), scrubbed of this
+  machine's paths like the rest of it; without the variable the key is absent."""
+  from gemma_mtp import metrics  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  assert "xla_flags" not in metrics.environment()
+  flags = f"--xla_dump_to={tmp_path}/dump --xla_gpu_enable_command_buffer=+CONDITIONAL"
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  path = metrics.write_record(tmp_path / "r.json", {"figure": 1})
+  record = json.loads(path.read_text())
+  assert "--xla_gpu_enable_command_buffer=+CONDITIONAL" in record["environment"]["xla_flags"]
+  assert str(tmp_path) not in path.read_text()

@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import gemma_mtp
 from gemma_mtp import config as config_lib
 from gemma_mtp import decoding
 from gemma_mtp import drafter as drafter_lib
+from gemma_mtp import kv_cache
 from gemma_mtp import model as model_lib
 from gemma_mtp import sampling
 from gemma_mtp import speculative
@@ -329,3 +331,30 @@ def test_bucket_policy():
   assert picks == sorted(picks) and picks[0] == 1 and picks[-1] == 8
   with pytest.raises(ValueError, match="draft_lengths"):
     speculative.SpecConfig(draft_lengths=(0, 2))
+
+
+def test_adaptive_loop_keeps_the_cache_in_place():
+  """The adaptive loop's `lax.switch` is the last op of the loop body: XLA copies every buffer a
+  conditional returns when anything follows it in a while body, which made each round copy the
+  target's whole K/V cache (on the H200 demo pair ~135 us per round; experiments/NOTES.md,
+  run V). Read from the compiled program: no cache-shaped copy beside the conditional."""
+  target, drafter = agreeing_pair(TARGET, residual_scale=0.3)
+  batch = decoding.make_prompt_batch(PROMPTS[:1], vocab_size=TARGET.vocab_size)
+  cache_shapes = set()
+  for segment_rounds in (1, 3):
+    spec = speculative.SpecConfig(draft_lengths=(1, 2, 4), segment_rounds=segment_rounds)
+    max_len = decoding.round_up(decoding.check_capacity(
+        TARGET, batch.tokens.shape[1], 16, slack=spec.max_chunk), decoding.PROMPT_BUCKET)
+    text = speculative.speculative_generate.lower(
+        target.params, drafter.params, batch, jax.random.PRNGKey(0), tcfg=TARGET,
+        dcfg=drafter.config, spec=spec, sampler=decoding.default_sampler(0.0, None, None),
+        max_new=16, eos_ids=(), max_len=max_len,
+        adaptive_state=speculative.initial_adaptive_state(spec)).compile().as_text()
+    cache = kv_cache.init_cache(TARGET, 1, max_len, max_chunk=spec.max_chunk + 1)
+    cache_shapes = {f"[{','.join(map(str, b.shape))}]" for b in cache.k if b is not None}
+    with_switch = [c for c in re.split(r"\n(?=\S)", text) if " conditional(" in c]
+    assert with_switch
+    copies = [line for c in with_switch for line in c.splitlines()
+              if " copy(" in line and any(s in line.split("copy(")[0] for s in cache_shapes)]
+    assert not copies, copies[:3]
+  assert cache_shapes

@@ -1,0 +1,57 @@
+r"""Where an adaptive round's extra time goes (issue 6, run AA): one batch-1 greedy generation of
+the demo pair on a code prompt, with a fixed draft length and with the adaptive rule, each under
+the profiler (`bench.kernel_profile`, per round: kernels, device-busy time, the gaps between
+kernels, time per kernel kind).
+
+  python experiments/round_probe.py --out=$OUT/round_probe.json
+"""
+
+import inspect
+import json
+
+from absl import app
+from absl import flags
+import jax
+
+from gemma_mtp import api
+from gemma_mtp import bench
+from gemma_mtp import demo
+from gemma_mtp import metrics
+
+_OUT = flags.DEFINE_string("out", "round_probe.json", "JSON record")
+_TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/round_probe_traces", "profiler traces")
+_FIXED = flags.DEFINE_integer("fixed", 4, "the fixed draft length compared")
+_BUCKETS = flags.DEFINE_list("draft_lengths", ["2", "4", "8"], "adaptive buckets")
+_VERIFY = flags.DEFINE_list("verify_costs", ["1.6", "2.15", "3.06"], "round costs of the buckets "
+                            "(calibrated in run Y)")
+_NEW = flags.DEFINE_integer("max_new_tokens", 256, "new tokens")
+
+
+def main(argv):
+  del argv
+  target, drafter, tok = demo.load_demo(dtype="bfloat16")
+  prompt = tok.encode(inspect.getsource(json.decoder))[:128]
+  buckets = tuple(int(k) for k in _BUCKETS.value)
+  configs = {
+      f"K={_FIXED.value}": dict(draft_lengths=(_FIXED.value,), adaptive=False),
+      "adaptive": dict(spec_config=metrics.spec_config(
+          buckets, True, 0.0, dict(zip(buckets, map(float, _VERIFY.value))))),
+  }
+  record = {"environment": metrics.environment(), "prompt_tokens": len(prompt), "configs": {}}
+  for name, kw in configs.items():
+    def run(kw=kw):
+      return api.generate(target, [prompt], max_new_tokens=_NEW.value, drafter=drafter, **kw)
+    out = run()
+    rounds = out.stats["target_forwards"]
+    prof = bench.kernel_profile(run, rounds, f"{_TRACE_DIR.value}/{name}", top=15)
+    prof["by_kind"] = dict(list(prof.get("by_kind", {}).items())[:15])
+    record["configs"][name] = {"rounds": rounds, "bucket_counts": out.stats["bucket_counts"],
+                               "new_tokens": out.stats["new_tokens"], "profile": prof}
+    print(name, rounds, {k: prof.get(k) for k in ("kernels_per_step", "busy_us_per_step",
+                                                   "span_us_per_step", "gap_us_per_step")})
+  with open(_OUT.value, "w") as f:
+    json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
