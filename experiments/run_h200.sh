@@ -75,6 +75,11 @@ case "${1:-}" in
           --out="$OUT/evaluate_demo_workloads_segments${n}_h200.json" > "$OUT/evaluate$n.log" 2>&1
     done
     ;;
+  # Session 6 (runs U-AB): measured in the working tree committed as 51422b0, which also held
+  # two changes removed afterwards for want of a gain: the batch-1 step on two equal rows
+  # (`model.pairs_rows`, the step probe's `fused` vs `fused_unpaired`) and unrolled drafter
+  # steps (run AB); runs V and W ran before that commit's switch change (the loop as in
+  # 2bfb7f6). `git checkout 51422b0` to rerun them as they were.
   paired_probe)      # session 6, run U: the step on two equal rows, cuDNN attention; run V
     timeout 330 python experiments/step_probe.py --models=gemma4_e4b,gemma4_26b_a4b \
         --variants=fused,fused_unpaired,fused_cudnn --verify_models=gemma4_e4b \

@@ -10,18 +10,19 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_nopad fused, no one-row matmul padded (with XLA_FLAGS=--xla_gpu_enable_dot_strength_
               reduction=false XLA keeps one-row matmuls as GEMMs instead of multiply + reduce;
               jax 0.11.2's XLA does not know that flag);
-  fused_unpaired  fused, the batch-1 step on one row with each small matmul padded to two
-              (`model.PAIR_MAX_WEIGHT_SIZE` = 0; the library runs the step on two equal rows,
-              `model.pairs_rows`, since run U);
   fused_cudnn fused, attention through `jax.nn.dot_product_attention(implementation='cudnn')`
               (cuDNN's fused kernel where it takes the shapes: bf16, head dim <= 256; other
               layers keep `layers.attention`) instead of the explicit einsum / softmax / einsum
               (5 kernels per layer at batch 1); its decode logits are compared with the
-              library's (`attention_check`: one decode step after a 256-token prefill);
+              library's (`attention_check`: one decode step after a 256-token prefill).
+              Run U: slower (E4B 4.96 vs 4.03 ms, 26B-A4B 5.19 vs 3.97: one flash kernel of
+              ~30-55 us per layer against ~8 us of XLA's kernels) and its logits differ from
+              the library's (E4B by up to 1.3 on logits of 4.5, another greedy token), so
+              not adopted and not looked into further;
 the per-step time (slope of a short and a long run of the decode loop, as the benchmark), one
 verification of 5 positions, and a profiler trace of `--profile_steps` steps summarized per step
 (`bench.kernel_profile`: kernels per step, time the device is busy, the gaps between kernels,
-the costliest kernels). Run once more under `XLA_FLAGS` to compare compiler options (the flags
+the costliest kernels, the kernels of one step in order). Run once more under `XLA_FLAGS` to compare compiler options (the flags
 are recorded with the environment).
 """
 
@@ -59,7 +60,6 @@ _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "if set: each batch-1 decode pro
 
 _LIBRARY_PAD_MAX = quant.PAD_MAX_WEIGHT_SIZE
 _LIBRARY_PAD_BACKENDS = quant.PAD_ONE_ROW_BACKENDS
-_LIBRARY_PAIR_MAX = model_lib.PAIR_MAX_WEIGHT_SIZE
 _LIBRARY_ATTENTION = layers.attention
 _CUDNN_CALLS = {"cudnn": 0, "library": 0}
 
@@ -80,7 +80,6 @@ def _cudnn_attention(q, k, v, mask):
 def _set_variant(variant: str):
   quant.PAD_MAX_WEIGHT_SIZE = (1 << 62) if variant == "fused_pad" else _LIBRARY_PAD_MAX
   quant.PAD_ONE_ROW_BACKENDS = () if variant == "fused_nopad" else _LIBRARY_PAD_BACKENDS
-  model_lib.PAIR_MAX_WEIGHT_SIZE = 0 if variant == "fused_unpaired" else _LIBRARY_PAIR_MAX
   layers.attention = _cudnn_attention if variant == "fused_cudnn" else _LIBRARY_ATTENTION
 
 
@@ -168,8 +167,15 @@ def model_entries(model: str) -> list[dict]:
   return entries
 
 
+VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_nopad", "fused_cudnn")
+
+
 def main(argv):
   del argv
+  unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
+  if unknown:
+    raise app.UsageError(f"unknown --variants {unknown}; known: {', '.join(VARIANTS)} "
+                         "(fused_unpaired, runs U and X, needs commit 51422b0)")
   parts = {m: functools.partial(model_entries, m) for m in _MODELS.value}
   bench.run_probe(_OUT.value, parts, _MODELS.value, context=_CONTEXT.value)
 

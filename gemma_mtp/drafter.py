@@ -342,18 +342,6 @@ def round_taps(dcfg: DrafterConfig, tcfg: ModelConfig, state) -> tuple[dict, dic
   return taps, masks, query
 
 
-# Backends on which the K drafter steps of a round run unrolled (straight-line code) instead of
-# as a `lax.scan` loop: XLA's GPU runtime drives a loop's iterations from the host, and in the
-# speculative loop on an H200 a demo-pair drafter step cost ~0.24 of a target step against
-# 0.056 measured alone (experiments/NOTES.md, run AA). The CPU keeps the loop (shorter compiles).
-UNROLL_DRAFT_BACKENDS = ("gpu",)
-
-
-def draft_unroll(k: int) -> int:
-  """The `unroll` of a round's K-step drafter scan on the backend being traced for."""
-  return k if jax.default_backend() in UNROLL_DRAFT_BACKENDS else 1
-
-
 def draft(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, state, *, k: int,
           sampler: sampling.SamplingParams, key: jax.Array):
   """K recurrent drafter steps from (state.last, state.hidden) on the target's cached taps.
@@ -373,8 +361,7 @@ def draft(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, state, *, k:
     nxt, q = sampling.draw(step_key, logits, sampler)
     return (nxt, h), (nxt, q)
 
-  _, (drafts, q) = jax.lax.scan(one, (state.last, state.hidden), jax.random.split(key, k),
-                                unroll=draft_unroll(k))
+  _, (drafts, q) = jax.lax.scan(one, (state.last, state.hidden), jax.random.split(key, k))
   return drafts.T, (None if q is None else jnp.swapaxes(q, 0, 1)), cache
 
 

@@ -205,28 +205,22 @@ def _delete(tree):
       leaf.delete()
 
 
-def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig, *, paired: bool = False) -> jax.Array:
-  """Dense GeGLU FFN, or (MoE models) shared dense MLP + routed experts; includes the FFN norms.
-
-  paired: x's two positions are equal (`pairs_rows`); the routed experts run on the first only
-  (each pair reads its expert, so the copy would double the expert bytes)."""
+def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Dense GeGLU FFN, or (MoE models) shared dense MLP + routed experts; includes the FFN norms."""
   h = layers.mlp(layers.rms_norm(x, p["pre_ffw_norm"], eps=cfg.rms_eps), p["mlp"])
   if "moe" in p:
     moe = p["moe"]
     h = layers.rms_norm(h, moe["dense_post_norm"], eps=cfg.rms_eps)
-    kw = dict(top_k=cfg.num_experts_per_token, eps=cfg.rms_eps)
-    h = h + (jnp.broadcast_to(layers.moe(x[:, :1], moe, **kw), x.shape) if paired
-             else layers.moe(x, moe, **kw))
+    h = h + layers.moe(x, moe, top_k=cfg.num_experts_per_token, eps=cfg.rms_eps)
   return layers.rms_norm(h, p["post_ffw_norm"], eps=cfg.rms_eps)
 
 
-def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig, *,
-          paired: bool = False) -> jax.Array:
+def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig) -> jax.Array:
   """One decoder layer; `attend(xn) -> [B, T, N, H]` does the layer's attention."""
   xn = layers.rms_norm(x, p["pre_attn_norm"], eps=cfg.rms_eps)
   a = quant.einsum("BTNH,NHD->BTD", attend(xn), p["attn"]["o"])
   x = x + layers.rms_norm(a, p["post_attn_norm"], eps=cfg.rms_eps)
-  x = x + feed_forward(p, x, cfg, paired=paired)
+  x = x + feed_forward(p, x, cfg)
   if ple is not None:
     g = layers.gelu(quant.einsum("BTD,DP->BTP", x, p["ple"]["gate"])) * ple
     x = x + layers.rms_norm(quant.einsum("BTP,PD->BTD", g, p["ple"]["proj"]),
@@ -239,31 +233,6 @@ def lm_head(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
   logits = quant.einsum("BTD,VD->BTV", hidden, params["embed"].astype(hidden.dtype),
                         preferred_element_type=F32)
   return layers.softcap(logits, cfg.final_logit_softcap)
-
-
-# Batch-1 decoding on GPUs runs its one token as two equal positions (`pairs_rows`). XLA's GPU
-# compiler turns a one-row matmul into a multiply + reduction that is slow for small weights, so
-# `quant.einsum` pads such a matmul to two rows; each pad is a kernel of its own (~1.4 us; five
-# per layer of E4B's decode step, 0.3 ms of its 4.1: experiments/NOTES.md, run P). Two copies of
-# the token from the embedding on give every matmul of the step two rows without a pad; only
-# the first copy's K/V is written and only its output kept. Weights of PAIR_MAX_WEIGHT_SIZE
-# elements or more stream as fast on one row (quant.PAD_MAX_WEIGHT_SIZE's note: the 31B shape),
-# so a model with any such layer weight keeps one row.
-PAIR_MAX_WEIGHT_SIZE = 64 << 20
-
-
-def pairs_rows(params: dict, cfg: ModelConfig, shape: tuple, *, cached: bool,
-               tree: tree_lib.TreeSpec | None = None) -> bool:
-  """Whether a forward of `shape` = [B, T] tokens runs its token as two equal positions: one
-  token (B = T = 1) with a cache and no tree, on a backend that pads one-row matmuls
-  (`quant.pad_one_row`), float layer weights (int8 ones go through the one-row kernel) all
-  below PAIR_MAX_WEIGHT_SIZE elements (routed experts aside: they run on the first copy only)."""
-  if not (quant.pad_one_row() and cached and tree is None and tuple(shape) == (1, 1)):
-    return False
-  dense = [{k: v for k, v in layer.items() if k != "moe"}
-           for layer in params["layers"][:cfg.num_layers]]
-  leaves = jax.tree_util.tree_leaves(dense, is_leaf=quant.is_quantized)
-  return not any(quant.is_quantized(w) or w.size >= PAIR_MAX_WEIGHT_SIZE for w in leaves)
 
 
 def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
@@ -292,13 +261,6 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   else:
     start = cache.start
     idx = cache.length[:, None] + jnp.arange(t, dtype=jnp.int32)
-  new_k, new_v = list(cache.k) if cache else [None] * cfg.num_layers, \
-      list(cache.v) if cache else [None] * cfg.num_layers
-  ring_idx = kvc.write_ring_idx(cache.ring_idx, idx) if cache else None
-  write_idx = idx
-  paired = pairs_rows(params, cfg, tokens.shape, cached=cache is not None, tree=tree)
-  if paired:   # the token twice at the same position; only the first copy is written and kept
-    tokens, idx = (jnp.concatenate([a, a], axis=1) for a in (tokens, idx))
   # [B, T] sequence index each token stands at (RoPE, masks); a tree node's K/V slot is idx.
   q_idx = idx if tree is None else cache.length[:, None] + jnp.asarray(tree.depth)
   positions = jnp.maximum(q_idx - start[:, None], 0)
@@ -306,6 +268,9 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   x = embed_tokens(params, tokens, cfg)
   ple = per_layer_inputs(params, tokens, x, cfg) if cfg.per_layer_dim else None
 
+  new_k, new_v = list(cache.k) if cache else [None] * cfg.num_layers, \
+      list(cache.v) if cache else [None] * cfg.num_layers
+  ring_idx = kvc.write_ring_idx(cache.ring_idx, idx) if cache else None
   kv_now: list[Any] = [None] * cfg.num_layers   # (k, v, kv_idx) each layer attends to
   for i, p in enumerate(params["layers"][:cfg.num_layers]):
     kind = cfg.layer_types[i]
@@ -324,16 +289,11 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
         if cache is None:
           kv_idx = idx
         else:
-          rows = write_idx.shape[1]
-          new_k[i] = kvc.write(new_k[i], k[:, :rows], write_idx)
-          new_v[i] = kvc.write(new_v[i], v[:, :rows], write_idx)
+          new_k[i] = kvc.write(new_k[i], k, idx)
+          new_v[i] = kvc.write(new_v[i], v, idx)
           k, v = new_k[i], new_v[i]
           kv_idx = ring_idx if kind == SLIDING else cache.slot_indices(True)
         kv_now[i] = (k, v, kv_idx)
-      if paired:   # one query: with two, XLA transposes q and the output for the batched dots
-        mask = layers.attention_mask(write_idx, kv_idx, start, window=window)
-        out = layers.attention(q[:, :1], k, v, mask)
-        return jnp.concatenate([out, out], axis=1)
       if tree is None:
         mask = layers.attention_mask(idx, kv_idx, start, window=window)
       else:
@@ -341,10 +301,8 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
                                        chunk_start=cache.length, tree=tree)
       return layers.attention(q, k, v, mask)
 
-    x = block(p, x, attend, None if ple is None else ple[:, :, i], cfg, paired=paired)
+    x = block(p, x, attend, None if ple is None else ple[:, :, i], cfg)
 
-  if paired:
-    x = x[:, :1]
   new_cache = None if cache is None else cache.replace(k=tuple(new_k), v=tuple(new_v),
                                                        ring_idx=ring_idx)
   return x, kv_now, new_cache

@@ -39,7 +39,6 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from gemma_mtp import drafter as drafter_lib
 from gemma_mtp import layers
 from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
@@ -202,7 +201,6 @@ def draft(dparams, dcfg: SelfDrafterConfig, tparams, tcfg: ModelConfig, state, *
     nxt, q = sampling.draw(step_key, logits[:, 0], sampler)
     return (nxt, cache.replace(length=cache.length + 1)), (nxt, q)
 
-  (_, own), (drafts, q) = jax.lax.scan(one, (state.last, own), jax.random.split(key, k),
-                                       unroll=drafter_lib.draft_unroll(k))
+  (_, own), (drafts, q) = jax.lax.scan(one, (state.last, own), jax.random.split(key, k))
   cache = full.replace(k=own.k + full.k[n:], v=own.v + full.v[n:], ring_idx=own.ring_idx)
   return drafts.T, (None if q is None else jnp.swapaxes(q, 0, 1)), cache

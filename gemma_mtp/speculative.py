@@ -34,11 +34,13 @@ measured by `bench.verify_costs`: a target forward of K + 1 positions relative t
 default 1). A tree bucket keeps the geometric `tree.TreeSpec.value` at a (its verification cost
 interpolated from the chains' measured ones). The bucket of best E[tokens] / cost wins if it
 beats the current one by the relative `switch_margin` (hysteresis). The choice is a `lax.switch`
-on the device; no host round trip. With `segment_rounds` > 1 it is made once per segment of that
-many rounds, each segment an inner loop of the chosen bucket, so that the switch and the rule
-cost a round only a fraction of their time (~30-45 us per round on the H200 demo pair, whose
-rounds take 0.6-1.2 ms; segments of 4 did not make it faster there: experiments/NOTES.md, runs
-R and S). The estimator is an input and an output of `speculative_generate`, so a serving loop
+inside the compiled loop (no return to Python; XLA's GPU runtime reads the branch index back
+from the device, as it does a loop's predicate), and the rule runs inside every branch so that
+the switch ends the loop body: anything after it made XLA copy every buffer of the loop, the
+target's whole K/V cache included, each round. The remaining cost of a switched round over a
+fixed one is 55-95 us on the H200 demo pair (rounds of 0.6-1.2 ms; experiments/NOTES.md, runs
+V-Z). With `segment_rounds` > 1 the choice is made once per segment of that many rounds, each
+segment an inner loop of the chosen bucket (not faster there: runs R and S). The estimator is an input and an output of `speculative_generate`, so a serving loop
 carries it from one call to the next (`api.generate(adaptive_state=...)`) instead of restarting
 every call from the prior.
 """
@@ -534,7 +536,8 @@ def speculative_generate(tparams, dparams, batch: decoding.PromptBatch, rng, *, 
 
   # The rule runs inside every branch, so that the switch's result is the loop body's result:
   # XLA copies every buffer a conditional returns when anything follows it in a while body (the
-  # target's whole K/V cache each round; on the H200 demo pair ~135 us per round, NOTES run V).
+  # target's whole K/V cache each round). On the H200 demo pair an adaptive round's time beyond
+  # a fixed round of its bucket fell from 136 to 76 us on code, 72 to 55 on mixed (NOTES, V, Y).
   branches = [then_choose(f) for f in branches]
   body = branches[0] if nb == 1 else lambda s: jax.lax.switch(s.bucket, branches, s)
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
