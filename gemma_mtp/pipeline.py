@@ -195,15 +195,16 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
                        temperature: float = 0.0, draft_cost: float | None = None,
                        verify_costs: dict[int, float] | None = None, trees: tuple = (),
                        calibrate: bool = False, per_call: bool = False,
-                       segment_rounds: Sequence[int] = (), repeats: int = 1
-                       ) -> list[dict[str, Any]]:
+                       segment_rounds: Sequence[int] = (), dispatches: Sequence[str] = (),
+                       repeats: int = 1) -> list[dict[str, Any]]:
   """Batch-1 generation over each workload's prompts, one after the other, for plain decoding,
   every fixed draft length, every fixed draft tree of `trees` (`tree.TreeSpec`; configuration
   named by its label), adaptive chain buckets chosen every round ('adaptive') and, with
   `per_call`, chosen once per prompt ('adaptive per call', `speculative.per_call_config`: no
   `lax.switch` in the loop; slower on the H200 demo pair, NOTES run N); plus the 'mixed'
   workload (all of them). 'adaptive' chooses every `SpecConfig.segment_rounds` rounds (the
-  default: every round); each other n of `segment_rounds` adds 'adaptive, segment=n'.
+  default: every round); each other n of `segment_rounds` adds 'adaptive, segment=n', and each
+  other `SpecConfig.dispatch` in `dispatches` 'adaptive, dispatch=d'.
 
   Every configuration is compiled first (side by side), then each runs through every prompt of a
   workload in turn; seconds are the wall time of that pass. The adaptive configurations carry
@@ -245,6 +246,10 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
       if n != spec.segment_rounds:
         configs[f"adaptive, segment={n}"] = dict(
             drafter=drafter, spec_config=dataclasses.replace(spec, segment_rounds=n))
+    for d in dispatches:
+      if d != spec.dispatch:
+        configs[f"adaptive, dispatch={d}"] = dict(
+            drafter=drafter, spec_config=dataclasses.replace(spec, dispatch=d))
     if per_call:
       configs["adaptive per call"] = dict(drafter=drafter, per_call=spec)
     return configs

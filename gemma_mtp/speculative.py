@@ -33,16 +33,20 @@ per round at the cost `verify_costs[K] + K c` (c = `draft_cost` of one drafter s
 measured by `bench.verify_costs`: a target forward of K + 1 positions relative to one of 1;
 default 1). A tree bucket keeps the geometric `tree.TreeSpec.value` at a (its verification cost
 interpolated from the chains' measured ones). The bucket of best E[tokens] / cost wins if it
-beats the current one by the relative `switch_margin` (hysteresis). The choice is a `lax.switch`
-inside the compiled loop (no return to Python; XLA's GPU runtime reads the branch index back
-from the device, as it does a loop's predicate), and the rule runs inside every branch so that
-the switch ends the loop body: anything after it made XLA copy every buffer of the loop, the
-target's whole K/V cache included, each round. The remaining cost of a switched round over a
-fixed one is 55-95 us on the H200 demo pair (rounds of 0.6-1.2 ms; experiments/NOTES.md, runs
-V-Z). With `segment_rounds` > 1 the choice is made once per segment of that many rounds, each
-segment an inner loop of the chosen bucket (not faster there: runs R and S). The estimator is an input and an output of `speculative_generate`, so a serving loop
-carries it from one call to the next (`api.generate(adaptive_state=...)`) instead of restarting
-every call from the prior.
+beats the current one by the relative `switch_margin` (hysteresis). The loop body holds one inner
+`lax.while_loop` per bucket that runs rounds while the rule keeps that bucket
+(`SpecConfig.dispatch='loops'`): a round of the chosen bucket is compiled and run as in a
+fixed-K loop, with no conditional, and a change of bucket (~5-10% of the rounds on the demo
+pair) costs one check per inner loop (designed from runs V-AB; its GPU time is not measured
+yet: experiments/NOTES.md, "Not run yet"). `dispatch='switch'` runs every round through a
+`lax.switch` over the buckets instead, which XLA's GPU runtime executes by reading the branch
+index back to the host: 55-95 us more per round than a fixed-K round on the H200 demo pair
+(rounds of 0.6-1.2 ms; experiments/NOTES.md, runs Y, Z), once the switch ended the loop body
+(anything after a conditional in a while body made XLA copy every buffer of the loop, the
+target's whole K/V cache included, each round: runs V, Y). With `segment_rounds` > 1 the rule
+chooses only every that many rounds (not faster on the demo pair: runs R, S). The estimator is
+an input and an output of `speculative_generate`, so a serving loop carries it from one call to
+the next (`api.generate(adaptive_state=...)`) instead of restarting every call from the prior.
 """
 
 from __future__ import annotations
@@ -65,6 +69,9 @@ from gemma_mtp.config import ModelConfig
 from gemma_mtp.kv_cache import KVCache
 
 F32 = jnp.float32
+
+
+DISPATCHES = ("loops", "switch")   # SpecConfig.dispatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +99,15 @@ class SpecConfig:
     node_cost: the adaptive rule's cost of verifying one tree node beyond a chain of the same
       depth, relative to one target forward (`tree.TreeSpec.value`).
     segment_rounds: adaptive: the rule chooses once per segment of this many rounds (the
-      estimator still counts every round); a segment is the chosen bucket's own inner loop, so
-      the `lax.switch` and the rule's kernels run once per segment. 1 (the default) = choose
-      every round: on the H200 demo pair segments of 4 were no faster (NOTES.md, runs R, S).
+      estimator still counts every round). 1 (the default) = choose every round: on the H200
+      demo pair segments of 4 were no faster (NOTES.md, runs R, S; with `dispatch='switch'`).
+    dispatch: adaptive: how a round runs the chosen bucket. 'loops' (the default): the loop
+      body holds one inner `lax.while_loop` per bucket, each running rounds while the rule keeps
+      its bucket: a round runs as in a fixed-K loop and only a change of bucket adds the inner
+      loops' checks (the rule changes bucket in ~5-10% of the demo pair's rounds).
+      'switch': a `lax.switch` over the buckets every round (XLA's GPU runtime reads its
+      branch index back to the host: 55-95 us more per round than fixed K on the H200 demo
+      pair, NOTES.md, runs Y, Z).
   """
 
   draft_lengths: tuple[int, ...] = (1, 2, 4, 8)
@@ -108,6 +121,7 @@ class SpecConfig:
   trees: tuple[tree_lib.TreeSpec, ...] = ()
   node_cost: float = 0.02
   segment_rounds: int = 1
+  dispatch: str = "loops"
 
   def __post_init__(self):
     if not (self.draft_lengths or self.trees) or any(k < 1 for k in self.draft_lengths):
@@ -127,6 +141,8 @@ class SpecConfig:
       raise ValueError(f"prior_weight must be > 0, got {self.prior_weight}")
     if self.segment_rounds < 1:
       raise ValueError(f"segment_rounds must be >= 1, got {self.segment_rounds}")
+    if self.dispatch not in DISPATCHES:
+      raise ValueError(f"dispatch must be one of {DISPATCHES}, got {self.dispatch!r}")
     if not 0.0 <= self.switch_margin < 1.0:
       raise ValueError(f"switch_margin must be in [0, 1), got {self.switch_margin}")
     if self.verify_costs and (len(self.verify_costs) != len(self.draft_lengths)
@@ -522,37 +538,32 @@ def speculative_generate(tparams, dparams, batch: decoding.PromptBatch, rng, *, 
   branches = ([make_round(k, **kw) for k in spec.draft_lengths] +
               [make_tree_round(tr, **kw) for tr in spec.trees])
 
-  if spec.adaptive and nb > 1 and spec.segment_rounds > 1:
-    branches = [_segment(f, spec.segment_rounds) for f in branches]
-
   def then_choose(round_fn):
     def run(s: SpecState) -> SpecState:
       s = round_fn(s)
-      if spec.adaptive:
-        chosen = choose_bucket(s.adaptive, spec)
-        s = s.replace(adaptive=chosen, bucket=chosen.bucket)
+      if spec.adaptive:   # (at segment boundaries: the call's rounds so far a multiple)
+        chosen = choose_bucket(s.adaptive, spec).bucket
+        if spec.segment_rounds > 1:
+          chosen = jnp.where(s.rounds % spec.segment_rounds == 0, chosen, s.bucket)
+        s = s.replace(adaptive=s.adaptive.replace(bucket=chosen), bucket=chosen)
       return s
     return run
 
-  # The rule runs inside every branch, so that the switch's result is the loop body's result:
-  # XLA copies every buffer a conditional returns when anything follows it in a while body (the
-  # target's whole K/V cache each round). On the H200 demo pair an adaptive round's time beyond
-  # a fixed round of its bucket fell from 136 to 76 us on code, 72 to 55 on mixed (NOTES, V, Y).
+  # The rule runs inside every bucket's code. With 'switch' the switch is then the loop body's
+  # result: XLA copies every buffer a conditional returns when anything follows it in a while
+  # body (the target's whole K/V cache each round; on the H200 demo pair an adaptive round's
+  # time beyond a fixed round of its bucket fell from 136 to 76 us on code, NOTES runs V, Y).
   branches = [then_choose(f) for f in branches]
-  body = branches[0] if nb == 1 else lambda s: jax.lax.switch(s.bucket, branches, s)
+  if nb == 1 or not spec.adaptive:   # a non-adaptive run stays in bucket 0
+    body = branches[0]
+  elif spec.dispatch == "switch":
+    body = lambda s: jax.lax.switch(s.bucket, branches, s)
+  else:
+    def body(s: SpecState) -> SpecState:
+      for j, f in enumerate(branches):   # bucket j's rounds while the rule keeps bucket j
+        s = jax.lax.while_loop(lambda t, j=j: (t.bucket == j) & ~jnp.all(t.done), f, s)
+      return s
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
-
-
-def _segment(round_fn, rounds: int):
-  """Up to `rounds` rounds of one bucket in a loop of their own (fewer once every row is done)."""
-  def run(s: SpecState) -> SpecState:
-    def cond(carry):
-      s, i = carry
-      return (i < rounds) & ~jnp.all(s.done)
-
-    return jax.lax.while_loop(cond, lambda c: (round_fn(c[0]), c[1] + 1),
-                              (s, jnp.zeros((), jnp.int32)))[0]
-  return run
 
 
 def _checked(est: AdaptiveState, spec: SpecConfig) -> AdaptiveState:

@@ -183,7 +183,9 @@ def test_config_validation_and_spec_config_costs():
                      (dict(prior_weight=0.0), "prior_weight"),
                      (dict(verify_costs=(1.0, 1.1)), "verify_costs"),
                      (dict(verify_costs=(1.0, 1.0, 0.0, 1.0)), "verify_costs"),
-                     (dict(initial_acceptance=1.5), "initial_acceptance")):
+                     (dict(initial_acceptance=1.5), "initial_acceptance"),
+                     (dict(segment_rounds=0), "segment_rounds"),
+                     (dict(dispatch="cond"), "dispatch must be one of")):
     with pytest.raises(ValueError, match=match):
       speculative.SpecConfig(**bad)
   cfg = metrics.spec_config((2, 4), True, 0.2, {1: 1.0, 2: 1.1, 4: 1.3, 8: 2.0})

@@ -127,14 +127,15 @@ def test_adaptive_picks_long_drafts_when_they_are_accepted(segment):
   assert trace[:segment] == [4] * segment and set(trace[segment:]) == {8}
 
 
+@pytest.mark.parametrize("dispatch", speculative.DISPATCHES)
 @pytest.mark.parametrize("segment", [1, 3])
-def test_adaptive_segments_choose_between_segments_only(segment):
+def test_adaptive_segments_choose_between_segments_only(segment, dispatch):
   """With rejections the rule switches buckets, but only at segment boundaries (each call's
-  rounds counted from 0), and the output is plain greedy decoding."""
+  rounds counted from 0), and the output is plain greedy decoding, with either dispatch."""
   target, drafter = agreeing_pair(TARGET, residual_scale=0.8)
   ref = gemma_mtp.generate(target, PROMPTS[:2], max_new_tokens=80).tokens
   spec = speculative.SpecConfig(draft_lengths=(1, 2, 4, 8), segment_rounds=segment,
-                                switch_margin=0.0)
+                                switch_margin=0.0, dispatch=dispatch)
   out = gemma_mtp.generate(target, PROMPTS[:2], max_new_tokens=80, drafter=drafter,
                            spec_config=spec)
   assert out.tokens == ref
@@ -175,15 +176,17 @@ def test_per_call_adaptivity_is_lossless_and_follows_the_estimator():
 
 
 def test_workloads_with_per_call_adaptivity_and_calibrated_costs():
-  """`pipeline.evaluate_workloads(calibrate=True, per_call=True, repeats=3)`: the adaptive rules
-  use the round costs of the fixed-K passes, the per-call configuration runs one bucket per
-  prompt, every configuration emits every token, and each reports the median of its three
-  passes ('mixed' of one workload: the same passes)."""
+  """`pipeline.evaluate_workloads(calibrate=True, per_call=True, repeats=3, dispatches=...)`: the
+  adaptive rules use the round costs of the fixed-K passes, the per-call configuration runs one
+  bucket per prompt, the switch dispatch runs the default's rounds, every configuration emits
+  every token, and each reports the median of its three passes ('mixed' of one workload: the
+  same passes)."""
   from gemma_mtp import pipeline  # pylint: disable=g-import-not-at-top
   target, drafter = agreeing_pair(TARGET, residual_scale=0.0)
   work = pipeline.evaluate_workloads(target, drafter, {"code": PROMPTS[:2]}, buckets=(1, 2),
-                                     max_new_tokens=24, calibrate=True, per_call=True, repeats=3)
-  configs = ["plain", "K=1", "K=2", "adaptive", "adaptive per call"]
+                                     max_new_tokens=24, calibrate=True, per_call=True, repeats=3,
+                                     dispatches=("loops", "switch"))
+  configs = ["plain", "K=1", "K=2", "adaptive", "adaptive, dispatch=switch", "adaptive per call"]
   assert [e["config"] for e in work if e["workload"] == "code"] == configs
   for e in work:
     assert e["new_tokens"] == 2 * 24
@@ -199,6 +202,7 @@ def test_workloads_with_per_call_adaptivity_and_calibrated_costs():
   per_prompt = {k: -(-23 // (int(k) + 1)) for k in ("1", "2")}
   assert sum(c // per_prompt[k] for k, c in counts["adaptive per call"].items()) == 2
   assert all(c % per_prompt[k] == 0 for k, c in counts["adaptive per call"].items())
+  assert counts["adaptive, dispatch=switch"] == counts["adaptive"]   # the same rounds
 
 
 @contextlib.contextmanager
@@ -334,15 +338,16 @@ def test_bucket_policy():
 
 
 def test_adaptive_loop_keeps_the_cache_in_place():
-  """The adaptive loop's `lax.switch` is the last op of the loop body: XLA copies every buffer a
-  conditional returns when anything follows it in a while body, which made each round copy the
-  target's whole K/V cache (on the H200 demo pair ~135 us per round; experiments/NOTES.md,
-  run V). Read from the compiled program: no cache-shaped copy beside the conditional."""
+  """No round of the adaptive loop copies the target's K/V cache, with either dispatch and with
+  segments. (With the rule after the `lax.switch` XLA copied every buffer the conditional
+  returned, the whole cache each round: ~135 us per round on the H200 demo pair, NOTES run V.)
+  Read from the compiled program: no cache-shaped copy in the loop's code ('loops') or beside the
+  switch ('switch'); a conditional with 'switch' only."""
   target, drafter = agreeing_pair(TARGET, residual_scale=0.3)
   batch = decoding.make_prompt_batch(PROMPTS[:1], vocab_size=TARGET.vocab_size)
-  cache_shapes = set()
-  for segment_rounds in (1, 3):
-    spec = speculative.SpecConfig(draft_lengths=(1, 2, 4), segment_rounds=segment_rounds)
+  for dispatch, segment_rounds in itertools.product(speculative.DISPATCHES, (1, 3)):
+    spec = speculative.SpecConfig(draft_lengths=(1, 2, 4), segment_rounds=segment_rounds,
+                                  dispatch=dispatch)
     max_len = decoding.round_up(decoding.check_capacity(
         TARGET, batch.tokens.shape[1], 16, slack=spec.max_chunk), decoding.PROMPT_BUCKET)
     text = speculative.speculative_generate.lower(
@@ -351,10 +356,13 @@ def test_adaptive_loop_keeps_the_cache_in_place():
         max_new=16, eos_ids=(), max_len=max_len,
         adaptive_state=speculative.initial_adaptive_state(spec)).compile().as_text()
     cache = kv_cache.init_cache(TARGET, 1, max_len, max_chunk=spec.max_chunk + 1)
-    cache_shapes = {f"[{','.join(map(str, b.shape))}]" for b in cache.k if b is not None}
-    with_switch = [c for c in re.split(r"\n(?=\S)", text) if " conditional(" in c]
-    assert with_switch
-    copies = [line for c in with_switch for line in c.splitlines()
-              if " copy(" in line and any(s in line.split("copy(")[0] for s in cache_shapes)]
-    assert not copies, copies[:3]
-  assert cache_shapes
+    shapes = {f"[{','.join(map(str, b.shape))}]" for b in cache.k if b is not None}
+    comps = re.split(r"\n(?=\S)", text)
+    # 'loops': all the loop's code; 'switch': the loop body holding the switch (XLA still copies
+    # some buffers inside all but one branch of it, which 'loops' has no need of).
+    checked = [c for c in comps if not c.startswith("ENTRY") and (
+        dispatch == "loops" or " conditional(" in c)]
+    copies = [line for c in checked for line in c.splitlines()
+              if " copy(" in line and any(x in line.split("copy(")[0] for x in shapes)]
+    assert checked and shapes and not copies, (dispatch, segment_rounds, copies[:3])
+    assert (" conditional(" in text) == (dispatch == "switch")
