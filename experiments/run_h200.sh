@@ -15,6 +15,7 @@
 #   bash experiments/run_h200.sh switch_root       # one H200: runs X, Y
 #   bash experiments/run_h200.sh conditional_cmdbuf  # one H200: run Z
 #   bash experiments/run_h200.sh unrolled_drafts   # one H200: round probe (run AA), unrolled (AB)
+#   bash experiments/run_h200.sh dispatch_compare  # one H200: adaptive 'loops' vs 'switch' (next)
 set -u
 OUT=${OUT:-runs/h200}
 mkdir -p "$OUT"
@@ -120,9 +121,18 @@ case "${1:-}" in
         --draft_lengths=2,4,8 --verify_costs=1,1,1 --calibrate --workload_repeats=3 \
         --out="$OUT/evaluate_demo_workloads_unrolled_h200.json" > "$OUT/evaluate_unrolled.log" 2>&1
     ;;
+  dispatch_compare)  # not run yet: the adaptive rule's 'loops' dispatch (default) vs 'switch'
+    for n in 16 32; do
+      timeout 280 python experiments/evaluate.py --workload_prompts=$n --temperatures= \
+          --draft_lengths=2,4,8 --verify_costs=1,1,1 --calibrate --workload_repeats=5 \
+          --dispatches=switch --out="$OUT/evaluate_demo_workloads_dispatch${n}_h200.json" \
+          > "$OUT/evaluate_dispatch$n.log" 2>&1
+    done
+    ;;
   *)
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
-         "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts" >&2
+         "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts |" \
+         "dispatch_compare" >&2
     exit 2
     ;;
 esac
