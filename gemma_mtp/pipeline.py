@@ -222,7 +222,9 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
 
   Returns one entry per (workload, configuration) with tokens/s, tokens per target forward,
   the speedup over plain decoding and the rounds per bucket (`bucket_counts`); the adaptive
-  entries also with the costs their rule used (`costs`: draft_cost, verify_costs by K).
+  entries also with the costs their rule used (`costs`: draft_cost, verify_costs by K) and
+  `seconds_at_fixed_rounds` (their rounds at the fixed-K passes' seconds per round: the rule's
+  choices apart from the cost of choosing; NOTES runs Y, Z).
   """
   if repeats < 1:
     raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -289,13 +291,27 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
     passes(wname, prompts, adaptive)
   entries += [_workload_entry("mixed", cname, tot) for cname, tot in totals.items()]
   plain = {e["workload"]: e["seconds"] for e in entries if e["config"] == "plain"}
+  per_round = {(e["workload"], e["config"]): e["seconds"] / max(e["forwards"], 1)
+               for e in entries}
   for e in entries:
     e["speedup"] = plain[e["workload"]] / e["seconds"]
     if e["config"].startswith("adaptive"):
       e["costs"] = used
+      e["seconds_at_fixed_rounds"] = _at_fixed_rounds(e, per_round)
     log.info("workload %s %s: %.1f tokens/s, %.2f tokens/forward, %.2fx", e["workload"],
              e["config"], e["tokens_per_second"], e["tokens_per_forward"], e["speedup"])
   return entries
+
+
+def _at_fixed_rounds(entry: dict[str, Any], per_round: dict) -> float | None:
+  """What an adaptive entry's rounds would take at the seconds per round of the same workload's
+  fixed-K passes: the worth of the rule's choices without the cost of choosing (each pass's
+  per-prompt costs, prefill included, spread over its rounds). None where a bucket has no
+  fixed-K pass (a tree)."""
+  keys = [(entry["workload"], f"K={k}") for k in entry["bucket_counts"]]
+  if not all(key in per_round for key in keys):
+    return None
+  return float(sum(per_round[key] * n for key, n in zip(keys, entry["bucket_counts"].values())))
 
 
 def round_costs(entries: Sequence[dict[str, Any]], buckets: Sequence[int]) -> dict[int, float]:

@@ -203,6 +203,15 @@ def test_workloads_with_per_call_adaptivity_and_calibrated_costs():
   assert sum(c // per_prompt[k] for k, c in counts["adaptive per call"].items()) == 2
   assert all(c % per_prompt[k] == 0 for k, c in counts["adaptive per call"].items())
   assert counts["adaptive, dispatch=switch"] == counts["adaptive"]   # the same rounds
+  # Each adaptive entry's rounds costed at the fixed-K passes' seconds per round.
+  by = {(e["workload"], e["config"]): e for e in work}
+  for (wname, cname), e in by.items():
+    if cname.startswith("adaptive"):
+      want = sum(n * by[wname, f"K={k}"]["seconds"] / by[wname, f"K={k}"]["forwards"]
+                 for k, n in e["bucket_counts"].items())
+      assert e["seconds_at_fixed_rounds"] == pytest.approx(want)
+    else:
+      assert "seconds_at_fixed_rounds" not in e
 
 
 @contextlib.contextmanager
