@@ -561,7 +561,8 @@ def speculative_generate(tparams, dparams, batch: decoding.PromptBatch, rng, *, 
   else:
     def body(s: SpecState) -> SpecState:
       for j, f in enumerate(branches):   # bucket j's rounds while the rule keeps bucket j
-        s = jax.lax.while_loop(lambda t, j=j: (t.bucket == j) & ~jnp.all(t.done), f, s)
+        s = jax.lax.while_loop(   # (clipped as lax.switch clips: every round runs a bucket)
+            lambda t, j=j: (jnp.clip(t.bucket, 0, nb - 1) == j) & ~jnp.all(t.done), f, s)
       return s
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
 
