@@ -172,7 +172,8 @@ def main(argv):
       adaptive = e["config"].startswith("adaptive")
       print(f"{e['workload']:6s} {e['config']:21s} {e['tokens_per_second']:8.1f} tokens/s "
             f"{e['tokens_per_forward']:.2f} tokens/forward {e['speedup']:.2f}x"
-            + (f" rounds per bucket {e['bucket_counts']}" if adaptive else "")
+            + (f" rounds per bucket {e['bucket_counts']}, {e['bucket_changes']} changes"
+               if adaptive else "")
             + (f"; at fixed-K round times {e['seconds']:.3f} -> {fixed:.3f} s"
                if adaptive and (fixed := e["seconds_at_fixed_rounds"]) else ""))
     print("adaptive costs:", next((e["costs"] for e in result["workloads"]

@@ -11,7 +11,6 @@ import json
 
 from absl import app
 from absl import flags
-import jax
 
 from gemma_mtp import api
 from gemma_mtp import bench
@@ -37,7 +36,7 @@ def main(argv):
       "adaptive": dict(spec_config=metrics.spec_config(
           buckets, True, 0.0, dict(zip(buckets, map(float, _VERIFY.value))))),
   }
-  record = {"environment": metrics.environment(), "prompt_tokens": len(prompt), "configs": {}}
+  record = {"prompt_tokens": len(prompt), "configs": {}}
   for name, kw in configs.items():
     def run(kw=kw):
       return api.generate(target, [prompt], max_new_tokens=_NEW.value, drafter=drafter, **kw)
@@ -49,8 +48,7 @@ def main(argv):
                                "new_tokens": out.stats["new_tokens"], "profile": prof}
     print(name, rounds, {k: prof.get(k) for k in ("kernels_per_step", "busy_us_per_step",
                                                    "span_us_per_step", "gap_us_per_step")})
-  with open(_OUT.value, "w") as f:
-    json.dump(record, f, indent=1)
+  metrics.write_record(_OUT.value, record)
 
 
 if __name__ == "__main__":

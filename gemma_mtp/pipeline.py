@@ -221,10 +221,11 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
   (greedy decoding, each pass from the prior), only its time.
 
   Returns one entry per (workload, configuration) with tokens/s, tokens per target forward,
-  the speedup over plain decoding and the rounds per bucket (`bucket_counts`); the adaptive
-  entries also with the costs their rule used (`costs`: draft_cost, verify_costs by K) and
-  `seconds_at_fixed_rounds` (their rounds at the fixed-K passes' seconds per round: the rule's
-  choices apart from the cost of choosing; NOTES runs Y, Z).
+  the speedup over plain decoding, the rounds per bucket (`bucket_counts`) and the changes of
+  bucket between rounds of a call (`bucket_changes`: what the 'loops' dispatch pays for); the
+  adaptive entries also with the costs their rule used (`costs`: draft_cost, verify_costs by K)
+  and `seconds_at_fixed_rounds` (their rounds at the fixed-K passes' seconds per round: the
+  rule's choices apart from the cost of choosing; NOTES runs Y, Z).
   """
   if repeats < 1:
     raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -277,7 +278,8 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
         runs[cname].append(_timed_pass(target, prompts, c, kw))
     for cname, done in runs.items():
       tot = totals.setdefault(cname, dict(seconds_runs=[0.0] * repeats, new=0, forwards=0,
-                                          prompts=0, drafted=0, accepted=0, buckets={}))
+                                          prompts=0, drafted=0, accepted=0, changes=0,
+                                          buckets={}))
       _add_counts(tot, {k: v for k, v in done[0].items() if k != "seconds"})
       tot["seconds_runs"] = [a + r["seconds"] for a, r in zip(tot["seconds_runs"], done)]
       entries.append(_workload_entry(wname, cname, {**done[0], "seconds_runs": [
@@ -341,9 +343,10 @@ def _timed_pass(target, prompts, config, kw) -> dict[str, Any]:
 def _run_prompts(target, prompts, *, per_call=None, **kw) -> dict[str, Any]:
   """Generates each prompt alone, in turn; an adaptive configuration (a `spec_config` with
   `adaptive`, or `per_call`: a chain SpecConfig whose bucket is chosen per prompt) carries its
-  estimator from prompt to prompt. Sums new tokens, target forwards, drafted / accepted drafts
-  and rounds per bucket."""
-  tot = dict(new=0, forwards=0, prompts=len(prompts), drafted=0, accepted=0, buckets={})
+  estimator from prompt to prompt. Sums new tokens, target forwards, drafted / accepted drafts,
+  rounds per bucket and changes of bucket between a call's rounds."""
+  tot = dict(new=0, forwards=0, prompts=len(prompts), drafted=0, accepted=0, changes=0,
+             buckets={})
   spec = kw.get("spec_config")
   carry = per_call is not None or (spec is not None and spec.adaptive)
   state = None
@@ -353,8 +356,10 @@ def _run_prompts(target, prompts, *, per_call=None, **kw) -> dict[str, Any]:
     out = api.generate(target, [p], adaptive_state=state, **kw)
     state = out.adaptive_state if carry else None
     st = out.stats
+    trace = st.get("bucket_trace", [])
     _add_counts(tot, dict(new=st["new_tokens"], forwards=st["target_forwards"],
                           drafted=st.get("drafted", 0), accepted=st.get("accepted", 0),
+                          changes=sum(a != b for a, b in zip(trace, trace[1:])),
                           buckets=st.get("bucket_counts", {})))
   return tot
 
@@ -379,7 +384,7 @@ def _workload_entry(wname: str, cname: str, tot: dict[str, Any]) -> dict[str, An
               new_tokens=tot["new"], tokens_per_second=tot["new"] / seconds,
               tokens_per_forward=(tot["new"] - tot["prompts"]) / max(tot["forwards"], 1),
               draft_acceptance=tot["accepted"] / tot["drafted"] if tot["drafted"] else None,
-              forwards=tot["forwards"],
+              forwards=tot["forwards"], bucket_changes=tot["changes"],
               bucket_counts={str(k): v for k, v in tot["buckets"].items()})
 
 

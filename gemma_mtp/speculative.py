@@ -36,7 +36,7 @@ interpolated from the chains' measured ones). The bucket of best E[tokens] / cos
 beats the current one by the relative `switch_margin` (hysteresis). The loop body holds one inner
 `lax.while_loop` per bucket that runs rounds while the rule keeps that bucket
 (`SpecConfig.dispatch='loops'`): a round of the chosen bucket is compiled and run as in a
-fixed-K loop, with no conditional, and a change of bucket (~5-10% of the rounds on the demo
+fixed-K loop, with no conditional, and a change of bucket (4-5% of the rounds on the demo
 pair) costs one check per inner loop (designed from runs V-AB; its GPU time is not measured
 yet: experiments/NOTES.md, "Not run yet"). `dispatch='switch'` runs every round through a
 `lax.switch` over the buckets instead, which XLA's GPU runtime executes by reading the branch
@@ -104,7 +104,7 @@ class SpecConfig:
     dispatch: adaptive: how a round runs the chosen bucket. 'loops' (the default): the loop
       body holds one inner `lax.while_loop` per bucket, each running rounds while the rule keeps
       its bucket: a round runs as in a fixed-K loop and only a change of bucket adds the inner
-      loops' checks (the rule changes bucket in ~5-10% of the demo pair's rounds).
+      loops' checks (the rule changes bucket in 4-5% of the demo pair's rounds).
       'switch': a `lax.switch` over the buckets every round (XLA's GPU runtime reads its
       branch index back to the host: 55-95 us more per round than fixed K on the H200 demo
       pair, NOTES.md, runs Y, Z).

@@ -203,6 +203,11 @@ def test_workloads_with_per_call_adaptivity_and_calibrated_costs():
   assert sum(c // per_prompt[k] for k, c in counts["adaptive per call"].items()) == 2
   assert all(c % per_prompt[k] == 0 for k, c in counts["adaptive per call"].items())
   assert counts["adaptive, dispatch=switch"] == counts["adaptive"]   # the same rounds
+  changes = {e["config"]: e["bucket_changes"] for e in work if e["workload"] == "code"}
+  assert changes["plain"] == changes["K=1"] == changes["K=2"] == 0
+  assert changes["adaptive per call"] == 0                          # one bucket per call
+  assert changes["adaptive, dispatch=switch"] == changes["adaptive"] < sum(
+      counts["adaptive"].values())
   # Each adaptive entry's rounds costed at the fixed-K passes' seconds per round.
   by = {(e["workload"], e["config"]): e for e in work}
   for (wname, cname), e in by.items():
