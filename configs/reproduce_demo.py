@@ -45,5 +45,7 @@ def get_config():
   c.workload_prompts = 0           # > 0: batch-1 code / prose / mixed workloads of this many prompts
   c.prose_roots = ("site-packages",)  # where the prose workload's .md / .rst / METADATA come from
   c.prose_max_bytes = 4_000_000
+  c.workload_calibrate = False     # workloads: the adaptive rule's costs from the fixed-K passes
+  c.workload_repeats = 1           # workloads: timed passes per configuration (median reported)
   c.seed = 0
   return c

@@ -1,9 +1,11 @@
-r"""Where an adaptive round's extra time goes (issue 6, run AA): one batch-1 greedy generation of
-the demo pair on a code prompt, with a fixed draft length and with the adaptive rule, each under
-the profiler (`bench.kernel_profile`, per round: kernels, device-busy time, the gaps between
-kernels, time per kernel kind).
+r"""Where a round's time goes (issue 6, runs AA, AG): one batch-1 greedy generation of a pair (the
+demo pair, or any saved target + assistant drafter) on a code prompt, with a fixed draft length
+and with the adaptive rule, each under the profiler (`bench.kernel_profile`, per round: kernels,
+device-busy time, the gaps between kernels, time per kernel kind).
 
   python experiments/round_probe.py --out=$OUT/round_probe.json
+  python experiments/round_probe.py --target=runs/gpu/demo/target --drafter=runs/gpu/demo/drafter \
+      --tokenizer=runs/gpu/demo/tokenizer.model --fixed=8 --out=$OUT/round_probe_gpu_pair.json
 """
 
 import inspect
@@ -12,10 +14,12 @@ import json
 from absl import app
 from absl import flags
 
+import gemma_mtp
 from gemma_mtp import api
 from gemma_mtp import bench
 from gemma_mtp import demo
 from gemma_mtp import metrics
+from gemma_mtp import tokenizer as tokenizer_lib
 
 _OUT = flags.DEFINE_string("out", "round_probe.json", "JSON record")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/round_probe_traces", "profiler traces")
@@ -24,11 +28,25 @@ _BUCKETS = flags.DEFINE_list("draft_lengths", ["2", "4", "8"], "adaptive buckets
 _VERIFY = flags.DEFINE_list("verify_costs", ["1.6", "2.15", "3.06"], "round costs of the buckets "
                             "(calibrated in run Y)")
 _NEW = flags.DEFINE_integer("max_new_tokens", 256, "new tokens")
+_TARGET = flags.DEFINE_string("target", None, "target checkpoint; default: the demo pair")
+_DRAFTER = flags.DEFINE_string("drafter", None, "drafter checkpoint (with --target)")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model (with --target)")
+
+
+def load():
+  """(target, drafter, tokenizer): the demo pair, or the checkpoints named by the flags."""
+  if _TARGET.value is None:
+    return demo.load_demo(dtype="bfloat16")
+  if _DRAFTER.value is None or _TOKENIZER.value is None:
+    raise app.UsageError("--target needs --drafter and --tokenizer")
+  target = gemma_mtp.load_target(_TARGET.value)
+  return (target, gemma_mtp.load_drafter(_DRAFTER.value, target),
+          tokenizer_lib.Tokenizer.load(_TOKENIZER.value))
 
 
 def main(argv):
   del argv
-  target, drafter, tok = demo.load_demo(dtype="bfloat16")
+  target, drafter, tok = load()
   prompt = tok.encode(inspect.getsource(json.decoder))[:128]
   buckets = tuple(int(k) for k in _BUCKETS.value)
   configs = {
@@ -36,7 +54,8 @@ def main(argv):
       "adaptive": dict(spec_config=metrics.spec_config(
           buckets, True, 0.0, dict(zip(buckets, map(float, _VERIFY.value))))),
   }
-  record = {"prompt_tokens": len(prompt), "configs": {}}
+  record = {"prompt_tokens": len(prompt), "target": _TARGET.value or "demo",
+            "drafter": _DRAFTER.value or "demo", "configs": {}}
   for name, kw in configs.items():
     def run(kw=kw):
       return api.generate(target, [prompt], max_new_tokens=_NEW.value, drafter=drafter, **kw)

@@ -211,8 +211,12 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
   their acceptance estimator from one prompt to the next within a pass
   (`api.generate(adaptive_state=)`), as a serving loop would; each pass starts from the prior.
   Their costs are `draft_cost` / `verify_costs` (`metrics.spec_config`), or with `calibrate` the
-  round costs measured in the loop by the first workload's fixed-K passes (`round_costs`: what a
-  round of each K costs relative to a plain decoding step, everything in the round included).
+  round costs measured in the loop by calibration passes (`repeats`, the median) of plain
+  decoding and every fixed K over the first workload, before any timed pass (`round_costs`: what
+  a round of each K costs relative to a plain decoding step, everything in the round included;
+  `costs` carries the calibration's median seconds). The timed passes of the adaptive configurations are then
+  interleaved with the fixed ones like any other (NOTES run AC: run after all the fixed passes
+  of a workload, right after their compilation, they were sometimes 20% slower).
 
   With `repeats` > 1 every workload's passes run that many times, interleaved (all
   configurations once, then again), so that drifts of the machine fall on every configuration
@@ -221,8 +225,10 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
   (greedy decoding, each pass from the prior), only its time.
 
   Returns one entry per (workload, configuration) with tokens/s, tokens per target forward,
-  the speedup over plain decoding, the rounds per bucket (`bucket_counts`) and the changes of
-  bucket between rounds of a call (`bucket_changes`: what the 'loops' dispatch pays for); the
+  the speedup over plain decoding, the rounds per bucket (`bucket_counts`), the changes of
+  bucket between rounds of a call (`bucket_changes`: what the 'loops' dispatch pays for), and
+  per prompt in order the target forwards (`prompt_forwards`) and the median over passes of its
+  wall seconds (`prompt_seconds`, the host's bookkeeping between calls included); the
   adaptive entries also with the costs their rule used (`costs`: draft_cost, verify_costs by K)
   and `seconds_at_fixed_rounds` (their rounds at the fixed-K passes' seconds per round: the
   rule's choices apart from the cost of choosing; NOTES runs Y, Z).
@@ -280,17 +286,27 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
       tot = totals.setdefault(cname, dict(seconds_runs=[0.0] * repeats, new=0, forwards=0,
                                           prompts=0, drafted=0, accepted=0, changes=0,
                                           buckets={}))
-      _add_counts(tot, {k: v for k, v in done[0].items() if k != "seconds"})
+      counts = {**done[0], "prompt_seconds": np.median(   # per prompt: the median pass
+          [r["prompt_seconds"] for r in done], axis=0).tolist()}
+      _add_counts(tot, {k: v for k, v in counts.items() if k != "seconds"})
       tot["seconds_runs"] = [a + r["seconds"] for a, r in zip(tot["seconds_runs"], done)]
-      entries.append(_workload_entry(wname, cname, {**done[0], "seconds_runs": [
+      entries.append(_workload_entry(wname, cname, {**counts, "seconds_runs": [
           r["seconds"] for r in done]}))
 
-  for wname, prompts in workloads.items():
-    passes(wname, prompts, fixed)
-    if adaptive is None:
-      adaptive = adaptive_configs(0.0, round_costs(entries, buckets))
-      warm(adaptive)
-    passes(wname, prompts, adaptive)
+  calibration = None
+  if adaptive is None:   # calibration passes of plain and fixed K over the first workload
+    wname, prompts = next(iter(workloads.items()))
+    chains = {cname: c for cname, c in fixed.items() if cname == "plain" or cname[:2] == "K="}
+    done = {cname: [] for cname in chains}
+    for _ in range(repeats):
+      for cname, c in chains.items():
+        done[cname].append(_timed_pass(target, prompts, c, kw))
+    calibration = [_workload_entry(wname, cname, {**runs[0], "seconds_runs": [
+        r["seconds"] for r in runs]}) for cname, runs in done.items()]
+    adaptive = adaptive_configs(0.0, round_costs(calibration, buckets))
+    warm(adaptive)
+  for wname, prompts in workloads.items():   # every configuration's passes interleaved
+    passes(wname, prompts, {**fixed, **adaptive})
   entries += [_workload_entry("mixed", cname, tot) for cname, tot in totals.items()]
   plain = {e["workload"]: e["seconds"] for e in entries if e["config"] == "plain"}
   per_round = {(e["workload"], e["config"]): e["seconds"] / max(e["forwards"], 1)
@@ -298,7 +314,8 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
   for e in entries:
     e["speedup"] = plain[e["workload"]] / e["seconds"]
     if e["config"].startswith("adaptive"):
-      e["costs"] = used
+      e["costs"] = used if calibration is None else {
+          **used, "calibration_seconds": {c["config"]: c["seconds"] for c in calibration}}
       e["seconds_at_fixed_rounds"] = _at_fixed_rounds(e, per_round)
     log.info("workload %s %s: %.1f tokens/s, %.2f tokens/forward, %.2fx", e["workload"],
              e["config"], e["tokens_per_second"], e["tokens_per_forward"], e["speedup"])
@@ -346,21 +363,24 @@ def _run_prompts(target, prompts, *, per_call=None, **kw) -> dict[str, Any]:
   estimator from prompt to prompt. Sums new tokens, target forwards, drafted / accepted drafts,
   rounds per bucket and changes of bucket between a call's rounds."""
   tot = dict(new=0, forwards=0, prompts=len(prompts), drafted=0, accepted=0, changes=0,
-             buckets={})
+             buckets={}, prompt_seconds=[], prompt_forwards=[])
   spec = kw.get("spec_config")
   carry = per_call is not None or (spec is not None and spec.adaptive)
   state = None
   for p in prompts:
+    t0 = time.perf_counter()
     if per_call is not None:
       kw["spec_config"], state = speculative.per_call_config(per_call, state)
-    out = api.generate(target, [p], adaptive_state=state, **kw)
+    out = api.generate(target, [p], adaptive_state=state, **kw)   # (returns host arrays)
     state = out.adaptive_state if carry else None
     st = out.stats
     trace = st.get("bucket_trace", [])
     _add_counts(tot, dict(new=st["new_tokens"], forwards=st["target_forwards"],
                           drafted=st.get("drafted", 0), accepted=st.get("accepted", 0),
                           changes=sum(a != b for a, b in zip(trace, trace[1:])),
-                          buckets=st.get("bucket_counts", {})))
+                          buckets=st.get("bucket_counts", {}),
+                          prompt_seconds=[time.perf_counter() - t0],
+                          prompt_forwards=[st["target_forwards"]]))
   return tot
 
 
@@ -370,6 +390,8 @@ def _add_counts(tot: dict[str, Any], st: dict[str, Any]) -> None:
     if k == "buckets":
       for label, c in v.items():
         tot["buckets"][label] = tot["buckets"].get(label, 0) + c
+    elif isinstance(v, list):   # per prompt: concatenated
+      tot[k] = tot.get(k, []) + v
     else:
       tot[k] = tot.get(k, 0) + v
 
@@ -385,7 +407,8 @@ def _workload_entry(wname: str, cname: str, tot: dict[str, Any]) -> dict[str, An
               tokens_per_forward=(tot["new"] - tot["prompts"]) / max(tot["forwards"], 1),
               draft_acceptance=tot["accepted"] / tot["drafted"] if tot["drafted"] else None,
               forwards=tot["forwards"], bucket_changes=tot["changes"],
-              bucket_counts={str(k): v for k, v in tot["buckets"].items()})
+              bucket_counts={str(k): v for k, v in tot["buckets"].items()},
+              prompt_seconds=tot["prompt_seconds"], prompt_forwards=tot["prompt_forwards"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -423,6 +446,8 @@ class PipelineConfig:
   workload_prompts: int = 0
   prose_roots: tuple[str, ...] = ("site-packages",)
   prose_max_bytes: int = 4_000_000
+  workload_calibrate: bool = False
+  workload_repeats: int = 1
   seed: int = 0
 
 
@@ -531,7 +556,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         workloads["prose"] = eval_prompts(prose, num=n, prompt_len=cfg.prompt_len, seed=1)
       results[convention]["workloads"] = evaluate_workloads(
           target, drafter, workloads, buckets=buckets, max_new_tokens=cfg.max_new_tokens,
-          draft_cost=cost, verify_costs=verify["ratio"])
+          draft_cost=cost, verify_costs=verify["ratio"], calibrate=cfg.workload_calibrate,
+          repeats=cfg.workload_repeats)
   times["evaluate_s"] = time.perf_counter() - t
   times["total_s"] = time.perf_counter() - t0
 

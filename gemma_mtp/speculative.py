@@ -233,21 +233,36 @@ def bucket_values(p: jax.Array, pooled: jax.Array, spec: SpecConfig) -> jax.Arra
     p: [Kmax] conditional acceptance per draft position (chains).
     pooled: () per-candidate acceptance (trees, `tree.TreeSpec.value`).
   """
-  # tokens[i] = 1 + sum_{m<=i} prod_{j<=m} p_j: expected tokens of a chain of i + 1 drafts.
-  tokens = 1.0 + jnp.cumsum(jnp.cumprod(p))
-  ks = np.asarray(spec.draft_lengths, np.int32)
-  cost = np.asarray([spec.verify_cost(k) + k * spec.draft_cost for k in ks], np.float32)
-  values = [tokens[ks - 1] / cost] if spec.draft_lengths else []
+  # A chain of k drafts yields 1 + sum_{m<k} prod_{j<=m} p_j tokens, accumulated draft by draft
+  # in scalar arithmetic: in the loop XLA fuses the rule into one kernel (a cumprod, a cumsum
+  # and an argmax were a kernel each, launched every round).
+  values, prod, tokens, by_length = [], 1.0, 1.0, {}
+  for j in range(max(spec.draft_lengths, default=0)):
+    prod = prod * p[j]
+    tokens = tokens + prod
+    by_length[j + 1] = tokens
+  values += [by_length[k] / np.float32(spec.verify_cost(k) + k * spec.draft_cost)
+             for k in spec.draft_lengths]
   values += [t.value(pooled, draft_cost=spec.draft_cost, node_cost=spec.node_cost,
-                     verify_cost=spec.verify_cost(t.max_depth))[None] for t in spec.trees]
-  return jnp.concatenate(values).astype(F32)
+                     verify_cost=spec.verify_cost(t.max_depth)) for t in spec.trees]
+  return jnp.stack([jnp.asarray(v, F32) for v in values])
+
+
+def _first_max(values: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(index, value) of the first largest of `values` ([n], n static), as scalar selects: part
+  of the fusion that computes them, where `jnp.argmax` is a reduction kernel of its own."""
+  best, top = jnp.zeros((), jnp.int32), values[0]
+  for i in range(1, values.shape[0]):
+    better = values[i] > top
+    best, top = jnp.where(better, i, best), jnp.where(better, values[i], top)
+  return best, top
 
 
 def best_bucket(acceptance: jax.Array, spec: SpecConfig) -> jax.Array:
   """Index of the bucket maximising expected tokens per cost when every draft is accepted with
   probability a (geometric acceptance)."""
   a = jnp.asarray(acceptance, F32)
-  return jnp.argmax(bucket_values(jnp.full((spec.max_draft,), a), a, spec)).astype(jnp.int32)
+  return _first_max(bucket_values(jnp.full((spec.max_draft,), a), a, spec))[0]
 
 
 def choose_bucket(est: AdaptiveState, spec: SpecConfig) -> AdaptiveState:
@@ -255,10 +270,12 @@ def choose_bucket(est: AdaptiveState, spec: SpecConfig) -> AdaptiveState:
   one (if any) is within `switch_margin` of it."""
   pooled = pooled_acceptance(est, spec)
   values = bucket_values(position_acceptance(est, spec, pooled), pooled, spec)
-  best = jnp.argmax(values).astype(jnp.int32)
+  best, top = _first_max(values)
   current = jnp.asarray(est.bucket, jnp.int32)
-  keep = (current >= 0) & (values[best] <= values[jnp.maximum(current, 0)]
-                           * (1.0 + spec.switch_margin))
+  held = values[0]   # the current bucket's value (selects, not a gather)
+  for i in range(1, values.shape[0]):
+    held = jnp.where(current == i, values[i], held)
+  keep = (current >= 0) & (top <= held * (1.0 + spec.switch_margin))
   return est.replace(bucket=jnp.where(keep, current, best))
 
 

@@ -260,3 +260,49 @@ def test_kernel_summary_per_step_and_by_kind():
   seq = bench.summarize_kernels(events, steps=2, sequence=True)["step_sequence"]
   assert seq == [["loop_pad_fusion_3", 2.0], ["loop_pad_fusion_4", 2.0]]   # the second step
   assert bench.summarize_kernels([], steps=2) == {}
+
+
+@pytest.mark.parametrize("buckets, costs, draft_cost", [
+    ((1, 2, 4, 8), (1.0, 1.05, 1.15, 1.4), 0.1), ((2, 4, 8), (1.56, 2.07, 2.93), 0.0),
+    ((3,), (1.2,), 0.05)])
+def test_rule_equals_the_formula_on_random_estimators(buckets, costs, draft_cost):
+  """The rule's values and choice (written as scalar arithmetic so that it compiles to a few
+  elementwise kernels) against the documented formula in numpy: per-position estimates shrunk
+  toward the pooled one, values (1 + sum_{m<k} prod_{j<=m} p_j) / (v_k + k c), the first best
+  bucket, kept while within the switch margin of it."""
+  spec = speculative.SpecConfig(draft_lengths=buckets, verify_costs=costs, draft_cost=draft_cost)
+  rule = jax.jit(lambda est: speculative.choose_bucket(est, spec))
+  rng = np.random.default_rng(len(buckets))
+  kmax, w, a0 = spec.max_draft, spec.prior_weight, spec.initial_acceptance
+  near = 0
+  for _ in range(200):
+    judged = rng.uniform(0, 40, kmax).astype(np.float32)
+    accepted = (judged * rng.uniform(0, 1, kmax)).astype(np.float32)
+    succ, fail = np.float32(rng.uniform(0, 80)), np.float32(rng.uniform(0, 40))
+    current = np.int32(rng.integers(-1, len(buckets)))
+    est = speculative.AdaptiveState(judged=judged, accepted=accepted, succ=succ, fail=fail,
+                                    bucket=current)
+    pooled = (succ + w * a0) / (succ + fail + w)
+    p = (accepted + w * pooled) / (judged + w)
+    want = np.array([true_value(p, k, draft_cost=draft_cost, verify_cost=v)
+                     for k, v in zip(buckets, costs)])
+    got = speculative.bucket_values(p, pooled, spec)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    best = int(np.argmax(want))
+    keep = current >= 0 and want[best] <= want[current] * (1 + spec.switch_margin)
+    top2 = np.sort(want)[-2:] if len(want) > 1 else want
+    if abs(want[best] - want[current] * (1 + spec.switch_margin)) < 1e-5 or (
+        len(want) > 1 and top2[1] - top2[0] < 1e-5):
+      near += 1   # a float32 tie: either choice is the formula's
+      continue
+    assert int(rule(est).bucket) == (current if keep else best)
+  assert near < 5
+
+
+def test_rule_compiles_without_reductions():
+  """The rule runs every round of an adaptive loop: written as scalar arithmetic it has no
+  cumulative sums or products and no argmax, each of which was a kernel of its own per round."""
+  est = jax.tree_util.tree_map(jnp.asarray, speculative.initial_adaptive_state(SPEC))
+  hlo = jax.jit(lambda e: speculative.choose_bucket(e, SPEC)).lower(est).compile().as_text()
+  assert " reduce(" not in hlo and "reduce-window(" not in hlo
+  assert " fusion(" in hlo   # (the check reads real compiled text)

@@ -175,26 +175,43 @@ def test_per_call_adaptivity_is_lossless_and_follows_the_estimator():
   assert ks == [4, 8]
 
 
-def test_workloads_with_per_call_adaptivity_and_calibrated_costs():
+def test_workloads_with_per_call_adaptivity_and_calibrated_costs(monkeypatch):
   """`pipeline.evaluate_workloads(calibrate=True, per_call=True, repeats=3, dispatches=...)`: the
-  adaptive rules use the round costs of the fixed-K passes, the per-call configuration runs one
-  bucket per prompt, the switch dispatch runs the default's rounds, every configuration emits
-  every token, and each reports the median of its three passes ('mixed' of one workload: the
-  same passes)."""
+  adaptive rules use the round costs of calibration passes of the fixed K run before the timed
+  passes, whose configurations, adaptive ones included, run interleaved; the per-call
+  configuration runs one bucket per prompt, the switch dispatch runs the default's rounds, every
+  configuration emits every token, and each reports the median of its three passes ('mixed' of
+  one workload: the same passes)."""
   from gemma_mtp import pipeline  # pylint: disable=g-import-not-at-top
+  order, timed_pass = [], pipeline._timed_pass   # pylint: disable=protected-access
+
+  def recording(target, prompts, config, kw):
+    spec = config.get("spec_config")
+    order.append("A" if "per_call" in config or (spec and spec.adaptive) else "F")
+    return timed_pass(target, prompts, config, kw)
+
+  monkeypatch.setattr(pipeline, "_timed_pass", recording)
   target, drafter = agreeing_pair(TARGET, residual_scale=0.0)
   work = pipeline.evaluate_workloads(target, drafter, {"code": PROMPTS[:2]}, buckets=(1, 2),
                                      max_new_tokens=24, calibrate=True, per_call=True, repeats=3,
                                      dispatches=("loops", "switch"))
+  # Calibration (plain, K=1, K=2; three times), then the timed passes, all six configurations
+  # in turn, three times.
+  assert "".join(order) == "FFF" * 3 + "FFFAAA" * 3
   configs = ["plain", "K=1", "K=2", "adaptive", "adaptive, dispatch=switch", "adaptive per call"]
   assert [e["config"] for e in work if e["workload"] == "code"] == configs
   for e in work:
     assert e["new_tokens"] == 2 * 24
     assert len(e["seconds_runs"]) == 3 and e["seconds"] == sorted(e["seconds_runs"])[1]
+    # Per prompt: its forwards and its median wall time (each within the passes' span).
+    assert len(e["prompt_forwards"]) == len(e["prompt_seconds"]) == 2
+    assert sum(e["prompt_forwards"]) == e["forwards"]
+    assert 0 < sum(e["prompt_seconds"]) <= sum(e["seconds_runs"])
   runs = {(e["workload"], e["config"]): e["seconds_runs"] for e in work}
   assert all(runs["mixed", c] == runs["code", c] for c in configs)
   costs = next(e["costs"] for e in work if e["config"] == "adaptive per call")
   assert costs["calibrated"] and costs["draft_cost"] == 0.0
+  assert set(costs["calibration_seconds"]) == {"plain", "K=1", "K=2"}
   assert 1.0 <= costs["verify_costs"][1] <= costs["verify_costs"][2]
   # Drafts always accepted: a prompt run at K takes ceil(23 / (K + 1)) rounds (the first of its
   # 24 tokens comes from the prefill). Per call, each bucket's rounds are whole prompts.
