@@ -15,7 +15,8 @@
 #   bash experiments/run_h200.sh switch_root       # one H200: runs X, Y
 #   bash experiments/run_h200.sh conditional_cmdbuf  # one H200: run Z
 #   bash experiments/run_h200.sh unrolled_drafts   # one H200: round probe (run AA), unrolled (AB)
-#   bash experiments/run_h200.sh dispatch_compare  # one H200: adaptive 'loops' vs 'switch' (next)
+#   bash experiments/run_h200.sh dispatch_compare  # one H200: adaptive 'loops' vs 'switch' (AC)
+#   bash experiments/run_h200.sh gpu_pair          # one H200: GPU pair + workloads (next)
 set -u
 OUT=${OUT:-runs/h200}
 mkdir -p "$OUT"
@@ -121,7 +122,7 @@ case "${1:-}" in
         --draft_lengths=2,4,8 --verify_costs=1,1,1 --calibrate --workload_repeats=3 \
         --out="$OUT/evaluate_demo_workloads_unrolled_h200.json" > "$OUT/evaluate_unrolled.log" 2>&1
     ;;
-  dispatch_compare)  # not run yet: the adaptive rule's 'loops' dispatch (default) vs 'switch'
+  dispatch_compare)  # session 7, run AC: the adaptive rule's 'loops' dispatch (default) vs 'switch'
     for n in 16 32; do
       timeout 280 python experiments/evaluate.py --workload_prompts=$n --temperatures= \
           --draft_lengths=2,4,8 --verify_costs=1,1,1 --calibrate --workload_repeats=5 \
@@ -129,10 +130,18 @@ case "${1:-}" in
           > "$OUT/evaluate_dispatch$n.log" 2>&1
     done
     ;;
+  gpu_pair)          # next (NOTES "Not run yet"): the GPU-trained pair on a 16-core host, its
+                     # evaluation trimmed so that training and the interleaved, calibrated
+                     # workloads (12 prompts, three passes) fit one 10-minute command (~530 s)
+    timeout 590 python experiments/reproduce_gpu.py --config=configs/reproduce_gpu.py \
+        --config.out_dir=runs/gpu --config.full_eval=False --config.measure_speed=False \
+        "--config.conventions=('hf',)" --config.workload_prompts=12 > "$OUT/reproduce.log" 2>&1
+    cp runs/gpu/reproduce.json "$OUT/reproduce_gpu_pair_h200.json"
+    ;;
   *)
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
          "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts |" \
-         "dispatch_compare" >&2
+         "dispatch_compare | gpu_pair" >&2
     exit 2
     ;;
 esac
