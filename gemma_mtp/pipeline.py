@@ -214,9 +214,10 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
   round costs measured in the loop by calibration passes (`repeats`, the median) of plain
   decoding and every fixed K over the first workload, before any timed pass (`round_costs`: what
   a round of each K costs relative to a plain decoding step, everything in the round included;
-  `costs` carries the calibration's median seconds). The timed passes of the adaptive configurations are then
-  interleaved with the fixed ones like any other (NOTES run AC: run after all the fixed passes
-  of a workload, right after their compilation, they were sometimes 20% slower).
+  `costs` carries the calibration's median seconds). The timed passes of the adaptive
+  configurations are then interleaved with the fixed ones like any other (NOTES run AC: run
+  after all the fixed passes of a workload, right after their compilation, they were sometimes
+  20% slower).
 
   With `repeats` > 1 every workload's passes run that many times, interleaved (all
   configurations once, then again), so that drifts of the machine fall on every configuration
