@@ -16,7 +16,11 @@
 #   bash experiments/run_h200.sh conditional_cmdbuf  # one H200: run Z
 #   bash experiments/run_h200.sh unrolled_drafts   # one H200: round probe (run AA), unrolled (AB)
 #   bash experiments/run_h200.sh dispatch_compare  # one H200: adaptive 'loops' vs 'switch' (AC)
-#   bash experiments/run_h200.sh gpu_pair          # one H200: GPU pair + workloads (next)
+#   bash experiments/run_h200.sh gpu_pair          # one H200: GPU pair + workloads (run AJ)
+#   bash experiments/run_h200.sh loop_graphs       # one H200: GPU-pair-shaped rounds under
+#                                                  # XLA's command-buffer settings (run AH)
+#   bash experiments/run_h200.sh pair_layouts      # one H200: the same rounds, fused layout and
+#                                                  # one-row pads (run AI)
 set -u
 OUT=${OUT:-runs/h200}
 mkdir -p "$OUT"
@@ -130,18 +134,52 @@ case "${1:-}" in
           > "$OUT/evaluate_dispatch$n.log" 2>&1
     done
     ;;
-  gpu_pair)          # next (NOTES "Not run yet"): the GPU-trained pair on a 16-core host, its
-                     # evaluation trimmed so that training and the interleaved, calibrated
-                     # workloads (12 prompts, three passes) fit one 10-minute command (~530 s)
+  gpu_pair)          # session 9, run AJ: the GPU-trained pair on a 16-core host, its evaluation
+                     # trimmed so that training and the interleaved, calibrated workloads (12
+                     # prompts, three passes) fit one 10-minute command (569 s)
     timeout 590 python experiments/reproduce_gpu.py --config=configs/reproduce_gpu.py \
         --config.out_dir=runs/gpu --config.full_eval=False --config.measure_speed=False \
         "--config.conventions=('hf',)" --config.workload_prompts=12 > "$OUT/reproduce.log" 2>&1
     cp runs/gpu/reproduce.json "$OUT/reproduce_gpu_pair_h200.json"
+    cat runs/gpu/target_metrics.jsonl runs/gpu/drafter_metrics.jsonl \
+        > "$OUT/reproduce_gpu_pair_h200_metrics.jsonl"
+    ;;
+  loop_graphs)       # session 9, run AH: a GPU-pair-shaped round (random weights) and plain step
+                     # with XLA's default command buffers, with whole loops as CUDA graphs
+                     # (WHILE: no host round trip per iteration), with conditionals too, and off
+    for variant in default while while_cond off; do
+      case $variant in
+        default) flags="" ;;
+        while) flags="--xla_gpu_enable_command_buffer=+WHILE" ;;
+        while_cond) flags="--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" ;;
+        off) flags="--xla_gpu_enable_command_buffer=" ;;
+      esac
+      XLA_FLAGS="$flags" timeout 150 python experiments/round_probe.py --shapes=gpu_pair \
+          --fixed=8 --out="$OUT/round_probe_shapes_${variant}_h200.json" \
+          > "$OUT/round_probe_$variant.log" 2>&1
+      grep -E "^(plain|K=|adaptive)" "$OUT/round_probe_$variant.log"
+    done
+    ;;
+  pair_layouts)      # session 9, run AI: the rounds of run AH in the checkpoint layout, in the
+                     # fused one (target and drafter), its one-row matmuls padded with a copy of
+                     # the row instead of zeros, and its small weights left unpadded
+    for variant in checkpoint fused fused_copy fused_min1m; do
+      case $variant in
+        checkpoint) args="" ;;
+        fused) args="--fused" ;;
+        fused_copy) args="--fused --pad_rows=copy" ;;
+        fused_min1m) args="--fused --pad_min_weight_size=1048576" ;;
+      esac
+      timeout 140 python experiments/round_probe.py --shapes=gpu_pair --fixed=8 --adaptive=false \
+          $args --out="$OUT/round_probe_layout_${variant}_h200.json" \
+          > "$OUT/round_probe_layout_$variant.log" 2>&1
+      grep -E "^(plain|K=)" "$OUT/round_probe_layout_$variant.log"
+    done
     ;;
   *)
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
          "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts |" \
-         "dispatch_compare | gpu_pair" >&2
+         "dispatch_compare | gpu_pair | loop_graphs | pair_layouts" >&2
     exit 2
     ;;
 esac

@@ -7,6 +7,8 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused       `model.fuse_projections`: one q|k|v and one gate|up matmul per layer;
   fused_pad   fused, with every one-row matmul padded to two rows whatever the weight's size
               (`quant.PAD_MAX_WEIGHT_SIZE` lifted: a fused gate|up is above it on E4B);
+  fused_copy  fused, one-row matmuls padded with a copy of the row (a broadcast XLA can fuse
+              into the GEMM) instead of a row of zeros (a pad kernel of its own; run AI);
   fused_nopad fused, no one-row matmul padded (with XLA_FLAGS=--xla_gpu_enable_dot_strength_
               reduction=false XLA keeps one-row matmuls as GEMMs instead of multiply + reduce;
               jax 0.11.2's XLA does not know that flag);
@@ -61,6 +63,7 @@ _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "if set: each batch-1 decode pro
 _LIBRARY_PAD_MAX = quant.PAD_MAX_WEIGHT_SIZE
 _LIBRARY_PAD_BACKENDS = quant.PAD_ONE_ROW_BACKENDS
 _LIBRARY_ATTENTION = layers.attention
+_LIBRARY_PAD_ROWS = quant.PAD_ROWS_WITH
 _CUDNN_CALLS = {"cudnn": 0, "library": 0}
 
 
@@ -81,6 +84,7 @@ def _set_variant(variant: str):
   quant.PAD_MAX_WEIGHT_SIZE = (1 << 62) if variant == "fused_pad" else _LIBRARY_PAD_MAX
   quant.PAD_ONE_ROW_BACKENDS = () if variant == "fused_nopad" else _LIBRARY_PAD_BACKENDS
   layers.attention = _cudnn_attention if variant == "fused_cudnn" else _LIBRARY_ATTENTION
+  quant.PAD_ROWS_WITH = "copy" if variant == "fused_copy" else _LIBRARY_PAD_ROWS
 
 
 def attention_check(cfg, params) -> dict:
@@ -167,7 +171,7 @@ def model_entries(model: str) -> list[dict]:
   return entries
 
 
-VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_nopad", "fused_cudnn")
+VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fused_cudnn")
 
 
 def main(argv):

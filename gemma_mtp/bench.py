@@ -259,17 +259,26 @@ def summarize_kernels(events, steps: int, *, top: int = 30, sequence: bool = Fal
   Returns {'kernels_per_step', 'busy_us_per_step' (union of kernel intervals), 'span_us_per_step'
   (first start to last end), 'gap_us_per_step' (span - busy), 'by_kind' (calls and microseconds
   per step by kernel kind: the name without its numeric suffixes, e.g. 'gemm_fusion_dot' or
-  'loop_pad_fusion'), 'top' (the `top` kernel names by time, with their HLO op)}; {} without
-  events. With `sequence`, also 'step_sequence': [name, microseconds] of one step's kernels in
-  order (the middle step, cut by count: kernels / steps from the start of that step).
+  'loop_pad_fusion'), 'top' (the `top` kernel names by time, with their HLO op), 'gaps' (where
+  the device waits: idle time per step by the pair of kernels around it, 'before -> after', the
+  `top` largest)}; {} without events. With `sequence`, also 'step_sequence': [name,
+  microseconds] of one step's kernels in order (the middle step, cut by count: kernels / steps
+  from the start of that step).
   """
   events = sorted(events)
   if not events:
     return {}
   busy, end = 0.0, -math.inf
-  for start, dur, _, _ in events:   # union of intervals (streams may overlap)
+  gaps: dict[str, list] = {}
+  last = None
+  for start, dur, name, _ in events:   # union of intervals (streams may overlap)
+    if last is not None and start > end:
+      entry = gaps.setdefault(f"{last[:80]} -> {name[:80]}", [0, 0.0])
+      entry[0] += 1
+      entry[1] += start - end
     busy += max(0.0, start + dur - max(start, end))
-    end = max(end, start + dur)
+    if start + dur >= end:
+      end, last = start + dur, name
   span = end - events[0][0]
 
   def per_step(groups):
@@ -292,6 +301,7 @@ def summarize_kernels(events, steps: int, *, top: int = 30, sequence: bool = Fal
       "gap_us_per_step": (span - busy) / steps / 1e3,
       "by_kind": per_step(by_kind),
       "top": [{"name": n, "hlo_op": ops[n], **v} for n, v in top_names],
+      "gaps": [{"between": k, **v} for k, v in list(per_step(gaps).items())[:top]],
   } | ({"step_sequence": _step_sequence(events, steps)} if sequence else {})
 
 

@@ -238,6 +238,14 @@ def logit_error(logits: jax.Array, ref: jax.Array) -> dict[str, float]:
 # (31B's MLP, q and o projections, every vocabulary-sized head) keep one row.
 PAD_ONE_ROW_BACKENDS = ("gpu",)
 PAD_MAX_WEIGHT_SIZE = 32 << 20
+# Research knobs, measured on an H200 (experiments/NOTES.md runs AI, AK) and left at the values
+# that won there. PAD_MIN_WEIGHT_SIZE: smaller weights keep one row; 1M made the fused 51M-param
+# GPU pair slower (plain step 476 -> 493 us, K = 8 round 1,512 -> 1,568 us). PAD_ROWS_WITH: what
+# the second row holds, "zeros" (a pad kernel of its own before the GEMM) or "copy" (row 0 again:
+# a broadcast XLA can fuse into the GEMM's operand); "copy" sped up that pair (476 -> 464 us,
+# 1,512 -> 1,455 us) but slowed E2B (2.578 -> 2.675 ms) and E4B (4.030 -> 4.057 ms).
+PAD_MIN_WEIGHT_SIZE = 0
+PAD_ROWS_WITH = "zeros"
 
 
 def pad_one_row() -> bool:
@@ -276,8 +284,12 @@ def einsum(spec: str, x: jax.Array, w: QArray | jax.Array, *,
     y = _kernel_einsum(spec, x, w, preferred_element_type)
     if y is not None:
       return y
-  if pad_one_row() and _one_row(spec, x) and math.prod(w.shape) < PAD_MAX_WEIGHT_SIZE:
-    x2 = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
+  if (pad_one_row() and _one_row(spec, x)
+      and PAD_MIN_WEIGHT_SIZE <= math.prod(w.shape) < PAD_MAX_WEIGHT_SIZE):
+    if PAD_ROWS_WITH == "copy":
+      x2 = jnp.broadcast_to(x, (2,) + x.shape[1:])
+    else:
+      x2 = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
     return _einsum(spec, x2, w, preferred_element_type=preferred_element_type)[:1]
   return _einsum(spec, x, w, preferred_element_type=preferred_element_type)
 

@@ -256,6 +256,12 @@ def test_kernel_summary_per_step_and_by_kind():
   assert got["by_kind"] == {"gemm_fusion_dot": {"calls_per_step": 1, "us_per_step": 10},
                             "loop_pad_fusion": {"calls_per_step": 1, "us_per_step": 2}}
   assert [t["name"] for t in got["top"]] == ["gemm_fusion_dot_7"]
+  # Idle [15, 20] after the second GEMM (it ends last) and [22, 30] after the first pad.
+  assert got["gaps"] == [{"between": "loop_pad_fusion_3 -> loop_pad_fusion_4",
+                          "calls_per_step": 0.5, "us_per_step": 4}]
+  gaps = bench.summarize_kernels(events, steps=2, top=2)["gaps"]
+  assert gaps[1] == {"between": "gemm_fusion_dot_9 -> loop_pad_fusion_3", "calls_per_step": 0.5,
+                     "us_per_step": 2.5}
   assert "step_sequence" not in got
   seq = bench.summarize_kernels(events, steps=2, sequence=True)["step_sequence"]
   assert seq == [["loop_pad_fusion_3", 2.0], ["loop_pad_fusion_4", 2.0]]   # the second step

@@ -275,6 +275,15 @@ def test_one_row_padding_keeps_values_and_greedy_decoding(monkeypatch, ple_param
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
   assert jnp.array_equal(gemma_mtp.generate(target, prompt, max_new_tokens=12).tokens, tokens)
+  # The second row as a copy of the first (a broadcast, no pad): the same values.
+  monkeypatch.setattr(quant, "PAD_ROWS_WITH", "copy")
+  text = jax.jit(lambda a, b: quant.einsum(spec, a, b)).lower(x, w).as_text()
+  assert "tensor<2x1x" in text and "broadcast_in_dim" in text and "concatenate" not in text
+  for v, ref in zip((w, qw), plain):
+    np.testing.assert_allclose(quant.einsum(spec, x, v), ref, rtol=1e-5, atol=1e-5)
+  # Weights below PAD_MIN_WEIGHT_SIZE keep their one row.
+  monkeypatch.setattr(quant, "PAD_MIN_WEIGHT_SIZE", w.size + 1)
+  assert "tensor<2x1x" not in jax.jit(lambda a, b: quant.einsum(spec, a, b)).lower(x, w).as_text()
   jax.clear_caches()
 
 
