@@ -56,13 +56,14 @@ _PAD_MIN = flags.DEFINE_integer("pad_min_weight_size", 0, "quant.PAD_MIN_WEIGHT_
 
 
 def random_pair(name: str):
-  """(target, drafter, None): random bf16 weights of the shapes of configs/<reproduce_gpu>.py."""
-  path = pathlib.Path(__file__).parents[1] / "configs" / "reproduce_gpu.py"
-  spec = importlib.util.spec_from_file_location("reproduce_gpu", path)
+  """(target, drafter, None): random bf16 weights of a trained pair's shapes; 'gpu_pair' is
+  the pair of configs/reproduce_gpu.py (its tokenizer's 8,192-token vocabulary)."""
+  config_file = {"gpu_pair": "reproduce_gpu.py"}[name]
+  path = pathlib.Path(__file__).parents[1] / "configs" / config_file
+  spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
-  assert name == "gpu_pair", name
   tcfg = gemma_mtp.ModelConfig(vocab_size=c.vocab_size, **{**c.target, "param_dtype": "bfloat16"})
   target = api.random_target(tcfg)
   return target, api.random_drafter(target, **c.drafter), None
