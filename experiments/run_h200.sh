@@ -27,6 +27,16 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.94
 BENCH=${BENCH:-experiments/results/benchmark_h200.json}
 
+# pair_round_probe NAME XLA_FLAGS [ARGS...]: round_probe.py on random weights of the GPU pair's
+# shapes, K = 8; record $OUT/round_probe_NAME_h200.json, log $OUT/round_probe_NAME.log.
+pair_round_probe() {
+  local name=$1 flags=$2
+  shift 2
+  XLA_FLAGS="$flags" timeout 150 python experiments/round_probe.py --shapes=gpu_pair --fixed=8 \
+      "$@" --out="$OUT/round_probe_${name}_h200.json" > "$OUT/round_probe_$name.log" 2>&1
+  grep -E "^(plain|K=|adaptive)" "$OUT/round_probe_$name.log"
+}
+
 case "${1:-}" in
   train_and_bench)
     (CUDA_VISIBLE_DEVICES=0 timeout 575 python experiments/reproduce_gpu.py \
@@ -147,34 +157,18 @@ case "${1:-}" in
   loop_graphs)       # session 9, run AH: a GPU-pair-shaped round (random weights) and plain step
                      # with XLA's default command buffers, with whole loops as CUDA graphs
                      # (WHILE: no host round trip per iteration), with conditionals too, and off
-    for variant in default while while_cond off; do
-      case $variant in
-        default) flags="" ;;
-        while) flags="--xla_gpu_enable_command_buffer=+WHILE" ;;
-        while_cond) flags="--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" ;;
-        off) flags="--xla_gpu_enable_command_buffer=" ;;
-      esac
-      XLA_FLAGS="$flags" timeout 150 python experiments/round_probe.py --shapes=gpu_pair \
-          --fixed=8 --out="$OUT/round_probe_shapes_${variant}_h200.json" \
-          > "$OUT/round_probe_$variant.log" 2>&1
-      grep -E "^(plain|K=|adaptive)" "$OUT/round_probe_$variant.log"
-    done
+    pair_round_probe shapes_default ""
+    pair_round_probe shapes_while "--xla_gpu_enable_command_buffer=+WHILE"
+    pair_round_probe shapes_while_cond "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
+    pair_round_probe shapes_off "--xla_gpu_enable_command_buffer="
     ;;
   pair_layouts)      # session 9, run AI: the rounds of run AH in the checkpoint layout, in the
                      # fused one (target and drafter), its one-row matmuls padded with a copy of
                      # the row instead of zeros, and its small weights left unpadded
-    for variant in checkpoint fused fused_copy fused_min1m; do
-      case $variant in
-        checkpoint) args="" ;;
-        fused) args="--fused" ;;
-        fused_copy) args="--fused --pad_rows=copy" ;;
-        fused_min1m) args="--fused --pad_min_weight_size=1048576" ;;
-      esac
-      timeout 140 python experiments/round_probe.py --shapes=gpu_pair --fixed=8 --adaptive=false \
-          $args --out="$OUT/round_probe_layout_${variant}_h200.json" \
-          > "$OUT/round_probe_layout_$variant.log" 2>&1
-      grep -E "^(plain|K=)" "$OUT/round_probe_layout_$variant.log"
-    done
+    pair_round_probe layout_checkpoint "" --adaptive=false
+    pair_round_probe layout_fused "" --adaptive=false --fused
+    pair_round_probe layout_fused_copy "" --adaptive=false --fused --pad_rows=copy
+    pair_round_probe layout_fused_min1m "" --adaptive=false --fused --pad_min_weight_size=1048576
     ;;
   *)
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
