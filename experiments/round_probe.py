@@ -29,6 +29,7 @@ import gemma_mtp
 from gemma_mtp import api
 from gemma_mtp import bench
 from gemma_mtp import demo
+from gemma_mtp import drafter_kernels
 from gemma_mtp import metrics
 from gemma_mtp import model as model_lib
 from gemma_mtp import quant
@@ -105,6 +106,10 @@ def main(argv):
             "drafter": _SHAPES.value or _DRAFTER.value or "demo",
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "fused": _FUSED.value,
             "pad_rows": _PAD_ROWS.value, "pad_min_weight_size": _PAD_MIN.value, "configs": {}}
+  reason = drafter_kernels.supported(drafter.params, drafter.config, target.params, target.config)
+  record["drafter_kernels"] = ("off" if not drafter_kernels.enabled() else
+                               "on" if reason is None else f"not supported: {reason}")
+  plain_tokens = None
   for name, kw in {"plain": None, **configs}.items():
     def run(kw=kw):
       if kw is None:
@@ -119,14 +124,19 @@ def main(argv):
       times.append(time.perf_counter() - t0)
     entry = {"rounds": rounds, "new_tokens": out.stats["new_tokens"],
              "seconds": times, "us_per_round": statistics.median(times) / rounds * 1e6}
-    if kw is not None:
+    if kw is None:
+      plain_tokens = out.tokens
+    else:
       entry["bucket_counts"] = out.stats["bucket_counts"]
+      # Lossless output is a float32 property (the tests); with random bf16 weights nearly tied
+      # logits round differently in a verification and a plain step, so this is often False.
+      entry["equals_plain"] = out.tokens == plain_tokens
     if _PROFILE.value:
       prof = bench.kernel_profile(run, rounds, f"{_TRACE_DIR.value}/{name}", top=15)
       prof["by_kind"] = dict(list(prof.get("by_kind", {}).items())[:15])
       entry["profile"] = prof
     record["configs"][name] = entry
-    print(name, rounds, round(entry["us_per_round"], 1), {
+    print(name, rounds, round(entry["us_per_round"], 1), entry.get("equals_plain"), {
         k: entry.get("profile", {}).get(k) for k in (
             "kernels_per_step", "busy_us_per_step", "span_us_per_step", "gap_us_per_step")})
   metrics.write_record(_OUT.value, record)

@@ -21,6 +21,9 @@
 #                                                  # XLA's command-buffer settings (run AH)
 #   bash experiments/run_h200.sh pair_layouts      # one H200: the same rounds, fused layout and
 #                                                  # one-row pads (run AI)
+#   bash experiments/run_h200.sh drafter_kernels   # one H200: the drafter step as Pallas kernels:
+#                                                  # tests on the GPU, rounds without / with (AL)
+#   bash experiments/run_h200.sh gpu_pair_kernels  # one H200: run AJ with those kernels (AM)
 set -u
 OUT=${OUT:-runs/h200}
 mkdir -p "$OUT"
@@ -154,6 +157,16 @@ case "${1:-}" in
     cat runs/gpu/target_metrics.jsonl runs/gpu/drafter_metrics.jsonl \
         > "$OUT/reproduce_gpu_pair_h200_metrics.jsonl"
     ;;
+  gpu_pair_kernels)  # session 10, run AM: run AJ again with the drafter step as Pallas kernels
+                     # (on by default on one GPU); 10 workload prompts instead of 12, to leave
+                     # room in the 10 minutes for the kernels' compilation
+    timeout 590 python experiments/reproduce_gpu.py --config=configs/reproduce_gpu.py \
+        --config.out_dir=runs/gpu --config.full_eval=False --config.measure_speed=False \
+        "--config.conventions=('hf',)" --config.workload_prompts=10 > "$OUT/reproduce.log" 2>&1
+    cp runs/gpu/reproduce.json "$OUT/reproduce_gpu_pair_kernels_h200.json"
+    cat runs/gpu/target_metrics.jsonl runs/gpu/drafter_metrics.jsonl \
+        > "$OUT/reproduce_gpu_pair_kernels_h200_metrics.jsonl"
+    ;;
   loop_graphs)       # session 9, run AH: a GPU-pair-shaped round (random weights) and plain step
                      # with XLA's default command buffers, with whole loops as CUDA graphs
                      # (WHILE: no host round trip per iteration), with conditionals too, and off
@@ -170,10 +183,20 @@ case "${1:-}" in
     pair_round_probe layout_fused_copy "" --adaptive=false --fused --pad_rows=copy
     pair_round_probe layout_fused_min1m "" --adaptive=false --fused --pad_min_weight_size=1048576
     ;;
+  drafter_kernels)   # session 10, run AL: the drafter step as Pallas kernels (drafter_kernels.py):
+                     # its tests compiled for the GPU, then the GPU pair's K = 8 round without
+                     # and with them
+    timeout 200 python -m pytest tests/test_drafter_kernels.py -q -p no:cacheprovider \
+        > "$OUT/drafter_kernels_tests.log" 2>&1
+    tail -3 "$OUT/drafter_kernels_tests.log"
+    GEMMA_MTP_DRAFTER_KERNELS=off pair_round_probe drafter_xla "" --adaptive=false
+    pair_round_probe drafter_kernels "" --adaptive=false
+    ;;
   *)
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
          "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts |" \
-         "dispatch_compare | gpu_pair | loop_graphs | pair_layouts" >&2
+         "dispatch_compare | gpu_pair | loop_graphs | pair_layouts | drafter_kernels |" \
+         "gpu_pair_kernels" >&2
     exit 2
     ;;
 esac

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_mtp import drafter_kernels
 from gemma_mtp import layers
 from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
@@ -346,6 +347,8 @@ def draft(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, state, *, k:
           sampler: sampling.SamplingParams, key: jax.Array):
   """K recurrent drafter steps from (state.last, state.hidden) on the target's cached taps.
 
+  On a GPU the steps run as Pallas kernels (`drafter_kernels`) where they take the drafter.
+
   Args:
     state: `speculative.SpecState` (cache, last, hidden, call_start, call_end are read).
   Returns:
@@ -353,11 +356,17 @@ def draft(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, state, *, k:
   """
   cache = state.cache
   taps, masks, query = round_taps(dcfg, tcfg, state)
+  kernels = None
+  if drafter_kernels.enabled() and drafter_kernels.supported(dparams, dcfg, tparams, tcfg) is None:
+    kernels = drafter_kernels.Stepper(dparams, dcfg, tparams, tcfg, taps, masks, query, head=head)
 
   def one(carry, step_key):
     tok, h = carry
-    logits, h = step(dparams, dcfg, target_params=tparams, target_config=tcfg, token=tok,
-                     hidden=h, query_pos=query, taps=taps, masks=masks)
+    if kernels is not None:
+      logits, h = kernels(tok, h)
+    else:
+      logits, h = step(dparams, dcfg, target_params=tparams, target_config=tcfg, token=tok,
+                       hidden=h, query_pos=query, taps=taps, masks=masks)
     nxt, q = sampling.draw(step_key, logits, sampler)
     return (nxt, h), (nxt, q)
 

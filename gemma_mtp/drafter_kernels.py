@@ -1,0 +1,422 @@
+"""One assistant-drafter step as a few Pallas (Triton) kernels: the speculative loop on GPUs.
+
+A drafter step at batch 1 reads little (the GPU pair's 4 layers at D = 256: ~8 MB) but, under
+XLA, runs ~90 short kernels (pads, one-row GEMMs, norms, softmax reductions; NOTES run AH), so it
+costs ~22% of a target step where its bytes would allow ~2%. Here a step is 5 kernels per layer,
+each recomputing the small norms it needs from the vectors the previous kernel wrote:
+
+  pre:   e = E_t[tok] * scale; z = [e, h] @ pre_proj                        grid (B, Da / bn)
+  per layer:
+    q:     finish the previous layer (z += norm(down); z *= scalar), xn = norm(z),
+           q = rope(norm_h(xn @ Wq[:, n]))                                   grid (B, N)
+    attn:  one query head over a range of the tap's cache slots: online-softmax partials
+           (max, sum, weighted values)                                       grid (B, N, P)
+    o:     combine the P partials of each head, a = attn @ Wo                grid (B, Da / bn)
+    up:    z += norm(a); g = gelu(norm(z) @ Wg) * (norm(z) @ Wu)             grid (B, F / bf)
+    down:  d = g @ Wd                                                        grid (B, Da / bn)
+  final: finish the last layer, zf = norm(z), h_out = zf @ post_proj         grid (B, Dt / bn)
+  head:  logits = zf @ E_d^T (the dense head; the centroid head stays in XLA) grid (B, V / bv)
+
+Values: the kernels compute in float32 and round to the step's dtype wherever `drafter.step`
+rounds (each norm, projection and residual add), so they agree with it to float32 summation order
+in float32 and to about one bf16 ulp of the rounded values in bfloat16. The one difference is the
+softmax: `layers.attention` rounds the normalised probabilities to the value dtype before the
+value product, the split softmax here normalises after it. A step with no visible slot at all
+(never the case in the speculative loop) gives a zero attention output instead of the mean value.
+
+Where they run: `enabled()` (GPU and one device, or GEMMA_MTP_DRAFTER_KERNELS=on; off switches them
+off) and `supported()` (float weights, power-of-two widths). Off the GPU the kernels run in
+Pallas's interpreter, which is how the tests compare them with `drafter.step` on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from gemma_mtp import layers
+from gemma_mtp import quant
+from gemma_mtp.config import FULL
+
+F32 = jnp.float32
+F32_MIN = float(np.finfo(np.float32).min)
+ENV = "GEMMA_MTP_DRAFTER_KERNELS"
+# Each program reads all it needs at once (no loop whose loads wait on the previous iteration,
+# stores last): about TILE weight elements, in statically unrolled chunks of at most CHUNK.
+TILE = 8192
+CHUNK = 4096
+MAX_SPLITS = 32           # cache ranges per head of the attention kernel
+UNROLL = 8                # cache chunks per attention program read without a loop
+LSE = 16                  # width of the log-sum-exp vector of an attention partial
+NUM_WARPS = 4
+
+
+def enabled() -> bool:
+  """Whether `drafter.draft` uses these kernels in programs traced now (see the module doc)."""
+  mode = os.environ.get(ENV, "auto").lower()
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"{ENV} must be auto, on or off, got {mode!r}")
+  if mode != "auto":
+    return mode == "on"
+  return jax.default_backend() == "gpu" and jax.device_count() == 1
+
+
+def _pow2(n: int) -> bool:
+  return n >= 16 and n & (n - 1) == 0
+
+
+def supported(dparams: dict, dcfg, target_params: dict, target_config) -> str | None:
+  """None if the kernels take this drafter, else why not (a sentence)."""
+  if quant.is_quantized(target_params["embed"]) or any(
+      quant.is_quantized(w) for w in jax.tree_util.tree_leaves(
+          dparams, is_leaf=quant.is_quantized)):
+    return "int8 weights"
+  widths = {"drafter width": dcfg.embed_dim, "target width": target_config.embed_dim,
+            "MLP width": dcfg.mlp_dim, "vocabulary": dcfg.vocab_size}
+  for kind in set(dcfg.layer_types):
+    widths[f"{kind} head dim / 2"] = _head_dim(dcfg, kind) // 2
+  bad = [f"{name} {n}" for name, n in widths.items() if not _pow2(n)]
+  return f"widths not powers of two >= 16: {', '.join(bad)}" if bad else None
+
+
+def _head_dim(dcfg, kind: str) -> int:
+  return dcfg.global_head_dim if kind == FULL else dcfg.head_dim
+
+
+def _kv_heads(dcfg, kind: str) -> int:
+  return dcfg.num_global_kv_heads if kind == FULL else dcfg.num_kv_heads
+
+
+def _cols(n: int, k: int) -> int:
+  """Output columns per program of an n-wide matvec over k (about TILE weights a program)."""
+  return max(16, min(n, TILE // k, 64))
+
+
+def _rounder(dtype):
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float32:
+    return lambda x: x
+  return lambda x: x.astype(dtype).astype(F32)
+
+
+def _interpret() -> bool:
+  return jax.default_backend() != "gpu"
+
+
+def _call(kernel, grid, ins, outs, name):
+  """pallas_call with every input a whole-array block; outs: [(shape, dtype, block, index_map)]."""
+  whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
+  return pl.pallas_call(
+      kernel, grid=grid, in_specs=[whole(a) for a in ins],
+      out_specs=[pl.BlockSpec(block, index) for _, _, block, index in outs],
+      out_shape=[jax.ShapeDtypeStruct(shape, dtype) for shape, dtype, _, _ in outs],
+      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=2),
+      interpret=_interpret(), name=name)(*ins)
+
+
+# ---- pieces shared by the kernels ------------------------------------------------------------------
+#
+# Every kernel first reads all it needs (in program order, before any reduction: a reduction
+# across warps is a barrier, and loads issued after one wait a memory round trip of their own),
+# then computes, then stores. Vectors longer than one matvec chunk are kept as lists of chunks.
+
+def _spans(k: int, bk: int) -> list:
+  return [pl.ds(start, bk) for start in range(0, k, bk)]
+
+
+def _rows_per_chunk(k: int, n: int) -> int:
+  """Contraction rows of one [rows, n] weight chunk (about CHUNK elements)."""
+  return min(k, max(16, CHUNK // n))
+
+
+def _f32(x):
+  return x.astype(F32)
+
+
+def _inv_rms(chunks, n: int, eps: float):
+  return jax.lax.rsqrt(sum(jnp.sum(c * c) for c in chunks) / n + eps)
+
+
+def _matvec(xs, ws):
+  """sum_k x[k] w[k, :] over chunks (x: [bk] float32 each, w: [bk, n]) -> [n] float32, with one
+  reduction."""
+  return jnp.sum(sum(x[:, None] * _f32(w) for x, w in zip(xs, ws)), axis=0)
+
+
+def _load_residual(refs, b, spans):
+  """The residual stream entering a layer, read in chunks: refs = (z,) (layer 0) or the previous
+  layer's (z after attention, its down output d, post-FFN norm weight, layer scalar)."""
+  if len(refs) == 1:
+    return ([_f32(refs[0][b, ds]) for ds in spans],)
+  z, d, w, scalar = refs
+  return ([_f32(z[b, ds]) for ds in spans], [_f32(d[b, ds]) for ds in spans],
+          [_f32(w[ds]) for ds in spans], _f32(scalar[0]))
+
+
+def _finish_residual(loaded, n, eps, rnd):
+  """z chunks from `_load_residual`: z, or (z + rms_norm(d) * w) * scalar as `model.block`."""
+  if len(loaded) == 1:
+    return loaded[0]
+  z, d, w, scalar = loaded
+  scale = _inv_rms(d, n, eps)
+  scalar = rnd(scalar)
+  return [rnd(rnd(zc + rnd(dc * scale * wc)) * scalar) for zc, dc, wc in zip(z, d, w)]
+
+
+def _norm(chunks, w, n, eps, rnd):
+  """rms_norm(x) * w over chunks (w: loaded chunks)."""
+  scale = _inv_rms(chunks, n, eps)
+  return [rnd(c * scale * wc) for c, wc in zip(chunks, w)]
+
+
+def _store_chunks(ref, spans, chunks):
+  for ds, c in zip(spans, chunks):
+    ref[ds] = c.astype(ref.dtype)
+
+
+# ---- the kernels -------------------------------------------------------------------------------------
+
+def _pre_kernel(tok_ref, h_ref, emb_ref, scale_ref, w_ref, z_ref, *, dt, bn, rnd, rnd_tab):
+  b, c = pl.program_id(0), pl.program_id(1)
+  tok = tok_ref[b]
+  cols = pl.ds(pl.multiple_of(c * bn, bn), bn)
+  spans = _spans(dt, _rows_per_chunk(dt, bn))
+  e = [_f32(emb_ref[tok, ds]) for ds in spans]
+  h = [_f32(h_ref[b, ds]) for ds in spans]
+  w_e = [w_ref[ds, cols] for ds in spans]
+  w_h = [w_ref[pl.ds(ds.start + dt, ds.size), cols] for ds in spans]
+  scale = _f32(scale_ref[0])
+  x = [rnd(rnd_tab(ec * scale)) for ec in e] + [rnd(hc) for hc in h]
+  z_ref[...] = rnd(_matvec(x, w_e + w_h))
+
+
+def _q_kernel(*refs, da, hd, eps, rnd, n_res):
+  res_refs, (norm_ref, wq_ref, qn_ref, cos_ref, sin_ref, q_ref, z_ref) = (
+      refs[:n_res], refs[n_res:])
+  b, n = pl.program_id(0), pl.program_id(1)
+  h2 = hd // 2
+  spans = _spans(da, _rows_per_chunk(da, h2))
+  loaded = _load_residual(res_refs, b, spans)
+  norm_w = [_f32(norm_ref[ds]) for ds in spans]
+  w1 = [wq_ref[ds, n, pl.ds(0, h2)] for ds in spans]
+  w2 = [wq_ref[ds, n, pl.ds(h2, h2)] for ds in spans]
+  qn1, qn2 = _f32(qn_ref[pl.ds(0, h2)]), _f32(qn_ref[pl.ds(h2, h2)])
+  cos, sin = cos_ref[b, :], sin_ref[b, :]
+  z = _finish_residual(loaded, da, eps, rnd)
+  xn = _norm(z, norm_w, da, eps, rnd)
+  q1, q2 = rnd(_matvec(xn, w1)), rnd(_matvec(xn, w2))
+  scale = jax.lax.rsqrt((jnp.sum(q1 * q1) + jnp.sum(q2 * q2)) / hd + eps)
+  q1, q2 = rnd(q1 * scale * qn1), rnd(q2 * scale * qn2)
+  q_ref[pl.ds(0, h2)] = rnd(rnd(q1 * cos) + rnd(-q2 * sin)).astype(q_ref.dtype)
+  q_ref[pl.ds(h2, h2)] = rnd(rnd(q2 * cos) + rnd(q1 * sin)).astype(q_ref.dtype)
+  _store_chunks(z_ref, spans, z)
+
+
+def _attn_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, group, bs, per_split, slots):
+  """Head n over cache chunks [p * per_split, (p + 1) * per_split): the normalised partial output
+  [hd] and its log-sum-exp (F32_MIN where no slot is visible)."""
+  b, n, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  g = n // group
+
+  def load(i):
+    first = (p * per_split + i) * bs
+    at = jnp.minimum(first, slots - bs)         # the last chunk is moved back, not read past
+    rows = pl.ds(at, bs)
+    keep = (valid_ref[b, rows] != 0) & (at + jnp.arange(bs) >= first)
+    return keep, k_ref[b, rows, g, :], v_ref[b, rows, g, :]
+
+  def update(carry, chunk):
+    m, l, acc = carry
+    keep, k, v = chunk
+    s = jnp.where(keep, jnp.sum(_f32(k) * q[None, :], axis=1), F32_MIN)
+    m_new = jnp.maximum(m, jnp.max(s))
+    alpha = jnp.exp(m - m_new)
+    w = jnp.where(keep, jnp.exp(s - m_new), 0.0)
+    return m_new, l * alpha + jnp.sum(w), acc * alpha + jnp.sum(w[:, None] * _f32(v), axis=0)
+
+  q = _f32(q_ref[b, n, :])
+  carry = (jnp.asarray(F32_MIN, F32), jnp.asarray(0.0, F32), jnp.zeros(q.shape, F32))
+  if per_split <= UNROLL:
+    chunks = [load(i) for i in range(per_split)]
+    for chunk in chunks:
+      carry = update(carry, chunk)
+  else:
+    carry = jax.lax.fori_loop(0, per_split, lambda i, c: update(c, load(i)), carry)
+  m, l, acc = carry
+  seen = l > 0
+  o_ref[...] = acc / jnp.where(seen, l, 1.0)
+  lse_ref[...] = jnp.broadcast_to(jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), F32_MIN),
+                                  (LSE,))
+
+
+def _o_kernel(o_ref, lse_ref, wo_ref, a_ref, *, heads, bn, rnd):
+  b, c = pl.program_id(0), pl.program_id(1)
+  cols = pl.ds(pl.multiple_of(c * bn, bn), bn)
+  lses = [lse_ref[b, n] for n in range(heads)]                       # [P, LSE], rows constant
+  outs = [o_ref[b, n] for n in range(heads)]                         # [P, hd]
+  ws = [wo_ref[n, :, cols] for n in range(heads)]                    # [hd, bn]
+  xs = []
+  for lse, o in zip(lses, outs):
+    lse = jnp.max(lse, axis=1)
+    w = jnp.exp(lse - jnp.max(lse))
+    xs.append(rnd(jnp.sum(w[:, None] * o, axis=0) / jnp.sum(w)))    # head n's output [hd]
+  a_ref[...] = rnd(_matvec(xs, ws))
+
+
+def _up_kernel(z_ref, a_ref, pa_ref, pf_ref, wg_ref, wu_ref, g_ref, z1_ref, *, da, bf, up_at, eps,
+               rnd):
+  b, c = pl.program_id(0), pl.program_id(1)
+  spans = _spans(da, _rows_per_chunk(da, bf))
+  start = pl.multiple_of(c * bf, bf)
+  z = [_f32(z_ref[b, ds]) for ds in spans]
+  a = [_f32(a_ref[b, ds]) for ds in spans]
+  pa = [_f32(pa_ref[ds]) for ds in spans]
+  pf = [_f32(pf_ref[ds]) for ds in spans]
+  wg = [wg_ref[ds, pl.ds(start, bf)] for ds in spans]
+  wu = [wu_ref[ds, pl.ds(start + up_at, bf)] for ds in spans]
+  z1 = [rnd(zc + ac) for zc, ac in zip(z, _norm(a, pa, da, eps, rnd))]
+  xn = _norm(z1, pf, da, eps, rnd)
+  gate, up = rnd(_matvec(xn, wg)), rnd(_matvec(xn, wu))
+  inner = np.float32(np.sqrt(2.0 / np.pi)) * (gate + np.float32(0.044715) * gate * gate * gate)
+  g_ref[...] = rnd(rnd(0.5 * gate * (1.0 + jnp.tanh(inner))) * up)
+  _store_chunks(z1_ref, spans, z1)
+
+
+def _down_kernel(g_ref, wd_ref, d_ref, *, f, bn, rnd):
+  b, c = pl.program_id(0), pl.program_id(1)
+  cols = pl.ds(pl.multiple_of(c * bn, bn), bn)
+  spans = _spans(f, _rows_per_chunk(f, bn))
+  g = [_f32(g_ref[b, ds]) for ds in spans]
+  w = [wd_ref[ds, cols] for ds in spans]
+  d_ref[...] = rnd(_matvec(g, w))
+
+
+def _final_kernel(z_ref, d_ref, pf_ref, scalar_ref, fn_ref, w_ref, h_ref, zf_ref, *, da, bn, eps,
+                  rnd):
+  b, c = pl.program_id(0), pl.program_id(1)
+  cols = pl.ds(pl.multiple_of(c * bn, bn), bn)
+  spans = _spans(da, _rows_per_chunk(da, bn))
+  loaded = _load_residual((z_ref, d_ref, pf_ref, scalar_ref), b, spans)
+  fn = [_f32(fn_ref[ds]) for ds in spans]
+  w = [w_ref[ds, cols] for ds in spans]
+  zf = _norm(_finish_residual(loaded, da, eps, rnd), fn, da, eps, rnd)
+  h_ref[...] = rnd(_matvec(zf, w)).astype(h_ref.dtype)
+  _store_chunks(zf_ref, spans, zf)
+
+
+def _head_kernel(zf_ref, emb_ref, o_ref, *, da, bv):
+  b, c = pl.program_id(0), pl.program_id(1)
+  rows = pl.ds(pl.multiple_of(c * bv, bv), bv)
+  spans = _spans(da, _rows_per_chunk(da, bv))
+  zf = [_f32(zf_ref[b, ds]) for ds in spans]
+  emb = [emb_ref[rows, ds] for ds in spans]                          # [bv, bk]
+  o_ref[...] = jnp.sum(sum(_f32(e) * z[None, :] for e, z in zip(emb, zf)), axis=1)
+
+
+# ---- a step ----------------------------------------------------------------------------------------
+
+def _vec(b, n, bn):
+  """Output spec pieces of a [B, n] float32 vector written bn columns per program."""
+  return ((b, n), F32, (None, bn), lambda i, j, *_: (i, j))
+
+
+def _whole_row(b, n, dtype=F32):
+  """A [B, n] output every program of a row writes in full (the same values)."""
+  return ((b, n), dtype, (None, n), lambda i, *_: (i, 0))
+
+
+class Stepper:
+  """The kernels of one round: weights cast and rotary tables built once, then `__call__` per
+  step (`drafter.draft` scans it). Same arguments and results as `drafter.step`; `head(params,
+  z, cfg)` is `drafter.head`, used for the centroid head."""
+
+  def __init__(self, dparams, dcfg, target_params, target_config, taps, masks, query_pos, *,
+               head):
+    dtype = jnp.dtype(dcfg.dtype)
+    self.cfg, self.dtype, self.rnd = dcfg, dtype, _rounder(dtype)
+    self.params = quant.cast(dparams, dtype)
+    table = target_params["embed"]
+    self.table = table
+    self.table_scale = jnp.asarray([target_config.embed_scale], table.dtype)
+    self.head = head
+    self.taps = {kind: (t.k, t.v, masks[kind].astype(jnp.int32)) for kind, t in taps.items()}
+    self.rope = {}
+    for kind in set(dcfg.layer_types):
+      hd = _head_dim(dcfg, kind)
+      theta, fraction = ((dcfg.global_rope_theta, dcfg.global_rotary_fraction) if kind == FULL
+                         else (dcfg.rope_theta, 1.0))
+      freqs = query_pos[:, None].astype(F32) * jnp.asarray(
+          layers.rope_inv_freq(hd, theta, fraction))                 # [B, hd / 2]
+      self.rope[kind] = tuple(self.rnd(f(freqs)) for f in (jnp.cos, jnp.sin))
+
+  def __call__(self, token, hidden):
+    cfg, p, rnd = self.cfg, self.params, self.rnd
+    b, da, dt, eps = token.shape[0], cfg.embed_dim, cfg.target_embed_dim, cfg.rms_eps
+    bn = _cols(da, 2 * dt)
+    (z,) = _call(functools.partial(_pre_kernel, dt=dt, bn=bn, rnd=rnd,
+                                   rnd_tab=_rounder(self.table.dtype)),
+                 (b, da // bn), [token.astype(jnp.int32), hidden, self.table, self.table_scale,
+                                 p["pre_proj"]], [_vec(b, da, bn)], "drafter_pre")
+    residual = (z,)
+    for i, lp in enumerate(p["layers"]):
+      residual = self._layer(lp, cfg.layer_types[i], residual, b)
+    bn = _cols(dt, da)
+    h_out, zf = _call(functools.partial(_final_kernel, da=da, bn=bn, eps=eps, rnd=rnd),
+                      (b, dt // bn), [*residual, p["final_norm"], p["post_proj"]],
+                      [((b, dt), hidden.dtype, (None, bn), lambda i, j: (i, j)),
+                       _whole_row(b, da)], "drafter_final")
+    if cfg.num_centroids:
+      return self.head(p, zf.astype(self.dtype), cfg), h_out
+    bv = _cols(cfg.vocab_size, da)
+    (logits,) = _call(functools.partial(_head_kernel, da=da, bv=bv), (b, cfg.vocab_size // bv),
+                      [zf, p["embed"]], [_vec(b, cfg.vocab_size, bv)], "drafter_head")
+    return logits, h_out
+
+  def _layer(self, lp, kind, residual, b):
+    """One block; residual: (z,) or (z, d, post_ffw_norm, layer_scalar) of the previous layer.
+    Returns the residual inputs of the next kernel."""
+    cfg, rnd, eps = self.cfg, self.rnd, self.cfg.rms_eps
+    da, heads, hd = cfg.embed_dim, cfg.num_heads, _head_dim(cfg, kind)
+    group = heads // _kv_heads(cfg, kind)
+    attn = lp["attn"]
+    cos, sin = self.rope[kind]
+    q, z = _call(functools.partial(_q_kernel, da=da, hd=hd, eps=eps, rnd=rnd,
+                                   n_res=len(residual)),
+                 (b, heads), [*residual, lp["pre_attn_norm"], attn["q"], attn["q_norm"], cos, sin],
+                 [((b, heads, hd), self.dtype, (None, None, hd), lambda i, j: (i, j, 0)),
+                  _whole_row(b, da)], "drafter_q")
+    k, v, valid = self.taps[kind]
+    slots = k.shape[1]
+    bs = min(TILE // hd, 64, 1 << (slots.bit_length() - 1))
+    chunks = -(-slots // bs)
+    splits = min(MAX_SPLITS, 1 << ((chunks - 1) // 2).bit_length(), 1 << (chunks.bit_length() - 1))
+    part = lambda w: ((b, heads, splits, w), F32, (None, None, None, w),
+                      lambda i, j, s: (i, j, s, 0))
+    o, lse = _call(functools.partial(_attn_kernel, group=group, bs=bs,
+                                     per_split=-(-chunks // splits), slots=slots),
+                   (b, heads, splits), [q, k, v, valid], [part(hd), part(LSE)],
+                   "drafter_attention")
+    bn = _cols(da, heads * hd)
+    (a,) = _call(functools.partial(_o_kernel, heads=heads, bn=bn, rnd=rnd),
+                 (b, da // bn), [o, lse, attn["o"]], [_vec(b, da, bn)], "drafter_o")
+    mlp = lp["mlp"]
+    f = cfg.mlp_dim
+    wg, wu, up_at = ((mlp["gate_up"], mlp["gate_up"], f) if "gate_up" in mlp
+                     else (mlp["gate"], mlp["up"], 0))
+    bf = _cols(f, 2 * da)
+    g, z1 = _call(functools.partial(_up_kernel, da=da, bf=bf, up_at=up_at, eps=eps, rnd=rnd),
+                  (b, f // bf), [z, a, lp["post_attn_norm"], lp["pre_ffw_norm"], wg, wu],
+                  [_vec(b, f, bf), _whole_row(b, da)], "drafter_up")
+    bn = _cols(da, f)
+    (d,) = _call(functools.partial(_down_kernel, f=f, bn=bn, rnd=rnd), (b, da // bn),
+                 [g, mlp["down"]], [_vec(b, da, bn)], "drafter_down")
+    return (z1, d, lp["post_ffw_norm"], lp["layer_scalar"])
+
+
+__all__ = ["ENV", "enabled", "supported", "Stepper"]
