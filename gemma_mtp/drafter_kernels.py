@@ -9,24 +9,29 @@ each recomputing the small norms it needs from the vectors the previous kernel w
   per layer:
     q:     finish the previous layer (z += norm(down); z *= scalar), xn = norm(z),
            q = rope(norm_h(xn @ Wq[:, n]))                                   grid (B, N)
-    attn:  one query head over a range of the tap's cache slots: online-softmax partials
-           (max, sum, weighted values)                                       grid (B, N, P)
+    attn:  one query head over a range of the tap's cache slots: its normalised output and
+           log-sum-exp                                                       grid (B, N, P)
     o:     combine the P partials of each head, a = attn @ Wo                grid (B, Da / bn)
     up:    z += norm(a); g = gelu(norm(z) @ Wg) * (norm(z) @ Wu)             grid (B, F / bf)
     down:  d = g @ Wd                                                        grid (B, Da / bn)
   final: finish the last layer, zf = norm(z), h_out = zf @ post_proj         grid (B, Dt / bn)
   head:  logits = zf @ E_d^T (the dense head; the centroid head stays in XLA) grid (B, V / bv)
 
+Measured on an H200 (NOTES run AL, random weights of the GPU pair's shapes): a K = 8 round
+1,499 -> 1,102 us against a 519-530 us plain step, ~26 instead of ~92 kernels per drafter step,
+each 2.6-3.6 us; a drafter step ~117 -> ~68 us.
+
 Values: the kernels compute in float32 and round to the step's dtype wherever `drafter.step`
-rounds (each norm, projection and residual add), so they agree with it to float32 summation order
-in float32 and to about one bf16 ulp of the rounded values in bfloat16. The one difference is the
-softmax: `layers.attention` rounds the normalised probabilities to the value dtype before the
-value product, the split softmax here normalises after it. A step with no visible slot at all
-(never the case in the speculative loop) gives a zero attention output instead of the mean value.
+rounds (each norm, projection and residual add). In float32 they agree with it up to summation
+order; in bfloat16 they are as close to float32 arithmetic as the XLA step is, not bit-equal
+(XLA fuses elementwise ops, and `layers.attention` rounds the softmax's probabilities before the
+value product, where the split softmax here normalises after it). A step with no visible slot at
+all (never the case in the speculative loop) gives a zero attention output, not the mean value.
 
 Where they run: `enabled()` (GPU and one device, or GEMMA_MTP_DRAFTER_KERNELS=on; off switches them
-off) and `supported()` (float weights, power-of-two widths). Off the GPU the kernels run in
-Pallas's interpreter, which is how the tests compare them with `drafter.step` on the CPU.
+off) and `supported()` (float weights; widths powers of two, so the released assistants, whose
+targets are 1536, 2560 and 5376 wide, keep the XLA step). Off the GPU the kernels run in Pallas's
+interpreter, which is how the tests compare them with `drafter.step` on the CPU.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ ENV = "GEMMA_MTP_DRAFTER_KERNELS"
 # stores last): about TILE weight elements, in statically unrolled chunks of at most CHUNK.
 TILE = 8192
 CHUNK = 4096
+SLOTS_PER_CHUNK = 64      # cache slots an attention program reads at a time (at most)
 MAX_SPLITS = 32           # cache ranges per head of the attention kernel
 UNROLL = 8                # cache chunks per attention program read without a loop
 LSE = 16                  # width of the log-sum-exp vector of an attention partial
@@ -393,7 +399,7 @@ class Stepper:
                   _whole_row(b, da)], "drafter_q")
     k, v, valid = self.taps[kind]
     slots = k.shape[1]
-    bs = min(TILE // hd, 64, 1 << (slots.bit_length() - 1))
+    bs = min(TILE // hd, SLOTS_PER_CHUNK, 1 << (slots.bit_length() - 1))
     chunks = -(-slots // bs)
     splits = min(MAX_SPLITS, 1 << ((chunks - 1) // 2).bit_length(), 1 << (chunks.bit_length() - 1))
     part = lambda w: ((b, heads, splits, w), F32, (None, None, None, w),

@@ -67,9 +67,17 @@ def _both(tcfg, tp, dcfg, dp, inputs):
   return [np.asarray(x, np.float32) for x in (*ref, *got)]
 
 
-@pytest.mark.parametrize("fuse", [False, True])
-def test_step_equals_xla_step_float32(kernels_on, fuse):
-  """In float32 only the summation order differs."""
+@pytest.mark.parametrize("fuse,attention", [(False, "one range"), (True, "one range"),
+                                             (False, "ranges"), (False, "looped ranges")])
+def test_step_equals_xla_step_float32(kernels_on, monkeypatch, fuse, attention):
+  """In float32 only the summation order differs. Attention over the cache: one range per head
+  (these short caches by default); 4-slot chunks, so 2-8 ranges per head combined by the o
+  kernel, some past the cache's end (empty); and the same with each program walking its chunks
+  in a loop (the path of long caches)."""
+  if attention != "one range":
+    monkeypatch.setattr(drafter_kernels, "SLOTS_PER_CHUNK", 4)
+  if attention == "looped ranges":
+    monkeypatch.setattr(drafter_kernels, "UNROLL", 1)
   ref_logits, ref_h, logits, h = _both(*_case("float32", fuse=fuse))
   np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=2e-5 * np.abs(ref_logits).max())
   np.testing.assert_allclose(h, ref_h, rtol=0, atol=2e-5 * np.abs(ref_h).max())
