@@ -53,6 +53,8 @@ _ADAPTIVE = flags.DEFINE_bool("adaptive", True, "also the adaptive rule")
 _FUSED = flags.DEFINE_bool("fused", False, "target and drafter in the fused inference layout "
                            "(model.fuse_projections: q|k|v and gate|up each one matmul)")
 _PAD_ROWS = flags.DEFINE_enum("pad_rows", "zeros", ["zeros", "copy"], "quant.PAD_ROWS_WITH")
+_DRAFTER_WARPS = flags.DEFINE_integer("drafter_warps", drafter_kernels.NUM_WARPS,
+                                      "drafter_kernels.NUM_WARPS (warps per program)")
 _PAD_MIN = flags.DEFINE_integer("pad_min_weight_size", 0, "quant.PAD_MIN_WEIGHT_SIZE")
 
 
@@ -87,6 +89,7 @@ def main(argv):
   del argv
   target, drafter, tok = load()
   quant.PAD_ROWS_WITH, quant.PAD_MIN_WEIGHT_SIZE = _PAD_ROWS.value, _PAD_MIN.value
+  drafter_kernels.NUM_WARPS = _DRAFTER_WARPS.value
   if _FUSED.value:
     target = api.fuse_target(target)
     drafter = api.Drafter(drafter.config, model_lib.fuse_projections(
@@ -109,6 +112,7 @@ def main(argv):
   reason = drafter_kernels.supported(drafter.params, drafter.config, target.params, target.config)
   record["drafter_kernels"] = ("off" if not drafter_kernels.enabled() else
                                "on" if reason is None else f"not supported: {reason}")
+  record["drafter_warps"] = drafter_kernels.NUM_WARPS
   plain_tokens = None
   for name, kw in {"plain": None, **configs}.items():
     def run(kw=kw):

@@ -24,6 +24,7 @@
 #   bash experiments/run_h200.sh drafter_kernels   # one H200: the drafter step as Pallas kernels:
 #                                                  # tests on the GPU, rounds without / with (AL)
 #   bash experiments/run_h200.sh gpu_pair_kernels  # one H200: run AJ with those kernels (AM)
+#   bash experiments/run_h200.sh drafter_warps     # one H200: those kernels with 1 / 2 warps
 set -u
 OUT=${OUT:-runs/h200}
 mkdir -p "$OUT"
@@ -157,6 +158,11 @@ case "${1:-}" in
     cat runs/gpu/target_metrics.jsonl runs/gpu/drafter_metrics.jsonl \
         > "$OUT/reproduce_gpu_pair_h200_metrics.jsonl"
     ;;
+  drafter_warps)     # session 10, next: the drafter kernels with 1 and 2 warps per program
+                     # (4 in run AL): fewer warps, fewer barriers in their reductions
+    pair_round_probe drafter_warps1 "" --adaptive=false --drafter_warps=1
+    pair_round_probe drafter_warps2 "" --adaptive=false --drafter_warps=2
+    ;;
   gpu_pair_kernels)  # session 10, run AM: run AJ again with the drafter step as Pallas kernels
                      # (on by default on one GPU); 10 workload prompts instead of 12, to leave
                      # room in the 10 minutes for the kernels' compilation
@@ -196,7 +202,7 @@ case "${1:-}" in
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
          "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts |" \
          "dispatch_compare | gpu_pair | loop_graphs | pair_layouts | drafter_kernels |" \
-         "gpu_pair_kernels" >&2
+         "gpu_pair_kernels | drafter_warps" >&2
     exit 2
     ;;
 esac

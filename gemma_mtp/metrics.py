@@ -17,6 +17,7 @@ import numpy as np
 def environment() -> dict[str, Any]:
   """Machine and versions, for every record."""
   import flax  # pylint: disable=g-import-not-at-top
+  from gemma_mtp import drafter_kernels, matvec  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
   return {
       "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -29,6 +30,8 @@ def environment() -> dict[str, Any]:
       "jax": jax.__version__,
       "flax": flax.__version__,
       "numpy": np.__version__,
+      # whether the Pallas kernels were on for programs traced in this process (auto: one GPU)
+      "pallas_kernels": {"matvec": matvec.enabled(), "drafter": drafter_kernels.enabled()},
   } | ({"xla_flags": os.environ["XLA_FLAGS"]} if os.environ.get("XLA_FLAGS") else {})
 
 
