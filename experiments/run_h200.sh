@@ -41,6 +41,20 @@ pair_round_probe() {
   grep -E "^(plain|K=|adaptive)" "$OUT/round_probe_$name.log"
 }
 
+# gpu_pair_run NAME PROMPTS: configs/reproduce_gpu.py trimmed (one convention, no full evaluation,
+# no batch-8 speeds) with PROMPTS batch-1 workload prompts; records
+# $OUT/reproduce_NAME_h200.json and ..._metrics.jsonl, log $OUT/reproduce.log.
+gpu_pair_run() {
+  local name=$1 prompts=$2
+  timeout 590 python experiments/reproduce_gpu.py --config=configs/reproduce_gpu.py \
+      --config.out_dir=runs/gpu --config.full_eval=False --config.measure_speed=False \
+      "--config.conventions=('hf',)" --config.workload_prompts="$prompts" \
+      > "$OUT/reproduce.log" 2>&1
+  cp runs/gpu/reproduce.json "$OUT/reproduce_${name}_h200.json"
+  cat runs/gpu/target_metrics.jsonl runs/gpu/drafter_metrics.jsonl \
+      > "$OUT/reproduce_${name}_h200_metrics.jsonl"
+}
+
 case "${1:-}" in
   train_and_bench)
     (CUDA_VISIBLE_DEVICES=0 timeout 575 python experiments/reproduce_gpu.py \
@@ -151,12 +165,7 @@ case "${1:-}" in
   gpu_pair)          # session 9, run AJ: the GPU-trained pair on a 16-core host, its evaluation
                      # trimmed so that training and the interleaved, calibrated workloads (12
                      # prompts, three passes) fit one 10-minute command (569 s)
-    timeout 590 python experiments/reproduce_gpu.py --config=configs/reproduce_gpu.py \
-        --config.out_dir=runs/gpu --config.full_eval=False --config.measure_speed=False \
-        "--config.conventions=('hf',)" --config.workload_prompts=12 > "$OUT/reproduce.log" 2>&1
-    cp runs/gpu/reproduce.json "$OUT/reproduce_gpu_pair_h200.json"
-    cat runs/gpu/target_metrics.jsonl runs/gpu/drafter_metrics.jsonl \
-        > "$OUT/reproduce_gpu_pair_h200_metrics.jsonl"
+    gpu_pair_run gpu_pair 12
     ;;
   drafter_warps)     # session 10, next: the drafter kernels with 1 and 2 warps per program
                      # (4 in run AL): fewer warps, fewer barriers in their reductions
@@ -166,12 +175,7 @@ case "${1:-}" in
   gpu_pair_kernels)  # session 10, run AM: run AJ again with the drafter step as Pallas kernels
                      # (on by default on one GPU); 10 workload prompts instead of 12, to leave
                      # room in the 10 minutes for the kernels' compilation
-    timeout 590 python experiments/reproduce_gpu.py --config=configs/reproduce_gpu.py \
-        --config.out_dir=runs/gpu --config.full_eval=False --config.measure_speed=False \
-        "--config.conventions=('hf',)" --config.workload_prompts=10 > "$OUT/reproduce.log" 2>&1
-    cp runs/gpu/reproduce.json "$OUT/reproduce_gpu_pair_kernels_h200.json"
-    cat runs/gpu/target_metrics.jsonl runs/gpu/drafter_metrics.jsonl \
-        > "$OUT/reproduce_gpu_pair_kernels_h200_metrics.jsonl"
+    gpu_pair_run gpu_pair_kernels 10
     ;;
   loop_graphs)       # session 9, run AH: a GPU-pair-shaped round (random weights) and plain step
                      # with XLA's default command buffers, with whole loops as CUDA graphs

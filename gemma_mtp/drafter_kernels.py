@@ -37,7 +37,6 @@ interpreter, which is how the tests compare them with `drafter.step` on the CPU.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gemma_mtp import layers
+from gemma_mtp import matvec
 from gemma_mtp import quant
 from gemma_mtp.config import FULL
 
@@ -65,12 +65,7 @@ NUM_WARPS = 4
 
 def enabled() -> bool:
   """Whether `drafter.draft` uses these kernels in programs traced now (see the module doc)."""
-  mode = os.environ.get(ENV, "auto").lower()
-  if mode not in ("auto", "on", "off"):
-    raise ValueError(f"{ENV} must be auto, on or off, got {mode!r}")
-  if mode != "auto":
-    return mode == "on"
-  return jax.default_backend() == "gpu" and jax.device_count() == 1
+  return matvec.switch(ENV)
 
 
 def _pow2(n: int) -> bool:

@@ -61,14 +61,20 @@ class BlockConfig:
   num_stages: int = 3
 
 
-def enabled() -> bool:
-  """Whether model matmuls use these kernels in programs traced now (see the module doc)."""
-  mode = os.environ.get(ENV, "auto").lower()
+def switch(env: str) -> bool:
+  """The Pallas kernels' switch `env` (auto, the default: on with one GPU; on; off), read when a
+  program is traced."""
+  mode = os.environ.get(env, "auto").lower()
   if mode not in ("auto", "on", "off"):
-    raise ValueError(f"{ENV} must be auto, on or off, got {mode!r}")
+    raise ValueError(f"{env} must be auto, on or off, got {mode!r}")
   if mode != "auto":
     return mode == "on"
   return jax.default_backend() == "gpu" and jax.device_count() == 1
+
+
+def enabled() -> bool:
+  """Whether model matmuls use these kernels in programs traced now (see the module doc)."""
+  return switch(ENV)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -188,5 +194,5 @@ def _require_config(groups, k, n, itemsize) -> BlockConfig:
   return cfg
 
 
-__all__ = ["BlockConfig", "enabled", "block_config", "matmul", "gathered_matmul", "MAX_ROWS",
+__all__ = ["BlockConfig", "switch", "enabled", "block_config", "matmul", "gathered_matmul", "MAX_ROWS",
            "ENV"]
