@@ -86,6 +86,11 @@ def supported(dparams: dict, dcfg, target_params: dict, target_config) -> str | 
   return f"widths not powers of two >= 16: {', '.join(bad)}" if bad else None
 
 
+def _pow2_floor(n: int) -> int:
+  """The largest power of two <= n (n >= 1)."""
+  return 1 << (n.bit_length() - 1)
+
+
 def _head_dim(dcfg, kind: str) -> int:
   return dcfg.global_head_dim if kind == FULL else dcfg.head_dim
 
@@ -394,9 +399,12 @@ class Stepper:
                   _whole_row(b, da)], "drafter_q")
     k, v, valid = self.taps[kind]
     slots = k.shape[1]
-    bs = min(TILE // hd, SLOTS_PER_CHUNK, 1 << (slots.bit_length() - 1))
+    bs = min(TILE // hd, SLOTS_PER_CHUNK, _pow2_floor(slots))
     chunks = -(-slots // bs)
-    splits = min(MAX_SPLITS, 1 << ((chunks - 1) // 2).bit_length(), 1 << (chunks.bit_length() - 1))
+    # Ranges per head: about two chunks each, a power of two, and few enough that the o kernel's
+    # programs hold every head's partials ([P, hd] each) in about TILE elements.
+    splits = min(MAX_SPLITS, 1 << ((chunks - 1) // 2).bit_length(),
+                 _pow2_floor(max(1, TILE // (heads * hd))), _pow2_floor(chunks))
     part = lambda w: ((b, heads, splits, w), F32, (None, None, None, w),
                       lambda i, j, s: (i, j, s, 0))
     o, lse = _call(functools.partial(_attn_kernel, group=group, bs=bs,
