@@ -19,7 +19,7 @@ each recomputing the small norms it needs from the vectors the previous kernel w
 
 Measured on an H200 (NOTES run AL, random weights of the GPU pair's shapes): a K = 8 round
 1,499 -> 1,102 us against a 519-530 us plain step, ~26 instead of ~92 kernels per drafter step,
-each 2.6-3.6 us; a drafter step ~117 -> ~68 us.
+the per-layer ones 2.6-3.6 us each; a drafter step ~117 -> ~68 us.
 
 Values: the kernels compute in float32 and round to the step's dtype wherever `drafter.step`
 rounds (each norm, projection and residual add). In float32 they agree with it up to summation
@@ -44,10 +44,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from gemma_mtp import layers
 from gemma_mtp import matvec
+from gemma_mtp import model as model_lib
 from gemma_mtp import quant
-from gemma_mtp.config import FULL
 
 F32 = jnp.float32
 F32_MIN = float(np.finfo(np.float32).min)
@@ -80,8 +79,9 @@ def supported(dparams: dict, dcfg, target_params: dict, target_config) -> str | 
     return "int8 weights"
   widths = {"drafter width": dcfg.embed_dim, "target width": target_config.embed_dim,
             "MLP width": dcfg.mlp_dim, "vocabulary": dcfg.vocab_size}
-  for kind in set(dcfg.layer_types):
-    widths[f"{kind} head dim / 2"] = _head_dim(dcfg, kind) // 2
+  dec = dcfg.as_decoder()
+  for i, kind in enumerate(dcfg.layer_types):
+    widths[f"{kind} head dim / 2"] = dec.layer_head_dim(i) // 2
   bad = [f"{name} {n}" for name, n in widths.items() if not _pow2(n)]
   return f"widths not powers of two >= 16: {', '.join(bad)}" if bad else None
 
@@ -89,14 +89,6 @@ def supported(dparams: dict, dcfg, target_params: dict, target_config) -> str | 
 def _pow2_floor(n: int) -> int:
   """The largest power of two <= n (n >= 1)."""
   return 1 << (n.bit_length() - 1)
-
-
-def _head_dim(dcfg, kind: str) -> int:
-  return dcfg.global_head_dim if kind == FULL else dcfg.head_dim
-
-
-def _kv_heads(dcfg, kind: str) -> int:
-  return dcfg.num_global_kv_heads if kind == FULL else dcfg.num_kv_heads
 
 
 def _cols(n: int, k: int) -> int:
@@ -332,9 +324,9 @@ def _vec(b, n, bn):
   return ((b, n), F32, (None, bn), lambda i, j, *_: (i, j))
 
 
-def _whole_row(b, n, dtype=F32):
-  """A [B, n] output every program of a row writes in full (the same values)."""
-  return ((b, n), dtype, (None, n), lambda i, *_: (i, 0))
+def _whole_row(b, n):
+  """A [B, n] float32 output every program of a row writes in full (the same values)."""
+  return ((b, n), F32, (None, n), lambda i, *_: (i, 0))
 
 
 class Stepper:
@@ -354,11 +346,8 @@ class Stepper:
     self.taps = {kind: (t.k, t.v, masks[kind].astype(jnp.int32)) for kind, t in taps.items()}
     self.rope = {}
     for kind in set(dcfg.layer_types):
-      hd = _head_dim(dcfg, kind)
-      theta, fraction = ((dcfg.global_rope_theta, dcfg.global_rotary_fraction) if kind == FULL
-                         else (dcfg.rope_theta, 1.0))
       freqs = query_pos[:, None].astype(F32) * jnp.asarray(
-          layers.rope_inv_freq(hd, theta, fraction))                 # [B, hd / 2]
+          model_lib.rope_inv_freq(dcfg, kind))                      # [B, hd / 2]
       self.rope[kind] = tuple(self.rnd(f(freqs)) for f in (jnp.cos, jnp.sin))
 
   def __call__(self, token, hidden):
@@ -371,7 +360,7 @@ class Stepper:
                                  p["pre_proj"]], [_vec(b, da, bn)], "drafter_pre")
     residual = (z,)
     for i, lp in enumerate(p["layers"]):
-      residual = self._layer(lp, cfg.layer_types[i], residual, b)
+      residual = self._layer(lp, i, residual, b)
     bn = _cols(dt, da)
     h_out, zf = _call(functools.partial(_final_kernel, da=da, bn=bn, eps=eps, rnd=rnd),
                       (b, dt // bn), [*residual, p["final_norm"], p["post_proj"]],
@@ -384,12 +373,13 @@ class Stepper:
                       [zf, p["embed"]], [_vec(b, cfg.vocab_size, bv)], "drafter_head")
     return logits, h_out
 
-  def _layer(self, lp, kind, residual, b):
-    """One block; residual: (z,) or (z, d, post_ffw_norm, layer_scalar) of the previous layer.
+  def _layer(self, lp, i, residual, b):
+    """Block i; residual: (z,) or (z, d, post_ffw_norm, layer_scalar) of the previous layer.
     Returns the residual inputs of the next kernel."""
-    cfg, rnd, eps = self.cfg, self.rnd, self.cfg.rms_eps
-    da, heads, hd = cfg.embed_dim, cfg.num_heads, _head_dim(cfg, kind)
-    group = heads // _kv_heads(cfg, kind)
+    cfg, rnd, eps, dec = self.cfg, self.rnd, self.cfg.rms_eps, self.cfg.as_decoder()
+    kind = cfg.layer_types[i]
+    da, heads, hd = cfg.embed_dim, cfg.num_heads, dec.layer_head_dim(i)
+    group = heads // dec.layer_kv_heads(i)
     attn = lp["attn"]
     cos, sin = self.rope[kind]
     q, z = _call(functools.partial(_q_kernel, da=da, hd=hd, eps=eps, rnd=rnd,

@@ -85,7 +85,8 @@ def per_layer_inputs(params: dict, tokens: jax.Array, x0: jax.Array, cfg: ModelC
 
 
 @functools.cache
-def _inv_freq(cfg: ModelConfig, kind: str) -> np.ndarray:
+def rope_inv_freq(cfg: ModelConfig, kind: str) -> np.ndarray:
+  """RoPE inverse frequencies [H/2] of `cfg`'s sliding or full layers (a drafter config too)."""
   if kind == FULL:
     return layers.rope_inv_freq(cfg.global_head_dim, cfg.global_rope_theta,
                                 cfg.global_rotary_fraction)
@@ -100,7 +101,7 @@ def project_kv(p: dict, xn: jax.Array, positions: jax.Array, cfg: ModelConfig, k
   k_raw = quant.einsum("BTD,DKH->BTKH", xn, p["k"])
   v_raw = quant.einsum("BTD,DKH->BTKH", xn, p["v"]) if "v" in p else k_raw
   k = layers.apply_rope(layers.rms_norm(k_raw, p["k_norm"], eps=cfg.rms_eps), positions,
-                        _inv_freq(cfg, kind))
+                        rope_inv_freq(cfg, kind))
   v = layers.rms_norm(v_raw, eps=cfg.rms_eps)
   return k, v
 
@@ -108,7 +109,7 @@ def project_kv(p: dict, xn: jax.Array, positions: jax.Array, cfg: ModelConfig, k
 def project_q(p: dict, xn: jax.Array, positions: jax.Array, cfg: ModelConfig, kind: str):
   q = quant.einsum("BTD,DNH->BTNH", xn, p["q"])
   return layers.apply_rope(layers.rms_norm(q, p["q_norm"], eps=cfg.rms_eps), positions,
-                           _inv_freq(cfg, kind))
+                           rope_inv_freq(cfg, kind))
 
 
 def project_fused(p: dict, xn: jax.Array, positions: jax.Array, cfg: ModelConfig, kind: str):
@@ -124,7 +125,7 @@ def project_fused(p: dict, xn: jax.Array, positions: jax.Array, cfg: ModelConfig
                             jnp.broadcast_to(p["k_norm"], (kv, h)),
                             jnp.ones((total - n - kv, h), p["q_norm"].dtype)])
   normed = layers.rms_norm(raw, weight, eps=cfg.rms_eps)
-  qk = layers.apply_rope(normed[:, :, :n + kv], positions, _inv_freq(cfg, kind))
+  qk = layers.apply_rope(normed[:, :, :n + kv], positions, rope_inv_freq(cfg, kind))
   if with_v:
     v = normed[:, :, n + kv:]
   else:   # k_eq_v: the values are the raw keys, v-normed
