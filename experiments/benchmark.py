@@ -48,6 +48,7 @@ from gemma_mtp import api
 from gemma_mtp import bench
 from gemma_mtp import config as config_lib
 from gemma_mtp import drafter as drafter_lib
+from gemma_mtp import drafter_kernels
 from gemma_mtp import metrics
 from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
@@ -193,11 +194,13 @@ def measure_model(name: str, copy_gbs: float, parts: set[str]) -> dict:
         "shape": {"embed_dim": dcfg.embed_dim, "layers": dcfg.num_layers,
                   "num_centroids": dcfg.num_centroids},
         "params": params_lib.count_params(drafter_lib.param_specs(dcfg)),
+        "pallas_kernels": drafter_kernels.choose(dparams, dcfg, params, cfg),
         "ms_per_step": t["per_step_s"] * 1e3,
         "relative_to_target_step": t["per_step_s"] * 1e3 / base["ms_per_step"],
         "timing": t}
-    logging.info("%s drafter: %.3f ms/step = %.1f%% of a target step", name,
-                 entry["drafter"]["ms_per_step"], 100 * entry["drafter"]["relative_to_target_step"])
+    logging.info("%s drafter: %.3f ms/step = %.1f%% of a target step (Pallas kernels: %s)", name,
+                 entry["drafter"]["ms_per_step"], 100 * entry["drafter"]["relative_to_target_step"],
+                 entry["drafter"]["pallas_kernels"])
   if "int8" in parts and name in _INT8_MODELS.value and base and not _late(f"{name} int8"):
     case = bench.DecodeCase(1, contexts[0])
     qparams = api.quantize_target(api.Target(cfg, params), embeddings=True, donate=True).params

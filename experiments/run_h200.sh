@@ -25,6 +25,8 @@
 #                                                  # tests on the GPU, rounds without / with (AL)
 #   bash experiments/run_h200.sh gpu_pair_kernels  # one H200: run AJ with those kernels (AM)
 #   bash experiments/run_h200.sh drafter_warps     # one H200: those kernels with 1 / 2 warps
+#   bash experiments/run_h200.sh released_drafters # one H200: the released assistants' steps
+#                                                  # without / with the kernels (run AN)
 set -u
 OUT=${OUT:-runs/h200}
 mkdir -p "$OUT"
@@ -202,11 +204,21 @@ case "${1:-}" in
     GEMMA_MTP_DRAFTER_KERNELS=off pair_round_probe drafter_xla "" --adaptive=false
     pair_round_probe drafter_kernels "" --adaptive=false
     ;;
+  released_drafters) # session 11, run AN: each released assistant's step relative to its target's
+                     # step (the benchmark's drafter part), with the XLA step and with the drafter
+                     # kernels (=on: under auto only the 256-wide E2B / E4B ones take them)
+    for mode in off on; do
+      GEMMA_MTP_DRAFTER_KERNELS=$mode timeout 290 python experiments/benchmark.py \
+          --parts=copy,drafter --copy_mb=1024 --contexts=1024 --deadline_s=250 --plot=false \
+          --out="$OUT/benchmark_drafters_${mode}_h200.json" > "$OUT/benchmark_drafters_$mode.log" 2>&1
+      grep -E "drafter" "$OUT/benchmark_drafters_$mode.log" | tail -4
+    done
+    ;;
   *)
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
          "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts |" \
          "dispatch_compare | gpu_pair | loop_graphs | pair_layouts | drafter_kernels |" \
-         "gpu_pair_kernels | drafter_warps" >&2
+         "gpu_pair_kernels | drafter_warps | released_drafters" >&2
     exit 2
     ;;
 esac

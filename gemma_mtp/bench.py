@@ -151,7 +151,9 @@ def decode_loop(params, cache, tokens, length, steps, *, config: ModelConfig, ch
 @functools.partial(jax.jit, static_argnames=("tcfg", "dcfg"))
 def drafter_loop(dparams, tparams, cache, tokens, hidden, steps, *, tcfg: ModelConfig,
                  dcfg: drafter_lib.DrafterConfig):
-  """`steps` drafter steps (greedy) on the target cache's taps. Returns (tokens, hidden)."""
+  """`steps` drafter steps (greedy) on the target cache's taps, through the step the speculative
+  loop runs (`drafter.round_step`: the Pallas kernels where they take the drafter). Returns
+  (tokens, hidden)."""
   taps = {kind: model_lib.Tap(k=cache.k[layer], v=cache.v[layer],
                               idx=cache.slot_indices(tcfg.is_full(layer)))
           for kind, layer in tcfg.tap_layers.items()}
@@ -161,10 +163,11 @@ def drafter_loop(dparams, tparams, cache, tokens, hidden, steps, *, tcfg: ModelC
       taps, convention=dcfg.convention, window=tcfg.sliding_window, start=cache.start,
       last_idx=last, call_start=last - 4, call_end=last)
 
+  step = drafter_lib.round_step(dparams, dcfg, tparams, tcfg, taps, masks, query)
+
   def body(_, carry):
     tok, h = carry
-    logits, h = drafter_lib.step(dparams, dcfg, target_params=tparams, target_config=tcfg,
-                                 token=tok, hidden=h, query_pos=query, taps=taps, masks=masks)
+    logits, h = step(tok, h)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), h
 
   return jax.lax.fori_loop(0, steps, body, (tokens, hidden))

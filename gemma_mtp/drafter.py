@@ -343,11 +343,26 @@ def round_taps(dcfg: DrafterConfig, tcfg: ModelConfig, state) -> tuple[dict, dic
   return taps, masks, query
 
 
+def round_step(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, taps: dict,
+               masks: dict, query_pos: jax.Array):
+  """The drafter step of one round, `(token [B], hidden [B, Dt]) -> (logits, next hidden)` as
+  `step` on these taps: the Pallas kernels of `drafter_kernels` where `drafter_kernels.choose`
+  takes the drafter (one GPU), else `step` itself. `draft` and `bench.drafter_loop` (the measured
+  draft cost of the adaptive rule) both step through it, so they time the same step."""
+  if drafter_kernels.choose(dparams, dcfg, tparams, tcfg):
+    return drafter_kernels.Stepper(dparams, dcfg, tparams, tcfg, taps, masks, query_pos,
+                                   head=head)
+  return lambda token, hidden: step(dparams, dcfg, target_params=tparams, target_config=tcfg,
+                                    token=token, hidden=hidden, query_pos=query_pos, taps=taps,
+                                    masks=masks)
+
+
 def draft(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, state, *, k: int,
           sampler: sampling.SamplingParams, key: jax.Array):
   """K recurrent drafter steps from (state.last, state.hidden) on the target's cached taps.
 
-  On a GPU the steps run as Pallas kernels (`drafter_kernels`) where they take the drafter.
+  On a GPU the steps run as Pallas kernels (`drafter_kernels`) where they take the drafter
+  (`round_step`).
 
   Args:
     state: `speculative.SpecState` (cache, last, hidden, call_start, call_end are read).
@@ -356,17 +371,11 @@ def draft(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, state, *, k:
   """
   cache = state.cache
   taps, masks, query = round_taps(dcfg, tcfg, state)
-  kernels = None
-  if drafter_kernels.enabled() and drafter_kernels.supported(dparams, dcfg, tparams, tcfg) is None:
-    kernels = drafter_kernels.Stepper(dparams, dcfg, tparams, tcfg, taps, masks, query, head=head)
+  step_fn = round_step(dparams, dcfg, tparams, tcfg, taps, masks, query)
 
   def one(carry, step_key):
     tok, h = carry
-    if kernels is not None:
-      logits, h = kernels(tok, h)
-    else:
-      logits, h = step(dparams, dcfg, target_params=tparams, target_config=tcfg, token=tok,
-                       hidden=h, query_pos=query, taps=taps, masks=masks)
+    logits, h = step_fn(tok, h)
     nxt, q = sampling.draw(step_key, logits, sampler)
     return (nxt, h), (nxt, q)
 
@@ -426,4 +435,4 @@ def draft_tree(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, state, 
 
 
 __all__ = ["DrafterConfig", "SLIDING", "FULL", "step", "step_seq", "tap_masks", "param_specs",
-           "init_params", "round_taps", "draft", "draft_tree"]
+           "init_params", "round_taps", "round_step", "draft", "draft_tree"]

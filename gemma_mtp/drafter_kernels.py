@@ -5,38 +5,49 @@ XLA, runs ~90 short kernels (pads, one-row GEMMs, norms, softmax reductions; NOT
 costs ~22% of a target step where its bytes would allow ~2%. Here a step is 5 kernels per layer,
 each recomputing the small norms it needs from the vectors the previous kernel wrote:
 
-  pre:   e = E_t[tok] * scale; z = [e, h] @ pre_proj                        grid (B, Da / bn)
+  pre:   e = E_t[tok] * scale; z = [e, h] @ pre_proj, S splits of the contraction  grid (B, Da/bn, S)
   per layer:
-    q:     finish the previous layer (z += norm(down); z *= scalar), xn = norm(z),
-           q = rope(norm_h(xn @ Wq[:, n]))                                   grid (B, N)
-    attn:  one query head over a range of the tap's cache slots: its normalised output and
-           log-sum-exp                                                       grid (B, N, P)
-    o:     combine the P partials of each head, a = attn @ Wo                grid (B, Da / bn)
-    up:    z += norm(a); g = gelu(norm(z) @ Wg) * (norm(z) @ Wu)             grid (B, F / bf)
-    down:  d = g @ Wd                                                        grid (B, Da / bn)
-  final: finish the last layer, zf = norm(z), h_out = zf @ post_proj         grid (B, Dt / bn)
-  head:  logits = zf @ E_d^T (the dense head; the centroid head stays in XLA) grid (B, V / bv)
+    q:     finish the previous layer (z += norm(sum of d's splits); z *= scalar), xn = norm(z),
+           q = xn @ Wq (z: the sum of pre's splits on layer 0)                    grid (B, N*hd/bn)
+    attn:  one query head, q-normed and rotated, over a range of the tap's cache slots: its
+           normalised output and log-sum-exp                                      grid (B, N, P)
+    o:     combine the P partials of each head, a = attn @ Wo, heads in S splits  grid (B, Da/bn, S)
+    up:    z += norm(sum of a's splits); g = gelu(norm(z) @ Wg) * (norm(z) @ Wu) grid (B, F/bf)
+    down:  d = g @ Wd, S splits of the contraction                               grid (B, Da/bn, S)
+  final: finish the last layer, zf = norm(z), h_out = zf @ post_proj             grid (B, Dt/bn)
+  head:  logits = zf @ E_d^T (the dense head; the centroid head stays in XLA)     grid (B, V/bv)
 
-Measured on an H200 (NOTES run AL, random weights of the GPU pair's shapes): a K = 8 round
-1,499 -> 1,102 us against a 519-530 us plain step, ~26 instead of ~92 kernels per drafter step,
-the per-layer ones 2.6-3.6 us each; a drafter step ~117 -> ~68 us.
+A program reads about TILE weights; the pre, o and down kernels split their contraction into S
+parts (above SPLIT_AT weights a program) whose partial sums the next kernel adds, so wide targets
+(the released assistants read 1536-5376-wide target states) keep every program small.
+
+Measured on an H200 (NOTES run AL, random weights of the GPU pair's shapes, before the q kernel
+was tiled by columns and the splits were added): a K = 8 round 1,499 -> 1,102 us against a
+519-530 us plain step, ~26 instead of ~92 kernels per drafter step, the per-layer ones
+2.6-3.6 us each; a drafter step ~117 -> ~68 us.
 
 Values: the kernels compute in float32 and round to the step's dtype wherever `drafter.step`
-rounds (each norm, projection and residual add). In float32 they agree with it up to summation
-order; in bfloat16 they are as close to float32 arithmetic as the XLA step is, not bit-equal
-(XLA fuses elementwise ops, and `layers.attention` rounds the softmax's probabilities before the
-value product, where the split softmax here normalises after it). A step with no visible slot at
-all (never the case in the speculative loop) gives a zero attention output, not the mean value.
+rounds (each norm, projection and residual add; a split projection is rounded after its parts
+are added). In float32 they agree with it up to summation order; in bfloat16 they are as close
+to float32 arithmetic as the XLA step is, not bit-equal (XLA fuses elementwise ops, and
+`layers.attention` rounds the softmax's probabilities before the value product, where the split
+softmax here normalises after it). A step with no visible slot at all (never the case in the
+speculative loop) gives a zero attention output, not the mean value.
 
-Where they run: `enabled()` (GPU and one device, or GEMMA_MTP_DRAFTER_KERNELS=on; off switches them
-off) and `supported()` (float weights; widths powers of two, so the released assistants, whose
-targets are 1536, 2560 and 5376 wide, keep the XLA step). Off the GPU the kernels run in Pallas's
-interpreter, which is how the tests compare them with `drafter.step` on the CPU.
+Where they run: `choose()`: the switch (`enabled()`: GPU and one device, or
+GEMMA_MTP_DRAFTER_KERNELS=on; off switches them off), `supported()` (float weights; widths
+multiples of 16, half a head a power of two, a drafter at most 1024 wide: every released
+assistant), and, under the automatic switch, a drafter at most AUTO_MAX_WIDTH wide (the narrow
+drafters whose steps are bound by kernel count, as measured; the 1024-wide assistants of 31B
+and 26B-A4B read ~0.5-1 GB a step and run them only with =on until measured). Off the GPU the
+kernels run in Pallas's interpreter, which is how the tests compare them with `drafter.step`
+on the CPU.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -55,35 +66,56 @@ ENV = "GEMMA_MTP_DRAFTER_KERNELS"
 # stores last): about TILE weight elements, in statically unrolled chunks of at most CHUNK.
 TILE = 8192
 CHUNK = 4096
+SPLIT_AT = 2 * TILE       # pre, o, down: weights a program reads before its contraction splits
+MAX_WEIGHTS = 4 * TILE    # no program reads more (the q, gate|up, post-projection and head ones)
 SLOTS_PER_CHUNK = 64      # cache slots an attention program reads at a time (at most)
 MAX_SPLITS = 32           # cache ranges per head of the attention kernel
 UNROLL = 8                # cache chunks per attention program read without a loop
 LSE = 16                  # width of the log-sum-exp vector of an attention partial
 NUM_WARPS = 4
+AUTO_MAX_WIDTH = 256      # the automatic switch takes drafters at most this wide (see the doc)
 
 
 def enabled() -> bool:
-  """Whether `drafter.draft` uses these kernels in programs traced now (see the module doc)."""
+  """Whether the switch is on in programs traced now (see the module doc)."""
   return matvec.switch(ENV)
 
 
-def _pow2(n: int) -> bool:
-  return n >= 16 and n & (n - 1) == 0
-
-
 def supported(dparams: dict, dcfg, target_params: dict, target_config) -> str | None:
-  """None if the kernels take this drafter, else why not (a sentence)."""
+  """None if the kernels can run this drafter, else why not (a sentence)."""
   if quant.is_quantized(target_params["embed"]) or any(
       quant.is_quantized(w) for w in jax.tree_util.tree_leaves(
           dparams, is_leaf=quant.is_quantized)):
     return "int8 weights"
   widths = {"drafter width": dcfg.embed_dim, "target width": target_config.embed_dim,
-            "MLP width": dcfg.mlp_dim, "vocabulary": dcfg.vocab_size}
+            "MLP width": dcfg.mlp_dim}
+  if not dcfg.num_centroids:
+    widths["vocabulary"] = dcfg.vocab_size
+  bad = [f"{name} {n}" for name, n in widths.items() if n < 16 or n % 16]
   dec = dcfg.as_decoder()
   for i, kind in enumerate(dcfg.layer_types):
-    widths[f"{kind} head dim / 2"] = dec.layer_head_dim(i) // 2
-  bad = [f"{name} {n}" for name, n in widths.items() if not _pow2(n)]
-  return f"widths not powers of two >= 16: {', '.join(bad)}" if bad else None
+    half = dec.layer_head_dim(i) // 2
+    if half < 16 or half & (half - 1):
+      bad.append(f"{kind} head dim / 2 {half} (not a power of two >= 16)")
+  if bad:
+    return f"widths not multiples of 16: {', '.join(bad)}"
+  if 2 * dcfg.embed_dim * 16 > MAX_WEIGHTS:
+    return (f"drafter width {dcfg.embed_dim} > {MAX_WEIGHTS // 32}: a gate|up program would "
+            f"read more than {MAX_WEIGHTS} weights")
+  ks, bn = _pre_split(dcfg)[1:]
+  if ks * bn > MAX_WEIGHTS:
+    return (f"target width {target_config.embed_dim}: a pre-projection program would read "
+            f"{ks * bn} weights (at most {MAX_WEIGHTS})")
+  return None
+
+
+def choose(dparams: dict, dcfg, target_params: dict, target_config) -> bool:
+  """Whether `drafter.round_step` runs this drafter's steps as these kernels in programs traced
+  now: the switch is on, `supported` takes the drafter and, under the automatic switch, it is
+  at most AUTO_MAX_WIDTH wide."""
+  if not enabled() or supported(dparams, dcfg, target_params, target_config) is not None:
+    return False
+  return os.environ.get(ENV, "auto").lower() == "on" or dcfg.embed_dim <= AUTO_MAX_WIDTH
 
 
 def _pow2_floor(n: int) -> int:
@@ -92,8 +124,27 @@ def _pow2_floor(n: int) -> int:
 
 
 def _cols(n: int, k: int) -> int:
-  """Output columns per program of an n-wide matvec over k (about TILE weights a program)."""
-  return max(16, min(n, TILE // k, 64))
+  """Output columns per program of an n-wide matvec over k (about TILE weights a program; a
+  power of two dividing n, 16-64)."""
+  return matvec.pow2_divisor(n, max(16, min(64, TILE // k)))
+
+
+def _split(units: int, unit_weights: int) -> int:
+  """Parts S (a power of two dividing `units`) of a contraction over `units` units of
+  `unit_weights` weights a program each: the fewest that keep a part within SPLIT_AT."""
+  s = 1
+  while (units // s) * unit_weights > SPLIT_AT and units % (2 * s) == 0:
+    s *= 2
+  return s
+
+
+def _pre_split(dcfg) -> tuple[int, int, int]:
+  """(halves, rows, bn) of the pre-projection: each of e and h is contracted in `halves` parts
+  of `rows` rows, bn output columns a program."""
+  dt = dcfg.target_embed_dim
+  bn = _cols(dcfg.embed_dim, 2 * dt)
+  halves = _split(dt // 16, 16 * bn)
+  return halves, dt // halves, bn
 
 
 def _rounder(dtype):
@@ -124,13 +175,16 @@ def _call(kernel, grid, ins, outs, name):
 # across warps is a barrier, and loads issued after one wait a memory round trip of their own),
 # then computes, then stores. Vectors longer than one matvec chunk are kept as lists of chunks.
 
-def _spans(k: int, bk: int) -> list:
-  return [pl.ds(start, bk) for start in range(0, k, bk)]
-
-
 def _rows_per_chunk(k: int, n: int) -> int:
-  """Contraction rows of one [rows, n] weight chunk (about CHUNK elements)."""
-  return min(k, max(16, CHUNK // n))
+  """Contraction rows of one [rows, n] weight chunk (about CHUNK elements; a power of two
+  dividing k)."""
+  return matvec.pow2_divisor(k, max(16, CHUNK // n))
+
+
+def _spans(k: int, bk: int, first=0) -> list:
+  """Chunks of bk rows of [first, first + k) (first: static, or traced and a multiple of bk)."""
+  return [pl.ds(pl.multiple_of(first + start, bk) if isinstance(first, jax.Array)
+                else start + first, bk) for start in range(0, k, bk)]
 
 
 def _f32(x):
@@ -147,21 +201,27 @@ def _matvec(xs, ws):
   return jnp.sum(sum(x[:, None] * _f32(w) for x, w in zip(xs, ws)), axis=0)
 
 
+def _load_parts(ref, b, spans):
+  """Chunks of the sum of a split projection's parts (ref: [B, S, n] float32)."""
+  return [sum(_f32(ref[b, s, ds]) for s in range(ref.shape[1])) for ds in spans]
+
+
 def _load_residual(refs, b, spans):
-  """The residual stream entering a layer, read in chunks: refs = (z,) (layer 0) or the previous
-  layer's (z after attention, its down output d, post-FFN norm weight, layer scalar)."""
+  """The residual stream entering a layer, read in chunks: refs = (pre's parts,) (layer 0) or
+  the previous layer's (z after attention, its down parts, post-FFN norm weight, layer scalar)."""
   if len(refs) == 1:
-    return ([_f32(refs[0][b, ds]) for ds in spans],)
+    return (_load_parts(refs[0], b, spans),)
   z, d, w, scalar = refs
-  return ([_f32(z[b, ds]) for ds in spans], [_f32(d[b, ds]) for ds in spans],
+  return ([_f32(z[b, ds]) for ds in spans], _load_parts(d, b, spans),
           [_f32(w[ds]) for ds in spans], _f32(scalar[0]))
 
 
 def _finish_residual(loaded, n, eps, rnd):
   """z chunks from `_load_residual`: z, or (z + rms_norm(d) * w) * scalar as `model.block`."""
   if len(loaded) == 1:
-    return loaded[0]
+    return [rnd(c) for c in loaded[0]]
   z, d, w, scalar = loaded
+  d = [rnd(c) for c in d]
   scale = _inv_rms(d, n, eps)
   scalar = rnd(scalar)
   return [rnd(rnd(zc + rnd(dc * scale * wc)) * scalar) for zc, dc, wc in zip(z, d, w)]
@@ -178,70 +238,78 @@ def _store_chunks(ref, spans, chunks):
     ref[ds] = c.astype(ref.dtype)
 
 
+def _columns(c, bn):
+  return pl.ds(pl.multiple_of(c * bn, bn), bn)
+
+
 # ---- the kernels -------------------------------------------------------------------------------------
 
-def _pre_kernel(tok_ref, h_ref, emb_ref, scale_ref, w_ref, z_ref, *, dt, bn, rnd, rnd_tab):
-  b, c = pl.program_id(0), pl.program_id(1)
+def _pre_kernel(tok_ref, h_ref, emb_ref, scale_ref, w_ref, z_ref, *, halves, rows, bn, rnd,
+                rnd_tab):
+  """Part s of [e, h] @ pre_proj: rows [s * rows, (s + 1) * rows) of e (s < halves) or of h."""
+  b, c, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   tok = tok_ref[b]
-  cols = pl.ds(pl.multiple_of(c * bn, bn), bn)
-  spans = _spans(dt, _rows_per_chunk(dt, bn))
-  e = [_f32(emb_ref[tok, ds]) for ds in spans]
-  h = [_f32(h_ref[b, ds]) for ds in spans]
-  w_e = [w_ref[ds, cols] for ds in spans]
-  w_h = [w_ref[pl.ds(ds.start + dt, ds.size), cols] for ds in spans]
+  cols = _columns(c, bn)
+  bk = _rows_per_chunk(rows, bn)
+  of_e = s < halves
+  at = (s % halves) * rows                 # the part's first row of e or h
+  e = [_f32(emb_ref[tok, ds]) for ds in _spans(rows, bk, at)]
+  h = [_f32(h_ref[b, ds]) for ds in _spans(rows, bk, at)]
+  w = [w_ref[ds, cols] for ds in _spans(rows, bk, s * rows)]
   scale = _f32(scale_ref[0])
-  x = [rnd(rnd_tab(ec * scale)) for ec in e] + [rnd(hc) for hc in h]
-  z_ref[...] = rnd(_matvec(x, w_e + w_h))
+  x = [jnp.where(of_e, rnd(rnd_tab(ec * scale)), rnd(hc)) for ec, hc in zip(e, h)]
+  z_ref[...] = _matvec(x, w)               # rounded once the parts are added
 
 
-def _q_kernel(*refs, da, hd, eps, rnd, n_res):
-  res_refs, (norm_ref, wq_ref, qn_ref, cos_ref, sin_ref, q_ref, z_ref) = (
-      refs[:n_res], refs[n_res:])
-  b, n = pl.program_id(0), pl.program_id(1)
-  h2 = hd // 2
-  spans = _spans(da, _rows_per_chunk(da, h2))
+def _q_kernel(*refs, da, bn, eps, rnd, n_res):
+  res_refs, (norm_ref, wq_ref, q_ref, z_ref) = refs[:n_res], refs[n_res:]
+  b, c = pl.program_id(0), pl.program_id(1)
+  cols = _columns(c, bn)
+  spans = _spans(da, _rows_per_chunk(da, bn))
   loaded = _load_residual(res_refs, b, spans)
   norm_w = [_f32(norm_ref[ds]) for ds in spans]
-  w1 = [wq_ref[ds, n, pl.ds(0, h2)] for ds in spans]
-  w2 = [wq_ref[ds, n, pl.ds(h2, h2)] for ds in spans]
-  qn1, qn2 = _f32(qn_ref[pl.ds(0, h2)]), _f32(qn_ref[pl.ds(h2, h2)])
-  cos, sin = cos_ref[b, :], sin_ref[b, :]
+  w = [wq_ref[ds, cols] for ds in spans]
   z = _finish_residual(loaded, da, eps, rnd)
   xn = _norm(z, norm_w, da, eps, rnd)
-  q1, q2 = rnd(_matvec(xn, w1)), rnd(_matvec(xn, w2))
-  scale = jax.lax.rsqrt((jnp.sum(q1 * q1) + jnp.sum(q2 * q2)) / hd + eps)
-  q1, q2 = rnd(q1 * scale * qn1), rnd(q2 * scale * qn2)
-  q_ref[pl.ds(0, h2)] = rnd(rnd(q1 * cos) + rnd(-q2 * sin)).astype(q_ref.dtype)
-  q_ref[pl.ds(h2, h2)] = rnd(rnd(q2 * cos) + rnd(q1 * sin)).astype(q_ref.dtype)
+  q_ref[...] = rnd(_matvec(xn, w)).astype(q_ref.dtype)
   _store_chunks(z_ref, spans, z)
 
 
-def _attn_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, group, bs, per_split, slots):
-  """Head n over cache chunks [p * per_split, (p + 1) * per_split): the normalised partial output
-  [hd] and its log-sum-exp (F32_MIN where no slot is visible)."""
+def _attn_kernel(q_ref, qn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *,
+                 group, bs, per_split, slots, hd, eps, rnd):
+  """Head n (q-normed and rotated here) over cache chunks [p * per_split, (p + 1) * per_split):
+  the normalised partial output [hd] and its log-sum-exp (F32_MIN where no slot is visible)."""
   b, n, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   g = n // group
+  h2 = hd // 2
+  lo, hi = pl.ds(0, h2), pl.ds(h2, h2)
 
   def load(i):
     first = (p * per_split + i) * bs
     at = jnp.minimum(first, slots - bs)         # the last chunk is moved back, not read past
     rows = pl.ds(at, bs)
     keep = (valid_ref[b, rows] != 0) & (at + jnp.arange(bs) >= first)
-    return keep, k_ref[b, rows, g, :], v_ref[b, rows, g, :]
+    return keep, k_ref[b, rows, g, lo], k_ref[b, rows, g, hi], v_ref[b, rows, g, :]
 
   def update(carry, chunk):
     m, l, acc = carry
-    keep, k, v = chunk
-    s = jnp.where(keep, jnp.sum(_f32(k) * q[None, :], axis=1), F32_MIN)
+    keep, k1, k2, v = chunk
+    s = jnp.where(keep, jnp.sum(_f32(k1) * q1[None, :] + _f32(k2) * q2[None, :], axis=1),
+                  F32_MIN)
     m_new = jnp.maximum(m, jnp.max(s))
     alpha = jnp.exp(m - m_new)
     w = jnp.where(keep, jnp.exp(s - m_new), 0.0)
     return m_new, l * alpha + jnp.sum(w), acc * alpha + jnp.sum(w[:, None] * _f32(v), axis=0)
 
-  q = _f32(q_ref[b, n, :])
-  carry = (jnp.asarray(F32_MIN, F32), jnp.asarray(0.0, F32), jnp.zeros(q.shape, F32))
-  if per_split <= UNROLL:
-    chunks = [load(i) for i in range(per_split)]
+  q1, q2 = _f32(q_ref[b, n, lo]), _f32(q_ref[b, n, hi])
+  qn1, qn2 = _f32(qn_ref[lo]), _f32(qn_ref[hi])
+  cos, sin = cos_ref[b, :], sin_ref[b, :]
+  chunks = [load(i) for i in range(per_split)] if per_split <= UNROLL else None
+  scale = jax.lax.rsqrt((jnp.sum(q1 * q1) + jnp.sum(q2 * q2)) / hd + eps)
+  q1, q2 = rnd(q1 * scale * qn1), rnd(q2 * scale * qn2)
+  q1, q2 = rnd(rnd(q1 * cos) + rnd(-q2 * sin)), rnd(rnd(q2 * cos) + rnd(q1 * sin))
+  carry = (jnp.asarray(F32_MIN, F32), jnp.asarray(0.0, F32), jnp.zeros((hd,), F32))
+  if chunks is not None:
     for chunk in chunks:
       carry = update(carry, chunk)
   else:
@@ -253,18 +321,20 @@ def _attn_kernel(q_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *, group, bs, p
                                   (LSE,))
 
 
-def _o_kernel(o_ref, lse_ref, wo_ref, a_ref, *, heads, bn, rnd):
-  b, c = pl.program_id(0), pl.program_id(1)
-  cols = pl.ds(pl.multiple_of(c * bn, bn), bn)
-  lses = [lse_ref[b, n] for n in range(heads)]                       # [P, LSE], rows constant
-  outs = [o_ref[b, n] for n in range(heads)]                         # [P, hd]
-  ws = [wo_ref[n, :, cols] for n in range(heads)]                    # [hd, bn]
+def _o_kernel(o_ref, lse_ref, wo_ref, a_ref, *, per_part, bn, rnd):
+  """Part s of attn @ Wo: heads [s * per_part, (s + 1) * per_part), their partials combined."""
+  b, c, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  cols = _columns(c, bn)
+  heads = [s * per_part + j for j in range(per_part)]
+  lses = [lse_ref[b, n] for n in heads]                              # [P, LSE], rows constant
+  outs = [o_ref[b, n] for n in heads]                                # [P, hd]
+  ws = [wo_ref[n, :, cols] for n in heads]                           # [hd, bn]
   xs = []
   for lse, o in zip(lses, outs):
     lse = jnp.max(lse, axis=1)
     w = jnp.exp(lse - jnp.max(lse))
     xs.append(rnd(jnp.sum(w[:, None] * o, axis=0) / jnp.sum(w)))    # head n's output [hd]
-  a_ref[...] = rnd(_matvec(xs, ws))
+  a_ref[...] = _matvec(xs, ws)             # rounded once the parts are added
 
 
 def _up_kernel(z_ref, a_ref, pa_ref, pf_ref, wg_ref, wu_ref, g_ref, z1_ref, *, da, bf, up_at, eps,
@@ -273,11 +343,12 @@ def _up_kernel(z_ref, a_ref, pa_ref, pf_ref, wg_ref, wu_ref, g_ref, z1_ref, *, d
   spans = _spans(da, _rows_per_chunk(da, bf))
   start = pl.multiple_of(c * bf, bf)
   z = [_f32(z_ref[b, ds]) for ds in spans]
-  a = [_f32(a_ref[b, ds]) for ds in spans]
+  a = _load_parts(a_ref, b, spans)
   pa = [_f32(pa_ref[ds]) for ds in spans]
   pf = [_f32(pf_ref[ds]) for ds in spans]
   wg = [wg_ref[ds, pl.ds(start, bf)] for ds in spans]
   wu = [wu_ref[ds, pl.ds(start + up_at, bf)] for ds in spans]
+  a = [rnd(ac) for ac in a]
   z1 = [rnd(zc + ac) for zc, ac in zip(z, _norm(a, pa, da, eps, rnd))]
   xn = _norm(z1, pf, da, eps, rnd)
   gate, up = rnd(_matvec(xn, wg)), rnd(_matvec(xn, wu))
@@ -286,19 +357,20 @@ def _up_kernel(z_ref, a_ref, pa_ref, pf_ref, wg_ref, wu_ref, g_ref, z1_ref, *, d
   _store_chunks(z1_ref, spans, z1)
 
 
-def _down_kernel(g_ref, wd_ref, d_ref, *, f, bn, rnd):
-  b, c = pl.program_id(0), pl.program_id(1)
-  cols = pl.ds(pl.multiple_of(c * bn, bn), bn)
-  spans = _spans(f, _rows_per_chunk(f, bn))
+def _down_kernel(g_ref, wd_ref, d_ref, *, rows, bn):
+  """Part s of g @ Wd: contraction rows [s * rows, (s + 1) * rows)."""
+  b, c, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  cols = _columns(c, bn)
+  spans = _spans(rows, _rows_per_chunk(rows, bn), s * rows)
   g = [_f32(g_ref[b, ds]) for ds in spans]
   w = [wd_ref[ds, cols] for ds in spans]
-  d_ref[...] = rnd(_matvec(g, w))
+  d_ref[...] = _matvec(g, w)               # rounded once the parts are added
 
 
 def _final_kernel(z_ref, d_ref, pf_ref, scalar_ref, fn_ref, w_ref, h_ref, zf_ref, *, da, bn, eps,
                   rnd):
   b, c = pl.program_id(0), pl.program_id(1)
-  cols = pl.ds(pl.multiple_of(c * bn, bn), bn)
+  cols = _columns(c, bn)
   spans = _spans(da, _rows_per_chunk(da, bn))
   loaded = _load_residual((z_ref, d_ref, pf_ref, scalar_ref), b, spans)
   fn = [_f32(fn_ref[ds]) for ds in spans]
@@ -310,7 +382,7 @@ def _final_kernel(z_ref, d_ref, pf_ref, scalar_ref, fn_ref, w_ref, h_ref, zf_ref
 
 def _head_kernel(zf_ref, emb_ref, o_ref, *, da, bv):
   b, c = pl.program_id(0), pl.program_id(1)
-  rows = pl.ds(pl.multiple_of(c * bv, bv), bv)
+  rows = _columns(c, bv)
   spans = _spans(da, _rows_per_chunk(da, bv))
   zf = [_f32(zf_ref[b, ds]) for ds in spans]
   emb = [emb_ref[rows, ds] for ds in spans]                          # [bv, bk]
@@ -324,6 +396,12 @@ def _vec(b, n, bn):
   return ((b, n), F32, (None, bn), lambda i, j, *_: (i, j))
 
 
+def _parts(b, parts, n, bn):
+  """Output spec pieces of the [B, S, n] float32 parts of a projection split S ways (grid
+  (B, n / bn, S))."""
+  return ((b, parts, n), F32, (None, None, bn), lambda i, j, s: (i, s, j))
+
+
 def _whole_row(b, n):
   """A [B, n] float32 output every program of a row writes in full (the same values)."""
   return ((b, n), F32, (None, n), lambda i, *_: (i, 0))
@@ -331,8 +409,8 @@ def _whole_row(b, n):
 
 class Stepper:
   """The kernels of one round: weights cast and rotary tables built once, then `__call__` per
-  step (`drafter.draft` scans it). Same arguments and results as `drafter.step`; `head(params,
-  z, cfg)` is `drafter.head`, used for the centroid head."""
+  step (`drafter.round_step`). Same arguments and results as `drafter.step`; `head(params, z,
+  cfg)` is `drafter.head`, used for the centroid head."""
 
   def __init__(self, dparams, dcfg, target_params, target_config, taps, masks, query_pos, *,
                head):
@@ -353,11 +431,12 @@ class Stepper:
   def __call__(self, token, hidden):
     cfg, p, rnd = self.cfg, self.params, self.rnd
     b, da, dt, eps = token.shape[0], cfg.embed_dim, cfg.target_embed_dim, cfg.rms_eps
-    bn = _cols(da, 2 * dt)
-    (z,) = _call(functools.partial(_pre_kernel, dt=dt, bn=bn, rnd=rnd,
+    halves, rows, bn = _pre_split(cfg)
+    (z,) = _call(functools.partial(_pre_kernel, halves=halves, rows=rows, bn=bn, rnd=rnd,
                                    rnd_tab=_rounder(self.table.dtype)),
-                 (b, da // bn), [token.astype(jnp.int32), hidden, self.table, self.table_scale,
-                                 p["pre_proj"]], [_vec(b, da, bn)], "drafter_pre")
+                 (b, da // bn, 2 * halves), [token.astype(jnp.int32), hidden, self.table,
+                                             self.table_scale, p["pre_proj"]],
+                 [_parts(b, 2 * halves, da, bn)], "drafter_pre")
     residual = (z,)
     for i, lp in enumerate(p["layers"]):
       residual = self._layer(lp, i, residual, b)
@@ -374,36 +453,44 @@ class Stepper:
     return logits, h_out
 
   def _layer(self, lp, i, residual, b):
-    """Block i; residual: (z,) or (z, d, post_ffw_norm, layer_scalar) of the previous layer.
-    Returns the residual inputs of the next kernel."""
+    """Block i; residual: (pre's parts,) or (z, down's parts, post_ffw_norm, layer_scalar) of the
+    previous layer. Returns the residual inputs of the next kernel."""
     cfg, rnd, eps, dec = self.cfg, self.rnd, self.cfg.rms_eps, self.cfg.as_decoder()
     kind = cfg.layer_types[i]
     da, heads, hd = cfg.embed_dim, cfg.num_heads, dec.layer_head_dim(i)
     group = heads // dec.layer_kv_heads(i)
     attn = lp["attn"]
-    cos, sin = self.rope[kind]
-    q, z = _call(functools.partial(_q_kernel, da=da, hd=hd, eps=eps, rnd=rnd,
+    nh = heads * hd
+    bq = _cols(nh, da)
+    q, z = _call(functools.partial(_q_kernel, da=da, bn=bq, eps=eps, rnd=rnd,
                                    n_res=len(residual)),
-                 (b, heads), [*residual, lp["pre_attn_norm"], attn["q"], attn["q_norm"], cos, sin],
-                 [((b, heads, hd), self.dtype, (None, None, hd), lambda i, j: (i, j, 0)),
-                  _whole_row(b, da)], "drafter_q")
+                 (b, nh // bq), [*residual, lp["pre_attn_norm"], attn["q"].reshape(da, nh)],
+                 [((b, nh), self.dtype, (None, bq), lambda i, j: (i, j)), _whole_row(b, da)],
+                 "drafter_q")
+    # The o projection: heads in `o_parts` parts of `per_part` heads, bo columns a program.
+    bo = _cols(da, nh)
+    o_parts = _split(heads, hd * bo)
+    per_part = heads // o_parts
     k, v, valid = self.taps[kind]
     slots = k.shape[1]
-    bs = min(TILE // hd, SLOTS_PER_CHUNK, _pow2_floor(slots))
+    bs = _pow2_floor(min(TILE // hd, SLOTS_PER_CHUNK, slots))
     chunks = -(-slots // bs)
     # Ranges per head: about two chunks each, a power of two, and few enough that the o kernel's
-    # programs hold every head's partials ([P, hd] each) in about TILE elements.
+    # programs hold their heads' partials ([P, hd] each) in about TILE elements.
     splits = min(MAX_SPLITS, 1 << ((chunks - 1) // 2).bit_length(),
-                 _pow2_floor(max(1, TILE // (heads * hd))), _pow2_floor(chunks))
+                 _pow2_floor(max(1, TILE // (per_part * hd))), _pow2_floor(chunks))
     part = lambda w: ((b, heads, splits, w), F32, (None, None, None, w),
                       lambda i, j, s: (i, j, s, 0))
+    cos, sin = self.rope[kind]
     o, lse = _call(functools.partial(_attn_kernel, group=group, bs=bs,
-                                     per_split=-(-chunks // splits), slots=slots),
-                   (b, heads, splits), [q, k, v, valid], [part(hd), part(LSE)],
-                   "drafter_attention")
-    bn = _cols(da, heads * hd)
-    (a,) = _call(functools.partial(_o_kernel, heads=heads, bn=bn, rnd=rnd),
-                 (b, da // bn), [o, lse, attn["o"]], [_vec(b, da, bn)], "drafter_o")
+                                     per_split=-(-chunks // splits), slots=slots, hd=hd, eps=eps,
+                                     rnd=rnd),
+                   (b, heads, splits),
+                   [q.reshape(b, heads, hd), attn["q_norm"], cos, sin, k, v, valid],
+                   [part(hd), part(LSE)], "drafter_attention")
+    (a,) = _call(functools.partial(_o_kernel, per_part=per_part, bn=bo, rnd=rnd),
+                 (b, da // bo, o_parts), [o, lse, attn["o"]], [_parts(b, o_parts, da, bo)],
+                 "drafter_o")
     mlp = lp["mlp"]
     f = cfg.mlp_dim
     wg, wu, up_at = ((mlp["gate_up"], mlp["gate_up"], f) if "gate_up" in mlp
@@ -413,9 +500,11 @@ class Stepper:
                   (b, f // bf), [z, a, lp["post_attn_norm"], lp["pre_ffw_norm"], wg, wu],
                   [_vec(b, f, bf), _whole_row(b, da)], "drafter_up")
     bn = _cols(da, f)
-    (d,) = _call(functools.partial(_down_kernel, f=f, bn=bn, rnd=rnd), (b, da // bn),
-                 [g, mlp["down"]], [_vec(b, da, bn)], "drafter_down")
+    d_parts = _split(f // 16, 16 * bn)
+    (d,) = _call(functools.partial(_down_kernel, rows=f // d_parts, bn=bn),
+                 (b, da // bn, d_parts), [g, mlp["down"]], [_parts(b, d_parts, da, bn)],
+                 "drafter_down")
     return (z1, d, lp["post_ffw_norm"], lp["layer_scalar"])
 
 
-__all__ = ["ENV", "enabled", "supported", "Stepper"]
+__all__ = ["ENV", "enabled", "supported", "choose", "Stepper"]

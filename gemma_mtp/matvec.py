@@ -77,7 +77,7 @@ def enabled() -> bool:
   return switch(ENV)
 
 
-def _pow2_divisor(n: int, cap: int) -> int:
+def pow2_divisor(n: int, cap: int) -> int:
   """The largest power of two <= cap dividing n."""
   d = 1
   while d * 2 <= cap and n % (d * 2) == 0:
@@ -92,8 +92,8 @@ def block_config(groups: int, k: int, n: int, *, itemsize: int = 2,
   block_n = 128 columns (256 bytes of bf16 per row read), block_k = 128 (256 for int8), and the
   contraction split into the fewest ranges that give about `target_programs` programs.
   """
-  block_n = _pow2_divisor(n, 128)
-  block_k = _pow2_divisor(k, 256 if itemsize == 1 else 128)
+  block_n = pow2_divisor(n, 128)
+  block_k = pow2_divisor(k, 256 if itemsize == 1 else 128)
   if block_n < 32 or block_k < 32:
     return None
   chunks = k // block_k
@@ -194,5 +194,5 @@ def _require_config(groups, k, n, itemsize) -> BlockConfig:
   return cfg
 
 
-__all__ = ["BlockConfig", "switch", "enabled", "block_config", "matmul", "gathered_matmul", "MAX_ROWS",
-           "ENV"]
+__all__ = ["BlockConfig", "switch", "enabled", "pow2_divisor", "block_config", "matmul",
+           "gathered_matmul", "MAX_ROWS", "ENV"]

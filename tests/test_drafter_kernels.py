@@ -30,10 +30,13 @@ def kernels_on(monkeypatch):
   jax.clear_caches()
 
 
-def _case(dtype, *, num_centroids=0, fuse=False, seed=0):
+def _case(dtype, *, num_centroids=0, fuse=False, seed=0, target_width=None, embed_dim=32,
+          mlp_dim=64):
   """(target params, drafter config, drafter params, step inputs) with random taps and masks."""
   tcfg = TARGET.replace(dtype=dtype, param_dtype=dtype)
-  dcfg = drafter_lib.for_target(tcfg, embed_dim=32, num_heads=4, mlp_dim=64,
+  if target_width is not None:
+    tcfg = tcfg.replace(embed_dim=target_width)
+  dcfg = drafter_lib.for_target(tcfg, embed_dim=embed_dim, num_heads=4, mlp_dim=mlp_dim,
                                 num_centroids=num_centroids, centroid_top_k=4)
   tp = gemma_mtp.random_target(tcfg, seed=seed).params
   dp = drafter_lib.init_params(dcfg, jax.random.PRNGKey(seed + 1))
@@ -81,6 +84,63 @@ def test_step_equals_xla_step_float32(kernels_on, monkeypatch, fuse, attention):
   ref_logits, ref_h, logits, h = _both(*_case("float32", fuse=fuse))
   np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=2e-5 * np.abs(ref_logits).max())
   np.testing.assert_allclose(h, ref_h, rtol=0, atol=2e-5 * np.abs(ref_h).max())
+
+
+def test_wide_shapes_split_projections_float32(kernels_on, monkeypatch):
+  """Widths that are multiples of 16 but not powers of two (target 96, drafter 48, MLP 96, like
+  the released assistants' 1536-5376-wide targets), with small tiles: the pre-projection, o and
+  down kernels split their contractions in parts that the next kernel adds (pre: 2 parts of e
+  and 2 of h; o: one head a part; down: 2 parts), and a q program computes 16 columns of a 32-
+  or 64-wide head, which the attention kernel q-norms and rotates."""
+  monkeypatch.setattr(drafter_kernels, "TILE", 768)
+  monkeypatch.setattr(drafter_kernels, "SPLIT_AT", 512)
+  case = _case("float32", target_width=96, embed_dim=48, mlp_dim=96)
+  tcfg, dcfg = case[0], case[2]
+  assert drafter_kernels._pre_split(dcfg) == (2, 48, 16)
+  assert drafter_kernels._cols(dcfg.num_heads * dcfg.head_dim, dcfg.embed_dim) == 16
+  assert drafter_kernels._split(dcfg.num_heads, dcfg.head_dim * 16) == 4
+  assert drafter_kernels._split(dcfg.mlp_dim // 16, 16 * 16) == 2
+  assert drafter_kernels.supported(case[3], dcfg, case[1], tcfg) is None
+  ref_logits, ref_h, logits, h = _both(*case)
+  np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=2e-5 * np.abs(ref_logits).max())
+  np.testing.assert_allclose(h, ref_h, rtol=0, atol=2e-5 * np.abs(ref_h).max())
+
+
+def test_released_assistants_supported():
+  """Every released assistant fits the kernels (widths in multiples of 16, no program over
+  MAX_WEIGHTS weights); the automatic switch takes the 256-wide ones (E2B, E4B) only."""
+  for name in ("e2b", "e4b", "31b", "26b_a4b"):
+    dcfg = getattr(drafter_lib, f"gemma4_{name}_assistant")()
+    tcfg = getattr(config_lib, f"gemma4_{name}")()
+    specs = jax.eval_shape(lambda: drafter_lib.init_params(dcfg, jax.random.PRNGKey(0)))
+    target = {"embed": jax.ShapeDtypeStruct((tcfg.vocab_size, tcfg.embed_dim), jnp.bfloat16)}
+    assert drafter_kernels.supported(specs, dcfg, target, tcfg) is None, name
+    halves, rows, bn = drafter_kernels._pre_split(dcfg)
+    assert rows * bn <= drafter_kernels.SPLIT_AT and halves * rows == tcfg.embed_dim, name
+    assert (dcfg.embed_dim <= drafter_kernels.AUTO_MAX_WIDTH) == (name in ("e2b", "e4b")), name
+
+
+def test_bench_drafter_loop_times_the_kernels(monkeypatch):
+  """`bench.drafter_loop` (the adaptive rule's measured draft cost, the benchmark's drafter
+  column) runs the step `drafter.draft` runs: the kernels when they are on, and the same
+  tokens and state as the XLA step."""
+  from gemma_mtp import bench  # pylint: disable=g-import-not-at-top
+  tcfg, tp, dcfg, dp, _ = _case("float32")
+  cache = bench.synthetic_cache(tcfg, 2, 24)
+  tok, hid = jnp.array([3, 7], jnp.int32), jnp.ones((2, tcfg.embed_dim), jnp.float32)
+  out, kernels = {}, {}
+  for mode in ("on", "off"):
+    monkeypatch.setenv(drafter_kernels.ENV, mode)
+    jax.clear_caches()
+    run = lambda: bench.drafter_loop(dp, tp, cache, tok, hid, jnp.int32(3), tcfg=tcfg, dcfg=dcfg)
+    kernels[mode] = "pallas_call" in str(jax.make_jaxpr(run)())
+    with jax.default_matmul_precision("float32"):
+      out[mode] = run()
+  jax.clear_caches()
+  assert kernels == {"on": True, "off": False}
+  np.testing.assert_array_equal(out["on"][0], out["off"][0])
+  np.testing.assert_allclose(out["on"][1], out["off"][1], rtol=0,
+                             atol=2e-5 * np.abs(out["off"][1]).max())
 
 
 def _as_float32(tree):
@@ -145,15 +205,28 @@ def test_supported_and_enabled(monkeypatch):
   assert drafter_kernels.supported(dp, dcfg, tp, tcfg) is None
   int8 = {**dp, "pre_proj": quant.quantize(dp["pre_proj"], (0,))}
   assert drafter_kernels.supported(int8, dcfg, tp, tcfg) == "int8 weights"
-  small = drafter_lib.for_target(config_lib.tiny(), embed_dim=32, num_heads=4, mlp_dim=48)
+  small = drafter_lib.for_target(config_lib.tiny(), embed_dim=32, num_heads=4, mlp_dim=40)
   reason = drafter_kernels.supported(drafter_lib.init_params(small, jax.random.PRNGKey(0)),
                                      small, gemma_mtp.random_target(config_lib.tiny()).params,
                                      config_lib.tiny())
-  assert "MLP width 48" in reason and "head dim / 2 8" in reason
+  assert "MLP width 40" in reason and "head dim / 2 8" in reason
+  wide = dcfg.replace(embed_dim=2048)
+  assert "drafter width 2048 > 1024" in drafter_kernels.supported(dp, wide, tp, tcfg)
   monkeypatch.setenv(drafter_kernels.ENV, "off")
   assert not drafter_kernels.enabled()
+  assert not drafter_kernels.choose(dp, dcfg, tp, tcfg)
   monkeypatch.setenv(drafter_kernels.ENV, "on")
   assert drafter_kernels.enabled()
+  assert drafter_kernels.choose(dp, dcfg, tp, tcfg)
+  assert not drafter_kernels.choose(int8, dcfg, tp, tcfg)
   monkeypatch.setenv(drafter_kernels.ENV, "sometimes")
   with pytest.raises(ValueError, match="GEMMA_MTP_DRAFTER_KERNELS must be auto, on or off"):
     drafter_kernels.enabled()
+  # The automatic switch (here forced on, as on one GPU) takes narrow drafters only.
+  monkeypatch.setenv(drafter_kernels.ENV, "auto")
+  monkeypatch.setattr(drafter_kernels, "enabled", lambda: True)
+  assert drafter_kernels.choose(dp, dcfg, tp, tcfg)
+  monkeypatch.setattr(drafter_kernels, "AUTO_MAX_WIDTH", dcfg.embed_dim // 2)
+  assert not drafter_kernels.choose(dp, dcfg, tp, tcfg)
+  monkeypatch.setenv(drafter_kernels.ENV, "on")
+  assert drafter_kernels.choose(dp, dcfg, tp, tcfg)
