@@ -91,21 +91,26 @@ def supported(dparams: dict, dcfg, target_params: dict, target_config) -> str | 
             "MLP width": dcfg.mlp_dim}
   if not dcfg.num_centroids:
     widths["vocabulary"] = dcfg.vocab_size
-  bad = [f"{name} {n}" for name, n in widths.items() if n < 16 or n % 16]
+  bad = [f"{name} {n} (not a multiple of 16)" for name, n in widths.items() if n < 16 or n % 16]
   dec = dcfg.as_decoder()
-  for i, kind in enumerate(dcfg.layer_types):
-    half = dec.layer_head_dim(i) // 2
-    if half < 16 or half & (half - 1):
-      bad.append(f"{kind} head dim / 2 {half} (not a power of two >= 16)")
+  head_dims = sorted({dec.layer_head_dim(i) for i in range(len(dcfg.layer_types))})
+  bad += [f"head dim {hd} (half of it not a power of two >= 16)" for hd in head_dims
+          if hd // 2 < 16 or hd & (hd - 1)]
   if bad:
-    return f"widths not multiples of 16: {', '.join(bad)}"
+    return f"widths the kernels cannot tile: {', '.join(bad)}"
   if 2 * dcfg.embed_dim * 16 > MAX_WEIGHTS:
     return (f"drafter width {dcfg.embed_dim} > {MAX_WEIGHTS // 32}: a gate|up program would "
             f"read more than {MAX_WEIGHTS} weights")
-  ks, bn = _pre_split(dcfg)[1:]
-  if ks * bn > MAX_WEIGHTS:
-    return (f"target width {target_config.embed_dim}: a pre-projection program would read "
-            f"{ks * bn} weights (at most {MAX_WEIGHTS})")
+  _, rows, bn = _pre_split(dcfg)
+  _, down_rows, down_bn = _down_split(dcfg)
+  reads = {"pre-projection": rows * bn, "down": down_rows * down_bn}
+  for hd in head_dims:
+    _, per_part, bo = _o_split(dcfg, hd)
+    reads[f"o (head dim {hd})"] = per_part * hd * bo
+  over = [f"a {name} program would read {n} weights" for name, n in reads.items()
+          if n > MAX_WEIGHTS]
+  if over:
+    return f"{'; '.join(over)} (at most {MAX_WEIGHTS})"
   return None
 
 
@@ -145,6 +150,20 @@ def _pre_split(dcfg) -> tuple[int, int, int]:
   bn = _cols(dcfg.embed_dim, 2 * dt)
   halves = _split(dt // 16, 16 * bn)
   return halves, dt // halves, bn
+
+
+def _o_split(dcfg, hd: int) -> tuple[int, int, int]:
+  """(parts, heads a part, bn) of a layer's o projection with heads of width hd."""
+  bn = _cols(dcfg.embed_dim, dcfg.num_heads * hd)
+  parts = _split(dcfg.num_heads, hd * bn)
+  return parts, dcfg.num_heads // parts, bn
+
+
+def _down_split(dcfg) -> tuple[int, int, int]:
+  """(parts, rows a part, bn) of the down projection."""
+  bn = _cols(dcfg.embed_dim, dcfg.mlp_dim)
+  parts = _split(dcfg.mlp_dim // 16, 16 * bn)
+  return parts, dcfg.mlp_dim // parts, bn
 
 
 def _rounder(dtype):
@@ -468,9 +487,7 @@ class Stepper:
                  [((b, nh), self.dtype, (None, bq), lambda i, j: (i, j)), _whole_row(b, da)],
                  "drafter_q")
     # The o projection: heads in `o_parts` parts of `per_part` heads, bo columns a program.
-    bo = _cols(da, nh)
-    o_parts = _split(heads, hd * bo)
-    per_part = heads // o_parts
+    o_parts, per_part, bo = _o_split(cfg, hd)
     k, v, valid = self.taps[kind]
     slots = k.shape[1]
     bs = _pow2_floor(min(TILE // hd, SLOTS_PER_CHUNK, slots))
@@ -499,9 +516,8 @@ class Stepper:
     g, z1 = _call(functools.partial(_up_kernel, da=da, bf=bf, up_at=up_at, eps=eps, rnd=rnd),
                   (b, f // bf), [z, a, lp["post_attn_norm"], lp["pre_ffw_norm"], wg, wu],
                   [_vec(b, f, bf), _whole_row(b, da)], "drafter_up")
-    bn = _cols(da, f)
-    d_parts = _split(f // 16, 16 * bn)
-    (d,) = _call(functools.partial(_down_kernel, rows=f // d_parts, bn=bn),
+    d_parts, rows, bn = _down_split(cfg)
+    (d,) = _call(functools.partial(_down_kernel, rows=rows, bn=bn),
                  (b, da // bn, d_parts), [g, mlp["down"]], [_parts(b, d_parts, da, bn)],
                  "drafter_down")
     return (z1, d, lp["post_ffw_norm"], lp["layer_scalar"])

@@ -98,8 +98,8 @@ def test_wide_shapes_split_projections_float32(kernels_on, monkeypatch):
   tcfg, dcfg = case[0], case[2]
   assert drafter_kernels._pre_split(dcfg) == (2, 48, 16)
   assert drafter_kernels._cols(dcfg.num_heads * dcfg.head_dim, dcfg.embed_dim) == 16
-  assert drafter_kernels._split(dcfg.num_heads, dcfg.head_dim * 16) == 4
-  assert drafter_kernels._split(dcfg.mlp_dim // 16, 16 * 16) == 2
+  assert drafter_kernels._o_split(dcfg, dcfg.head_dim) == (4, 1, 16)
+  assert drafter_kernels._down_split(dcfg) == (2, 48, 16)
   assert drafter_kernels.supported(case[3], dcfg, case[1], tcfg) is None
   ref_logits, ref_h, logits, h = _both(*case)
   np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=2e-5 * np.abs(ref_logits).max())
@@ -209,9 +209,13 @@ def test_supported_and_enabled(monkeypatch):
   reason = drafter_kernels.supported(drafter_lib.init_params(small, jax.random.PRNGKey(0)),
                                      small, gemma_mtp.random_target(config_lib.tiny()).params,
                                      config_lib.tiny())
-  assert "MLP width 40" in reason and "head dim / 2 8" in reason
+  assert "MLP width 40 (not a multiple of 16)" in reason and "head dim 16 (half" in reason
   wide = dcfg.replace(embed_dim=2048)
   assert "drafter width 2048 > 1024" in drafter_kernels.supported(dp, wide, tp, tcfg)
+  # An FFN of 16 x 2049 rows cannot split its down projection into parts: too much a program.
+  odd = dcfg.replace(mlp_dim=16 * 2049)
+  assert "a down program would read 524544 weights" in drafter_kernels.supported(dp, odd, tp,
+                                                                                 tcfg)
   monkeypatch.setenv(drafter_kernels.ENV, "off")
   assert not drafter_kernels.enabled()
   assert not drafter_kernels.choose(dp, dcfg, tp, tcfg)
