@@ -114,13 +114,17 @@ def project_q(p: dict, xn: jax.Array, positions: jax.Array, cfg: ModelConfig, ki
 
 def project_fused(p: dict, xn: jax.Array, positions: jax.Array, cfg: ModelConfig, kind: str):
   """q, k, v of a layer in the fused layout (`fuse_projections`): one matmul, then one norm over
-  every head (`qkv_norm`: q_norm's weight on the q heads, k_norm's on the k heads, ones on the v
-  heads) and one RoPE over the q and k heads; the same values as `project_q` + `project_kv`."""
+  every head (q_norm's weight on the q heads, k_norm's on the k heads, none on the v heads) and
+  one RoPE over the q and k heads; the same values as `project_q` + `project_kv`."""
   n = cfg.num_heads
   with_v = "qkv" in p
   raw = quant.einsum("BTD,DNH->BTNH", xn, p["qkv"] if with_v else p["qk"])
-  kv = (raw.shape[2] - n) // (2 if with_v else 1)
-  normed = layers.rms_norm(raw, p["qkv_norm"], eps=cfg.rms_eps)
+  total, h = raw.shape[2], raw.shape[3]
+  kv = (total - n) // (2 if with_v else 1)
+  weight = jnp.concatenate([jnp.broadcast_to(p["q_norm"], (n, h)),
+                            jnp.broadcast_to(p["k_norm"], (kv, h)),
+                            jnp.ones((total - n - kv, h), p["q_norm"].dtype)])
+  normed = layers.rms_norm(raw, weight, eps=cfg.rms_eps)
   qk = layers.apply_rope(normed[:, :, :n + kv], positions, rope_inv_freq(cfg, kind))
   if with_v:
     v = normed[:, :, n + kv:]
@@ -133,11 +137,8 @@ def fuse_projections(params: dict, config: ModelConfig, *, donate: bool = False)
   """The inference layout of a target's parameters: fewer, larger matmuls per layer.
 
   In each layer that owns K/V, q [D, N, H], k [D, K, H] and v [D, K, H] become one `qkv`
-  [D, N + 2K, H] (`qk` [D, N + K, H] for k_eq_v layers), normed per head by `qkv_norm` [N + 2K, H]
-  (q_norm's rows, k_norm's rows, ones; built here once: inside a decode loop XLA would rebuild
-  it every step, since it does not hoist broadcasts and concatenations out of loops); in each
-  dense MLP, gate [D, I] and up [D, I] become one `gate_up` [D, 2I]. `forward` (and everything
-  built on it) computes the same
+  [D, N + 2K, H] (`qk` [D, N + K, H] for k_eq_v layers); in each dense MLP, gate [D, I] and up
+  [D, I] become one `gate_up` [D, 2I]. `forward` (and everything built on it) computes the same
   values from either layout; at batch 1 a step runs 3 matmuls fewer per layer, each of which
   costs a few microseconds of fixed time on a GPU (experiments/NOTES.md, run O). Quantized
   weights (quant.py) are joined with their scales. For inference on one device: the sharding
@@ -169,21 +170,10 @@ def fuse_projections(params: dict, config: ModelConfig, *, donate: bool = False)
                        f"config {config.num_heads}")
     if "k" in attn:   # a layer that owns K/V (KV-shared layers project only q)
       names = ("q", "k", "v") if "v" in attn else ("q", "k")
-      heads = [attn[k].shape[1] for k in names]
       p["attn"] = join(attn, names, "qkv" if "v" in attn else "qk")
-      p["attn"]["qkv_norm"] = _fused_norm(attn["q_norm"], attn["k_norm"], heads)
     p["mlp"] = join(p["mlp"], ("gate", "up"), "gate_up")
     new_layers.append(p)
   return {**params, "layers": type(params["layers"])(new_layers)}
-
-
-def _fused_norm(q_norm, k_norm, heads: list[int]) -> jax.Array:
-  """The per-head norm weight [sum(heads), H] of a fused q|k(|v) projection."""
-  rows = [jnp.broadcast_to(q_norm, (heads[0], q_norm.shape[-1])),
-          jnp.broadcast_to(k_norm, (heads[1], k_norm.shape[-1]))]
-  if len(heads) == 3:
-    rows.append(jnp.ones((heads[2], q_norm.shape[-1]), q_norm.dtype))
-  return jnp.concatenate(rows)
 
 
 def unfuse_projections(params: dict, config: ModelConfig, *, donate: bool = False) -> dict:
@@ -197,7 +187,6 @@ def unfuse_projections(params: dict, config: ModelConfig, *, donate: bool = Fals
   new_layers = []
   for i, p in enumerate(params["layers"]):
     p, attn = dict(p), dict(p["attn"])
-    attn.pop("qkv_norm", None)
     for fused, names in (("qkv", ("q", "k", "v")), ("qk", ("q", "k"))):
       if fused in attn:
         kv = config.layer_kv_heads(i)
