@@ -120,6 +120,49 @@ def test_released_assistants_supported():
     assert (dcfg.embed_dim <= drafter_kernels.AUTO_MAX_WIDTH) == (name in ("e2b", "e4b")), name
 
 
+@pytest.mark.parametrize("name", ["tiny", "wide", "e2b", "e4b", "31b", "26b_a4b"])
+def test_kernels_lower_for_the_gpu(monkeypatch, name):
+  """The step lowers to Triton (Pallas's GPU lowering, run here on the CPU by exporting for
+  CUDA): every load and store a power of two, every operation one Triton takes; for the tiny
+  and wide test shapes and every released assistant on a 1k-slot full-attention tap. What is
+  not checked here is Triton's own compilation of that IR, which needs a GPU."""
+  monkeypatch.setattr(drafter_kernels, "_interpret", lambda: False)
+  sds = jax.ShapeDtypeStruct
+  if name in ("tiny", "wide"):
+    tcfg, _, dcfg, _, _ = _case("bfloat16", **({} if name == "tiny" else
+                                                dict(target_width=96, embed_dim=48, mlp_dim=96)))
+    slots = SLOTS
+  else:
+    dcfg = getattr(drafter_lib, f"gemma4_{name}_assistant")()
+    tcfg = getattr(config_lib, f"gemma4_{name}")()
+    slots = {"sliding": tcfg.sliding_window, "full": 1024}
+  bf16 = lambda x: sds(x.shape, jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  dp = jax.tree_util.tree_map(bf16, jax.eval_shape(
+      lambda: drafter_lib.init_params(dcfg, jax.random.PRNGKey(0))))
+  tp = {"embed": sds((tcfg.vocab_size, tcfg.embed_dim), jnp.bfloat16)}
+  dec = dcfg.as_decoder()
+  taps = {}
+  for i, kind in enumerate(dcfg.layer_types):
+    shape = (1, slots[kind], dec.layer_kv_heads(i), dec.layer_head_dim(i))
+    taps[kind] = (sds(shape, jnp.bfloat16), sds(shape, jnp.bfloat16), sds(shape[:2], jnp.bool_))
+  assert drafter_kernels.supported(dp, dcfg, tp, tcfg) is None
+
+  def step(dp, tp, taps, query_pos, token, hidden):
+    stepper = drafter_kernels.Stepper(
+        dp, dcfg, tp, tcfg, {kind: model_lib.Tap(k=k, v=v, idx=None) for kind, (k, v, _) in
+                             taps.items()},
+        {kind: m for kind, (_, _, m) in taps.items()}, query_pos, head=drafter_lib.head)
+    return stepper(token, hidden)
+
+  exported = jax.export.export(
+      jax.jit(step), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+          dp, tp, taps, sds((1,), jnp.int32), sds((1,), jnp.int32),
+          sds((1, tcfg.embed_dim), jnp.bfloat16))
+  kernels = 5 * dcfg.num_layers + 2 + (0 if dcfg.num_centroids else 1)
+  assert exported.mlir_module().count("xla.gpu.triton") == kernels
+
+
 def test_bench_drafter_loop_times_the_kernels(monkeypatch):
   """`bench.drafter_loop` (the adaptive rule's measured draft cost, the benchmark's drafter
   column) runs the step `drafter.draft` runs: the kernels when they are on, and the same
