@@ -109,9 +109,8 @@ def main(argv):
             "drafter": _SHAPES.value or _DRAFTER.value or "demo",
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "fused": _FUSED.value,
             "pad_rows": _PAD_ROWS.value, "pad_min_weight_size": _PAD_MIN.value, "configs": {}}
-  reason = drafter_kernels.supported(drafter.params, drafter.config, target.params, target.config)
-  record["drafter_kernels"] = ("off" if not drafter_kernels.enabled() else
-                               "on" if reason is None else f"not supported: {reason}")
+  record["drafter_kernels"] = drafter_kernels.why_not(
+      drafter.params, drafter.config, target.params, target.config) or "on"
   record["drafter_warps"] = drafter_kernels.NUM_WARPS
   plain_tokens = None
   for name, kw in {"plain": None, **configs}.items():

@@ -198,7 +198,7 @@ case "${1:-}" in
   drafter_kernels)   # session 10, run AL: the drafter step as Pallas kernels (drafter_kernels.py):
                      # its tests compiled for the GPU, then the GPU pair's K = 8 round without
                      # and with them
-    timeout 200 python -m pytest tests/test_drafter_kernels.py -q -p no:cacheprovider \
+    timeout 260 python -m pytest tests/test_drafter_kernels.py -q -p no:cacheprovider \
         > "$OUT/drafter_kernels_tests.log" 2>&1
     tail -3 "$OUT/drafter_kernels_tests.log"
     GEMMA_MTP_DRAFTER_KERNELS=off pair_round_probe drafter_xla "" --adaptive=false

@@ -34,7 +34,7 @@ to float32 arithmetic as the XLA step is, not bit-equal (XLA fuses elementwise o
 softmax here normalises after it). A step with no visible slot at all (never the case in the
 speculative loop) gives a zero attention output, not the mean value.
 
-Where they run: `choose()`: the switch (`enabled()`: GPU and one device, or
+Where they run: `choose()` (`why_not()` says why not): the switch (`enabled()`: GPU and one device, or
 GEMMA_MTP_DRAFTER_KERNELS=on; off switches them off), `supported()` (float weights; widths
 multiples of 16, half a head a power of two, a drafter at most 1024 wide: every released
 assistant), and, under the automatic switch, a drafter at most AUTO_MAX_WIDTH wide (the narrow
@@ -47,7 +47,6 @@ on the CPU.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -114,13 +113,25 @@ def supported(dparams: dict, dcfg, target_params: dict, target_config) -> str | 
   return None
 
 
+def why_not(dparams: dict, dcfg, target_params: dict, target_config) -> str | None:
+  """None if `drafter.round_step` runs this drafter's steps as these kernels in programs traced
+  now, else why not: the switch is off, `supported` refuses the drafter, or the automatic switch
+  leaves drafters wider than AUTO_MAX_WIDTH to XLA."""
+  mode = matvec.switch_mode(ENV)
+  if not enabled():
+    return f"{ENV} is {mode}" + (" (on with one GPU only)" if mode == "auto" else "")
+  reason = supported(dparams, dcfg, target_params, target_config)
+  if reason is not None:
+    return f"not supported: {reason}"
+  if mode == "auto" and dcfg.embed_dim > AUTO_MAX_WIDTH:
+    return (f"{ENV} is auto, which takes drafters at most {AUTO_MAX_WIDTH} wide "
+            f"(this one is {dcfg.embed_dim}); =on runs them")
+  return None
+
+
 def choose(dparams: dict, dcfg, target_params: dict, target_config) -> bool:
-  """Whether `drafter.round_step` runs this drafter's steps as these kernels in programs traced
-  now: the switch is on, `supported` takes the drafter and, under the automatic switch, it is
-  at most AUTO_MAX_WIDTH wide."""
-  if not enabled() or supported(dparams, dcfg, target_params, target_config) is not None:
-    return False
-  return os.environ.get(ENV, "auto").lower() == "on" or dcfg.embed_dim <= AUTO_MAX_WIDTH
+  """Whether `drafter.round_step` runs this drafter's steps as these kernels (`why_not` is None)."""
+  return why_not(dparams, dcfg, target_params, target_config) is None
 
 
 def _pow2_floor(n: int) -> int:
@@ -523,4 +534,4 @@ class Stepper:
     return (z1, d, lp["post_ffw_norm"], lp["layer_scalar"])
 
 
-__all__ = ["ENV", "enabled", "supported", "choose", "Stepper"]
+__all__ = ["ENV", "enabled", "supported", "why_not", "choose", "Stepper"]

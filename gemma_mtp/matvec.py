@@ -61,12 +61,18 @@ class BlockConfig:
   num_stages: int = 3
 
 
-def switch(env: str) -> bool:
-  """The Pallas kernels' switch `env` (auto, the default: on with one GPU; on; off), read when a
-  program is traced."""
+def switch_mode(env: str) -> str:
+  """The setting of the Pallas kernels' switch `env`: 'auto' (the default), 'on' or 'off'."""
   mode = os.environ.get(env, "auto").lower()
   if mode not in ("auto", "on", "off"):
     raise ValueError(f"{env} must be auto, on or off, got {mode!r}")
+  return mode
+
+
+def switch(env: str) -> bool:
+  """The Pallas kernels' switch `env` (auto, the default: on with one GPU; on; off), read when a
+  program is traced."""
+  mode = switch_mode(env)
   if mode != "auto":
     return mode == "on"
   return jax.default_backend() == "gpu" and jax.device_count() == 1
@@ -194,5 +200,5 @@ def _require_config(groups, k, n, itemsize) -> BlockConfig:
   return cfg
 
 
-__all__ = ["BlockConfig", "switch", "enabled", "pow2_divisor", "block_config", "matmul",
+__all__ = ["BlockConfig", "switch_mode", "switch", "enabled", "pow2_divisor", "block_config", "matmul",
            "gathered_matmul", "MAX_ROWS", "ENV"]

@@ -262,10 +262,13 @@ def test_supported_and_enabled(monkeypatch):
   monkeypatch.setenv(drafter_kernels.ENV, "off")
   assert not drafter_kernels.enabled()
   assert not drafter_kernels.choose(dp, dcfg, tp, tcfg)
+  assert drafter_kernels.why_not(dp, dcfg, tp, tcfg) == "GEMMA_MTP_DRAFTER_KERNELS is off"
   monkeypatch.setenv(drafter_kernels.ENV, "on")
   assert drafter_kernels.enabled()
   assert drafter_kernels.choose(dp, dcfg, tp, tcfg)
+  assert drafter_kernels.why_not(dp, dcfg, tp, tcfg) is None
   assert not drafter_kernels.choose(int8, dcfg, tp, tcfg)
+  assert drafter_kernels.why_not(int8, dcfg, tp, tcfg) == "not supported: int8 weights"
   monkeypatch.setenv(drafter_kernels.ENV, "sometimes")
   with pytest.raises(ValueError, match="GEMMA_MTP_DRAFTER_KERNELS must be auto, on or off"):
     drafter_kernels.enabled()
@@ -275,5 +278,6 @@ def test_supported_and_enabled(monkeypatch):
   assert drafter_kernels.choose(dp, dcfg, tp, tcfg)
   monkeypatch.setattr(drafter_kernels, "AUTO_MAX_WIDTH", dcfg.embed_dim // 2)
   assert not drafter_kernels.choose(dp, dcfg, tp, tcfg)
+  assert "takes drafters at most 16 wide" in drafter_kernels.why_not(dp, dcfg, tp, tcfg)
   monkeypatch.setenv(drafter_kernels.ENV, "on")
   assert drafter_kernels.choose(dp, dcfg, tp, tcfg)
