@@ -27,6 +27,8 @@
 #   bash experiments/run_h200.sh drafter_warps     # one H200: those kernels with 1 / 2 warps
 #   bash experiments/run_h200.sh released_drafters # one H200: the released assistants' steps
 #                                                  # without / with the kernels (run AN)
+#   bash experiments/run_h200.sh kernels_first     # one H200: the kernels' GPU tests, round
+#                                                  # probe and run AN's =on half in one command
 set -u
 OUT=${OUT:-runs/h200}
 mkdir -p "$OUT"
@@ -213,6 +215,20 @@ case "${1:-}" in
           --out="$OUT/benchmark_drafters_${mode}_h200.json" > "$OUT/benchmark_drafters_$mode.log" 2>&1
       grep -E "drafter" "$OUT/benchmark_drafters_$mode.log" | tail -4
     done
+    ;;
+  kernels_first)     # session 12: the session-11 kernels compiled by Triton first (their GPU
+                     # tests, run AL's K = 8 round probe), then run AN's =on half; one command
+    timeout 180 python -m pytest tests/test_drafter_kernels.py -q -x -p no:cacheprovider \
+        > "$OUT/drafter_kernels_tests.log" 2>&1
+    tail -3 "$OUT/drafter_kernels_tests.log"
+    XLA_FLAGS= timeout 110 python experiments/round_probe.py --shapes=gpu_pair --fixed=8 \
+        --adaptive=false --out="$OUT/round_probe_drafter_kernels_v4_h200.json" \
+        > "$OUT/round_probe_drafter_kernels_v4.log" 2>&1
+    grep -E "^(plain|K=|adaptive)" "$OUT/round_probe_drafter_kernels_v4.log"
+    GEMMA_MTP_DRAFTER_KERNELS=on timeout 260 python experiments/benchmark.py \
+        --parts=copy,drafter --copy_mb=1024 --contexts=1024 --deadline_s=220 --plot=false \
+        --out="$OUT/benchmark_drafters_on_h200.json" > "$OUT/benchmark_drafters_on.log" 2>&1
+    grep -E "drafter" "$OUT/benchmark_drafters_on.log" | tail -4
     ;;
   *)
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
