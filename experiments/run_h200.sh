@@ -218,15 +218,15 @@ case "${1:-}" in
     ;;
   kernels_first)     # session 12: the session-11 kernels compiled by Triton first (their GPU
                      # tests, run AL's K = 8 round probe), then run AN's =on half; one command
-    timeout 180 python -m pytest tests/test_drafter_kernels.py -q -x -p no:cacheprovider \
+    timeout 150 python -m pytest tests/test_drafter_kernels.py -q -x -p no:cacheprovider \
         > "$OUT/drafter_kernels_tests.log" 2>&1
     tail -3 "$OUT/drafter_kernels_tests.log"
-    XLA_FLAGS= timeout 110 python experiments/round_probe.py --shapes=gpu_pair --fixed=8 \
+    XLA_FLAGS= timeout 100 python experiments/round_probe.py --shapes=gpu_pair --fixed=8 \
         --adaptive=false --out="$OUT/round_probe_drafter_kernels_v4_h200.json" \
         > "$OUT/round_probe_drafter_kernels_v4.log" 2>&1
     grep -E "^(plain|K=|adaptive)" "$OUT/round_probe_drafter_kernels_v4.log"
-    GEMMA_MTP_DRAFTER_KERNELS=on timeout 260 python experiments/benchmark.py \
-        --parts=copy,drafter --copy_mb=1024 --contexts=1024 --deadline_s=220 --plot=false \
+    GEMMA_MTP_DRAFTER_KERNELS=on timeout 240 python experiments/benchmark.py \
+        --parts=copy,drafter --copy_mb=1024 --contexts=1024 --deadline_s=200 --plot=false \
         --out="$OUT/benchmark_drafters_on_h200.json" > "$OUT/benchmark_drafters_on.log" 2>&1
     grep -E "drafter" "$OUT/benchmark_drafters_on.log" | tail -4
     ;;
