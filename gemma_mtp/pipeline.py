@@ -214,7 +214,11 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
   round costs measured in the loop by calibration passes (`repeats`, the median) of plain
   decoding and every fixed K over the first workload, before any timed pass (`round_costs`: what
   a round of each K costs relative to a plain decoding step, everything in the round included;
-  `costs` carries the calibration's median seconds). The timed passes of the adaptive
+  `costs` carries the calibration's median seconds), and with chain buckets only also
+  'adaptive, warm': the same rule, each pass starting from the estimator that the longest
+  fixed K's last calibration pass left, where 'adaptive' starts from the prior, so that the
+  first prompt of a pass does not pay for the rule's warm-up (run AM: code's first prompt took
+  30 rounds adaptive against K = 8's 20). The timed passes of the adaptive
   configurations are then interleaved with the fixed ones like any other (NOTES run AC: run
   after all the fixed passes of a workload, right after their compilation, they were sometimes
   20% slower).
@@ -232,7 +236,8 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
   wall seconds (`prompt_seconds`, the host's bookkeeping between calls included); the
   adaptive entries also with the costs their rule used (`costs`: draft_cost, verify_costs by K)
   and `seconds_at_fixed_rounds` (their rounds at the fixed-K passes' seconds per round: the
-  rule's choices apart from the cost of choosing; NOTES runs Y, Z).
+  rule's choices apart from the cost of choosing; NOTES runs Y, Z); at temperature 0 every
+  entry also with `outputs_equal_plain`: each of its passes emitted plain decoding's tokens.
   """
   if repeats < 1:
     raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -268,7 +273,7 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
     for c in configs.values():
       if "per_call" in c:
         speculative.per_call_config(c["per_call"], None)   # the bucket choice's own program
-    calls = [c for c in configs.values() if "per_call" not in c]
+    calls = [c for c in configs.values() if "per_call" not in c and "start_state" not in c]
     calls += [dict(drafter=drafter, spec_config=speculative.first_bucket_config(c["per_call"], b))
               for c in configs.values() if "per_call" in c for b in range(len(buckets))]
     bench.side_by_side(lambda c: api.generate(target, [first], **kw, **c), calls)
@@ -289,7 +294,9 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
                                           buckets={}))
       counts = {**done[0], "prompt_seconds": np.median(   # per prompt: the median pass
           [r["prompt_seconds"] for r in done], axis=0).tolist()}
-      _add_counts(tot, {k: v for k, v in counts.items() if k != "seconds"})
+      if temperature == 0.0:   # greedy: every pass's tokens are plain decoding's
+        counts["unequal"] = sum(r["outputs"] != runs["plain"][0]["outputs"] for r in done)
+      _add_counts(tot, {k: v for k, v in counts.items() if k not in _NOT_COUNTS})
       tot["seconds_runs"] = [a + r["seconds"] for a, r in zip(tot["seconds_runs"], done)]
       entries.append(_workload_entry(wname, cname, {**counts, "seconds_runs": [
           r["seconds"] for r in done]}))
@@ -305,6 +312,12 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
     calibration = [_workload_entry(wname, cname, {**runs[0], "seconds_runs": [
         r["seconds"] for r in runs]}) for cname, runs in done.items()]
     adaptive = adaptive_configs(0.0, round_costs(calibration, buckets))
+    # 'adaptive, warm': the rule's estimator starts each pass where the longest fixed K's last
+    # calibration prompt left it (a fixed-K run counts its rounds and keeps the prior's bucket,
+    # none), as a serving loop that has run earlier requests would, instead of from the prior.
+    if not trees:   # (a tree's depth may change the estimator's shape)
+      adaptive["adaptive, warm"] = dict(adaptive["adaptive"], start_state=done[
+          f"K={max(buckets)}"][-1]["adaptive_state"])
     warm(adaptive)
   for wname, prompts in workloads.items():   # every configuration's passes interleaved
     passes(wname, prompts, {**fixed, **adaptive})
@@ -358,22 +371,29 @@ def _timed_pass(target, prompts, config, kw) -> dict[str, Any]:
   return st
 
 
-def _run_prompts(target, prompts, *, per_call=None, **kw) -> dict[str, Any]:
+_NOT_COUNTS = ("seconds", "outputs", "adaptive_state")   # what `_run_prompts` adds to its counts
+
+
+def _run_prompts(target, prompts, *, per_call=None, start_state=None, **kw) -> dict[str, Any]:
   """Generates each prompt alone, in turn; an adaptive configuration (a `spec_config` with
   `adaptive`, or `per_call`: a chain SpecConfig whose bucket is chosen per prompt) carries its
-  estimator from prompt to prompt. Sums new tokens, target forwards, drafted / accepted drafts,
-  rounds per bucket and changes of bucket between a call's rounds."""
+  estimator from prompt to prompt, starting from `start_state` (None: the prior). Sums new
+  tokens, target forwards, drafted / accepted drafts, rounds per bucket and changes of bucket
+  between a call's rounds; also returns every prompt's tokens (`outputs`) and the estimator
+  the last prompt returned (`adaptive_state`; a fixed-K run's counts too)."""
   tot = dict(new=0, forwards=0, prompts=len(prompts), drafted=0, accepted=0, changes=0,
-             buckets={}, prompt_seconds=[], prompt_forwards=[])
+             buckets={}, prompt_seconds=[], prompt_forwards=[], outputs=[])
   spec = kw.get("spec_config")
   carry = per_call is not None or (spec is not None and spec.adaptive)
-  state = None
+  state = start_state if carry else None
   for p in prompts:
     t0 = time.perf_counter()
     if per_call is not None:
       kw["spec_config"], state = speculative.per_call_config(per_call, state)
     out = api.generate(target, [p], adaptive_state=state, **kw)   # (returns host arrays)
     state = out.adaptive_state if carry else None
+    tot["adaptive_state"] = out.adaptive_state
+    tot["outputs"].append(out.tokens[0])
     st = out.stats
     trace = st.get("bucket_trace", [])
     _add_counts(tot, dict(new=st["new_tokens"], forwards=st["target_forwards"],
@@ -408,6 +428,7 @@ def _workload_entry(wname: str, cname: str, tot: dict[str, Any]) -> dict[str, An
               tokens_per_forward=(tot["new"] - tot["prompts"]) / max(tot["forwards"], 1),
               draft_acceptance=tot["accepted"] / tot["drafted"] if tot["drafted"] else None,
               forwards=tot["forwards"], bucket_changes=tot["changes"],
+              **({"outputs_equal_plain": tot["unequal"] == 0} if "unequal" in tot else {}),
               bucket_counts={str(k): v for k, v in tot["buckets"].items()},
               prompt_seconds=tot["prompt_seconds"], prompt_forwards=tot["prompt_forwards"])
 

@@ -197,11 +197,12 @@ def test_workloads_with_per_call_adaptivity_and_calibrated_costs(monkeypatch):
                                      dispatches=("loops", "switch"))
   # Calibration (plain, K=1, K=2; three times), then the timed passes, all six configurations
   # in turn, three times.
-  assert "".join(order) == "FFF" * 3 + "FFFAAA" * 3
-  configs = ["plain", "K=1", "K=2", "adaptive", "adaptive, dispatch=switch", "adaptive per call"]
+  assert "".join(order) == "FFF" * 3 + "FFFAAAA" * 3
+  configs = ["plain", "K=1", "K=2", "adaptive", "adaptive, dispatch=switch", "adaptive per call",
+             "adaptive, warm"]
   assert [e["config"] for e in work if e["workload"] == "code"] == configs
   for e in work:
-    assert e["new_tokens"] == 2 * 24
+    assert e["new_tokens"] == 2 * 24 and e["outputs_equal_plain"]
     assert len(e["seconds_runs"]) == 3 and e["seconds"] == sorted(e["seconds_runs"])[1]
     # Per prompt: its forwards and its median wall time (each within the passes' span).
     assert len(e["prompt_forwards"]) == len(e["prompt_seconds"]) == 2
@@ -234,6 +235,40 @@ def test_workloads_with_per_call_adaptivity_and_calibrated_costs(monkeypatch):
       assert e["seconds_at_fixed_rounds"] == pytest.approx(want)
     else:
       assert "seconds_at_fixed_rounds" not in e
+
+
+def test_workload_passes_start_from_a_given_estimator():
+  """`pipeline._run_prompts(start_state=)` (what 'adaptive, warm' runs): an adaptive pass starts
+  from the given estimator, not the prior, and carries it from prompt to prompt; a fixed-K pass
+  ignores it. Each returns its prompts' tokens (plain decoding's) and the last estimator."""
+  from gemma_mtp import metrics  # pylint: disable=g-import-not-at-top
+  from gemma_mtp import pipeline  # pylint: disable=g-import-not-at-top
+  target, drafter = agreeing_pair(TARGET, residual_scale=0.0)   # drafts always accepted
+  prompts = PROMPTS[:2]
+  kw = dict(max_new_tokens=24, eos_id=None, temperature=0.0, seed=1)
+  ref = [gemma_mtp.generate(target, [p], **kw).tokens[0] for p in prompts]
+  spec = metrics.spec_config((1, 4), True)
+  ones, zeros = np.full((4,), 50.0, np.float32), np.zeros((4,), np.float32)
+  state = lambda acc: speculative.AdaptiveState(   # 50 judged drafts per position
+      judged=ones, accepted=acc, succ=np.float32(acc.sum()), fail=np.float32(50 - acc[0]),
+      bucket=np.int32(-1))
+  rounds = {}
+  for name, start in (("good", state(ones)), ("bad", state(zeros))):
+    got = pipeline._run_prompts(target, prompts, drafter=drafter, spec_config=spec,
+                                start_state=start, **kw)   # pylint: disable=protected-access
+    assert got["outputs"] == ref
+    rounds[name] = got["buckets"]
+  # Told every draft is accepted, the rule drafts 4 from the first round on; told none is, it
+  # starts at K = 1 until the (always accepted) drafts outweigh the start.
+  assert rounds["good"].get(1, 0) == 0 and rounds["good"][4] > 0
+  assert rounds["bad"][1] > 0
+  fixed = pipeline._run_prompts(target, prompts, drafter=drafter, draft_lengths=(4,),
+                                adaptive=False, start_state=state(zeros), **kw)
+  assert fixed["buckets"] == {4: rounds["good"][4]} and fixed["outputs"] == ref
+  # A fixed-K pass's estimator counts its rounds: every draft accepted at every position.
+  est = fixed["adaptive_state"]
+  assert est.judged[3] > 0 and np.all(est.accepted == est.judged) and est.fail == 0
+  assert int(est.bucket) == -1   # the prior's (none): it starts an adaptive run as it is
 
 
 @contextlib.contextmanager
