@@ -24,6 +24,7 @@
 #   bash experiments/run_h200.sh drafter_kernels   # one H200: the drafter step as Pallas kernels:
 #                                                  # tests on the GPU, rounds without / with (AL)
 #   bash experiments/run_h200.sh gpu_pair_kernels  # one H200: run AJ with those kernels (AM)
+#   bash experiments/run_h200.sh gpu_pair_warm     # one H200: run AM with 'adaptive, warm' (AO)
 #   bash experiments/run_h200.sh drafter_warps     # one H200: those kernels with 1 / 2 warps
 #   bash experiments/run_h200.sh released_drafters # one H200: the released assistants' steps
 #                                                  # without / with the kernels (run AN)
@@ -45,14 +46,15 @@ pair_round_probe() {
   grep -E "^(plain|K=|adaptive)" "$OUT/round_probe_$name.log"
 }
 
-# gpu_pair_run NAME PROMPTS: configs/reproduce_gpu.py trimmed (one convention, no full evaluation,
-# no batch-8 speeds) with PROMPTS batch-1 workload prompts; records
-# $OUT/reproduce_NAME_h200.json and ..._metrics.jsonl, log $OUT/reproduce.log.
+# gpu_pair_run NAME PROMPTS [FLAGS...]: configs/reproduce_gpu.py trimmed (one convention, no full
+# evaluation, no batch-8 speeds) with PROMPTS batch-1 workload prompts and any further config
+# FLAGS; records $OUT/reproduce_NAME_h200.json and ..._metrics.jsonl, log $OUT/reproduce.log.
 gpu_pair_run() {
   local name=$1 prompts=$2
+  shift 2
   timeout 590 python experiments/reproduce_gpu.py --config=configs/reproduce_gpu.py \
       --config.out_dir=runs/gpu --config.full_eval=False --config.measure_speed=False \
-      "--config.conventions=('hf',)" --config.workload_prompts="$prompts" \
+      "--config.conventions=('hf',)" --config.workload_prompts="$prompts" "$@" \
       > "$OUT/reproduce.log" 2>&1
   cp runs/gpu/reproduce.json "$OUT/reproduce_${name}_h200.json"
   cat runs/gpu/target_metrics.jsonl runs/gpu/drafter_metrics.jsonl \
@@ -181,6 +183,12 @@ case "${1:-}" in
                      # room in the 10 minutes for the kernels' compilation
     gpu_pair_run gpu_pair_kernels 10
     ;;
+  gpu_pair_warm)     # session 15, run AO: run AM again, its workloads now with 'adaptive, warm'
+                     # and outputs_equal_plain; 16 acceptance prompts instead of 32 (~25 s) to
+                     # leave room for the extra configuration in the 10 minutes
+    gpu_pair_run gpu_pair_warm 10 --config.eval_prompts=16
+    grep -E "workload|done in" "$OUT/reproduce.log" | cut -c1-200 | tail -25
+    ;;
   loop_graphs)       # session 9, run AH: a GPU-pair-shaped round (random weights) and plain step
                      # with XLA's default command buffers, with whole loops as CUDA graphs
                      # (WHILE: no host round trip per iteration), with conditionals too, and off
@@ -234,7 +242,7 @@ case "${1:-}" in
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
          "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts |" \
          "dispatch_compare | gpu_pair | loop_graphs | pair_layouts | drafter_kernels |" \
-         "gpu_pair_kernels | drafter_warps | released_drafters" >&2
+         "gpu_pair_kernels | gpu_pair_warm | drafter_warps | released_drafters | kernels_first" >&2
     exit 2
     ;;
 esac
