@@ -25,6 +25,7 @@
 #                                                  # tests on the GPU, rounds without / with (AL)
 #   bash experiments/run_h200.sh gpu_pair_kernels  # one H200: run AJ with those kernels (AM)
 #   bash experiments/run_h200.sh gpu_pair_warm     # one H200: run AM with 'adaptive, warm' (AO)
+#   bash experiments/run_h200.sh gpu_pair_k16      # one H200: run AO with buckets 2..16 (AP)
 #   bash experiments/run_h200.sh drafter_warps     # one H200: those kernels with 1 / 2 warps
 #   bash experiments/run_h200.sh released_drafters # one H200: the released assistants' steps
 #                                                  # without / with the kernels (run AN)
@@ -189,6 +190,12 @@ case "${1:-}" in
     gpu_pair_run gpu_pair_warm 10 --config.eval_prompts=16
     grep -E "workload|done in" "$OUT/reproduce.log" | cut -c1-200 | tail -25
     ;;
+  gpu_pair_k16)      # session 15, run AP: run AO with buckets 2, 4, 8, 16 (K = 1 was never
+                     # chosen in runs AM, AO; K = 8 was the best fixed length everywhere) and
+                     # each greedy configuration's divergences from plain decoding
+    gpu_pair_run gpu_pair_k16 10 --config.eval_prompts=16 "--config.buckets=(2,4,8,16)"
+    grep -E "workload|done in" "$OUT/reproduce.log" | cut -c1-200 | tail -25
+    ;;
   loop_graphs)       # session 9, run AH: a GPU-pair-shaped round (random weights) and plain step
                      # with XLA's default command buffers, with whole loops as CUDA graphs
                      # (WHILE: no host round trip per iteration), with conditionals too, and off
@@ -242,7 +249,7 @@ case "${1:-}" in
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
          "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts |" \
          "dispatch_compare | gpu_pair | loop_graphs | pair_layouts | drafter_kernels |" \
-         "gpu_pair_kernels | gpu_pair_warm | drafter_warps | released_drafters | kernels_first" >&2
+         "gpu_pair_kernels | gpu_pair_warm | gpu_pair_k16 | drafter_warps | released_drafters | kernels_first" >&2
     exit 2
     ;;
 esac

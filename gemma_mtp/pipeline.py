@@ -237,7 +237,8 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
   adaptive entries also with the costs their rule used (`costs`: draft_cost, verify_costs by K)
   and `seconds_at_fixed_rounds` (their rounds at the fixed-K passes' seconds per round: the
   rule's choices apart from the cost of choosing; NOTES runs Y, Z); at temperature 0 every
-  entry also with `outputs_equal_plain`: each of its passes emitted plain decoding's tokens.
+  entry also with `outputs_equal_plain`: each of its passes emitted plain decoding's tokens, and
+  `divergences`: where its first pass left them, per prompt (`divergences`).
   """
   if repeats < 1:
     raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -295,7 +296,10 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
       counts = {**done[0], "prompt_seconds": np.median(   # per prompt: the median pass
           [r["prompt_seconds"] for r in done], axis=0).tolist()}
       if temperature == 0.0:   # greedy: every pass's tokens are plain decoding's
-        counts["unequal"] = sum(r["outputs"] != runs["plain"][0]["outputs"] for r in done)
+        plain_out = runs["plain"][0]["outputs"]
+        counts["unequal"] = sum(r["outputs"] != plain_out for r in done)
+        counts["divergences"] = divergences(target, wname, prompts, plain_out,
+                                            done[0]["outputs"])
       _add_counts(tot, {k: v for k, v in counts.items() if k not in _NOT_COUNTS})
       tot["seconds_runs"] = [a + r["seconds"] for a, r in zip(tot["seconds_runs"], done)]
       entries.append(_workload_entry(wname, cname, {**counts, "seconds_runs": [
@@ -405,6 +409,37 @@ def _run_prompts(target, prompts, *, per_call=None, start_state=None, **kw) -> d
   return tot
 
 
+def divergences(target, workload: str, prompts, plain_outputs, outputs) -> list[dict[str, Any]]:
+  """Where greedy `outputs` first leave plain decoding's `plain_outputs`, one record per prompt
+  that does: its index, the position among the new tokens, both tokens, and `logit_gap`, the
+  plain token's logit minus the other's at that position in one causal forward of the target
+  over the prompt and plain decoding's tokens (`api.score`, zero-padded to one shape for all).
+
+  Greedy speculative decoding emits plain decoding's tokens in exact arithmetic; in bf16 on a GPU
+  a forward of K + 1 positions rounds differently from one of 1, so where the two best logits
+  are closer than that rounding the paths may part: a gap of the order of the logits' bf16
+  spacing says that is what happened, a large one would be a bug."""
+  parted = [(i, next((j for j, (a, b) in enumerate(zip(ref, out)) if a != b),
+                     min(len(ref), len(out))))
+            for i, (ref, out) in enumerate(zip(plain_outputs, outputs)) if ref != out]
+  if not parted:
+    return []
+  width = max(len(p) + len(r) for p, r in zip(prompts, plain_outputs))
+  found = []
+  for i, j in parted:
+    ref, out = plain_outputs[i], outputs[i]
+    if j >= len(ref) or j >= len(out):   # one stopped (EOS or budget) where the other went on
+      found.append(dict(workload=workload, prompt=i, position=j, plain_token=None, token=None,
+                        logit_gap=None))
+      continue
+    seq = list(prompts[i]) + list(ref)
+    logits = np.asarray(api.score(target, [seq + [0] * (width - len(seq))])[0])
+    row = logits[len(prompts[i]) + j - 1]            # the logits that chose new token j
+    found.append(dict(workload=workload, prompt=i, position=j, plain_token=int(ref[j]),
+                      token=int(out[j]), logit_gap=float(row[ref[j]] - row[out[j]])))
+  return found
+
+
 def _add_counts(tot: dict[str, Any], st: dict[str, Any]) -> None:
   """Adds the counts of `st` (numbers, and `buckets` {label: rounds}) into `tot`."""
   for k, v in st.items():
@@ -428,7 +463,8 @@ def _workload_entry(wname: str, cname: str, tot: dict[str, Any]) -> dict[str, An
               tokens_per_forward=(tot["new"] - tot["prompts"]) / max(tot["forwards"], 1),
               draft_acceptance=tot["accepted"] / tot["drafted"] if tot["drafted"] else None,
               forwards=tot["forwards"], bucket_changes=tot["changes"],
-              **({"outputs_equal_plain": tot["unequal"] == 0} if "unequal" in tot else {}),
+              **({"outputs_equal_plain": tot["unequal"] == 0,
+                  "divergences": tot.get("divergences", [])} if "unequal" in tot else {}),
               bucket_counts={str(k): v for k, v in tot["buckets"].items()},
               prompt_seconds=tot["prompt_seconds"], prompt_forwards=tot["prompt_forwards"])
 

@@ -175,6 +175,28 @@ def test_per_call_adaptivity_is_lossless_and_follows_the_estimator():
   assert ks == [4, 8]
 
 
+def test_divergences_locate_where_outputs_part_and_price_the_gap():
+  """`pipeline.divergences`: per prompt whose tokens leave plain decoding's, the first position,
+  both tokens and the plain token's logit lead there in a causal forward over the plain path;
+  a prompt that stops early has no tokens to compare; equal outputs give no record."""
+  from gemma_mtp import pipeline  # pylint: disable=g-import-not-at-top
+  target = gemma_mtp.random_target(TARGET, seed=3)
+  prompts = PROMPTS[:2]
+  plain = gemma_mtp.generate(target, prompts, max_new_tokens=12).tokens
+  row = np.asarray(gemma_mtp.score(target, [prompts[1] + plain[1]])[0])[len(prompts[1]) + 4]
+  assert int(np.argmax(row)) == plain[1][5]      # the row that chose new token 5
+  runner_up = int(np.argsort(row)[-2])
+  parted = [plain[0], plain[1][:5] + [runner_up] + plain[1][6:]]
+  found = pipeline.divergences(target, "code", prompts, plain, parted)
+  assert found == [dict(workload="code", prompt=1, position=5, plain_token=plain[1][5],
+                        token=runner_up, logit_gap=pytest.approx(
+                            float(row[plain[1][5]] - row[runner_up]), abs=1e-4))]
+  assert found[0]["logit_gap"] > 0
+  assert pipeline.divergences(target, "prose", prompts, plain, [plain[0][:7], plain[1]]) == [
+      dict(workload="prose", prompt=0, position=7, plain_token=None, token=None, logit_gap=None)]
+  assert pipeline.divergences(target, "code", prompts, plain, plain) == []
+
+
 def test_workloads_with_per_call_adaptivity_and_calibrated_costs(monkeypatch):
   """`pipeline.evaluate_workloads(calibrate=True, per_call=True, repeats=3, dispatches=...)`: the
   adaptive rules use the round costs of calibration passes of the fixed K run before the timed
@@ -202,7 +224,7 @@ def test_workloads_with_per_call_adaptivity_and_calibrated_costs(monkeypatch):
              "adaptive, warm"]
   assert [e["config"] for e in work if e["workload"] == "code"] == configs
   for e in work:
-    assert e["new_tokens"] == 2 * 24 and e["outputs_equal_plain"]
+    assert e["new_tokens"] == 2 * 24 and e["outputs_equal_plain"] and e["divergences"] == []
     assert len(e["seconds_runs"]) == 3 and e["seconds"] == sorted(e["seconds_runs"])[1]
     # Per prompt: its forwards and its median wall time (each within the passes' span).
     assert len(e["prompt_forwards"]) == len(e["prompt_seconds"]) == 2
