@@ -1,0 +1,91 @@
+r"""Where the time of one released assistant's drafter step goes (issue 6; NOTES, run AN's lead).
+
+  python experiments/drafter_probe.py --out=$OUT/drafter_probe.json --trace_dir=/tmp/traces
+
+For each model (random bf16 target and assistant of the released shapes, batch 1, the target's
+cache at `--context`) and each `GEMMA_MTP_DRAFTER_KERNELS` mode of `--modes`: the per-step time
+of the drafter loop the speculative loop and the benchmark run (`bench.drafter_loop`: greedy
+steps through `drafter.round_step`; slope of a short and a long run), and a profiler trace of
+`--profile_steps` steps summarized per step (`bench.kernel_profile`: kernels per step, busy
+time, the costliest kernels with their HLO ops, one step's kernels in order), so that the
+centroid head's share (top-k of the centroids, the candidates' gather and logits, the full
+logits row filled, scattered into and reduced) can be read off. The record is written after
+every model, so a run cut short keeps what it measured.
+"""
+
+import functools
+import os
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+from gemma_mtp import bench
+from gemma_mtp import config as config_lib
+from gemma_mtp import drafter as drafter_lib
+from gemma_mtp import drafter_kernels
+from gemma_mtp import params as params_lib
+
+_OUT = flags.DEFINE_string("out", "drafter_probe.json", "JSON record")
+_TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/drafter_probe_traces", "profiler traces")
+_MODELS = flags.DEFINE_list("models", ["gemma4_e2b", "gemma4_e4b"],
+                            "targets whose released assistants are probed")
+_MODES = flags.DEFINE_list("modes", ["off", "on"], "GEMMA_MTP_DRAFTER_KERNELS values")
+_CONTEXT = flags.DEFINE_integer("context", 1024, "target cache length the drafter reads")
+_SHORT = flags.DEFINE_integer("short", 4, "short loop")
+_LONG = flags.DEFINE_integer("long", 20, "long loop")
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 8, "steps in the profiled run")
+
+
+def _mode_entry(model: str, mode: str, cfg, params, dcfg, dparams) -> dict:
+  os.environ[drafter_kernels.ENV] = mode
+  jax.clear_caches()   # the mode is read while tracing: trace the loop again
+  cache = jax.jit(lambda: bench.synthetic_cache(cfg, 1, _CONTEXT.value))()
+  tok = jnp.ones((1,), jnp.int32)
+  hid = jnp.ones((1, cfg.embed_dim), cfg.dtype)
+
+  def run(n):
+    return jax.block_until_ready(bench.drafter_loop(dparams, params, cache, tok, hid,
+                                                    jnp.int32(n), tcfg=cfg, dcfg=dcfg))
+
+  timing = bench.slope_seconds(run, short=_SHORT.value, long=_LONG.value, repeats=3)
+  n = _PROFILE_STEPS.value
+  profile = bench.kernel_profile(functools.partial(run, n), n,
+                                 f"{_TRACE_DIR.value}/{model}_{mode}", sequence=True)
+  entry = {"model": model, "mode": mode,
+           "kernels": drafter_kernels.choose(dparams, dcfg, params, cfg),
+           "step_us": timing["per_step_s"] * 1e6, "timing": timing, "profile": profile}
+  print(model, mode, f"{entry['step_us']:.1f} us/step", "kernels:", entry["kernels"],
+        "kernels/step:", profile.get("kernels_per_step"), flush=True)
+  return entry
+
+
+def configs(model: str):
+  """(target, assistant) configs: a released shape in bf16, or 'tiny' (a CPU smoke test)."""
+  if model == "tiny":
+    cfg = config_lib.tiny(dtype="float32", param_dtype="float32")
+    return cfg, drafter_lib.for_target(cfg, embed_dim=32, num_heads=2, mlp_dim=64, num_layers=2)
+  cfg = config_lib.preset(model).replace(dtype="bfloat16", param_dtype="bfloat16")
+  return cfg, drafter_lib.DRAFTER_PRESETS[f"{model}_assistant"]().replace(
+      dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+
+def model_entries(model: str) -> list[dict]:
+  cfg, dcfg = configs(model)
+  params = bench.random_params(params_lib.param_specs(cfg), cfg, jax.random.PRNGKey(0))
+  dparams = bench.random_params(drafter_lib.param_specs(dcfg), dcfg, jax.random.PRNGKey(1))
+  return [_mode_entry(model, mode, cfg, params, dcfg, dparams) for mode in _MODES.value]
+
+
+def main(argv):
+  del argv
+  unknown = sorted(set(_MODES.value) - {"off", "on", "auto"})
+  if unknown:
+    raise app.UsageError(f"unknown --modes {unknown}; known: off, on, auto")
+  parts = {m: functools.partial(model_entries, m) for m in _MODELS.value}
+  bench.run_probe(_OUT.value, parts, _MODELS.value, context=_CONTEXT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
