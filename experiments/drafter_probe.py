@@ -9,8 +9,9 @@ steps through `drafter.round_step`; slope of a short and a long run), and a prof
 `--profile_steps` steps summarized per step (`bench.kernel_profile`: kernels per step, busy
 time, the costliest kernels with their HLO ops, one step's kernels in order), so that the
 centroid head's share (top-k of the centroids, the candidates' gather and logits, the full
-logits row filled, scattered into and reduced) can be read off. The record is written after
-every model, so a run cut short keeps what it measured.
+logits row filled, scattered into and reduced) can be read off, for each `drafter.TOP_K_CHUNK`
+of `--top_k_chunks` (the head's top-k through chunks, or 0: one `lax.top_k`). The record is
+written after every model, so a run cut short keeps what it measured.
 """
 
 import functools
@@ -36,11 +37,14 @@ _CONTEXT = flags.DEFINE_integer("context", 1024, "target cache length the drafte
 _SHORT = flags.DEFINE_integer("short", 4, "short loop")
 _LONG = flags.DEFINE_integer("long", 20, "long loop")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 8, "steps in the profiled run")
+_TOP_K_CHUNKS = flags.DEFINE_list("top_k_chunks", [str(drafter_lib.TOP_K_CHUNK)],
+                                  "drafter.TOP_K_CHUNK values to run (0: one lax.top_k)")
 
 
-def _mode_entry(model: str, mode: str, cfg, params, dcfg, dparams) -> dict:
+def _mode_entry(model: str, mode: str, chunk: int, cfg, params, dcfg, dparams) -> dict:
   os.environ[drafter_kernels.ENV] = mode
-  jax.clear_caches()   # the mode is read while tracing: trace the loop again
+  drafter_lib.TOP_K_CHUNK = chunk
+  jax.clear_caches()   # both are read while tracing: trace the loop again
   cache = jax.jit(lambda: bench.synthetic_cache(cfg, 1, _CONTEXT.value))()
   tok = jnp.ones((1,), jnp.int32)
   hid = jnp.ones((1, cfg.embed_dim), cfg.dtype)
@@ -52,11 +56,11 @@ def _mode_entry(model: str, mode: str, cfg, params, dcfg, dparams) -> dict:
   timing = bench.slope_seconds(run, short=_SHORT.value, long=_LONG.value, repeats=3)
   n = _PROFILE_STEPS.value
   profile = bench.kernel_profile(functools.partial(run, n), n,
-                                 f"{_TRACE_DIR.value}/{model}_{mode}", sequence=True)
-  entry = {"model": model, "mode": mode,
+                                 f"{_TRACE_DIR.value}/{model}_{mode}_{chunk}", sequence=True)
+  entry = {"model": model, "mode": mode, "top_k_chunk": chunk,
            "kernels": drafter_kernels.choose(dparams, dcfg, params, cfg),
            "step_us": timing["per_step_s"] * 1e6, "timing": timing, "profile": profile}
-  print(model, mode, f"{entry['step_us']:.1f} us/step", "kernels:", entry["kernels"],
+  print(model, mode, "top_k_chunk", chunk, f"{entry['step_us']:.1f} us/step", "kernels:", entry["kernels"],
         "kernels/step:", profile.get("kernels_per_step"), flush=True)
   return entry
 
@@ -75,7 +79,8 @@ def model_entries(model: str) -> list[dict]:
   cfg, dcfg = configs(model)
   params = bench.random_params(params_lib.param_specs(cfg), cfg, jax.random.PRNGKey(0))
   dparams = bench.random_params(drafter_lib.param_specs(dcfg), dcfg, jax.random.PRNGKey(1))
-  return [_mode_entry(model, mode, cfg, params, dcfg, dparams) for mode in _MODES.value]
+  return [_mode_entry(model, mode, int(chunk), cfg, params, dcfg, dparams)
+          for mode in _MODES.value for chunk in _TOP_K_CHUNKS.value]
 
 
 def main(argv):
