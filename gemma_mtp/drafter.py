@@ -255,11 +255,12 @@ def tap_masks(taps: dict, *, convention: str, window: int, start: jax.Array, las
 # ---- one step ------------------------------------------------------------------------------------
 
 # The centroid head's top-k in two stages: the top k of every chunk of this many centroids, then
-# the top k of those (0: one `lax.top_k` over all). Exact: the same set as one top-k, ties to the
-# lower index as there (chunks in order, each chunk's ties in index order). On the GPU XLA runs
-# `top_k` of 32 as a sort; one sort of 2,048 takes 15 us of the E2B assistant's 143 us step
-# (NOTES, run AQ), where sorts of 128-entry rows run in parallel.
-TOP_K_CHUNK = 128
+# the top k of those (0, the default: one `lax.top_k` over all). Exact: the same set as one
+# top-k, ties to the lower index as there (chunks in order, each chunk's ties in index order).
+# On the GPU XLA runs `top_k` of 32 as a sort; one sort of 2,048 takes 15 us of the E2B
+# assistant's 143 us step (NOTES, run AQ); sorts of 128-entry rows could run in parallel. Not
+# measured on the GPU yet (`experiments/drafter_probe.py --top_k_chunks=0,128`), so off.
+TOP_K_CHUNK = 0
 
 
 def top_k_indices(c: jax.Array, k: int, chunk: int | None = None) -> jax.Array:
