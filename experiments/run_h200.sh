@@ -26,6 +26,7 @@
 #   bash experiments/run_h200.sh gpu_pair_kernels  # one H200: run AJ with those kernels (AM)
 #   bash experiments/run_h200.sh gpu_pair_warm     # one H200: run AM with 'adaptive, warm' (AO)
 #   bash experiments/run_h200.sh gpu_pair_k16      # one H200: run AO with buckets 2..16 (AP)
+#   bash experiments/run_h200.sh gpu_pair_steps8   # one H200: run AO, drafter trained for 8 steps
 #   bash experiments/run_h200.sh drafter_warps     # one H200: those kernels with 1 / 2 warps
 #   bash experiments/run_h200.sh released_drafters # one H200: the released assistants' steps
 #                                                  # without / with the kernels (run AN)
@@ -190,6 +191,12 @@ case "${1:-}" in
     gpu_pair_run gpu_pair_warm 10 --config.eval_prompts=16
     grep -E "workload|done in" "$OUT/reproduce.log" | cut -c1-200 | tail -25
     ;;
+  gpu_pair_steps8)   # prepared in session 15, not run: run AO with the drafter trained to unroll
+                     # 8 steps (runs AM-AP: K = 8 the best bucket everywhere, trained for 4)
+    gpu_pair_run gpu_pair_steps8 10 --config.eval_prompts=16 --config.drafter_steps=8 \
+        "--config.drafter_step_weights=(1.0,0.9,0.8,0.7,0.6,0.5,0.4,0.3)"
+    grep -E "workload|done in" "$OUT/reproduce.log" | cut -c1-200 | tail -25
+    ;;
   gpu_pair_k16)      # session 15, run AP: run AO with buckets 2, 4, 8, 16 (K = 1 was never
                      # chosen in runs AM, AO; K = 8 was the best fixed length everywhere) and
                      # each greedy configuration's divergences from plain decoding
@@ -249,7 +256,7 @@ case "${1:-}" in
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
          "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts |" \
          "dispatch_compare | gpu_pair | loop_graphs | pair_layouts | drafter_kernels |" \
-         "gpu_pair_kernels | gpu_pair_warm | gpu_pair_k16 | drafter_warps | released_drafters | kernels_first" >&2
+         "gpu_pair_kernels | gpu_pair_warm | gpu_pair_k16 | gpu_pair_steps8 | drafter_warps | released_drafters | kernels_first" >&2
     exit 2
     ;;
 esac
