@@ -60,8 +60,8 @@ def _mode_entry(model: str, mode: str, chunk: int, cfg, params, dcfg, dparams) -
   entry = {"model": model, "mode": mode, "top_k_chunk": chunk,
            "kernels": drafter_kernels.choose(dparams, dcfg, params, cfg),
            "step_us": timing["per_step_s"] * 1e6, "timing": timing, "profile": profile}
-  print(model, mode, "top_k_chunk", chunk, f"{entry['step_us']:.1f} us/step", "kernels:", entry["kernels"],
-        "kernels/step:", profile.get("kernels_per_step"), flush=True)
+  print(model, mode, "top_k_chunk", chunk, f"{entry['step_us']:.1f} us/step",
+        "kernels:", entry["kernels"], "kernels/step:", profile.get("kernels_per_step"), flush=True)
   return entry
 
 

@@ -256,7 +256,8 @@ case "${1:-}" in
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
          "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts |" \
          "dispatch_compare | gpu_pair | loop_graphs | pair_layouts | drafter_kernels |" \
-         "gpu_pair_kernels | gpu_pair_warm | gpu_pair_k16 | gpu_pair_steps8 | drafter_warps | released_drafters | kernels_first" >&2
+         "gpu_pair_kernels | gpu_pair_warm | gpu_pair_k16 | gpu_pair_steps8 | drafter_warps |" \
+         "released_drafters | kernels_first" >&2
     exit 2
     ;;
 esac
