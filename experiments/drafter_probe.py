@@ -8,10 +8,12 @@ of the drafter loop the speculative loop and the benchmark run (`bench.drafter_l
 steps through `drafter.round_step`; slope of a short and a long run), and a profiler trace of
 `--profile_steps` steps summarized per step (`bench.kernel_profile`: kernels per step, busy
 time, the costliest kernels with their HLO ops, one step's kernels in order), so that the
-centroid head's share (top-k of the centroids, the candidates' gather and logits, the full
-logits row filled, scattered into and reduced) can be read off, for each `drafter.TOP_K_CHUNK`
-of `--top_k_chunks` (the head's top-k through chunks, or 0: one `lax.top_k`). The record is
-written after every model, so a run cut short keeps what it measured.
+centroid head's share (top-k of the centroids, the candidates' gather and logits, the greedy
+argmax) can be read off, for each of `--variants` (VARIANTS: the step's unmeasured options set
+one way or the other). The record is written after every model, so a run cut short keeps what
+it measured.
+
+  python experiments/drafter_probe.py --modes=on --variants=full_row,base,top_k128,combine,all
 """
 
 import functools
@@ -37,14 +39,45 @@ _CONTEXT = flags.DEFINE_integer("context", 1024, "target cache length the drafte
 _SHORT = flags.DEFINE_integer("short", 4, "short loop")
 _LONG = flags.DEFINE_integer("long", 20, "long loop")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 8, "steps in the profiled run")
-_TOP_K_CHUNKS = flags.DEFINE_list("top_k_chunks", [str(drafter_lib.TOP_K_CHUNK)],
-                                  "drafter.TOP_K_CHUNK values to run (0: one lax.top_k)")
+
+# name -> {(module, attribute): value}; attributes not named keep the defaults ('base').
+VARIANTS = {
+    "base": {},
+    # Greedy drafts as the argmax of the centroid head's full [B, V] row (runs AN and AQ).
+    "full_row": {(drafter_lib, "GREEDY_CANDIDATES"): False},
+    # The centroid head's top-k through 128- or 256-wide chunks instead of one sort.
+    "top_k128": {(drafter_lib, "TOP_K_CHUNK"): 128},
+    "top_k256": {(drafter_lib, "TOP_K_CHUNK"): 256},
+    # 32 ranges for the 512-wide full-attention heads, merged by a combine kernel.
+    "combine": {(drafter_kernels, "COMBINE"): True},
+    "all": {(drafter_lib, "TOP_K_CHUNK"): 128, (drafter_kernels, "COMBINE"): True},
+}
+_VARIANTS = flags.DEFINE_list("variants", ["base"], f"of {sorted(VARIANTS)}")
 
 
-def _mode_entry(model: str, mode: str, chunk: int, cfg, params, dcfg, dparams) -> dict:
+def _settings(variant: str) -> dict:
+  """Every option VARIANTS names, at its value in `variant` (else the default)."""
+  defaults = {key: getattr(*key) for v in VARIANTS.values() for key in v}
+  return {**defaults, **VARIANTS[variant]}
+
+
+def _mode_entry(model: str, mode: str, variant: str, cfg, params, dcfg, dparams) -> dict:
   os.environ[drafter_kernels.ENV] = mode
-  drafter_lib.TOP_K_CHUNK = chunk
-  jax.clear_caches()   # both are read while tracing: trace the loop again
+  settings = _settings(variant)
+  saved = {key: getattr(*key) for key in settings}
+  for (module, name), value in settings.items():
+    setattr(module, name, value)
+  try:
+    return _timed_entry(model, mode, variant, cfg, params, dcfg, dparams) | {
+        "settings": {f"{module.__name__.split('.')[-1]}.{name}": value
+                     for (module, name), value in settings.items()}}
+  finally:
+    for (module, name), value in saved.items():
+      setattr(module, name, value)
+
+
+def _timed_entry(model: str, mode: str, variant: str, cfg, params, dcfg, dparams) -> dict:
+  jax.clear_caches()   # the switch and the options are read while tracing: trace the loop again
   cache = jax.jit(lambda: bench.synthetic_cache(cfg, 1, _CONTEXT.value))()
   tok = jnp.ones((1,), jnp.int32)
   hid = jnp.ones((1, cfg.embed_dim), cfg.dtype)
@@ -56,11 +89,11 @@ def _mode_entry(model: str, mode: str, chunk: int, cfg, params, dcfg, dparams) -
   timing = bench.slope_seconds(run, short=_SHORT.value, long=_LONG.value, repeats=3)
   n = _PROFILE_STEPS.value
   profile = bench.kernel_profile(functools.partial(run, n), n,
-                                 f"{_TRACE_DIR.value}/{model}_{mode}_{chunk}", sequence=True)
-  entry = {"model": model, "mode": mode, "top_k_chunk": chunk,
+                                 f"{_TRACE_DIR.value}/{model}_{mode}_{variant}", sequence=True)
+  entry = {"model": model, "mode": mode, "variant": variant,
            "kernels": drafter_kernels.choose(dparams, dcfg, params, cfg),
            "step_us": timing["per_step_s"] * 1e6, "timing": timing, "profile": profile}
-  print(model, mode, "top_k_chunk", chunk, f"{entry['step_us']:.1f} us/step",
+  print(model, mode, variant, f"{entry['step_us']:.1f} us/step",
         "kernels:", entry["kernels"], "kernels/step:", profile.get("kernels_per_step"), flush=True)
   return entry
 
@@ -79,8 +112,8 @@ def model_entries(model: str) -> list[dict]:
   cfg, dcfg = configs(model)
   params = bench.random_params(params_lib.param_specs(cfg), cfg, jax.random.PRNGKey(0))
   dparams = bench.random_params(drafter_lib.param_specs(dcfg), dcfg, jax.random.PRNGKey(1))
-  return [_mode_entry(model, mode, int(chunk), cfg, params, dcfg, dparams)
-          for mode in _MODES.value for chunk in _TOP_K_CHUNKS.value]
+  return [_mode_entry(model, mode, variant, cfg, params, dcfg, dparams)
+          for mode in _MODES.value for variant in _VARIANTS.value]
 
 
 def main(argv):
@@ -88,6 +121,9 @@ def main(argv):
   unknown = sorted(set(_MODES.value) - {"off", "on", "auto"})
   if unknown:
     raise app.UsageError(f"unknown --modes {unknown}; known: off, on, auto")
+  unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
+  if unknown:
+    raise app.UsageError(f"unknown --variants {unknown}; known: {', '.join(sorted(VARIANTS))}")
   parts = {m: functools.partial(model_entries, m) for m in _MODELS.value}
   bench.run_probe(_OUT.value, parts, _MODELS.value, context=_CONTEXT.value)
 

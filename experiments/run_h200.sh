@@ -32,6 +32,8 @@
 #                                                  # without / with the kernels (run AN)
 #   bash experiments/run_h200.sh kernels_first     # one H200: the kernels' GPU tests, round
 #                                                  # probe and run AN's =on half in one command
+#   bash experiments/run_h200.sh drafter_options   # one H200: the drafter step's unmeasured
+#                                                  # options (session 16) against run AQ's step
 set -u
 OUT=${OUT:-runs/h200}
 mkdir -p "$OUT"
@@ -252,12 +254,23 @@ case "${1:-}" in
         --out="$OUT/benchmark_drafters_on_h200.json" > "$OUT/benchmark_drafters_on.log" 2>&1
     grep -E "drafter" "$OUT/benchmark_drafters_on.log" | tail -4
     ;;
+  drafter_options)   # prepared in session 16, not run: the kernels' tests compiled by Triton
+                     # (the combine kernel's first), then the released E2B / E4B assistants'
+                     # steps with each option of drafter_probe.VARIANTS (~4 minutes)
+    timeout 200 python -m pytest tests/test_drafter_kernels.py -q -x -p no:cacheprovider \
+        > "$OUT/drafter_kernels_tests.log" 2>&1
+    tail -3 "$OUT/drafter_kernels_tests.log"
+    timeout 360 python experiments/drafter_probe.py --modes=on \
+        --variants=full_row,base,top_k128,top_k256,combine,all \
+        --out="$OUT/drafter_probe_options_h200.json" > "$OUT/drafter_probe_options.log" 2>&1
+    grep -E "us/step" "$OUT/drafter_probe_options.log"
+    ;;
   *)
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
          "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts |" \
          "dispatch_compare | gpu_pair | loop_graphs | pair_layouts | drafter_kernels |" \
          "gpu_pair_kernels | gpu_pair_warm | gpu_pair_k16 | gpu_pair_steps8 | drafter_warps |" \
-         "released_drafters | kernels_first" >&2
+         "released_drafters | kernels_first | drafter_options" >&2
     exit 2
     ;;
 esac

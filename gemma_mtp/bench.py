@@ -163,14 +163,8 @@ def drafter_loop(dparams, tparams, cache, tokens, hidden, steps, *, tcfg: ModelC
       taps, convention=dcfg.convention, window=tcfg.sliding_window, start=cache.start,
       last_idx=last, call_start=last - 4, call_end=last)
 
-  step = drafter_lib.round_step(dparams, dcfg, tparams, tcfg, taps, masks, query)
-
-  def body(_, carry):
-    tok, h = carry
-    logits, h = step(tok, h)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), h
-
-  return jax.lax.fori_loop(0, steps, body, (tokens, hidden))
+  step = drafter_lib.round_step(dparams, dcfg, tparams, tcfg, taps, masks, query, greedy=True)
+  return jax.lax.fori_loop(0, steps, lambda _, carry: step(*carry), (tokens, hidden))
 
 
 def draft_cost(tparams, tcfg: ModelConfig, dparams, dcfg: drafter_lib.DrafterConfig, *,

@@ -259,7 +259,7 @@ def tap_masks(taps: dict, *, convention: str, window: int, start: jax.Array, las
 # top-k, ties to the lower index as there (chunks in order, each chunk's ties in index order).
 # On the GPU XLA runs `top_k` of 32 as a sort; one sort of 2,048 takes 15 us of the E2B
 # assistant's 143 us step (NOTES, run AQ); sorts of 128-entry rows could run in parallel. Not
-# measured on the GPU yet (`experiments/drafter_probe.py --top_k_chunks=0,128`), so off.
+# measured on the GPU yet (`experiments/drafter_probe.py --variants=base,top_k128`), so off.
 TOP_K_CHUNK = 0
 
 
@@ -277,10 +277,9 @@ def top_k_indices(c: jax.Array, k: int, chunk: int | None = None) -> jax.Array:
   return jnp.take_along_axis(idx.reshape(b, m * k), pick, axis=1)
 
 
-def head(params: dict, z: jax.Array, cfg: DrafterConfig) -> jax.Array:
-  """Float32 logits [B, V] from the final-normed drafter state z [B, Da]."""
-  if not cfg.num_centroids:
-    return quant.einsum("BD,VD->BV", z, params["embed"], preferred_element_type=F32)
+def _candidates(params: dict, z: jax.Array, cfg: DrafterConfig) -> tuple[jax.Array, jax.Array]:
+  """The centroid head's candidates: (token ids [B, N], their float32 logits [B, N]), N =
+  centroid_top_k * V / C (the clusters of the top-k centroids)."""
   b = z.shape[0]
   per_cluster = cfg.vocab_size // cfg.num_centroids
   c = quant.einsum("BD,CD->BC", z, params["centroids"], preferred_element_type=F32)
@@ -288,14 +287,46 @@ def head(params: dict, z: jax.Array, cfg: DrafterConfig) -> jax.Array:
   clusters = params["token_ordering"].reshape(cfg.num_centroids, per_cluster)
   ids = clusters[top].reshape(b, -1)                                     # [B, k * V / C]
   sel = jnp.einsum("BD,BND->BN", z, params["embed"][ids], preferred_element_type=F32)
+  return ids, sel
+
+
+def head(params: dict, z: jax.Array, cfg: DrafterConfig) -> jax.Array:
+  """Float32 logits [B, V] from the final-normed drafter state z [B, Da]."""
+  if not cfg.num_centroids:
+    return quant.einsum("BD,VD->BV", z, params["embed"], preferred_element_type=F32)
+  ids, sel = _candidates(params, z, cfg)
   fill = jnp.min(sel) - 1.0                        # the reference fills with the batch-wide min - 1
-  rows = jnp.arange(b)[:, None]
-  return jnp.full((b, cfg.vocab_size), fill, F32).at[rows, ids].set(sel)
+  rows = jnp.arange(z.shape[0])[:, None]
+  return jnp.full((z.shape[0], cfg.vocab_size), fill, F32).at[rows, ids].set(sel)
+
+
+# Greedy drafting with the centroid head takes the argmax over its candidates (`head_argmax`)
+# instead of building and reducing the full [B, V] row (a fill, a scatter and a 262k-wide argmax
+# a step for the released assistants; ~5 us of the E2B assistant's 143 us in run AQ's profile).
+# False: the argmax of `head`'s row, as before. Same tokens either way (tested).
+GREEDY_CANDIDATES = True
+
+
+def head_argmax(params: dict, z: jax.Array, cfg: DrafterConfig) -> jax.Array:
+  """`sampling.greedy(head(params, z, cfg))`, the greedy draft token [B] int32: with the centroid
+  head (and `GREEDY_CANDIDATES`) the first token id among the candidates of the largest logit,
+  without the full row. The same token wherever the row's fill (the batch's smallest candidate
+  logit - 1) is below that logit, i.e. unless logits reach 2^24 in magnitude."""
+  if not (cfg.num_centroids and GREEDY_CANDIDATES):
+    return sampling.greedy(head(params, z, cfg))
+  ids, sel = _candidates(params, z, cfg)
+  first = jnp.argmax(sel, axis=1)
+  best = jnp.take_along_axis(sel, first[:, None], axis=1)
+  lowest = jnp.min(jnp.where(sel == best, ids, cfg.vocab_size), axis=1)  # ties: the lowest id
+  # A NaN logit matches nothing: its candidate then, never an id past the vocabulary.
+  return jnp.where(lowest < cfg.vocab_size, lowest,
+                   jnp.take_along_axis(ids, first[:, None], axis=1)[:, 0]).astype(jnp.int32)
 
 
 def step_seq(params: dict, cfg: DrafterConfig, *, target_params: dict,
              target_config: ModelConfig, tokens: jax.Array, hidden: jax.Array,
-             query_pos: jax.Array, taps: dict, masks: dict) -> tuple[jax.Array, jax.Array]:
+             query_pos: jax.Array, taps: dict, masks: dict,
+             head_fn=head) -> tuple[jax.Array, jax.Array]:
   """T independent drafter steps per row (T queries, e.g. every position of a training sequence).
 
   Query t of row b reads the tap slots `masks[kind][b, t]`; queries do not see each other.
@@ -304,8 +335,9 @@ def step_seq(params: dict, cfg: DrafterConfig, *, target_params: dict,
     tokens: [B, T] int32 input tokens; hidden: [B, T, Dt] carried states.
     query_pos: [B, T] RoPE positions of the queries.
     taps: {'sliding' | 'full': model.Tap} with k, v [B, S, K, H]; masks: {kind: [B, T, S] bool}.
+    head_fn: `head`, or `head_argmax` for greedy tokens instead of logits.
   Returns:
-    (logits [B, T, V] float32, next hidden [B, T, Dt]).
+    (logits [B, T, V] float32 (or tokens [B, T] int32: `head_argmax`), next hidden [B, T, Dt]).
   """
   dtype = jnp.dtype(cfg.dtype)
   params = quant.cast(params, dtype)
@@ -324,13 +356,13 @@ def step_seq(params: dict, cfg: DrafterConfig, *, target_params: dict,
   z = layers.rms_norm(z, params["final_norm"], eps=cfg.rms_eps)        # [B, T, Da]
   h_out = quant.einsum("BTD,DE->BTE", z, params["post_proj"])
   b, t = tokens.shape
-  logits = head(params, z.reshape(b * t, -1), cfg).reshape(b, t, -1)
-  return logits, h_out
+  out = head_fn(params, z.reshape(b * t, -1), cfg)
+  return out.reshape(b, t, *out.shape[1:]), h_out
 
 
 def step(params: dict, cfg: DrafterConfig, *, target_params: dict, target_config: ModelConfig,
          token: jax.Array, hidden: jax.Array, query_pos: jax.Array, taps: dict,
-         masks: dict) -> tuple[jax.Array, jax.Array]:
+         masks: dict, head_fn=head) -> tuple[jax.Array, jax.Array]:
   """One drafter step for one query per row (the speculative loop).
 
   Args:
@@ -338,12 +370,14 @@ def step(params: dict, cfg: DrafterConfig, *, target_params: dict, target_config
       on the first step of a round, the previous step's output after that).
     query_pos: [B] RoPE position of the queries.
     taps: {'sliding' | 'full': model.Tap}; masks: {kind: [B, S] bool} from `tap_masks`.
+    head_fn: as `step_seq`'s.
   Returns:
-    (logits [B, V] float32, next hidden [B, Dt]).
+    (logits [B, V] float32 (or tokens [B] int32), next hidden [B, Dt]).
   """
   logits, h = step_seq(params, cfg, target_params=target_params, target_config=target_config,
                        tokens=token[:, None], hidden=hidden[:, None], query_pos=query_pos[:, None],
-                       taps=taps, masks={k: m[:, None, :] for k, m in masks.items()})
+                       taps=taps, masks={k: m[:, None, :] for k, m in masks.items()},
+                       head_fn=head_fn)
   return logits[:, 0], h[:, 0]
 
 
@@ -367,17 +401,26 @@ def round_taps(dcfg: DrafterConfig, tcfg: ModelConfig, state) -> tuple[dict, dic
 
 
 def round_step(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, taps: dict,
-               masks: dict, query_pos: jax.Array):
+               masks: dict, query_pos: jax.Array, *, greedy: bool = False):
   """The drafter step of one round, `(token [B], hidden [B, Dt]) -> (logits, next hidden)` as
-  `step` on these taps: the Pallas kernels of `drafter_kernels` where `drafter_kernels.choose`
-  takes the drafter (one GPU), else `step` itself. `draft` and `bench.drafter_loop` (the measured
-  draft cost of the adaptive rule) both step through it, so they time the same step."""
+  `step` on these taps (greedy: `(greedy token [B] int32, next hidden)`, through `head_argmax`):
+  the Pallas kernels of `drafter_kernels` where `drafter_kernels.choose` takes the drafter (one
+  GPU), else `step` itself. `draft` and `bench.drafter_loop` (the measured draft cost of the
+  adaptive rule) both step through it, so they time the same step."""
+  head_fn = head_argmax if greedy else head
   if drafter_kernels.choose(dparams, dcfg, tparams, tcfg):
-    return drafter_kernels.Stepper(dparams, dcfg, tparams, tcfg, taps, masks, query_pos,
-                                   head=head)
+    stepper = drafter_kernels.Stepper(dparams, dcfg, tparams, tcfg, taps, masks, query_pos,
+                                      head=head_fn)
+    if not (greedy and not dcfg.num_centroids):
+      return stepper
+
+    def dense_greedy(token, hidden):            # the dense head's logits come from a kernel
+      logits, h = stepper(token, hidden)
+      return sampling.greedy(logits), h
+    return dense_greedy
   return lambda token, hidden: step(dparams, dcfg, target_params=tparams, target_config=tcfg,
                                     token=token, hidden=hidden, query_pos=query_pos, taps=taps,
-                                    masks=masks)
+                                    masks=masks, head_fn=head_fn)
 
 
 def draft(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, state, *, k: int,
@@ -394,12 +437,13 @@ def draft(dparams, dcfg: DrafterConfig, tparams, tcfg: ModelConfig, state, *, k:
   """
   cache = state.cache
   taps, masks, query = round_taps(dcfg, tcfg, state)
-  step_fn = round_step(dparams, dcfg, tparams, tcfg, taps, masks, query)
+  step_fn = round_step(dparams, dcfg, tparams, tcfg, taps, masks, query,
+                       greedy=sampler.is_greedy)
 
   def one(carry, step_key):
     tok, h = carry
-    logits, h = step_fn(tok, h)
-    nxt, q = sampling.draw(step_key, logits, sampler)
+    out, h = step_fn(tok, h)
+    nxt, q = (out, None) if sampler.is_greedy else sampling.draw(step_key, out, sampler)
     return (nxt, h), (nxt, q)
 
   _, (drafts, q) = jax.lax.scan(one, (state.last, state.hidden), jax.random.split(key, k))

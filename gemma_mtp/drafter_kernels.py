@@ -11,7 +11,10 @@ each recomputing the small norms it needs from the vectors the previous kernel w
            q = xn @ Wq (z: the sum of pre's splits on layer 0)                    grid (B, N*hd/bn)
     attn:  one query head, q-normed and rotated, over a range of the tap's cache slots: its
            normalised output and log-sum-exp                                      grid (B, N, P)
-    o:     combine the P partials of each head, a = attn @ Wo, heads in S splits  grid (B, Da/bn, S)
+    comb:  (COMBINE, where an o program cannot hold them) a head's P partials
+           combined into its output                                              grid (B, N, hd/bc)
+    o:     combine the P partials of each head (unless comb did), a = attn @ Wo,
+           heads in S splits                                                     grid (B, Da/bn, S)
     up:    z += norm(sum of a's splits); g = gelu(norm(z) @ Wg) * (norm(z) @ Wu) grid (B, F/bf)
     down:  d = g @ Wd, S splits of the contraction                               grid (B, Da/bn, S)
   final: finish the last layer, zf = norm(z), h_out = zf @ post_proj             grid (B, Dt/bn)
@@ -69,6 +72,13 @@ SPLIT_AT = 2 * TILE       # pre, o, down: weights a program reads before its con
 MAX_WEIGHTS = 4 * TILE    # no program reads more (the q, gate|up, post-projection and head ones)
 SLOTS_PER_CHUNK = 64      # cache slots an attention program reads at a time (at most)
 MAX_SPLITS = 32           # cache ranges per head of the attention kernel
+# Where a head's ranges would hold more partials ([ranges, head dim]) than an o program takes in
+# (TILE elements), a kernel of their own combines them first (True), rather than fewer, longer
+# ranges (False): the released assistants' 512-wide full-attention heads get 32 ranges of 2
+# cache chunks instead of 8 of 8, one more kernel in that layer. Run AQ: the E2B assistant's full-
+# attention kernel takes 26 us of its 143 us step, walking 8 chunks a program. Not measured on
+# the GPU yet (`experiments/drafter_probe.py --variants=base,combine`), so off.
+COMBINE = False
 UNROLL = 8                # cache chunks per attention program read without a loop
 LSE = 16                  # width of the log-sum-exp vector of an attention partial
 NUM_WARPS = 4
@@ -168,6 +178,21 @@ def _o_split(dcfg, hd: int) -> tuple[int, int, int]:
   bn = _cols(dcfg.embed_dim, dcfg.num_heads * hd)
   parts = _split(dcfg.num_heads, hd * bn)
   return parts, dcfg.num_heads // parts, bn
+
+
+def _ranges(slots: int, hd: int, per_part: int) -> tuple[int, int, int, bool]:
+  """(bs, chunks, splits, combine) of the attention over a `slots`-slot tap with hd-wide heads:
+  chunks of bs slots, `splits` ranges of chunks per head (about two chunks each, a power of two),
+  and whether a combine kernel merges a head's ranges (COMBINE, where the o kernel's programs,
+  `per_part` heads each, would hold more than TILE elements of partials; else the ranges are
+  capped to fit them)."""
+  bs = _pow2_floor(min(TILE // hd, SLOTS_PER_CHUNK, slots))
+  chunks = -(-slots // bs)
+  splits = min(MAX_SPLITS, 1 << ((chunks - 1) // 2).bit_length(), _pow2_floor(chunks))
+  fit = _pow2_floor(max(1, TILE // (per_part * hd)))
+  if splits > fit and not COMBINE:
+    return bs, chunks, fit, False
+  return bs, chunks, splits, splits > fit
 
 
 def _down_split(dcfg) -> tuple[int, int, int]:
@@ -351,19 +376,32 @@ def _attn_kernel(q_ref, qn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, o_ref
                                   (LSE,))
 
 
-def _o_kernel(o_ref, lse_ref, wo_ref, a_ref, *, per_part, bn, rnd):
-  """Part s of attn @ Wo: heads [s * per_part, (s + 1) * per_part), their partials combined."""
+def _combined(lse, o, rnd):
+  """A head's output from the partials of its P ranges: lse [P, LSE] (rows constant), o [P, w]."""
+  lse = jnp.max(lse, axis=1)
+  w = jnp.exp(lse - jnp.max(lse))
+  return rnd(jnp.sum(w[:, None] * o, axis=0) / jnp.sum(w))
+
+
+def _combine_kernel(o_ref, lse_ref, x_ref, *, bc, rnd):
+  """Columns [c * bc, (c + 1) * bc) of head n's output, from its ranges' partials (COMBINE)."""
+  b, n, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  lse, o = lse_ref[b, n], o_ref[b, n, :, _columns(c, bc)]           # [P, LSE], [P, bc]
+  x_ref[...] = _combined(lse, o, rnd)
+
+
+def _o_kernel(*refs, per_part, bn, rnd):
+  """Part s of attn @ Wo: heads [s * per_part, (s + 1) * per_part); refs: (partials [B, N, P,
+  hd], their log-sum-exps, Wo, out), whose partials are combined here, or (heads' outputs [B, N,
+  hd] from the combine kernel, Wo, out)."""
+  *ins, wo_ref, a_ref = refs
   b, c, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   cols = _columns(c, bn)
   heads = [s * per_part + j for j in range(per_part)]
-  lses = [lse_ref[b, n] for n in heads]                              # [P, LSE], rows constant
-  outs = [o_ref[b, n] for n in heads]                                # [P, hd]
+  loaded = [[ref[b, n] for ref in ins] for n in heads]               # [P, hd] and [P, LSE], or [hd]
   ws = [wo_ref[n, :, cols] for n in heads]                           # [hd, bn]
-  xs = []
-  for lse, o in zip(lses, outs):
-    lse = jnp.max(lse, axis=1)
-    w = jnp.exp(lse - jnp.max(lse))
-    xs.append(rnd(jnp.sum(w[:, None] * o, axis=0) / jnp.sum(w)))    # head n's output [hd]
+  xs = ([_combined(lse, o, rnd) for o, lse in loaded] if len(ins) == 2
+        else [x for (x,) in loaded])
   a_ref[...] = _matvec(xs, ws)             # rounded once the parts are added
 
 
@@ -440,7 +478,8 @@ def _whole_row(b, n):
 class Stepper:
   """The kernels of one round: weights cast and rotary tables built once, then `__call__` per
   step (`drafter.round_step`). Same arguments and results as `drafter.step`; `head(params, z,
-  cfg)` is `drafter.head`, used for the centroid head."""
+  cfg)` is `drafter.head` (or `drafter.head_argmax`: greedy tokens), used for the centroid
+  head."""
 
   def __init__(self, dparams, dcfg, target_params, target_config, taps, masks, query_pos, *,
                head):
@@ -501,12 +540,7 @@ class Stepper:
     o_parts, per_part, bo = _o_split(cfg, hd)
     k, v, valid = self.taps[kind]
     slots = k.shape[1]
-    bs = _pow2_floor(min(TILE // hd, SLOTS_PER_CHUNK, slots))
-    chunks = -(-slots // bs)
-    # Ranges per head: about two chunks each, a power of two, and few enough that the o kernel's
-    # programs hold their heads' partials ([P, hd] each) in about TILE elements.
-    splits = min(MAX_SPLITS, 1 << ((chunks - 1) // 2).bit_length(),
-                 _pow2_floor(max(1, TILE // (per_part * hd))), _pow2_floor(chunks))
+    bs, chunks, splits, combine = _ranges(slots, hd, per_part)
     part = lambda w: ((b, heads, splits, w), F32, (None, None, None, w),
                       lambda i, j, s: (i, j, s, 0))
     cos, sin = self.rope[kind]
@@ -516,8 +550,14 @@ class Stepper:
                    (b, heads, splits),
                    [q.reshape(b, heads, hd), attn["q_norm"], cos, sin, k, v, valid],
                    [part(hd), part(LSE)], "drafter_attention")
+    heads_in = [o, lse]
+    if combine:
+      bc = matvec.pow2_divisor(hd, max(16, TILE // splits))
+      heads_in = _call(functools.partial(_combine_kernel, bc=bc, rnd=rnd), (b, heads, hd // bc),
+                       heads_in, [((b, heads, hd), F32, (None, None, bc),
+                                   lambda i, j, c: (i, j, c))], "drafter_combine")
     (a,) = _call(functools.partial(_o_kernel, per_part=per_part, bn=bo, rnd=rnd),
-                 (b, da // bo, o_parts), [o, lse, attn["o"]], [_parts(b, o_parts, da, bo)],
+                 (b, da // bo, o_parts), [*heads_in, attn["o"]], [_parts(b, o_parts, da, bo)],
                  "drafter_o")
     mlp = lp["mlp"]
     f = cfg.mlp_dim

@@ -382,3 +382,35 @@ def test_chunked_top_k_selects_what_one_top_k_does(chunk):
       want = np.sort(np.asarray(jax.lax.top_k(c, k)[1]), axis=1)
       got = np.sort(np.asarray(drafter_lib.top_k_indices(c, k, chunk)), axis=1)
       np.testing.assert_array_equal(got, want)
+
+
+
+def test_greedy_candidate_argmax_is_the_full_rows_argmax(monkeypatch):
+  """`drafter.head_argmax` (greedy drafting without the centroid head's full logits row) picks
+  `sampling.greedy(drafter.head(...))`: on random states, and where the best candidate ties with
+  other candidates (equal embedding rows; the lowest token id wins, wherever the candidates list
+  it) and with a non-candidate. The speculative loop's greedy drafts through it are checked
+  against `transformers` round by round in test_speculative_hf (the centroid pair)."""
+  from gemma_mtp import sampling  # pylint: disable=g-import-not-at-top
+  cfg = drafter_lib.DrafterConfig(
+      target_embed_dim=32, embed_dim=16, vocab_size=512, layer_types=("full",), num_heads=2,
+      num_kv_heads=1, num_global_kv_heads=1, mlp_dim=32, sliding_window=8, head_dim=16,
+      global_head_dim=16, num_centroids=32, centroid_top_k=4, dtype="float32",
+      param_dtype="float32")
+  params = drafter_lib.init_params(cfg, jax.random.PRNGKey(0))
+  z = jnp.asarray(np.random.default_rng(0).standard_normal((8, 16)), jnp.float32)
+  ids, sel = (np.asarray(x) for x in drafter_lib._candidates(params, z, cfg))
+  embed = np.asarray(params["embed"]).copy()
+  best = ids[0, np.argmax(sel[0])]       # row 0's best candidate: its embedding row copied to
+  others = ids[0][ids[0] != best]         # the lowest and highest other candidate ids of row 0
+  outside = np.setdiff1d(np.arange(512), ids[0])[:1]     # and to a non-candidate (never chosen)
+  embed[np.concatenate([[others.min(), others.max()], outside])] = embed[best]
+  params = dict(params, embed=jnp.asarray(embed))
+  ids, sel = (np.asarray(x) for x in drafter_lib._candidates(params, z, cfg))
+  want = np.asarray(sampling.greedy(drafter_lib.head(params, z, cfg)))
+  got = np.asarray(jax.jit(drafter_lib.head_argmax, static_argnames="cfg")(params, z, cfg))
+  np.testing.assert_array_equal(got, want)
+  tied = ids[0][sel[0] == sel[0].max()]
+  assert len(tied) == 3 and got[0] == tied.min() == min(best, others.min())
+  monkeypatch.setattr(drafter_lib, "GREEDY_CANDIDATES", False)
+  np.testing.assert_array_equal(np.asarray(drafter_lib.head_argmax(params, z, cfg)), want)
