@@ -13,7 +13,7 @@ argmax) can be read off, for each of `--variants` (VARIANTS: the step's unmeasur
 one way or the other). The record is written after every model, so a run cut short keeps what
 it measured.
 
-  python experiments/drafter_probe.py --modes=on --variants=full_row,base,top_k128,combine,all
+  python experiments/drafter_probe.py --modes=on --variants=run_aq,full_row,no_combine,base
 """
 
 import functools
@@ -43,14 +43,21 @@ _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 8, "steps in the profiled
 # name -> {(module, attribute): value}; attributes not named keep the defaults ('base').
 VARIANTS = {
     "base": {},
+    # The step as run AQ timed it: greedy drafts from the full row, 8 ranges per 512-wide head.
+    "run_aq": {(drafter_lib, "GREEDY_CANDIDATES"): False, (drafter_kernels, "COMBINE"): False},
     # Greedy drafts as the argmax of the centroid head's full [B, V] row (runs AN and AQ).
     "full_row": {(drafter_lib, "GREEDY_CANDIDATES"): False},
+    # 512-wide heads in as many ranges as the o kernel's programs hold (8), no combine kernel.
+    "no_combine": {(drafter_kernels, "COMBINE"): False},
     # The centroid head's top-k through 128- or 256-wide chunks instead of one sort.
     "top_k128": {(drafter_lib, "TOP_K_CHUNK"): 128},
     "top_k256": {(drafter_lib, "TOP_K_CHUNK"): 256},
-    # 32 ranges for the 512-wide full-attention heads, merged by a combine kernel.
-    "combine": {(drafter_kernels, "COMBINE"): True},
-    "all": {(drafter_lib, "TOP_K_CHUNK"): 128, (drafter_kernels, "COMBINE"): True},
+    # The top 32 in two passes of 16 (XLA's GPU TopK kernel instead of a sort).
+    "top_k_passes2": {(drafter_lib, "TOP_K_PASSES"): 2},
+    # Every layer's ranges merged by the combine kernel, the sliding layers' too.
+    "combine_all": {(drafter_kernels, "COMBINE_ALL"): True},
+    "passes2_combine_all": {(drafter_lib, "TOP_K_PASSES"): 2,
+                            (drafter_kernels, "COMBINE_ALL"): True},
 }
 _VARIANTS = flags.DEFINE_list("variants", ["base"], f"of {sorted(VARIANTS)}")
 

@@ -32,8 +32,12 @@
 #                                                  # without / with the kernels (run AN)
 #   bash experiments/run_h200.sh kernels_first     # one H200: the kernels' GPU tests, round
 #                                                  # probe and run AN's =on half in one command
-#   bash experiments/run_h200.sh drafter_options   # one H200: the drafter step's unmeasured
-#                                                  # options (session 16) against run AQ's step
+#   bash experiments/run_h200.sh drafter_options   # one H200: the drafter step's options
+#                                                  # (session 16, run AR) against run AQ's step
+#   bash experiments/run_h200.sh drafter_options2  # one H200: run AR's winners as defaults,
+#                                                  # longer loops; benchmark drafter part (AS)
+#   bash experiments/run_h200.sh drafter_options3  # one H200: top-k in two passes, combine
+#                                                  # kernel for every layer (run AT)
 set -u
 OUT=${OUT:-runs/h200}
 mkdir -p "$OUT"
@@ -254,23 +258,50 @@ case "${1:-}" in
         --out="$OUT/benchmark_drafters_on_h200.json" > "$OUT/benchmark_drafters_on.log" 2>&1
     grep -E "drafter" "$OUT/benchmark_drafters_on.log" | tail -4
     ;;
-  drafter_options)   # prepared in session 16, not run: the kernels' tests compiled by Triton
-                     # (the combine kernel's first), then the released E2B / E4B assistants'
-                     # steps with each option of drafter_probe.VARIANTS (~4 minutes)
+  drafter_options)   # session 16, run AR: the kernels' tests compiled by Triton (the combine
+                     # kernel's first), then the released E2B / E4B assistants' steps with each
+                     # option (~3 minutes). Run AR ran before COMBINE was on by default, under
+                     # the variant names of then (full_row, base, combine, all = run_aq,
+                     # no_combine, base, top_k128 now; also top_k128 / top_k256 without COMBINE)
     timeout 200 python -m pytest tests/test_drafter_kernels.py -q -x -p no:cacheprovider \
         > "$OUT/drafter_kernels_tests.log" 2>&1
     tail -3 "$OUT/drafter_kernels_tests.log"
     timeout 360 python experiments/drafter_probe.py --modes=on \
-        --variants=full_row,base,top_k128,top_k256,combine,all \
+        --variants=run_aq,no_combine,base,top_k128 \
         --out="$OUT/drafter_probe_options_h200.json" > "$OUT/drafter_probe_options.log" 2>&1
     grep -E "us/step" "$OUT/drafter_probe_options.log"
+    ;;
+  drafter_options2)  # session 16, run AS: run AR's winners as defaults, against the step of run
+                     # AQ, with longer timing loops; then the benchmark's drafter part (each
+                     # released assistant's step relative to its target's step)
+    timeout 250 python experiments/drafter_probe.py --modes=on --short=8 --long=72 \
+        --variants=run_aq,full_row,no_combine,base,top_k128 \
+        --out="$OUT/drafter_probe_defaults_h200.json" > "$OUT/drafter_probe_defaults.log" 2>&1
+    grep -E "us/step" "$OUT/drafter_probe_defaults.log"
+    timeout 300 python experiments/benchmark.py --parts=copy,drafter --copy_mb=1024 \
+        --contexts=1024 --deadline_s=240 --plot=false \
+        --out="$OUT/benchmark_drafters_combine_h200.json" > "$OUT/benchmark_drafters.log" 2>&1
+    grep -E "drafter" "$OUT/benchmark_drafters.log" | tail -4
+    ;;
+  drafter_options3)  # session 16, run AT: the centroid head's top 32 in two passes of 16 (XLA's
+                     # GPU TopK kernel) and the combine kernel for every layer; their tests on
+                     # the GPU first (ties of the TopK kernel against one top_k's)
+    timeout 200 python -m pytest tests/test_drafter.py tests/test_drafter_kernels.py -q \
+        -p no:cacheprovider -k "chunked_top_k or greedy_candidate or combined" \
+        > "$OUT/drafter_options3_tests.log" 2>&1
+    tail -15 "$OUT/drafter_options3_tests.log"
+    timeout 300 python experiments/drafter_probe.py --modes=on --short=8 --long=72 \
+        --variants=base,top_k_passes2,combine_all,passes2_combine_all \
+        --out="$OUT/drafter_probe_passes_h200.json" > "$OUT/drafter_probe_passes.log" 2>&1
+    grep -E "us/step" "$OUT/drafter_probe_passes.log"
     ;;
   *)
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
          "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts |" \
          "dispatch_compare | gpu_pair | loop_graphs | pair_layouts | drafter_kernels |" \
          "gpu_pair_kernels | gpu_pair_warm | gpu_pair_k16 | gpu_pair_steps8 | drafter_warps |" \
-         "released_drafters | kernels_first | drafter_options" >&2
+         "released_drafters | kernels_first | drafter_options | drafter_options2 |" \
+         "drafter_options3" >&2
     exit 2
     ;;
 esac

@@ -75,10 +75,12 @@ MAX_SPLITS = 32           # cache ranges per head of the attention kernel
 # Where a head's ranges would hold more partials ([ranges, head dim]) than an o program takes in
 # (TILE elements), a kernel of their own combines them first (True), rather than fewer, longer
 # ranges (False): the released assistants' 512-wide full-attention heads get 32 ranges of 2
-# cache chunks instead of 8 of 8, one more kernel in that layer. Run AQ: the E2B assistant's full-
-# attention kernel takes 26 us of its 143 us step, walking 8 chunks a program. Not measured on
-# the GPU yet (`experiments/drafter_probe.py --variants=base,combine`), so off.
-COMBINE = False
+# cache chunks instead of 8 of 8, one more kernel in that layer. Measured (NOTES, run AR, H100,
+# kernel time a step): E2B's assistant 149 -> 111 us, E4B's 153 -> 112 us.
+COMBINE = True
+# With COMBINE, also merge the ranges of heads whose partials an o program could hold (the
+# sliding layers' 8 ranges of 256-wide heads), which leaves the o kernel a plain matvec.
+COMBINE_ALL = False
 UNROLL = 8                # cache chunks per attention program read without a loop
 LSE = 16                  # width of the log-sum-exp vector of an attention partial
 NUM_WARPS = 4
@@ -184,15 +186,15 @@ def _ranges(slots: int, hd: int, per_part: int) -> tuple[int, int, int, bool]:
   """(bs, chunks, splits, combine) of the attention over a `slots`-slot tap with hd-wide heads:
   chunks of bs slots, `splits` ranges of chunks per head (about two chunks each, a power of two),
   and whether a combine kernel merges a head's ranges (COMBINE, where the o kernel's programs,
-  `per_part` heads each, would hold more than TILE elements of partials; else the ranges are
-  capped to fit them)."""
+  `per_part` heads each, would hold more than TILE elements of partials, else the ranges are
+  capped to fit them; COMBINE_ALL: wherever there are several)."""
   bs = _pow2_floor(min(TILE // hd, SLOTS_PER_CHUNK, slots))
   chunks = -(-slots // bs)
   splits = min(MAX_SPLITS, 1 << ((chunks - 1) // 2).bit_length(), _pow2_floor(chunks))
   fit = _pow2_floor(max(1, TILE // (per_part * hd)))
   if splits > fit and not COMBINE:
     return bs, chunks, fit, False
-  return bs, chunks, splits, splits > fit
+  return bs, chunks, splits, splits > fit or (COMBINE_ALL and splits > 1)
 
 
 def _down_split(dcfg) -> tuple[int, int, int]:
