@@ -18,6 +18,7 @@ it measured.
 
 import functools
 import os
+import pathlib
 
 from absl import app
 from absl import flags
@@ -47,17 +48,11 @@ VARIANTS = {
     "run_aq": {(drafter_lib, "GREEDY_CANDIDATES"): False, (drafter_kernels, "COMBINE"): False},
     # Greedy drafts as the argmax of the centroid head's full [B, V] row (runs AN and AQ).
     "full_row": {(drafter_lib, "GREEDY_CANDIDATES"): False},
-    # 512-wide heads in as many ranges as the o kernel's programs hold (8), no combine kernel.
+    # Heads in as many ranges as the o kernel's programs hold, no combine kernel.
     "no_combine": {(drafter_kernels, "COMBINE"): False},
     # The centroid head's top-k through 128- or 256-wide chunks instead of one sort.
     "top_k128": {(drafter_lib, "TOP_K_CHUNK"): 128},
     "top_k256": {(drafter_lib, "TOP_K_CHUNK"): 256},
-    # The top 32 in two passes of 16 (XLA's GPU TopK kernel instead of a sort).
-    "top_k_passes2": {(drafter_lib, "TOP_K_PASSES"): 2},
-    # Every layer's ranges merged by the combine kernel, the sliding layers' too.
-    "combine_all": {(drafter_kernels, "COMBINE_ALL"): True},
-    "passes2_combine_all": {(drafter_lib, "TOP_K_PASSES"): 2,
-                            (drafter_kernels, "COMBINE_ALL"): True},
 }
 _VARIANTS = flags.DEFINE_list("variants", ["base"], f"of {sorted(VARIANTS)}")
 
@@ -106,7 +101,12 @@ def _timed_entry(model: str, mode: str, variant: str, cfg, params, dcfg, dparams
 
 
 def configs(model: str):
-  """(target, assistant) configs: a released shape in bf16, or 'tiny' (a CPU smoke test)."""
+  """(target, assistant) configs: a released shape in bf16, 'gpu_pair' (the shapes of the pair
+  configs/reproduce_gpu.py trains) or 'tiny' (a CPU smoke test)."""
+  if model == "gpu_pair":
+    c = bench.config_from_file(pathlib.Path(__file__).parents[1] / "configs/reproduce_gpu.py")
+    cfg = config_lib.ModelConfig(vocab_size=c.vocab_size, **{**c.target, "param_dtype": "bfloat16"})
+    return cfg, drafter_lib.for_target(cfg, **c.drafter)
   if model == "tiny":
     cfg = config_lib.tiny(dtype="float32", param_dtype="float32")
     return cfg, drafter_lib.for_target(cfg, embed_dim=32, num_heads=2, mlp_dim=64, num_layers=2)

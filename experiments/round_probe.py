@@ -13,7 +13,6 @@ kernels around the largest, time per kernel kind).
   python experiments/round_probe.py --shapes=gpu_pair --fixed=8 --out=$OUT/round_probe_shapes.json
 """
 
-import importlib.util
 import inspect
 import json
 import os
@@ -62,11 +61,7 @@ def random_pair(name: str):
   """(target, drafter, None): random bf16 weights of a trained pair's shapes; 'gpu_pair' is
   the pair of configs/reproduce_gpu.py (its tokenizer's 8,192-token vocabulary)."""
   config_file = {"gpu_pair": "reproduce_gpu.py"}[name]
-  path = pathlib.Path(__file__).parents[1] / "configs" / config_file
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = bench.config_from_file(pathlib.Path(__file__).parents[1] / "configs" / config_file)
   tcfg = gemma_mtp.ModelConfig(vocab_size=c.vocab_size, **{**c.target, "param_dtype": "bfloat16"})
   target = api.random_target(tcfg)
   return target, api.random_drafter(target, **c.drafter), None

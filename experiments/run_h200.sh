@@ -35,9 +35,11 @@
 #   bash experiments/run_h200.sh drafter_options   # one H200: the drafter step's options
 #                                                  # (session 16, run AR) against run AQ's step
 #   bash experiments/run_h200.sh drafter_options2  # one H200: run AR's winners as defaults,
-#                                                  # longer loops; benchmark drafter part (AS)
+#                                                  # longer loops; benchmark drafter part (AT)
 #   bash experiments/run_h200.sh drafter_options3  # one H200: top-k in two passes, combine
-#                                                  # kernel for every layer (run AT)
+#                                                  # kernel for every layer (run AU)
+#   bash experiments/run_h200.sh drafter_final     # one H200: COMBINE as kept, released and
+#                                                  # GPU-pair drafters; benchmark part (AV)
 set -u
 OUT=${OUT:-runs/h200}
 mkdir -p "$OUT"
@@ -197,7 +199,7 @@ case "${1:-}" in
     gpu_pair_run gpu_pair_warm 10 --config.eval_prompts=16
     grep -E "workload|done in" "$OUT/reproduce.log" | cut -c1-200 | tail -25
     ;;
-  gpu_pair_steps8)   # prepared in session 15, not run: run AO with the drafter trained to unroll
+  gpu_pair_steps8)   # session 16, run AS (H100): run AO with the drafter trained to unroll
                      # 8 steps (runs AM-AP: K = 8 the best bucket everywhere, trained for 4)
     gpu_pair_run gpu_pair_steps8 10 --config.eval_prompts=16 --config.drafter_steps=8 \
         "--config.drafter_step_weights=(1.0,0.9,0.8,0.7,0.6,0.5,0.4,0.3)"
@@ -271,7 +273,7 @@ case "${1:-}" in
         --out="$OUT/drafter_probe_options_h200.json" > "$OUT/drafter_probe_options.log" 2>&1
     grep -E "us/step" "$OUT/drafter_probe_options.log"
     ;;
-  drafter_options2)  # session 16, run AS: run AR's winners as defaults, against the step of run
+  drafter_options2)  # session 16, run AT: run AR's winners as defaults, against the step of run
                      # AQ, with longer timing loops; then the benchmark's drafter part (each
                      # released assistant's step relative to its target's step)
     timeout 250 python experiments/drafter_probe.py --modes=on --short=8 --long=72 \
@@ -283,9 +285,9 @@ case "${1:-}" in
         --out="$OUT/benchmark_drafters_combine_h200.json" > "$OUT/benchmark_drafters.log" 2>&1
     grep -E "drafter" "$OUT/benchmark_drafters.log" | tail -4
     ;;
-  drafter_options3)  # session 16, run AT: the centroid head's top 32 in two passes of 16 (XLA's
-                     # GPU TopK kernel) and the combine kernel for every layer; their tests on
-                     # the GPU first (ties of the TopK kernel against one top_k's)
+  drafter_options3)  # session 16, run AU, at commit 2581731 (its TOP_K_PASSES and COMBINE_ALL
+                     # options were removed after it): the centroid head's top 32 in two passes
+                     # of 16 (XLA's GPU TopK kernel) and the combine kernel for every layer
     timeout 200 python -m pytest tests/test_drafter.py tests/test_drafter_kernels.py -q \
         -p no:cacheprovider -k "chunked_top_k or greedy_candidate or combined" \
         > "$OUT/drafter_options3_tests.log" 2>&1
@@ -295,13 +297,32 @@ case "${1:-}" in
         --out="$OUT/drafter_probe_passes_h200.json" > "$OUT/drafter_probe_passes.log" 2>&1
     grep -E "us/step" "$OUT/drafter_probe_passes.log"
     ;;
+  drafter_final)     # session 16, run AV: COMBINE as kept (a combine kernel where an o program
+                     # would take in a tile of partials): the kernels' tests compiled by Triton,
+                     # the steps of the E2B / E4B assistants and of the GPU pair's drafter (1k and
+                     # 4k caches) with and without it, then the benchmark's drafter part
+    timeout 200 python -m pytest tests/test_drafter_kernels.py -q -x -p no:cacheprovider \
+        > "$OUT/drafter_kernels_tests.log" 2>&1
+    tail -3 "$OUT/drafter_kernels_tests.log"
+    timeout 200 python experiments/drafter_probe.py --modes=on --short=8 --long=72 \
+        --models=gemma4_e2b,gemma4_e4b,gpu_pair --variants=run_aq,no_combine,base \
+        --out="$OUT/drafter_probe_final_h200.json" > "$OUT/drafter_probe_final.log" 2>&1
+    timeout 100 python experiments/drafter_probe.py --modes=on --short=8 --long=72 \
+        --models=gpu_pair --variants=no_combine,base --context=4096 \
+        --out="$OUT/drafter_probe_final_4k_h200.json" >> "$OUT/drafter_probe_final.log" 2>&1
+    grep -E "us/step" "$OUT/drafter_probe_final.log"
+    timeout 200 python experiments/benchmark.py --parts=copy,drafter --copy_mb=1024 \
+        --contexts=1024 --deadline_s=160 --plot=false \
+        --out="$OUT/benchmark_drafters_final_h200.json" > "$OUT/benchmark_drafters.log" 2>&1
+    grep -E "drafter:" "$OUT/benchmark_drafters.log" | tail -4
+    ;;
   *)
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
          "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts |" \
          "dispatch_compare | gpu_pair | loop_graphs | pair_layouts | drafter_kernels |" \
          "gpu_pair_kernels | gpu_pair_warm | gpu_pair_k16 | gpu_pair_steps8 | drafter_warps |" \
          "released_drafters | kernels_first | drafter_options | drafter_options2 |" \
-         "drafter_options3" >&2
+         "drafter_options3 | drafter_final" >&2
     exit 2
     ;;
 esac

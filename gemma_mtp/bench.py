@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import importlib.util
 import math
 import os
 import pathlib
@@ -362,6 +363,15 @@ def copy_bandwidth(num_bytes: int = 4 << 30, repeats: int = 10, inner: int = 8) 
   best_name = max(variants, key=variants.get)
   return {"bytes": num_bytes, "gb_per_s": variants[best_name], "best": best_name,
           "variants_gb_per_s": variants}
+
+
+def config_from_file(path) -> Any:
+  """`get_config()` of a config file (configs/*.py: an ml_collections ConfigDict)."""
+  path = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def run_probe(out: str, parts: dict[str, Callable[[], Any]], selected, **fields) -> dict:

@@ -258,32 +258,19 @@ def tap_masks(taps: dict, *, convention: str, window: int, start: jax.Array, las
 # the top k of those (0, the default: one `lax.top_k` over all). Exact: the same set as one
 # top-k, ties to the lower index as there (chunks in order, each chunk's ties in index order).
 # On the GPU XLA runs `top_k` of 32 as a sort; one sort of 2,048 takes 15 us of the E2B
-# assistant's 143 us step (NOTES, run AQ); sorts of 128-entry rows could run in parallel. Not
-# measured on the GPU yet (`experiments/drafter_probe.py --variants=base,top_k128`), so off.
+# assistant's step (NOTES, run AQ). Through 128-wide chunks (sorts of 128-entry rows side by
+# side) it saves 1-3 us of kernel time for 4 more kernels, within the noise of the step's time
+# (runs AR, AT on an H100: `experiments/drafter_probe.py --variants=base,top_k128`), so off.
+# (Two passes of top 16, which XLA's GPU TopK kernel takes instead of a sort, cost 53 + 43 us
+# at batch 1: run AU.)
 TOP_K_CHUNK = 0
-# Or the top k in this many passes of k / passes each, every pass over the entries the earlier
-# ones did not pick (1: one pass). XLA's GPU TopK kernel takes k <= 16 of N >= 1024 (else a
-# sort), so the released assistants' top 32 of 2,048 centroids in 2 passes avoids the sort.
-TOP_K_PASSES = 1
 
 
-def top_k_indices(c: jax.Array, k: int, chunk: int | None = None,
-                  passes: int | None = None) -> jax.Array:
+def top_k_indices(c: jax.Array, k: int, chunk: int | None = None) -> jax.Array:
   """Indices [B, k] of the k largest entries of each row of c [B, N] (any order; ties to the
-  lower index), in `TOP_K_PASSES` passes where they divide k, else through `TOP_K_CHUNK`-wide
-  chunks where N has more than one of at least k."""
+  lower index), through `TOP_K_CHUNK`-wide chunks where N has more than one of at least k."""
   chunk = TOP_K_CHUNK if chunk is None else chunk
-  passes = TOP_K_PASSES if passes is None else passes
   b, n = c.shape
-  if passes > 1 and k % passes == 0:
-    rows = jnp.arange(b)[:, None]
-    c = jnp.maximum(c, jnp.finfo(c.dtype).min)        # -inf entries rank above picked ones
-    picked = []
-    for _ in range(passes):
-      idx = jax.lax.top_k(c, k // passes)[1]
-      picked.append(idx)
-      c = c.at[rows, idx].set(-jnp.inf)
-    return jnp.concatenate(picked, axis=1)
   if not chunk or n % chunk or n <= chunk or chunk < k:
     return jax.lax.top_k(c, k)[1]
   m = n // chunk

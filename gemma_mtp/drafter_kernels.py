@@ -11,8 +11,8 @@ each recomputing the small norms it needs from the vectors the previous kernel w
            q = xn @ Wq (z: the sum of pre's splits on layer 0)                    grid (B, N*hd/bn)
     attn:  one query head, q-normed and rotated, over a range of the tap's cache slots: its
            normalised output and log-sum-exp                                      grid (B, N, P)
-    comb:  (COMBINE, where an o program cannot hold them) a head's P partials
-           combined into its output                                              grid (B, N, hd/bc)
+    comb:  (COMBINE, where an o program would take in TILE partials or more) a head's P
+           partials combined into its output                                     grid (B, N, hd/bc)
     o:     combine the P partials of each head (unless comb did), a = attn @ Wo,
            heads in S splits                                                     grid (B, Da/bn, S)
     up:    z += norm(sum of a's splits); g = gelu(norm(z) @ Wg) * (norm(z) @ Wu) grid (B, F/bf)
@@ -72,15 +72,16 @@ SPLIT_AT = 2 * TILE       # pre, o, down: weights a program reads before its con
 MAX_WEIGHTS = 4 * TILE    # no program reads more (the q, gate|up, post-projection and head ones)
 SLOTS_PER_CHUNK = 64      # cache slots an attention program reads at a time (at most)
 MAX_SPLITS = 32           # cache ranges per head of the attention kernel
-# Where a head's ranges would hold more partials ([ranges, head dim]) than an o program takes in
-# (TILE elements), a kernel of their own combines them first (True), rather than fewer, longer
-# ranges (False): the released assistants' 512-wide full-attention heads get 32 ranges of 2
-# cache chunks instead of 8 of 8, one more kernel in that layer. Measured (NOTES, run AR, H100,
-# kernel time a step): E2B's assistant 149 -> 111 us, E4B's 153 -> 112 us.
+# A head's cache ranges are merged by a kernel of their own (True) wherever an o program would
+# otherwise take in at least TILE elements of partials ([ranges, head dim] for each of its
+# heads); there an o program becomes a plain matvec, and heads keep all their ranges instead of
+# as many as an o program holds (False: the o kernel always merges them, ranges capped to fit).
+# The released E2B / E4B assistants: 32 ranges of 2 chunks instead of 8 of 8 for the 512-wide
+# full-attention heads, and their sliding layers' o kernel 6.7 -> ~3 us plus a ~1.5 us combine
+# kernel; the GPU pair's heads (64 / 128 wide, few ranges) stay as they were below 2k-slot
+# caches. Measured (NOTES, runs AR-AU, H100, kernel time a step, with `drafter.head_argmax`):
+# E2B's assistant 155 -> 102 us, E4B's 160 -> 106 us.
 COMBINE = True
-# With COMBINE, also merge the ranges of heads whose partials an o program could hold (the
-# sliding layers' 8 ranges of 256-wide heads), which leaves the o kernel a plain matvec.
-COMBINE_ALL = False
 UNROLL = 8                # cache chunks per attention program read without a loop
 LSE = 16                  # width of the log-sum-exp vector of an attention partial
 NUM_WARPS = 4
@@ -185,16 +186,15 @@ def _o_split(dcfg, hd: int) -> tuple[int, int, int]:
 def _ranges(slots: int, hd: int, per_part: int) -> tuple[int, int, int, bool]:
   """(bs, chunks, splits, combine) of the attention over a `slots`-slot tap with hd-wide heads:
   chunks of bs slots, `splits` ranges of chunks per head (about two chunks each, a power of two),
-  and whether a combine kernel merges a head's ranges (COMBINE, where the o kernel's programs,
-  `per_part` heads each, would hold more than TILE elements of partials, else the ranges are
-  capped to fit them; COMBINE_ALL: wherever there are several)."""
+  and whether a combine kernel merges a head's ranges (COMBINE: where the o kernel's programs,
+  `per_part` heads each, would take in at least TILE elements of partials; without it the
+  ranges are capped to the most those programs hold)."""
   bs = _pow2_floor(min(TILE // hd, SLOTS_PER_CHUNK, slots))
   chunks = -(-slots // bs)
   splits = min(MAX_SPLITS, 1 << ((chunks - 1) // 2).bit_length(), _pow2_floor(chunks))
-  fit = _pow2_floor(max(1, TILE // (per_part * hd)))
-  if splits > fit and not COMBINE:
-    return bs, chunks, fit, False
-  return bs, chunks, splits, splits > fit or (COMBINE_ALL and splits > 1)
+  if COMBINE:
+    return bs, chunks, splits, splits > 1 and per_part * splits * hd >= TILE
+  return bs, chunks, min(splits, _pow2_floor(max(1, TILE // (per_part * hd)))), False
 
 
 def _down_split(dcfg) -> tuple[int, int, int]:

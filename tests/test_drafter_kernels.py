@@ -73,31 +73,27 @@ def _both(tcfg, tp, dcfg, dp, inputs):
 @pytest.mark.parametrize("fuse,attention", [(False, "one range"), (True, "one range"),
                                              (False, "ranges"), (False, "looped ranges"),
                                              (False, "combined ranges"),
-                                             (False, "all ranges combined")])
+                                             (False, "capped ranges")])
 def test_step_equals_xla_step_float32(kernels_on, monkeypatch, fuse, attention):
   """In float32 only the summation order differs. Attention over the cache: one range per head
   (these short caches by default); 4-slot chunks, so 2-8 ranges per head combined by the o
   kernel, some past the cache's end (empty); the same with each program walking its chunks
-  in a loop (the path of long caches); and with a tile so small that an o program could hold
-  one range per full-attention head, whose 8 ranges a combine kernel merges instead (COMBINE)
-  while the sliding layer's 2 still go to the o kernel; and every layer's ranges merged by the
-  combine kernel (COMBINE_ALL)."""
+  in a loop (the path of long caches); with a tile so small that an o program would take in a
+  tile of partials, so a combine kernel merges every layer's ranges (COMBINE); and the same
+  tile without it, the ranges capped to what an o program holds (one per full-attention head).
+  """
   if attention != "one range":
     monkeypatch.setattr(drafter_kernels, "SLOTS_PER_CHUNK", 4)
+  if attention == "ranges":
+    assert drafter_kernels._ranges(SLOTS["full"], 64, 4) == (4, 10, 8, False)
   if attention == "looped ranges":
     monkeypatch.setattr(drafter_kernels, "UNROLL", 1)
-  if attention == "combined ranges":
+  if attention in ("combined ranges", "capped ranges"):
     monkeypatch.setattr(drafter_kernels, "TILE", 256)
-    monkeypatch.setattr(drafter_kernels, "COMBINE", True)
-    assert drafter_kernels._ranges(SLOTS["full"], 64, 4) == (4, 10, 8, True)
-    assert drafter_kernels._ranges(SLOTS["sliding"], 32, 4) == (4, 4, 2, False)
-    monkeypatch.setattr(drafter_kernels, "COMBINE", False)
-    assert drafter_kernels._ranges(SLOTS["full"], 64, 4) == (4, 10, 1, False)
-    monkeypatch.setattr(drafter_kernels, "COMBINE", True)
-  if attention == "all ranges combined":
-    monkeypatch.setattr(drafter_kernels, "COMBINE", True)
-    monkeypatch.setattr(drafter_kernels, "COMBINE_ALL", True)
-    assert drafter_kernels._ranges(SLOTS["sliding"], 32, 4) == (4, 4, 2, True)
+    combine = attention == "combined ranges"
+    monkeypatch.setattr(drafter_kernels, "COMBINE", combine)
+    assert drafter_kernels._ranges(SLOTS["full"], 64, 4) == (4, 10, 8 if combine else 1, combine)
+    assert drafter_kernels._ranges(SLOTS["sliding"], 32, 4) == (4, 4, 2, combine)
   ref_logits, ref_h, logits, h = _both(*_case("float32", fuse=fuse))
   np.testing.assert_allclose(logits, ref_logits, rtol=0, atol=2e-5 * np.abs(ref_logits).max())
   np.testing.assert_allclose(h, ref_h, rtol=0, atol=2e-5 * np.abs(ref_h).max())
@@ -138,20 +134,17 @@ def test_released_assistants_supported():
 
 
 @pytest.mark.parametrize("name", ["tiny", "wide", "e2b", "e4b", "31b", "26b_a4b",
-                                  "e2b_combine", "e4b_combine", "e2b_combine_all"])
+                                  "e2b_no_combine", "e4b_no_combine"])
 def test_kernels_lower_for_the_gpu(monkeypatch, name):
   """The step lowers to Triton (Pallas's GPU lowering, run here on the CPU by exporting for
   CUDA): every load and store a power of two, every operation one Triton takes; for the tiny
-  and wide test shapes and every released assistant on a 1k-slot full-attention tap, and E2B's
-  and E4B's with COMBINE (their full-attention layer's 32 ranges merged by a kernel of their
-  own), and E2B's with every layer's ranges merged so (COMBINE_ALL). What is not checked here is
-  Triton's own compilation of that IR, which needs a GPU."""
+  and wide test shapes and every released assistant on a 1k-slot full-attention tap (E2B's and
+  E4B's every layer with a combine kernel, COMBINE), and E2B's and E4B's without COMBINE. What
+  is not checked here is Triton's own compilation of that IR, which needs a GPU."""
   monkeypatch.setattr(drafter_kernels, "_interpret", lambda: False)
-  combine_all = name.endswith("_combine_all")
-  combine = combine_all or name.endswith("_combine")
-  name = name.removesuffix("_all").removesuffix("_combine")
+  combine = not name.endswith("_no_combine")
+  name = name.removesuffix("_no_combine")
   monkeypatch.setattr(drafter_kernels, "COMBINE", combine)
-  monkeypatch.setattr(drafter_kernels, "COMBINE_ALL", combine_all)
   sds = jax.ShapeDtypeStruct
   if name in ("tiny", "wide"):
     tcfg, _, dcfg, _, _ = _case("bfloat16", **({} if name == "tiny" else
@@ -187,7 +180,10 @@ def test_kernels_lower_for_the_gpu(monkeypatch, name):
   combined = sum(drafter_kernels._ranges(
       slots[kind], dec.layer_head_dim(i), drafter_kernels._o_split(dcfg, dec.layer_head_dim(i))[1]
   )[3] for i, kind in enumerate(dcfg.layer_types))
-  assert combined == (dcfg.num_layers if combine_all else 1 if combine else 0)
+  if name in ("e2b", "e4b"):
+    assert combined == (dcfg.num_layers if combine else 0)
+  if name in ("tiny", "wide"):
+    assert combined == 0                  # one range per head
   kernels = 5 * dcfg.num_layers + 2 + (0 if dcfg.num_centroids else 1) + combined
   assert exported.mlir_module().count("xla.gpu.triton") == kernels
 
