@@ -2,8 +2,9 @@
 
 A drafter step at batch 1 reads little (the GPU pair's 4 layers at D = 256: ~8 MB) but, under
 XLA, runs ~90 short kernels (pads, one-row GEMMs, norms, softmax reductions; NOTES run AH), so it
-costs ~22% of a target step where its bytes would allow ~2%. Here a step is 5 kernels per layer,
-each recomputing the small norms it needs from the vectors the previous kernel wrote:
+costs ~22% of a target step where its bytes would allow ~2%. Here a step is 5 kernels per layer
+(6 with a combine kernel), each recomputing the small norms it needs from the vectors the
+previous kernel wrote:
 
   pre:   e = E_t[tok] * scale; z = [e, h] @ pre_proj, S splits of the contraction  grid (B, Da/bn, S)
   per layer:
