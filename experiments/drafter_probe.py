@@ -50,9 +50,6 @@ VARIANTS = {
     "full_row": {(drafter_lib, "GREEDY_CANDIDATES"): False},
     # Heads in as many ranges as the o kernel's programs hold, no combine kernel.
     "no_combine": {(drafter_kernels, "COMBINE"): False},
-    # The centroid head's top-k through 128- or 256-wide chunks instead of one sort.
-    "top_k128": {(drafter_lib, "TOP_K_CHUNK"): 128},
-    "top_k256": {(drafter_lib, "TOP_K_CHUNK"): 256},
 }
 _VARIANTS = flags.DEFINE_list("variants", ["base"], f"of {sorted(VARIANTS)}")
 

@@ -262,22 +262,24 @@ case "${1:-}" in
     ;;
   drafter_options)   # session 16, run AR: the kernels' tests compiled by Triton (the combine
                      # kernel's first), then the released E2B / E4B assistants' steps with each
-                     # option (~3 minutes). Run AR ran before COMBINE was on by default, under
-                     # the variant names of then (full_row, base, combine, all = run_aq,
-                     # no_combine, base, top_k128 now; also top_k128 / top_k256 without COMBINE)
+                     # option (~3 minutes). Run AR ran at commit 6966310, before COMBINE was on
+                     # by default, under the variant names of then (full_row, base, combine =
+                     # run_aq, no_combine, base now; its top_k128, top_k256 and all variants set
+                     # drafter.TOP_K_CHUNK, removed after run AT)
     timeout 200 python -m pytest tests/test_drafter_kernels.py -q -x -p no:cacheprovider \
         > "$OUT/drafter_kernels_tests.log" 2>&1
     tail -3 "$OUT/drafter_kernels_tests.log"
     timeout 360 python experiments/drafter_probe.py --modes=on \
-        --variants=run_aq,no_combine,base,top_k128 \
+        --variants=run_aq,no_combine,base \
         --out="$OUT/drafter_probe_options_h200.json" > "$OUT/drafter_probe_options.log" 2>&1
     grep -E "us/step" "$OUT/drafter_probe_options.log"
     ;;
-  drafter_options2)  # session 16, run AT: run AR's winners as defaults, against the step of run
-                     # AQ, with longer timing loops; then the benchmark's drafter part (each
-                     # released assistant's step relative to its target's step)
+  drafter_options2)  # session 16, run AT (at commit 2581731, also with --variants=top_k128:
+                     # drafter.TOP_K_CHUNK, removed after it): run AR's winners as defaults,
+                     # against the step of run AQ, with longer timing loops; then the benchmark's
+                     # drafter part (each released assistant's step relative to its target's)
     timeout 250 python experiments/drafter_probe.py --modes=on --short=8 --long=72 \
-        --variants=run_aq,full_row,no_combine,base,top_k128 \
+        --variants=run_aq,full_row,no_combine,base \
         --out="$OUT/drafter_probe_defaults_h200.json" > "$OUT/drafter_probe_defaults.log" 2>&1
     grep -E "us/step" "$OUT/drafter_probe_defaults.log"
     timeout 300 python experiments/benchmark.py --parts=copy,drafter --copy_mb=1024 \

@@ -254,39 +254,15 @@ def tap_masks(taps: dict, *, convention: str, window: int, start: jax.Array, las
 
 # ---- one step ------------------------------------------------------------------------------------
 
-# The centroid head's top-k in two stages: the top k of every chunk of this many centroids, then
-# the top k of those (0, the default: one `lax.top_k` over all). Exact: the same set as one
-# top-k, ties to the lower index as there (chunks in order, each chunk's ties in index order).
-# On the GPU XLA runs `top_k` of 32 as a sort; one sort of 2,048 takes 15 us of the E2B
-# assistant's step (NOTES, run AQ). Through 128-wide chunks (sorts of 128-entry rows side by
-# side) it saves 1-3 us of kernel time for 4 more kernels, within the noise of the step's time
-# (runs AR, AT on an H100: `experiments/drafter_probe.py --variants=base,top_k128`), so off.
-# (Two passes of top 16, which XLA's GPU TopK kernel takes instead of a sort, cost 53 + 43 us
-# at batch 1: run AU.)
-TOP_K_CHUNK = 0
-
-
-def top_k_indices(c: jax.Array, k: int, chunk: int | None = None) -> jax.Array:
-  """Indices [B, k] of the k largest entries of each row of c [B, N] (any order; ties to the
-  lower index), through `TOP_K_CHUNK`-wide chunks where N has more than one of at least k."""
-  chunk = TOP_K_CHUNK if chunk is None else chunk
-  b, n = c.shape
-  if not chunk or n % chunk or n <= chunk or chunk < k:
-    return jax.lax.top_k(c, k)[1]
-  m = n // chunk
-  vals, idx = jax.lax.top_k(c.reshape(b, m, chunk), k)                  # [B, m, k]
-  idx = idx + (jnp.arange(m, dtype=idx.dtype) * chunk)[:, None]
-  _, pick = jax.lax.top_k(vals.reshape(b, m * k), k)
-  return jnp.take_along_axis(idx.reshape(b, m * k), pick, axis=1)
-
-
 def _candidates(params: dict, z: jax.Array, cfg: DrafterConfig) -> tuple[jax.Array, jax.Array]:
   """The centroid head's candidates: (token ids [B, N], their float32 logits [B, N]), N =
   centroid_top_k * V / C (the clusters of the top-k centroids)."""
   b = z.shape[0]
   per_cluster = cfg.vocab_size // cfg.num_centroids
   c = quant.einsum("BD,CD->BC", z, params["centroids"], preferred_element_type=F32)
-  top = top_k_indices(c, cfg.centroid_top_k)                             # [B, k]
+  # XLA sorts for this top-k on the GPU (15 us of the E2B assistant's step, NOTES run AQ); top-k
+  # through 128-wide chunks, or in two passes of XLA's GPU TopK kernel, did not pay (runs AT, AU).
+  _, top = jax.lax.top_k(c, cfg.centroid_top_k)                          # [B, k]
   clusters = params["token_ordering"].reshape(cfg.num_centroids, per_cluster)
   ids = clusters[top].reshape(b, -1)                                     # [B, k * V / C]
   sel = jnp.einsum("BD,BND->BN", z, params["embed"][ids], preferred_element_type=F32)
@@ -305,7 +281,7 @@ def head(params: dict, z: jax.Array, cfg: DrafterConfig) -> jax.Array:
 
 # Greedy drafting with the centroid head takes the argmax over its candidates (`head_argmax`)
 # instead of building and reducing the full [B, V] row (a fill, a scatter and a 262k-wide argmax
-# a step for the released assistants; ~5 us of the E2B assistant's 143 us in run AQ's profile).
+# a step for the released assistants: 4-6 us of the E2B assistant's step, runs AR and AT).
 # False: the argmax of `head`'s row, as before. Same tokens either way (tested).
 GREEDY_CANDIDATES = True
 

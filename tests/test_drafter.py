@@ -368,23 +368,6 @@ def test_random_drafter_runs(pairs, num_centroids):
   assert np.all(np.isfinite(np.asarray(logits)))
 
 
-@pytest.mark.parametrize("chunk", [128, 64, 0])
-def test_chunked_top_k_selects_what_one_top_k_does(chunk):
-  """`drafter.top_k_indices` (the centroid head's two-stage top-k) selects the same set as one
-  `lax.top_k`, ties (many equal values, -inf) going to the lower index as there."""
-  rng = np.random.default_rng(chunk)
-  rows = [rng.standard_normal((3, 2048)), rng.integers(0, 4, (3, 2048)),
-          np.where(rng.random((3, 2048)) < 0.99, -np.inf, rng.standard_normal((3, 2048))),
-          rng.integers(0, 3, (2, 384))]
-  for c in rows:
-    c = jnp.asarray(c, jnp.float32)
-    for k in (1, 32, 64):
-      want = np.sort(np.asarray(jax.lax.top_k(c, k)[1]), axis=1)
-      got = np.sort(np.asarray(drafter_lib.top_k_indices(c, k, chunk)), axis=1)
-      np.testing.assert_array_equal(got, want)
-
-
-
 def test_greedy_candidate_argmax_is_the_full_rows_argmax(monkeypatch):
   """`drafter.head_argmax` (greedy drafting without the centroid head's full logits row) picks
   `sampling.greedy(drafter.head(...))`: on random states, and where the best candidate ties with
