@@ -27,6 +27,8 @@
 #   bash experiments/run_h200.sh gpu_pair_warm     # one H200: run AM with 'adaptive, warm' (AO)
 #   bash experiments/run_h200.sh gpu_pair_k16      # one H200: run AO with buckets 2..16 (AP)
 #   bash experiments/run_h200.sh gpu_pair_steps8   # one H200: run AO, drafter trained for 8 steps
+#   bash experiments/run_h200.sh gpu_pair_steps8_eq  # one H200: that drafter at run AO's step
+#                                                  # count (run AW)
 #   bash experiments/run_h200.sh drafter_warps     # one H200: those kernels with 1 / 2 warps
 #   bash experiments/run_h200.sh released_drafters # one H200: the released assistants' steps
 #                                                  # without / with the kernels (run AN)
@@ -205,6 +207,13 @@ case "${1:-}" in
         "--config.drafter_step_weights=(1.0,0.9,0.8,0.7,0.6,0.5,0.4,0.3)"
     grep -E "workload|done in" "$OUT/reproduce.log" | cut -c1-200 | tail -25
     ;;
+  gpu_pair_steps8_eq)  # session 17, run AW: run AS with the drafter trained for as many steps
+                     # as run AO's 4-step drafter (~730): a 130 s drafter budget instead of 75 s
+    gpu_pair_run gpu_pair_steps8_eq 10 --config.eval_prompts=16 --config.drafter_steps=8 \
+        "--config.drafter_step_weights=(1.0,0.9,0.8,0.7,0.6,0.5,0.4,0.3)" \
+        --config.drafter_seconds=130
+    grep -E "workload|done in" "$OUT/reproduce.log" | cut -c1-200 | tail -25
+    ;;
   gpu_pair_k16)      # session 15, run AP: run AO with buckets 2, 4, 8, 16 (K = 1 was never
                      # chosen in runs AM, AO; K = 8 was the best fixed length everywhere) and
                      # each greedy configuration's divergences from plain decoding
@@ -325,7 +334,8 @@ case "${1:-}" in
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
          "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts |" \
          "dispatch_compare | gpu_pair | loop_graphs | pair_layouts | drafter_kernels |" \
-         "gpu_pair_kernels | gpu_pair_warm | gpu_pair_k16 | gpu_pair_steps8 | drafter_warps |" \
+         "gpu_pair_kernels | gpu_pair_warm | gpu_pair_k16 | gpu_pair_steps8 | gpu_pair_steps8_eq |" \
+         "drafter_warps |" \
          "released_drafters | kernels_first | drafter_options | drafter_options2 |" \
          "drafter_options3 | drafter_final" >&2
     exit 2
