@@ -49,4 +49,6 @@ def get_config():
   c.workload_prompts = 0                     # > 0: batch-1 code and prose workloads here too
   c.workload_calibrate = True                # round costs measured in the loop (NOTES run M)
   c.workload_repeats = 3                     # interleaved passes, the median reported (run V)
+  c.workload_rule_variants = ()              # e.g. ('position_decay=when_judged',): 'adaptive,
+                                             # position_decay=when_judged' too (run AX)
   return c

@@ -74,6 +74,9 @@ _SEGMENTS = flags.DEFINE_list("segment_rounds", [], "workloads: also the adaptiv
                               "once per this many rounds (the default config: SpecConfig's)")
 _DISPATCHES = flags.DEFINE_list("dispatches", [], "workloads: also the adaptive rule with these "
                                 "SpecConfig.dispatch values (loops, switch)")
+_VARIANTS = flags.DEFINE_list("rule_variants", [], "workloads: also the adaptive rule with these "
+                              "SpecConfig fields changed, each 'field=value' (e.g. "
+                              "position_decay=when_judged)")
 _PASSES = flags.DEFINE_integer("workload_repeats", 1, "workloads: timed passes per configuration, "
                                "interleaved; the median is reported")
 _PROSE = flags.DEFINE_list("prose_roots", ["site-packages"], "where prose (.md/.rst/METADATA) is")
@@ -167,7 +170,7 @@ def main(argv):
         target, drafter, workloads, buckets=buckets, max_new_tokens=_MAX_NEW.value,
         trees=trees, calibrate=_CALIBRATE.value, per_call=_PER_CALL.value,
         segment_rounds=[int(n) for n in _SEGMENTS.value], dispatches=_DISPATCHES.value,
-        repeats=_PASSES.value, **costs)
+        rule_variants=_VARIANTS.value, repeats=_PASSES.value, **costs)
     for e in result["workloads"]:
       adaptive = e["config"].startswith("adaptive")
       print(f"{e['workload']:6s} {e['config']:21s} {e['tokens_per_second']:8.1f} tokens/s "

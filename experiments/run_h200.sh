@@ -29,6 +29,8 @@
 #   bash experiments/run_h200.sh gpu_pair_steps8   # one H200: run AO, drafter trained for 8 steps
 #   bash experiments/run_h200.sh gpu_pair_steps8_eq  # one H200: that drafter at run AO's step
 #                                                  # count (run AW)
+#   bash experiments/run_h200.sh gpu_pair_decay    # one H200: run AO with the rule's
+#                                                  # position_decay=when_judged too (run AX)
 #   bash experiments/run_h200.sh drafter_warps     # one H200: those kernels with 1 / 2 warps
 #   bash experiments/run_h200.sh released_drafters # one H200: the released assistants' steps
 #                                                  # without / with the kernels (run AN)
@@ -214,6 +216,12 @@ case "${1:-}" in
         --config.drafter_seconds=130
     grep -E "workload|done in" "$OUT/reproduce.log" | cut -c1-200 | tail -25
     ;;
+  gpu_pair_decay)    # session 17, run AX: run AO (the 4-step drafter) with the adaptive rule's
+                     # position_decay=when_judged beside the default, cold and warm
+    gpu_pair_run gpu_pair_decay 10 --config.eval_prompts=16 \
+        "--config.workload_rule_variants=('position_decay=when_judged',)"
+    grep -E "workload|done in" "$OUT/reproduce.log" | cut -c1-200 | tail -31
+    ;;
   gpu_pair_k16)      # session 15, run AP: run AO with buckets 2, 4, 8, 16 (K = 1 was never
                      # chosen in runs AM, AO; K = 8 was the best fixed length everywhere) and
                      # each greedy configuration's divergences from plain decoding
@@ -335,7 +343,7 @@ case "${1:-}" in
          "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts |" \
          "dispatch_compare | gpu_pair | loop_graphs | pair_layouts | drafter_kernels |" \
          "gpu_pair_kernels | gpu_pair_warm | gpu_pair_k16 | gpu_pair_steps8 | gpu_pair_steps8_eq |" \
-         "drafter_warps |" \
+         "gpu_pair_decay | drafter_warps |" \
          "released_drafters | kernels_first | drafter_options | drafter_options2 |" \
          "drafter_options3 | drafter_final" >&2
     exit 2

@@ -196,6 +196,7 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
                        verify_costs: dict[int, float] | None = None, trees: tuple = (),
                        calibrate: bool = False, per_call: bool = False,
                        segment_rounds: Sequence[int] = (), dispatches: Sequence[str] = (),
+                       rule_variants: Sequence[str] = (),
                        repeats: int = 1) -> list[dict[str, Any]]:
   """Batch-1 generation over each workload's prompts, one after the other, for plain decoding,
   every fixed draft length, every fixed draft tree of `trees` (`tree.TreeSpec`; configuration
@@ -203,8 +204,10 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
   `per_call`, chosen once per prompt ('adaptive per call', `speculative.per_call_config`: no
   `lax.switch` in the loop; slower on the H200 demo pair, NOTES run N); plus the 'mixed'
   workload (all of them). 'adaptive' chooses every `SpecConfig.segment_rounds` rounds (the
-  default: every round); each other n of `segment_rounds` adds 'adaptive, segment=n', and each
-  other `SpecConfig.dispatch` in `dispatches` 'adaptive, dispatch=d'.
+  default: every round); each other n of `segment_rounds` adds 'adaptive, segment=n', each
+  other `SpecConfig.dispatch` in `dispatches` 'adaptive, dispatch=d', and each 'field=value' of
+  `rule_variants` (a `SpecConfig` field, e.g. 'position_decay=when_judged', 'ema_decay=0.8')
+  'adaptive, field=value' (with 'adaptive, warm' also 'adaptive, warm, field=value').
 
   Every configuration is compiled first (side by side), then each runs through every prompt of a
   workload in turn; seconds are the wall time of that pass. The adaptive configurations carry
@@ -242,6 +245,8 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
   """
   if repeats < 1:
     raise ValueError(f"repeats must be >= 1, got {repeats}")
+  for v in rule_variants:   # before any compilation
+    spec_variant(speculative.SpecConfig(), v)
   fixed = {"plain": {}}
   fixed.update({f"K={k}": dict(drafter=drafter, draft_lengths=(k,), adaptive=False)
                 for k in buckets})
@@ -266,6 +271,8 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
       if d != spec.dispatch:
         configs[f"adaptive, dispatch={d}"] = dict(
             drafter=drafter, spec_config=dataclasses.replace(spec, dispatch=d))
+    for v in rule_variants:
+      configs[f"adaptive, {v}"] = dict(drafter=drafter, spec_config=spec_variant(spec, v))
     if per_call:
       configs["adaptive per call"] = dict(drafter=drafter, per_call=spec)
     return configs
@@ -320,8 +327,10 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
     # calibration prompt left it (a fixed-K run counts its rounds and keeps the prior's bucket,
     # none), as a serving loop that has run earlier requests would, instead of from the prior.
     if not trees:   # (a tree's depth may change the estimator's shape)
-      adaptive["adaptive, warm"] = dict(adaptive["adaptive"], start_state=done[
-          f"K={max(buckets)}"][-1]["adaptive_state"])
+      start = done[f"K={max(buckets)}"][-1]["adaptive_state"]
+      adaptive["adaptive, warm"] = dict(adaptive["adaptive"], start_state=start)
+      for v in rule_variants:   # (each the program of its 'adaptive, v', another input)
+        adaptive[f"adaptive, warm, {v}"] = dict(adaptive[f"adaptive, {v}"], start_state=start)
     warm(adaptive)
   for wname, prompts in workloads.items():   # every configuration's passes interleaved
     passes(wname, prompts, {**fixed, **adaptive})
@@ -338,6 +347,27 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
     log.info("workload %s %s: %.1f tokens/s, %.2f tokens/forward, %.2fx", e["workload"],
              e["config"], e["tokens_per_second"], e["tokens_per_forward"], e["speedup"])
   return entries
+
+
+def spec_variant(spec: speculative.SpecConfig, text: str) -> speculative.SpecConfig:
+  """`spec` with one field set from 'field=value' text (the value parsed as the field's current
+  type: int, float, bool or str), e.g. 'position_decay=when_judged' or 'ema_decay=0.8'."""
+  name, sep, value = text.partition("=")
+  fields = {f.name for f in dataclasses.fields(spec)}
+  current = getattr(spec, name, None)
+  if not sep or name not in fields or not isinstance(current, (bool, int, float, str)):
+    raise ValueError(f"a rule variant is 'field=value' for a scalar SpecConfig field, got "
+                     f"{text!r}")
+  if isinstance(current, bool):
+    if value.lower() not in ("true", "false"):
+      raise ValueError(f"{name} takes true or false, got {value!r}")
+    parsed = value.lower() == "true"
+  else:
+    try:
+      parsed = type(current)(value)
+    except ValueError as e:
+      raise ValueError(f"{name} takes a {type(current).__name__}, got {value!r}") from e
+  return dataclasses.replace(spec, **{name: parsed})
 
 
 def _at_fixed_rounds(entry: dict[str, Any], per_round: dict) -> float | None:
@@ -506,11 +536,14 @@ class PipelineConfig:
   prose_max_bytes: int = 4_000_000
   workload_calibrate: bool = False
   workload_repeats: int = 1
+  workload_rule_variants: tuple[str, ...] = ()
   seed: int = 0
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
   """Builds everything under cfg.out_dir and returns the summary record (also written there)."""
+  for v in cfg.workload_rule_variants:   # a typo fails here, not after the training
+    spec_variant(speculative.SpecConfig(), v)
   out = pathlib.Path(cfg.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   times: dict[str, float] = {}
@@ -615,7 +648,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
       results[convention]["workloads"] = evaluate_workloads(
           target, drafter, workloads, buckets=buckets, max_new_tokens=cfg.max_new_tokens,
           draft_cost=cost, verify_costs=verify["ratio"], calibrate=cfg.workload_calibrate,
-          repeats=cfg.workload_repeats)
+          rule_variants=cfg.workload_rule_variants, repeats=cfg.workload_repeats)
   times["evaluate_s"] = time.perf_counter() - t
   times["total_s"] = time.perf_counter() - t0
 

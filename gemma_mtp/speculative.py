@@ -23,11 +23,13 @@ does (`_commit`). A chain round is unchanged by the presence of tree buckets.
 Adaptive draft length (`SpecConfig.adaptive`): an estimator (`AdaptiveState`) keeps discounted
 counts, per draft position j, of the rows whose draft j was judged (drafts 1..j-1 accepted) and of
 those whose draft j was accepted; every round multiplies all counts by `ema_decay` and adds the
-round's rows, so a batch of B rows weighs B times one row. The conditional acceptance
+round's rows, so a batch of B rows weighs B times one row (`position_decay='when_judged'`: a
+position's counts decay only in the rounds that judged it). The conditional acceptance
     p_j = (accepted_j + w a) / (judged_j + w)        (w = `prior_weight`)
 is shrunk toward the pooled per-draft acceptance a (all accepted drafts over all judged
-candidates, itself shrunk toward `initial_acceptance`); a position no round has reached lately
-is estimated by a, so a long K whose first positions look good gets tried. A chain K then yields
+candidates, itself shrunk toward `initial_acceptance`); a position no round has reached (by
+default: lately) is estimated by a, so a long K whose first positions look good gets tried. A
+chain K then yields
     E[tokens | K] = 1 + sum_{i<=K} prod_{j<=i} p_j
 per round at the cost `verify_costs[K] + K c` (c = `draft_cost` of one drafter step, verify_costs
 measured by `bench.verify_costs`: a target forward of K + 1 positions relative to one of 1;
@@ -72,6 +74,7 @@ F32 = jnp.float32
 
 
 DISPATCHES = ("loops", "switch")   # SpecConfig.dispatch
+POSITION_DECAYS = ("every_round", "when_judged")   # SpecConfig.position_decay
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,13 @@ class SpecConfig:
       False, the first bucket is used for every round (the first chain, or the first tree if
       there is none).
     ema_decay: per round, the factor on the estimator's past counts.
+    position_decay: which rounds decay a draft position's counts (`judged`, `accepted`; the
+      pooled counts decay every round). 'every_round' (the default): all of them, so a position
+      no round reaches lately drifts back to the pooled estimate. 'when_judged': only rounds in
+      which some running row judged that position, so each position's estimate is a moving
+      average over the rounds that reached it, and the deep positions of a long bucket keep
+      what was last seen there while shorter buckets run (what it buys on the GPU pair:
+      experiments/NOTES.md, run AX).
     initial_acceptance: the prior per-draft acceptance (what the pooled estimate starts from).
     prior_weight: pseudo-counts w of the priors: of `initial_acceptance` in the pooled
       estimate, of the pooled estimate in each position's.
@@ -113,6 +123,7 @@ class SpecConfig:
   draft_lengths: tuple[int, ...] = (1, 2, 4, 8)
   adaptive: bool = True
   ema_decay: float = 0.9
+  position_decay: str = "every_round"
   initial_acceptance: float = 0.6
   prior_weight: float = 4.0
   switch_margin: float = 0.03
@@ -135,6 +146,9 @@ class SpecConfig:
       raise ValueError(f"draft_lengths has duplicates: {self.draft_lengths}")
     if not 0.0 <= self.ema_decay < 1.0:
       raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+    if self.position_decay not in POSITION_DECAYS:
+      raise ValueError(f"position_decay must be one of {POSITION_DECAYS}, got "
+                       f"{self.position_decay!r}")
     if not 0.0 <= self.initial_acceptance <= 1.0:
       raise ValueError(f"initial_acceptance must be in [0, 1], got {self.initial_acceptance}")
     if not self.prior_weight > 0.0:
@@ -293,9 +307,12 @@ def observe(est: AdaptiveState, spec: SpecConfig, *, n: jax.Array, fails: jax.Ar
   act = active.astype(jnp.int32)
   d = spec.ema_decay
   pos = jnp.arange(spec.max_draft)[None]                                   # [1, Kmax]
-  judged, accepted = d * est.judged, d * est.accepted
+  # [Kmax] rows that judged each position this round (a tree round judges no single chain)
+  seen = (jnp.sum(act[:, None] * ((pos <= n[:, None]) & (pos < k)), axis=0) if chain
+          else jnp.zeros((spec.max_draft,), jnp.int32))
+  pos_d = d if spec.position_decay == "every_round" else jnp.where(seen > 0, d, 1.0)
+  judged, accepted = pos_d * est.judged + seen, pos_d * est.accepted
   if chain:   # [B, Kmax] masks summed over the running rows
-    judged = judged + jnp.sum(act[:, None] * ((pos <= n[:, None]) & (pos < k)), axis=0)
     accepted = accepted + jnp.sum(act[:, None] * (pos < n[:, None]), axis=0)
   return est.replace(judged=judged, accepted=accepted, succ=d * est.succ + jnp.sum(act * n),
                      fail=d * est.fail + jnp.sum(act * fails))

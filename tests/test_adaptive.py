@@ -141,6 +141,39 @@ def test_observe_counts_judged_and_accepted_drafts_per_position():
   assert (float(tree.succ), float(tree.fail)) == (4.0, 6.0)
 
 
+def test_when_judged_positions_decay_only_in_rounds_that_judge_them():
+  """position_decay='when_judged': a K = 1 round decays and counts position 1 only, so K = 8's
+  deep positions keep what the last K = 8 rounds saw there; 'every_round' decays them all (and
+  toward the pooled estimate). The pooled counts decay every round in both."""
+  base = speculative.SpecConfig(draft_lengths=(1, 8), ema_decay=0.5)
+  est = speculative.initial_adaptive_state(base).replace(
+      judged=np.full(8, 10.0, np.float32), accepted=np.full(8, 9.0, np.float32),
+      succ=np.float32(80.0), fail=np.float32(8.0))
+  n, active = jnp.asarray([1, 0], jnp.int32), jnp.asarray([True, True])
+  kw = dict(n=n, fails=(n < 1).astype(jnp.int32), active=active, k=1)
+  every = speculative.observe(est, base, **kw)
+  held = speculative.observe(
+      est, dataclasses.replace(base, position_decay="when_judged"), **kw)
+  np.testing.assert_allclose(every.judged, [7.0] + [5.0] * 7)
+  np.testing.assert_allclose(every.accepted, [5.5] + [4.5] * 7)
+  np.testing.assert_allclose(held.judged, [7.0] + [10.0] * 7)
+  np.testing.assert_allclose(held.accepted, [5.5] + [9.0] * 7)
+  assert (float(held.succ), float(held.fail)) == (float(every.succ), float(every.fail)) == (
+      41.0, 5.0)
+  # A round in which no running row reached a position leaves it alone too; a tree round
+  # (no chain position judged) decays none of them.
+  n = jnp.asarray([1, 3], jnp.int32)
+  deep = speculative.observe(est, dataclasses.replace(base, position_decay="when_judged"),
+                             n=n, fails=(n < 8).astype(jnp.int32), active=active, k=8)
+  np.testing.assert_allclose(deep.judged, [7.0, 7.0, 6.0, 6.0] + [10.0] * 4)
+  tree = speculative.observe(est, dataclasses.replace(base, position_decay="when_judged"),
+                             n=n, fails=jnp.asarray([2, 0], jnp.int32), active=active, k=3,
+                             chain=False)
+  np.testing.assert_allclose(tree.judged, est.judged)
+  with pytest.raises(ValueError, match="position_decay must be one of"):
+    speculative.SpecConfig(position_decay="never")
+
+
 def test_unobserved_positions_fall_back_to_the_pooled_estimate():
   """Only K = 2 has run: positions 1-2 are estimated from their counts (shrunk toward the pooled
   estimate), positions 3-8 are the pooled estimate, so the rule considers K = 8."""

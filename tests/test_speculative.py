@@ -216,12 +216,14 @@ def test_workloads_with_per_call_adaptivity_and_calibrated_costs(monkeypatch):
   target, drafter = agreeing_pair(TARGET, residual_scale=0.0)
   work = pipeline.evaluate_workloads(target, drafter, {"code": PROMPTS[:2]}, buckets=(1, 2),
                                      max_new_tokens=24, calibrate=True, per_call=True, repeats=3,
-                                     dispatches=("loops", "switch"))
-  # Calibration (plain, K=1, K=2; three times), then the timed passes, all six configurations
+                                     dispatches=("loops", "switch"),
+                                     rule_variants=("position_decay=when_judged",))
+  # Calibration (plain, K=1, K=2; three times), then the timed passes, all nine configurations
   # in turn, three times.
-  assert "".join(order) == "FFF" * 3 + "FFFAAAA" * 3
-  configs = ["plain", "K=1", "K=2", "adaptive", "adaptive, dispatch=switch", "adaptive per call",
-             "adaptive, warm"]
+  assert "".join(order) == "FFF" * 3 + "FFFAAAAAA" * 3
+  configs = ["plain", "K=1", "K=2", "adaptive", "adaptive, dispatch=switch",
+             "adaptive, position_decay=when_judged", "adaptive per call", "adaptive, warm",
+             "adaptive, warm, position_decay=when_judged"]
   assert [e["config"] for e in work if e["workload"] == "code"] == configs
   for e in work:
     assert e["new_tokens"] == 2 * 24 and e["outputs_equal_plain"] and e["divergences"] == []
@@ -257,6 +259,28 @@ def test_workloads_with_per_call_adaptivity_and_calibrated_costs(monkeypatch):
       assert e["seconds_at_fixed_rounds"] == pytest.approx(want)
     else:
       assert "seconds_at_fixed_rounds" not in e
+
+
+def test_rule_variants_parse_as_their_fields_type():
+  """`pipeline.spec_variant`: 'field=value' sets a scalar SpecConfig field, the value parsed as
+  the field's type; anything else is a clear error (and `evaluate_workloads` checks its
+  variants before compiling anything)."""
+  from gemma_mtp import pipeline  # pylint: disable=g-import-not-at-top
+  spec = speculative.SpecConfig()
+  assert pipeline.spec_variant(spec, "position_decay=when_judged").position_decay == (
+      "when_judged")
+  assert pipeline.spec_variant(spec, "ema_decay=0.8").ema_decay == 0.8
+  assert pipeline.spec_variant(spec, "segment_rounds=4").segment_rounds == 4
+  assert pipeline.spec_variant(spec, "adaptive=False").adaptive is False
+  for bad, match in (("ema_decay", "'field=value'"), ("no_such=1", "'field=value'"),
+                     ("draft_lengths=(1,2)", "'field=value'"), ("ema_decay=high", "takes a float"),
+                     ("adaptive=yes", "true or false"), ("ema_decay=1.5", "ema_decay must be"),
+                     ("position_decay=never", "position_decay must be one of")):
+    with pytest.raises(ValueError, match=match):
+      pipeline.spec_variant(spec, bad)
+  with pytest.raises(ValueError, match="takes a float"):
+    pipeline.evaluate_workloads(None, None, {}, buckets=(1,), max_new_tokens=1,
+                                rule_variants=("ema_decay=x",))
 
 
 def test_workload_passes_start_from_a_given_estimator():
