@@ -217,8 +217,11 @@ case "${1:-}" in
     grep -E "workload|done in" "$OUT/reproduce.log" | cut -c1-200 | tail -25
     ;;
   gpu_pair_decay)    # session 17, run AX: run AO (the 4-step drafter) with the adaptive rule's
-                     # position_decay=when_judged beside the default, cold and warm
-    gpu_pair_run gpu_pair_decay 10 --config.eval_prompts=16 \
+                     # position_decay=when_judged beside the default, cold and warm; trained
+                     # shorter (110 s + 55 s, 8 acceptance prompts) to fit what was left of the
+                     # session's device time
+    gpu_pair_run gpu_pair_decay 10 --config.eval_prompts=8 --config.target_seconds=110 \
+        --config.drafter_seconds=55 \
         "--config.workload_rule_variants=('position_decay=when_judged',)"
     grep -E "workload|done in" "$OUT/reproduce.log" | cut -c1-200 | tail -31
     ;;
