@@ -50,6 +50,9 @@ VARIANTS = {
     "full_row": {(drafter_lib, "GREEDY_CANDIDATES"): False},
     # Heads in as many ranges as the o kernel's programs hold, no combine kernel.
     "no_combine": {(drafter_kernels, "COMBINE"): False},
+    # Fewer warps per kernel program than the default 4 (fewer barriers in the reductions).
+    "warps1": {(drafter_kernels, "NUM_WARPS"): 1},
+    "warps2": {(drafter_kernels, "NUM_WARPS"): 2},
 }
 _VARIANTS = flags.DEFINE_list("variants", ["base"], f"of {sorted(VARIANTS)}")
 
