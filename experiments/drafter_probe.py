@@ -50,9 +50,11 @@ VARIANTS = {
     "full_row": {(drafter_lib, "GREEDY_CANDIDATES"): False},
     # Heads in as many ranges as the o kernel's programs hold, no combine kernel.
     "no_combine": {(drafter_kernels, "COMBINE"): False},
-    # Fewer warps per kernel program than the default 4 (fewer barriers in the reductions).
+    # Warps per kernel program other than the default 4: fewer (fewer barriers in the
+    # reductions; run AY: slower, 2 warps +18 us on E2B's step) or more (more loads in flight).
     "warps1": {(drafter_kernels, "NUM_WARPS"): 1},
     "warps2": {(drafter_kernels, "NUM_WARPS"): 2},
+    "warps8": {(drafter_kernels, "NUM_WARPS"): 8},
 }
 _VARIANTS = flags.DEFINE_list("variants", ["base"], f"of {sorted(VARIANTS)}")
 

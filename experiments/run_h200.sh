@@ -44,6 +44,8 @@
 #                                                  # kernel for every layer (run AU)
 #   bash experiments/run_h200.sh drafter_warps_probe  # one H200: the drafter kernels with 1 / 2
 #                                                  # warps per program (run AY)
+#   bash experiments/run_h200.sh drafter_warps8_probe  # one H200: the drafter kernels with 8
+#                                                  # warps per program (run AZ)
 #   bash experiments/run_h200.sh drafter_final     # one H200: COMBINE as kept, released and
 #                                                  # GPU-pair drafters; benchmark part (AV)
 set -u
@@ -328,6 +330,13 @@ case "${1:-}" in
         --out="$OUT/drafter_probe_warps_h200.json" > "$OUT/drafter_probe_warps.log" 2>&1
     grep -E "us/step" "$OUT/drafter_probe_warps.log"
     ;;
+  drafter_warps8_probe)  # session 18, run AZ: run AY's probe with 8 warps per program (run AY:
+                     # 1 and 2 warps slower than 4, so the kernels wait on loads in flight)
+    timeout 200 python experiments/drafter_probe.py --modes=on --short=8 --long=72 \
+        --models=gemma4_e2b,gemma4_e4b,gpu_pair --variants=base,warps8 \
+        --out="$OUT/drafter_probe_warps8_h200.json" > "$OUT/drafter_probe_warps8.log" 2>&1
+    grep -E "us/step" "$OUT/drafter_probe_warps8.log"
+    ;;
   drafter_final)     # session 16, run AV: COMBINE as kept (a combine kernel where an o program
                      # would take in a tile of partials): the kernels' tests compiled by Triton,
                      # the steps of the E2B / E4B assistants and of the GPU pair's drafter (1k and
@@ -357,7 +366,7 @@ case "${1:-}" in
          "gpu_pair_kernels | gpu_pair_warm | gpu_pair_k16 | gpu_pair_steps8 | gpu_pair_steps8_eq |" \
          "gpu_pair_decay | drafter_warps |" \
          "released_drafters | kernels_first | drafter_options | drafter_options2 |" \
-         "drafter_options3 | drafter_final | drafter_warps_probe" >&2
+         "drafter_options3 | drafter_final | drafter_warps_probe | drafter_warps8_probe" >&2
     exit 2
     ;;
 esac

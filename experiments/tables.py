@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import pathlib
 
+import numpy as np
+
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
@@ -226,6 +228,71 @@ def variants_tables(rec: dict) -> list[str]:
   return out
 
 
+ADAPTIVE_CONFIGS = ("adaptive", "adaptive, warm")
+
+
+def adaptive_vs_fixed(rec: dict, workload: str = "mixed") -> dict:
+  """One record's batch-1 `workload`: the best fixed draft length against each adaptive config.
+
+  Each configuration's `seconds` is the median of its interleaved passes. `gain` is the best
+  fixed length's seconds over the adaptive one's, minus 1 (> 0: adaptive faster); `pairs_won`
+  counts the (adaptive pass, fixed pass) pairs where the adaptive pass was faster, of `pairs`.
+  """
+  runs = [e for e in rec["evaluation"]["hf"]["workloads"] if e["workload"] == workload]
+  fixed = [e for e in runs if e["config"].startswith("K=")]
+  if not fixed:
+    raise ValueError(f"no fixed draft length in the {workload!r} workload")
+  best = min(fixed, key=lambda e: e["seconds"])
+  out = {"best_fixed": best["config"], "best_fixed_speedup": best["speedup"], "adaptive": {}}
+  best_runs = best.get("seconds_runs", [best["seconds"]])
+  for e in runs:
+    if e["config"] not in ADAPTIVE_CONFIGS:
+      continue
+    mine = e.get("seconds_runs", [e["seconds"]])
+    out["adaptive"][e["config"]] = {
+        "speedup": e["speedup"], "gain": best["seconds"] / e["seconds"] - 1,
+        "pairs_won": sum(a < b for a in mine for b in best_runs),
+        "pairs": len(mine) * len(best_runs)}
+  return out
+
+
+def adaptive_table(records: dict[str, dict], workload: str = "mixed") -> list[str]:
+  """`adaptive_vs_fixed` for each record (name -> record, in time order) and the mean gains."""
+  out = [_row("record", "card", "drafter step", "best fixed", *ADAPTIVE_CONFIGS),
+         _row(*["---"] * (4 + len(ADAPTIVE_CONFIGS)))]
+  gains = {c: [] for c in ADAPTIVE_CONFIGS}
+  for name, rec in records.items():
+    r = adaptive_vs_fixed(rec, workload)
+    env = rec["environment"]
+    kernels = env.get("pallas_kernels", {}).get("drafter", False)
+    cells = []
+    for c in ADAPTIVE_CONFIGS:
+      a = r["adaptive"].get(c)
+      if a is None:
+        cells.append("-")
+        continue
+      gains[c].append(a["gain"])
+      cells.append(f"{a['speedup']:.2f}x ({a['gain']:+.1%}, {a['pairs_won']}/{a['pairs']})")
+    out.append(_row(name, env["device_kind"].replace("NVIDIA ", "").split(" ")[0],
+                    "kernels" if kernels else "XLA",
+                    f"{r['best_fixed']} {r['best_fixed_speedup']:.2f}x", *cells))
+  summary = [f"{np.mean(g):+.1%} mean, {sum(x >= 0 for x in g)} of {len(g)} runs >= 0"
+             if g else "-" for g in gains.values()]
+  return out + [_row("**all runs**", "", "", "", *summary)]
+
+
+def gpu_pair_records() -> dict[str, dict]:
+  """The committed GPU-pair records with interleaved workload passes, in time order."""
+  recs = {}
+  for path in sorted(RESULTS.glob("*gpu*.json")):
+    rec = json.loads(path.read_text())
+    ev = rec.get("evaluation", {})
+    w = ev.get("hf", {}).get("workloads", []) if isinstance(ev, dict) else []
+    if w and "seconds_runs" in w[0]:
+      recs[path.stem] = rec
+  return dict(sorted(recs.items(), key=lambda kv: kv[1]["environment"]["time_utc"]))
+
+
 def main():
   sections = [
       ("Decode (benchmark_h200.json)", decode_table, "benchmark_h200.json"),
@@ -245,6 +312,11 @@ def main():
       print(f"**{title}**\n")
       print("\n".join(fn(_load(name))))
       print()
+  records = gpu_pair_records()
+  if records:
+    print("**GPU-trained pair, mixed batch-1 workload: adaptive against the best fixed length "
+          "(speedup over plain decoding; gain over the best fixed length; pass pairs won)**\n")
+    print("\n".join(adaptive_table(records)))
 
 
 if __name__ == "__main__":

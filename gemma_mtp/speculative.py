@@ -93,8 +93,8 @@ class SpecConfig:
       no round reaches lately drifts back to the pooled estimate. 'when_judged': only rounds in
       which some running row judged that position, so each position's estimate is a moving
       average over the rounds that reached it, and the deep positions of a long bucket keep
-      what was last seen there while shorter buckets run (what it buys on the GPU pair:
-      experiments/NOTES.md, run AX).
+      what was last seen there while shorter buckets run (on the GPU pair's mixed workload
+      it was 0.5-4.8% slower than the default in runs AX-AX3: experiments/NOTES.md).
     initial_acceptance: the prior per-draft acceptance (what the pooled estimate starts from).
     prior_weight: pseudo-counts w of the priors: of `initial_acceptance` in the pooled
       estimate, of the pooled estimate in each position's.
