@@ -1,6 +1,7 @@
 r"""Markdown tables of the committed GPU records (what the README's GPU sections show).
 
-  python experiments/tables.py    # prints the tables from experiments/results/*_h200*.json
+  python experiments/tables.py    # the tables of experiments/results/*_h200*.json, and adaptive
+                                  # against fixed draft lengths over every GPU-pair record
 """
 
 from __future__ import annotations
