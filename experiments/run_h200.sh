@@ -46,6 +46,9 @@
 #                                                  # warps per program (run AY)
 #   bash experiments/run_h200.sh drafter_warps8_probe  # one H200: the drafter kernels with 8
 #                                                  # warps per program (run AZ)
+#   bash experiments/run_h200.sh decode_attention  # one H200: the one-position attention
+#                                                  # kernels, tests on the GPU, step (run BA)
+#   bash experiments/run_h200.sh decode_attention_bench  # one H200: benchmark decode (run BB)
 #   bash experiments/run_h200.sh drafter_final     # one H200: COMBINE as kept, released and
 #                                                  # GPU-pair drafters; benchmark part (AV)
 set -u
@@ -337,6 +340,23 @@ case "${1:-}" in
         --out="$OUT/drafter_probe_warps8_h200.json" > "$OUT/drafter_probe_warps8.log" 2>&1
     grep -E "us/step" "$OUT/drafter_probe_warps8.log"
     ;;
+  decode_attention)  # session 19, run BA: the one-position attention as two Pallas kernels a
+                     # layer (decode_attention): its tests and the drafter kernels' compiled by
+                     # Triton, then the batch-1 step with and without them
+    timeout 170 python -m pytest -q -x tests/test_decode_attention.py tests/test_drafter_kernels.py \
+        > "$OUT/tests_gpu.log" 2>&1; tail -3 "$OUT/tests_gpu.log"
+    timeout 400 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b,gemma4_26b_a4b \
+        --variants=fused,fused_attn_off --verify_models=gemma4_e4b \
+        --out="$OUT/step_probe_attn_h200.json" > "$OUT/step_probe_attn.log" 2>&1
+    grep -E " ms " "$OUT/step_probe_attn.log"
+    ;;
+  decode_attention_bench)  # session 19, run BB: the benchmark's decode parts with the kernels
+                     # (E4B, E2B, 31B; a record of its own, copy bandwidth in the same run)
+    timeout 560 python experiments/benchmark.py --deadline_s=520 \
+        --models=gemma4_e4b,gemma4_e2b,gemma4_31b --parts=copy,decode,verify \
+        --out="$OUT/benchmark_attn_h200.json" > "$OUT/benchmark_attn.log" 2>&1
+    tail -30 "$OUT/benchmark_attn.log"
+    ;;
   drafter_final)     # session 16, run AV: COMBINE as kept (a combine kernel where an o program
                      # would take in a tile of partials): the kernels' tests compiled by Triton,
                      # the steps of the E2B / E4B assistants and of the GPU pair's drafter (1k and
@@ -366,7 +386,7 @@ case "${1:-}" in
          "gpu_pair_kernels | gpu_pair_warm | gpu_pair_k16 | gpu_pair_steps8 | gpu_pair_steps8_eq |" \
          "gpu_pair_decay | drafter_warps |" \
          "released_drafters | kernels_first | drafter_options | drafter_options2 |" \
-         "drafter_options3 | drafter_final | drafter_warps_probe | drafter_warps8_probe" >&2
+         "drafter_options3 | drafter_final | drafter_warps_probe | drafter_warps8_probe | decode_attention | decode_attention_bench" >&2
     exit 2
     ;;
 esac

@@ -21,6 +21,9 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
               ~30-55 us per layer against ~8 us of XLA's kernels) and its logits differ from
               the library's (E4B by up to 1.3 on logits of 4.5, another greedy token), so
               not adopted and not looked into further;
+  fused_attn_off  fused, the one-position attention through XLA's ops instead of
+              `decode_attention`'s two kernels a layer (the library's default on one GPU since
+              session 19; before it, the `fused` entries of the committed records are this);
 the per-step time (slope of a short and a long run of the decode loop, as the benchmark), one
 verification of 5 positions, and a profiler trace of `--profile_steps` steps summarized per step
 (`bench.kernel_profile`: kernels per step, time the device is busy, the gaps between kernels,
@@ -30,6 +33,7 @@ compare compiler options (the flags are recorded with the environment).
 
 import functools
 import gzip
+import os
 import pathlib
 import time
 
@@ -40,6 +44,7 @@ import jax.numpy as jnp
 
 from gemma_mtp import bench
 from gemma_mtp import config as config_lib
+from gemma_mtp import decode_attention
 from gemma_mtp import layers
 from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
@@ -64,6 +69,7 @@ _LIBRARY_PAD_MAX = quant.PAD_MAX_WEIGHT_SIZE
 _LIBRARY_PAD_BACKENDS = quant.PAD_ONE_ROW_BACKENDS
 _LIBRARY_ATTENTION = layers.attention
 _LIBRARY_PAD_ROWS = quant.PAD_ROWS_WITH
+_LIBRARY_ATTN_SWITCH = os.environ.get(decode_attention.ENV, "auto")
 _CUDNN_CALLS = {"cudnn": 0, "library": 0}
 
 
@@ -85,6 +91,8 @@ def _set_variant(variant: str):
   quant.PAD_ONE_ROW_BACKENDS = () if variant == "fused_nopad" else _LIBRARY_PAD_BACKENDS
   layers.attention = _cudnn_attention if variant == "fused_cudnn" else _LIBRARY_ATTENTION
   quant.PAD_ROWS_WITH = "copy" if variant == "fused_copy" else _LIBRARY_PAD_ROWS
+  # fused_attn_off: the one-position attention through XLA's ops, not decode_attention's kernels
+  os.environ[decode_attention.ENV] = "off" if variant == "fused_attn_off" else _LIBRARY_ATTN_SWITCH
 
 
 def attention_check(cfg, params) -> dict:
@@ -171,7 +179,8 @@ def model_entries(model: str) -> list[dict]:
   return entries
 
 
-VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fused_cudnn")
+VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fused_cudnn",
+            "fused_attn_off")
 
 
 def main(argv):

@@ -184,15 +184,21 @@ def _o_split(dcfg, hd: int) -> tuple[int, int, int]:
   return parts, dcfg.num_heads // parts, bn
 
 
+def _chunking(slots: int, hd: int) -> tuple[int, int, int]:
+  """(bs, chunks, splits): a `slots`-slot cache with hd-wide heads read in chunks of bs slots,
+  `splits` ranges of chunks per head (about two chunks each, a power of two)."""
+  bs = _pow2_floor(min(TILE // hd, SLOTS_PER_CHUNK, slots))
+  chunks = -(-slots // bs)
+  return bs, chunks, min(MAX_SPLITS, 1 << ((chunks - 1) // 2).bit_length(), _pow2_floor(chunks))
+
+
 def _ranges(slots: int, hd: int, per_part: int) -> tuple[int, int, int, bool]:
   """(bs, chunks, splits, combine) of the attention over a `slots`-slot tap with hd-wide heads:
   chunks of bs slots, `splits` ranges of chunks per head (about two chunks each, a power of two),
   and whether a combine kernel merges a head's ranges (COMBINE: where the o kernel's programs,
   `per_part` heads each, would take in at least TILE elements of partials; without it the
   ranges are capped to the most those programs hold)."""
-  bs = _pow2_floor(min(TILE // hd, SLOTS_PER_CHUNK, slots))
-  chunks = -(-slots // bs)
-  splits = min(MAX_SPLITS, 1 << ((chunks - 1) // 2).bit_length(), _pow2_floor(chunks))
+  bs, chunks, splits = _chunking(slots, hd)
   if COMBINE:
     return bs, chunks, splits, splits > 1 and per_part * splits * hd >= TILE
   return bs, chunks, min(splits, _pow2_floor(max(1, TILE // (per_part * hd)))), False
@@ -333,10 +339,21 @@ def _q_kernel(*refs, da, bn, eps, rnd, n_res):
   _store_chunks(z_ref, spans, z)
 
 
-def _attn_kernel(q_ref, qn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref, *,
-                 group, bs, per_split, slots, hd, eps, rnd):
+def _attn_kernel(*refs, group, bs, per_split, slots, hd, eps, rnd, new_at=None):
   """Head n (q-normed and rotated here) over cache chunks [p * per_split, (p + 1) * per_split):
-  the normalised partial output [hd] and its log-sum-exp (F32_MIN where no slot is visible)."""
+  the normalised partial output [hd] and its log-sum-exp (F32_MIN where no slot is visible).
+
+  refs: (q [B, C, hd] (head n of C), q-norm weight, cos, sin [B, hd / 2], k, v [B, S, K, hd],
+  valid [B, S], out, lse). With `new_at` = (k_at, v_at), the target's one-position decode step
+  (`decode_attention`): q is the raw q|k|v projection, a k-norm weight follows q's, and the
+  step's own token joins range 0: its key (head k_at + g, k-normed and rotated) and value (head
+  v_at + g, v-normed without weight), also written to two more outputs (every program of KV head
+  g writes the same values), so that the cache is read before the token's slot is written."""
+  if new_at is None:
+    q_ref, qn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref = refs
+  else:
+    (q_ref, qn_ref, kn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref,
+     knew_ref, vnew_ref) = refs
   b, n, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   g = n // group
   h2 = hd // 2
@@ -359,13 +376,23 @@ def _attn_kernel(q_ref, qn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, o_ref
     w = jnp.where(keep, jnp.exp(s - m_new), 0.0)
     return m_new, l * alpha + jnp.sum(w), acc * alpha + jnp.sum(w[:, None] * _f32(v), axis=0)
 
+  def normed(x1, x2, w1, w2):              # rms_norm over the two halves of a head
+    scale = jax.lax.rsqrt((jnp.sum(x1 * x1) + jnp.sum(x2 * x2)) / hd + eps)
+    return rnd(x1 * scale * w1), rnd(x2 * scale * w2)
+
+  def rotated(x1, x2):
+    return rnd(rnd(x1 * cos) + rnd(-x2 * sin)), rnd(rnd(x2 * cos) + rnd(x1 * sin))
+
   q1, q2 = _f32(q_ref[b, n, lo]), _f32(q_ref[b, n, hi])
   qn1, qn2 = _f32(qn_ref[lo]), _f32(qn_ref[hi])
+  if new_at is not None:
+    k_at, v_at = new_at
+    nk1, nk2 = _f32(q_ref[b, k_at + g, lo]), _f32(q_ref[b, k_at + g, hi])
+    nv = _f32(q_ref[b, v_at + g, :])
+    kn1, kn2 = _f32(kn_ref[lo]), _f32(kn_ref[hi])
   cos, sin = cos_ref[b, :], sin_ref[b, :]
   chunks = [load(i) for i in range(per_split)] if per_split <= UNROLL else None
-  scale = jax.lax.rsqrt((jnp.sum(q1 * q1) + jnp.sum(q2 * q2)) / hd + eps)
-  q1, q2 = rnd(q1 * scale * qn1), rnd(q2 * scale * qn2)
-  q1, q2 = rnd(rnd(q1 * cos) + rnd(-q2 * sin)), rnd(rnd(q2 * cos) + rnd(q1 * sin))
+  q1, q2 = rotated(*normed(q1, q2, qn1, qn2))
   carry = (jnp.asarray(F32_MIN, F32), jnp.asarray(0.0, F32), jnp.zeros((hd,), F32))
   if chunks is not None:
     for chunk in chunks:
@@ -373,6 +400,18 @@ def _attn_kernel(q_ref, qn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, o_ref
   else:
     carry = jax.lax.fori_loop(0, per_split, lambda i, c: update(c, load(i)), carry)
   m, l, acc = carry
+  if new_at is not None:                  # the step's own token, in range 0
+    nk1, nk2 = rotated(*normed(nk1, nk2, kn1, kn2))
+    nv = rnd(nv * jax.lax.rsqrt(jnp.sum(nv * nv) / hd + eps))
+    s_new = jnp.sum(nk1 * q1) + jnp.sum(nk2 * q2)
+    first = p == 0
+    m_new = jnp.where(first, jnp.maximum(m, s_new), m)
+    alpha = jnp.exp(m - m_new)
+    w_new = jnp.where(first, jnp.exp(s_new - m_new), 0.0)
+    m, l = m_new, l * alpha + w_new
+    acc = acc * alpha + w_new * nv
+    knew_ref[lo], knew_ref[hi] = nk1.astype(knew_ref.dtype), nk2.astype(knew_ref.dtype)
+    vnew_ref[...] = nv.astype(vnew_ref.dtype)
   seen = l > 0
   o_ref[...] = acc / jnp.where(seen, l, 1.0)
   lse_ref[...] = jnp.broadcast_to(jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), F32_MIN),

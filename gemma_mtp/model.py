@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_mtp import decode_attention
 from gemma_mtp import kv_cache as kvc
 from gemma_mtp import layers
 from gemma_mtp import params as params_lib
@@ -217,9 +218,10 @@ def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig) -> jax.Array:
-  """One decoder layer; `attend(xn) -> [B, T, N, H]` does the layer's attention."""
+  """One decoder layer; `attend(xn) -> [R, T, N, H]` does the layer's attention (R = B, or more
+  where rows padded for the o projection follow the B real ones: `decode_attention`)."""
   xn = layers.rms_norm(x, p["pre_attn_norm"], eps=cfg.rms_eps)
-  a = quant.einsum("BTNH,NHD->BTD", attend(xn), p["attn"]["o"])
+  a = quant.einsum("BTNH,NHD->BTD", attend(xn), p["attn"]["o"])[:x.shape[0]]
   x = x + layers.rms_norm(a, p["post_attn_norm"], eps=cfg.rms_eps)
   x = x + feed_forward(p, x, cfg)
   if ple is not None:
@@ -273,11 +275,18 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
       list(cache.v) if cache else [None] * cfg.num_layers
   ring_idx = kvc.write_ring_idx(cache.ring_idx, idx) if cache else None
   kv_now: list[Any] = [None] * cfg.num_layers   # (k, v, kv_idx) each layer attends to
+  kernels = None   # one position a row on a GPU: the decode attention kernels
+  if decode_attention.choose(cfg, t, cache is not None, tree):
+    kernels = decode_attention.Step(
+        cfg, {kind: ring_idx if kind == SLIDING else cache.slot_indices(True)
+              for kind in set(cfg.layer_types)}, idx, start, positions)
   for i, p in enumerate(params["layers"][:cfg.num_layers]):
     kind = cfg.layer_types[i]
     window = cfg.sliding_window if kind == SLIDING else None
 
     def attend(xn, i=i, p=p, kind=kind, window=window):
+      if kernels is not None and (cfg.is_kv_shared(i) or "k" not in p["attn"]):
+        return attend_kernels(xn, i, p["attn"], kind)
       if cfg.is_kv_shared(i):
         q = project_q(p["attn"], xn, positions, cfg, kind)
         k, v, kv_idx = kv_now[cfg.kv_source(i)]
@@ -301,6 +310,24 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
         mask = tree_lib.attention_mask(q_idx, kv_idx, start, window=window,
                                        chunk_start=cache.length, tree=tree)
       return layers.attention(q, k, v, mask)
+
+    def attend_kernels(xn, i, p, kind):
+      """`attend` as decode_attention's kernels: [R, 1, N, H] (R >= B rows, see `block`)."""
+      n, o = cfg.num_heads, p["o"]
+      if cfg.is_kv_shared(i):
+        k, v, _ = kv_now[cfg.kv_source(i)]
+        raw = quant.einsum("BTD,DNH->BTNH", xn, p["q"])
+        return kernels(raw, p["q_norm"], k, v, kind, o_weight=o)[0]
+      with_v = "qkv" in p
+      raw = quant.einsum("BTD,DNH->BTNH", xn, p["qkv"] if with_v else p["qk"])
+      kv = (raw.shape[2] - n) // (2 if with_v else 1)
+      out, k_new, v_new = kernels(raw, p["q_norm"], new_k[i], new_v[i], kind,
+                                  new_at=(n, n + kv if with_v else n), k_norm=p["k_norm"],
+                                  o_weight=o)
+      new_k[i] = kvc.write(new_k[i], k_new, idx)
+      new_v[i] = kvc.write(new_v[i], v_new, idx)
+      kv_now[i] = (new_k[i], new_v[i], ring_idx if kind == SLIDING else cache.slot_indices(True))
+      return out
 
     x = block(p, x, attend, None if ple is None else ple[:, :, i], cfg)
 

@@ -253,6 +253,12 @@ def pad_one_row() -> bool:
   return jax.default_backend() in PAD_ONE_ROW_BACKENDS
 
 
+def pads_one_row(w) -> bool:
+  """Whether `einsum` gives a one-row input of weight `w` a second row (`PAD_ROWS_WITH`) before
+  the matmul, on the backend being traced for."""
+  return pad_one_row() and PAD_MIN_WEIGHT_SIZE <= math.prod(w.shape) < PAD_MAX_WEIGHT_SIZE
+
+
 def _one_row(spec: str, x: jax.Array) -> bool:
   """True when x's rows (its axes not shared with the weight) number one and lead its shape."""
   ins, out = spec.replace(" ", "").split("->")
@@ -284,8 +290,7 @@ def einsum(spec: str, x: jax.Array, w: QArray | jax.Array, *,
     y = _kernel_einsum(spec, x, w, preferred_element_type)
     if y is not None:
       return y
-  if (pad_one_row() and _one_row(spec, x)
-      and PAD_MIN_WEIGHT_SIZE <= math.prod(w.shape) < PAD_MAX_WEIGHT_SIZE):
+  if _one_row(spec, x) and pads_one_row(w):
     if PAD_ROWS_WITH == "copy":
       x2 = jnp.broadcast_to(x, (2,) + x.shape[1:])
     else:
