@@ -351,9 +351,10 @@ case "${1:-}" in
     grep -E " ms " "$OUT/step_probe_attn.log"
     ;;
   decode_attention_bench)  # session 19, run BB: the benchmark's decode parts with the kernels
-                     # (E4B, E2B, 31B; a record of its own, copy bandwidth in the same run)
-    timeout 560 python experiments/benchmark.py --deadline_s=520 \
-        --models=gemma4_e4b,gemma4_e2b,gemma4_31b --parts=copy,decode,verify \
+                     # (E4B, E2B, 26B-A4B at batch 1 and 8; a record of its own, copy
+                     # bandwidth in the same run)
+    timeout 560 python experiments/benchmark.py --deadline_s=520 --batches=1,8 --plot=false \
+        --models=gemma4_e4b,gemma4_e2b,gemma4_26b_a4b --parts=copy,decode \
         --out="$OUT/benchmark_attn_h200.json" > "$OUT/benchmark_attn.log" 2>&1
     tail -30 "$OUT/benchmark_attn.log"
     ;;
