@@ -48,6 +48,8 @@
 #                                                  # warps per program (run AZ)
 #   bash experiments/run_h200.sh decode_attention  # one H200: the one-position attention
 #                                                  # kernels, tests on the GPU, step (run BA)
+#   bash experiments/run_h200.sh decode_attention2  # one H200: run BA again after the in-place
+#                                                  # stores; batch 8, 8k context (run BC)
 #   bash experiments/run_h200.sh decode_attention_bench  # one H200: benchmark decode (run BB)
 #   bash experiments/run_h200.sh drafter_final     # one H200: COMBINE as kept, released and
 #                                                  # GPU-pair drafters; benchmark part (AV)
@@ -350,6 +352,20 @@ case "${1:-}" in
         --out="$OUT/step_probe_attn_h200.json" > "$OUT/step_probe_attn.log" 2>&1
     grep -E " ms " "$OUT/step_probe_attn.log"
     ;;
+  decode_attention2)  # session 19, run BC: run BA after the kernel stores the token's key and
+                     # value in place and reads the q|k|v projection's padded rows; also batch 8
+                     # and an 8k context (no profile)
+    timeout 200 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b,gemma4_26b_a4b \
+        --variants=fused,fused_attn_off --verify_models= \
+        --out="$OUT/step_probe_attn2_h200.json" > "$OUT/step_probe_attn2.log" 2>&1
+    timeout 130 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b --batch=8 \
+        --variants=fused,fused_attn_off --verify_models=gemma4_e4b --profile_steps=0 \
+        --out="$OUT/step_probe_attn2_b8_h200.json" > "$OUT/step_probe_attn2_b8.log" 2>&1
+    timeout 130 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b --context=8192 \
+        --variants=fused,fused_attn_off --verify_models= --profile_steps=0 \
+        --out="$OUT/step_probe_attn2_8k_h200.json" > "$OUT/step_probe_attn2_8k.log" 2>&1
+    grep -hE " ms " "$OUT"/step_probe_attn2*.log
+    ;;
   decode_attention_bench)  # session 19, run BB: the benchmark's decode parts with the kernels
                      # (E4B, E2B, 26B-A4B at batch 1 and 8; a record of its own, copy
                      # bandwidth in the same run)
@@ -387,7 +403,8 @@ case "${1:-}" in
          "gpu_pair_kernels | gpu_pair_warm | gpu_pair_k16 | gpu_pair_steps8 | gpu_pair_steps8_eq |" \
          "gpu_pair_decay | drafter_warps |" \
          "released_drafters | kernels_first | drafter_options | drafter_options2 |" \
-         "drafter_options3 | drafter_final | drafter_warps_probe | drafter_warps8_probe | decode_attention | decode_attention_bench" >&2
+         "drafter_options3 | drafter_final | drafter_warps_probe | drafter_warps8_probe | decode_attention | decode_attention2 |" \
+         "decode_attention_bench" >&2
     exit 2
     ;;
 esac

@@ -58,6 +58,7 @@ _VARIANTS = flags.DEFINE_list("variants", ["checkpoint", "fused", "fused_pad"], 
 _VERIFY = flags.DEFINE_list("verify_models", ["gemma4_e4b", "gemma4_31b"],
                             "models also timed verifying 5 positions")
 _CONTEXT = flags.DEFINE_integer("context", 1024, "decode context")
+_BATCH = flags.DEFINE_integer("batch", 1, "decode batch (rows)")
 _SHORT = flags.DEFINE_integer("short", 16, "short loop")
 _LONG = flags.DEFINE_integer("long", 64, "long loop")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 8, "steps in the profiled run (0: none)")
@@ -118,9 +119,9 @@ def attention_check(cfg, params) -> dict:
 def _measure(model: str, variant: str, cfg, params) -> list[dict]:
   _set_variant(variant)
   vcfg = bench.variant_config(cfg, variant)
-  cases = [bench.DecodeCase(1, _CONTEXT.value)]
+  cases = [bench.DecodeCase(_BATCH.value, _CONTEXT.value)]
   if model in _VERIFY.value:
-    cases.append(bench.DecodeCase(1, _CONTEXT.value, chunk=5))
+    cases.append(bench.DecodeCase(_BATCH.value, _CONTEXT.value, chunk=5))
   entries = []
   try:
     for case in cases:

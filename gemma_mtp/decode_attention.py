@@ -4,20 +4,21 @@ A decode step of the small targets is bound by its kernel count, not by its byte
 kernels, 4.0 ms where its weights allow ~2.3; NOTES runs O, P, U). XLA runs a layer's attention
 as ~11 short kernels: the q|k|v norms, RoPE, slices, the two cache writes, the score GEMM, two
 softmax reductions, a convert, the value GEMM and the pad of the o projection's input to two rows
-(`quant.pad_one_row`). Here that is two kernels plus the two cache writes:
+(`quant.pad_one_row`). Here that is two kernels:
 
   attn:  one query head (q-normed and rotated in the kernel) over a range of the cache's slots,
          the normalised partial output and its log-sum-exp; range 0 also takes the step's own
-         token, its key k-normed and rotated and its value v-normed in the kernel, and every
-         program of a KV head writes that key and value out for the cache
-         (`drafter_kernels._attn_kernel`, shared with the drafter step)      grid (B, N, P)
+         token, its key k-normed and rotated and its value v-normed in the kernel, and stores
+         them into the token's cache slot, in place (`drafter_kernels._attn_kernel`, shared
+         with the drafter step)                                              grid (B, N, P)
   rows:  a head's ranges combined into its output, in the model's dtype, with the zero rows of
          the o projection's two-row input where `quant` pads (so no pad kernel)
                                                                              grid (R, N, H / bc)
 
-The cache is read before the token's slot is written (the slot is masked out of the cache pass
-and the token joins from its projection), so the write stays an in-place update by XLA after the
-kernel. KV-shared layers run the same kernel without the new token.
+The token's slot is masked out of the cache pass (the token joins from its projection), so
+programs may read it before or after it is stored. The attention kernel reads row b of the
+q|k|v projection's padded two-row output itself (no slice kernel). KV-shared layers run the same
+kernel without the new token.
 
 Where it runs: `choose` (the switch `enabled()`: GPU and one device, or
 GEMMA_MTP_ATTENTION_KERNELS=on; off switches it off; one position per row, a cache, no tree,
@@ -92,7 +93,7 @@ class Step:
     self.cfg = cfg
     self.dtype = jnp.dtype(cfg.dtype)
     self.rnd = dk._rounder(self.dtype)
-    self.valid, self.rope = {}, {}
+    self.valid, self.rope, self.slot = {}, {}, {}
     from gemma_mtp import model as model_lib   # (model imports this module)
     for kind, slots in kv_idx.items():
       window = cfg.sliding_window if kind == "sliding" else None
@@ -100,6 +101,7 @@ class Step:
       # owners mask the token's own slot (written after the kernel); shared layers read it
       self.valid[kind] = {True: (mask & (slots != idx)).astype(jnp.int32),
                           False: mask.astype(jnp.int32)}
+      self.slot[kind] = idx[:, 0] % slots.shape[1]
       freqs = positions[:, 0, None].astype(F32) * jnp.asarray(model_lib.rope_inv_freq(cfg, kind))
       self.rope[kind] = tuple(self.rnd(f(freqs)) for f in (jnp.cos, jnp.sin))
 
@@ -107,8 +109,9 @@ class Step:
     """Attention of one layer.
 
     Args:
-      raw: [B, 1, C, H] the raw projection: q heads first (N of them), then (with `new_at`) the
-        step's key and value heads.
+      raw: [R, 1, C, H] the raw projection (R >= B rows, the first B real: `quant.einsum`'s
+        `padded_rows`): q heads first (N of them), then (with `new_at`) the step's key and value
+        heads.
       q_norm, k_norm: the norms' weights [H].
       k, v: [B, S, K, H] the cache before this step's write (owners) or the source layer's
         (KV-shared layers, `new_at` None).
@@ -116,27 +119,30 @@ class Step:
       o_weight: the o projection's weight: the output's rows are padded as `quant.einsum` pads
         a one-row input for it.
     Returns:
-      (out [R, 1, N, H] (R >= B rows: the padded rows zero), new key, new value [B, 1, K, H]
-      or None, None).
+      (out [R, 1, N, H] (R >= B rows: the padded rows as `quant.PAD_ROWS_WITH`), and with
+      `new_at` k and v with the token's key and value in its slot (updated in place), else None,
+      None).
     """
     cfg, rnd = self.cfg, self.rnd
-    b, _, _, hd = raw.shape
+    b, hd = k.shape[0], raw.shape[-1]
     heads, slots, kv_heads = cfg.num_heads, k.shape[1], k.shape[2]
     bs, chunks, splits = dk._chunking(slots, hd)
     cos, sin = self.rope[kind]
-    ins = [raw.reshape(b, -1, hd), q_norm]
+    ins = [raw.reshape(raw.shape[0], -1, hd), q_norm]
     outs = [((b, heads, splits, w), F32, (None, None, None, w), lambda i, j, s: (i, j, s, 0))
             for w in (hd, dk.LSE)]
     if new_at is not None:
       ins.append(k_norm)
-      group = heads // kv_heads
-      outs += [((b, kv_heads, hd), self.dtype, (None, None, hd),
-                lambda i, j, s: (i, j // group, 0))] * 2
     ins += [cos, sin, k, v, self.valid[kind][new_at is not None]]
+    aliases = None
+    if new_at is not None:   # the token's slot; k and v come back with it written, in place
+      ins.append(self.slot[kind])
+      outs += [(c.shape, c.dtype, c.shape, lambda *_: (0, 0, 0, 0)) for c in (k, v)]
+      aliases = {len(ins) - 4: 2, len(ins) - 3: 3}
     res = dk._call(functools.partial(dk._attn_kernel, group=heads // kv_heads, bs=bs,
                                      per_split=-(-chunks // splits), slots=slots, hd=hd,
                                      eps=cfg.rms_eps, rnd=rnd, new_at=new_at),
-                   (b, heads, splits), ins, outs, "decode_attention")
+                   (b, heads, splits), ins, outs, "decode_attention", aliases=aliases)
     rows = 2 if b == 1 and o_weight is not None and quant.pads_one_row(o_weight) else b
     bc = matvec.pow2_divisor(hd, max(16, dk.TILE // splits))
     (out,) = dk._call(functools.partial(_combine_rows_kernel, rows=b, bc=bc, rnd=rnd,
@@ -147,4 +153,4 @@ class Step:
     out = out[:, None]
     if new_at is None:
       return out, None, None
-    return out, res[2][:, None], res[3][:, None]
+    return out, res[2], res[3]

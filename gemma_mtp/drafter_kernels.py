@@ -222,13 +222,15 @@ def _interpret() -> bool:
   return jax.default_backend() != "gpu"
 
 
-def _call(kernel, grid, ins, outs, name):
-  """pallas_call with every input a whole-array block; outs: [(shape, dtype, block, index_map)]."""
+def _call(kernel, grid, ins, outs, name, aliases=None):
+  """pallas_call with every input a whole-array block; outs: [(shape, dtype, block, index_map)];
+  aliases: {input index: output index} updated in place."""
   whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   return pl.pallas_call(
       kernel, grid=grid, in_specs=[whole(a) for a in ins],
       out_specs=[pl.BlockSpec(block, index) for _, _, block, index in outs],
       out_shape=[jax.ShapeDtypeStruct(shape, dtype) for shape, dtype, _, _ in outs],
+      input_output_aliases=aliases or {},
       compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=2),
       interpret=_interpret(), name=name)(*ins)
 
@@ -343,17 +345,19 @@ def _attn_kernel(*refs, group, bs, per_split, slots, hd, eps, rnd, new_at=None):
   """Head n (q-normed and rotated here) over cache chunks [p * per_split, (p + 1) * per_split):
   the normalised partial output [hd] and its log-sum-exp (F32_MIN where no slot is visible).
 
-  refs: (q [B, C, hd] (head n of C), q-norm weight, cos, sin [B, hd / 2], k, v [B, S, K, hd],
-  valid [B, S], out, lse). With `new_at` = (k_at, v_at), the target's one-position decode step
-  (`decode_attention`): q is the raw q|k|v projection, a k-norm weight follows q's, and the
-  step's own token joins range 0: its key (head k_at + g, k-normed and rotated) and value (head
-  v_at + g, v-normed without weight), also written to two more outputs (every program of KV head
-  g writes the same values), so that the cache is read before the token's slot is written."""
+  refs: (q [R >= B, C, hd] (head n of C), q-norm weight, cos, sin [B, hd / 2], k, v [B, S, K,
+  hd], valid [B, S], out, lse). With `new_at` = (k_at, v_at), the target's one-position decode
+  step (`decode_attention`): q is the raw q|k|v projection, a k-norm weight follows q's, the
+  token's cache slot [B] follows valid, and the step's own token joins range 0: its key (head
+  k_at + g, k-normed and rotated) and value (head v_at + g, v-normed without weight), which are
+  also stored into its slot of k and v (two more outputs, aliased to them: every program of KV
+  head g stores the same values; valid masks that slot out of the cache pass, so whether a
+  program reads it before or after the store does not matter)."""
   if new_at is None:
     q_ref, qn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref = refs
   else:
-    (q_ref, qn_ref, kn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref,
-     knew_ref, vnew_ref) = refs
+    (q_ref, qn_ref, kn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, slot_ref, o_ref, lse_ref,
+     kout_ref, vout_ref) = refs
   b, n, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   g = n // group
   h2 = hd // 2
@@ -390,6 +394,7 @@ def _attn_kernel(*refs, group, bs, per_split, slots, hd, eps, rnd, new_at=None):
     nk1, nk2 = _f32(q_ref[b, k_at + g, lo]), _f32(q_ref[b, k_at + g, hi])
     nv = _f32(q_ref[b, v_at + g, :])
     kn1, kn2 = _f32(kn_ref[lo]), _f32(kn_ref[hi])
+    slot = slot_ref[b]
   cos, sin = cos_ref[b, :], sin_ref[b, :]
   chunks = [load(i) for i in range(per_split)] if per_split <= UNROLL else None
   q1, q2 = rotated(*normed(q1, q2, qn1, qn2))
@@ -410,8 +415,9 @@ def _attn_kernel(*refs, group, bs, per_split, slots, hd, eps, rnd, new_at=None):
     w_new = jnp.where(first, jnp.exp(s_new - m_new), 0.0)
     m, l = m_new, l * alpha + w_new
     acc = acc * alpha + w_new * nv
-    knew_ref[lo], knew_ref[hi] = nk1.astype(knew_ref.dtype), nk2.astype(knew_ref.dtype)
-    vnew_ref[...] = nv.astype(vnew_ref.dtype)
+    kout_ref[b, slot, g, lo] = nk1.astype(kout_ref.dtype)
+    kout_ref[b, slot, g, hi] = nk2.astype(kout_ref.dtype)
+    vout_ref[b, slot, g, :] = nv.astype(vout_ref.dtype)
   seen = l > 0
   o_ref[...] = acc / jnp.where(seen, l, 1.0)
   lse_ref[...] = jnp.broadcast_to(jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), F32_MIN),

@@ -316,16 +316,14 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
       n, o = cfg.num_heads, p["o"]
       if cfg.is_kv_shared(i):
         k, v, _ = kv_now[cfg.kv_source(i)]
-        raw = quant.einsum("BTD,DNH->BTNH", xn, p["q"])
+        raw = quant.einsum("BTD,DNH->BTNH", xn, p["q"], padded_rows=True)
         return kernels(raw, p["q_norm"], k, v, kind, o_weight=o)[0]
       with_v = "qkv" in p
-      raw = quant.einsum("BTD,DNH->BTNH", xn, p["qkv"] if with_v else p["qk"])
+      raw = quant.einsum("BTD,DNH->BTNH", xn, p["qkv"] if with_v else p["qk"], padded_rows=True)
       kv = (raw.shape[2] - n) // (2 if with_v else 1)
-      out, k_new, v_new = kernels(raw, p["q_norm"], new_k[i], new_v[i], kind,
-                                  new_at=(n, n + kv if with_v else n), k_norm=p["k_norm"],
-                                  o_weight=o)
-      new_k[i] = kvc.write(new_k[i], k_new, idx)
-      new_v[i] = kvc.write(new_v[i], v_new, idx)
+      out, new_k[i], new_v[i] = kernels(raw, p["q_norm"], new_k[i], new_v[i], kind,
+                                        new_at=(n, n + kv if with_v else n), k_norm=p["k_norm"],
+                                        o_weight=o)
       kv_now[i] = (new_k[i], new_v[i], ring_idx if kind == SLIDING else cache.slot_indices(True))
       return out
 

@@ -273,7 +273,7 @@ def _one_row(spec: str, x: jax.Array) -> bool:
 
 
 def einsum(spec: str, x: jax.Array, w: QArray | jax.Array, *,
-           preferred_element_type=None) -> jax.Array:
+           preferred_element_type=None, padded_rows: bool = False) -> jax.Array:
   """`jnp.einsum(spec, x, w)` with w a float array or a QArray.
 
   For a QArray: einsum(x, q) in float32 accumulation, times the scales arranged along the output
@@ -284,7 +284,8 @@ def einsum(spec: str, x: jax.Array, w: QArray | jax.Array, *,
   leading axes are the contracted ones goes through the Pallas kernel, which reads the int8
   values as int8 (`_kernel_einsum`; XLA converts them to bf16 in a pass of its own). Otherwise
   a one-row x is padded to two rows where `pad_one_row()` says so (same values: row 0 is
-  computed alone).
+  computed alone). `padded_rows`: return both rows of a padded matmul (row 0 the result; for a
+  consumer that reads row 0 itself, where the slice would be a kernel of its own).
   """
   if matvec.enabled():
     y = _kernel_einsum(spec, x, w, preferred_element_type)
@@ -295,7 +296,8 @@ def einsum(spec: str, x: jax.Array, w: QArray | jax.Array, *,
       x2 = jnp.broadcast_to(x, (2,) + x.shape[1:])
     else:
       x2 = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
-    return _einsum(spec, x2, w, preferred_element_type=preferred_element_type)[:1]
+    y = _einsum(spec, x2, w, preferred_element_type=preferred_element_type)
+    return y if padded_rows else y[:1]
   return _einsum(spec, x, w, preferred_element_type=preferred_element_type)
 
 
