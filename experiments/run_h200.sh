@@ -366,6 +366,18 @@ case "${1:-}" in
         --out="$OUT/step_probe_attn2_8k_h200.json" > "$OUT/step_probe_attn2_8k.log" 2>&1
     grep -hE " ms " "$OUT"/step_probe_attn2*.log
     ;;
+  decode_attention3)  # session 19, run BD: the kernels' tests on the GPU after the in-place
+                     # stores; batch 2 and 4 with and without the kernels (run BC: batch 8 slower)
+    timeout 240 python -m pytest -q -x tests/test_decode_attention.py \
+        -k "tiny or k_eq_v or padded or bfloat16 or one" > "$OUT/tests_gpu.log" 2>&1
+    tail -3 "$OUT/tests_gpu.log"
+    for b in 2 4; do
+      timeout 90 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b --batch=$b \
+          --variants=fused_attn_on,fused_attn_off --verify_models= --profile_steps=0 \
+          --out="$OUT/step_probe_attn3_b${b}_h200.json" > "$OUT/step_probe_attn3_b$b.log" 2>&1
+    done
+    grep -hE " ms " "$OUT"/step_probe_attn3*.log
+    ;;
   decode_attention_bench)  # session 19, run BB: the benchmark's decode parts with the kernels
                      # (E4B, E2B, 26B-A4B at batch 1 and 8; a record of its own, copy
                      # bandwidth in the same run)
@@ -404,6 +416,7 @@ case "${1:-}" in
          "gpu_pair_decay | drafter_warps |" \
          "released_drafters | kernels_first | drafter_options | drafter_options2 |" \
          "drafter_options3 | drafter_final | drafter_warps_probe | drafter_warps8_probe | decode_attention | decode_attention2 |" \
+         "decode_attention3 |" \
          "decode_attention_bench" >&2
     exit 2
     ;;

@@ -24,6 +24,7 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_attn_off  fused, the one-position attention through XLA's ops instead of
               `decode_attention`'s two kernels a layer (the library's default on one GPU since
               session 19; before it, the `fused` entries of the committed records are this);
+  fused_attn_on   fused, those kernels at any batch (the automatic switch takes batch 1 only);
 the per-step time (slope of a short and a long run of the decode loop, as the benchmark), one
 verification of 5 positions, and a profiler trace of `--profile_steps` steps summarized per step
 (`bench.kernel_profile`: kernels per step, time the device is busy, the gaps between kernels,
@@ -93,7 +94,8 @@ def _set_variant(variant: str):
   layers.attention = _cudnn_attention if variant == "fused_cudnn" else _LIBRARY_ATTENTION
   quant.PAD_ROWS_WITH = "copy" if variant == "fused_copy" else _LIBRARY_PAD_ROWS
   # fused_attn_off: the one-position attention through XLA's ops, not decode_attention's kernels
-  os.environ[decode_attention.ENV] = "off" if variant == "fused_attn_off" else _LIBRARY_ATTN_SWITCH
+  os.environ[decode_attention.ENV] = {"fused_attn_off": "off", "fused_attn_on": "on"}.get(
+      variant, _LIBRARY_ATTN_SWITCH)
 
 
 def attention_check(cfg, params) -> dict:
@@ -181,7 +183,7 @@ def model_entries(model: str) -> list[dict]:
 
 
 VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fused_cudnn",
-            "fused_attn_off")
+            "fused_attn_off", "fused_attn_on")
 
 
 def main(argv):
