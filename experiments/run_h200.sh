@@ -50,6 +50,8 @@
 #                                                  # kernels, tests on the GPU, step (run BA)
 #   bash experiments/run_h200.sh decode_attention2  # one H200: run BA again after the in-place
 #                                                  # stores; batch 8, 8k context (run BC)
+#   bash experiments/run_h200.sh decode_attention3  # one H200: GPU tests, batch 2 / 4 (run BD)
+#   bash experiments/run_h200.sh decode_attention_big  # one H200: 31B; 26B-A4B, 31B at 8k (BE, BF)
 #   bash experiments/run_h200.sh decode_attention_bench  # one H200: benchmark decode (run BB)
 #   bash experiments/run_h200.sh drafter_final     # one H200: COMBINE as kept, released and
 #                                                  # GPU-pair drafters; benchmark part (AV)
@@ -378,12 +380,23 @@ case "${1:-}" in
     done
     grep -hE " ms " "$OUT"/step_probe_attn3*.log
     ;;
-  decode_attention_bench)  # session 19, run BB: the benchmark's decode parts with the kernels
-                     # (E4B, E2B, 26B-A4B at batch 1 and 8; a record of its own, copy
-                     # bandwidth in the same run)
-    timeout 560 python experiments/benchmark.py --deadline_s=520 --batches=1,8 --plot=false \
+  decode_attention_big)  # session 19, runs BE and BF (sent as two commands): 31B at 1k, and
+                     # 26B-A4B and 31B at 8k, with and without the kernels
+    timeout 235 python experiments/step_probe.py --models=gemma4_31b \
+        --variants=fused_attn_on,fused_attn_off --verify_models= --profile_steps=0 --short=8 \
+        --long=32 --out="$OUT/step_probe_attn4_31b_h200.json" > "$OUT/step_probe_attn4_31b.log" 2>&1
+    timeout 170 python experiments/step_probe.py --models=gemma4_26b_a4b,gemma4_31b --context=8192 \
+        --variants=fused_attn_on,fused_attn_off --verify_models= --profile_steps=0 --short=8 \
+        --long=32 --out="$OUT/step_probe_attn5_8k_h200.json" > "$OUT/step_probe_attn5_8k.log" 2>&1
+    grep -hE " ms " "$OUT"/step_probe_attn[45]*.log
+    ;;
+  decode_attention_bench)  # session 19, run BB (not run yet): the H200 record's decode figures
+                     # of E4B, E2B and 26B-A4B with the kernels (an H200 only: the record is one)
+    nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200"; exit 3; }
+    cp "$BENCH" "$OUT/benchmark_h200.json"
+    timeout 560 python experiments/benchmark.py --update --deadline_s=520 \
         --models=gemma4_e4b,gemma4_e2b,gemma4_26b_a4b --parts=copy,decode \
-        --out="$OUT/benchmark_attn_h200.json" > "$OUT/benchmark_attn.log" 2>&1
+        --out="$OUT/benchmark_h200.json" > "$OUT/benchmark_attn.log" 2>&1
     tail -30 "$OUT/benchmark_attn.log"
     ;;
   drafter_final)     # session 16, run AV: COMBINE as kept (a combine kernel where an o program
@@ -416,7 +429,7 @@ case "${1:-}" in
          "gpu_pair_decay | drafter_warps |" \
          "released_drafters | kernels_first | drafter_options | drafter_options2 |" \
          "drafter_options3 | drafter_final | drafter_warps_probe | drafter_warps8_probe | decode_attention | decode_attention2 |" \
-         "decode_attention3 |" \
+         "decode_attention3 | decode_attention_big |" \
          "decode_attention_bench" >&2
     exit 2
     ;;

@@ -276,7 +276,7 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   ring_idx = kvc.write_ring_idx(cache.ring_idx, idx) if cache else None
   kv_now: list[Any] = [None] * cfg.num_layers   # (k, v, kv_idx) each layer attends to
   kernels = None   # one position a row on a GPU: the decode attention kernels
-  if decode_attention.choose(cfg, t, cache is not None, tree):
+  if decode_attention.choose(cfg, b, t, cache is not None, tree):
     kernels = decode_attention.Step(
         cfg, {kind: ring_idx if kind == SLIDING else cache.slot_indices(True)
               for kind in set(cfg.layer_types)}, idx, start, positions)

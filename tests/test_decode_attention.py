@@ -116,12 +116,28 @@ def test_bfloat16_as_accurate_as_xla(monkeypatch):
   np.testing.assert_array_equal(got[0].argmax(-1), ref[0].argmax(-1))
 
 
-def test_choose():
+def test_choose(monkeypatch):
   """The kernels take one position a row with a cache and no tree, and heads whose half is a
-  power of two >= 16 (every released shape; not the tiny default's 16 / 32)."""
+  power of two >= 16 (every released shape; not the tiny default's 16 / 32); the automatic
+  switch only up to AUTO_MAX_BATCH rows and only on a GPU, =on at any batch, =off never."""
   for name in ("gemma4_e2b", "gemma4_e4b", "gemma4_31b", "gemma4_26b_a4b"):
     assert decode_attention.supported(config_lib.preset(name)) is None, name
   assert "half of a head" in decode_attention.supported(config_lib.tiny())
+  big = decode_attention.AUTO_MAX_BATCH + 1
+  monkeypatch.setenv(decode_attention.ENV, "on")
+  assert decode_attention.choose(TINY, big, 1, True, None)
+  assert not decode_attention.choose(TINY, 1, 2, True, None)        # verification, prefill
+  assert not decode_attention.choose(TINY, 1, 1, False, None)       # no cache
+  assert not decode_attention.choose(config_lib.tiny(), 1, 1, True, None)
+  monkeypatch.setenv(decode_attention.ENV, "off")
+  assert not decode_attention.choose(TINY, 1, 1, True, None)
+  monkeypatch.setenv(decode_attention.ENV, "auto")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  assert decode_attention.choose(TINY, decode_attention.AUTO_MAX_BATCH, 1, True, None)
+  assert not decode_attention.choose(TINY, big, 1, True, None)
+  monkeypatch.setattr(jax, "device_count", lambda: 2)                # sharded: XLA's path
+  assert not decode_attention.choose(TINY, 1, 1, True, None)
 
 
 @pytest.mark.parametrize("name", ["tiny", "gemma4_e4b", "gemma4_31b"])
