@@ -17,7 +17,8 @@ import numpy as np
 def environment() -> dict[str, Any]:
   """Machine and versions, for every record."""
   import flax  # pylint: disable=g-import-not-at-top
-  from gemma_mtp import drafter_kernels, matvec  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from gemma_mtp import decode_attention, drafter_kernels, matvec
   devices = jax.devices()
   return {
       "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -30,8 +31,10 @@ def environment() -> dict[str, Any]:
       "jax": jax.__version__,
       "flax": flax.__version__,
       "numpy": np.__version__,
-      # whether the Pallas kernels were on for programs traced in this process (auto: one GPU)
-      "pallas_kernels": {"matvec": matvec.enabled(), "drafter": drafter_kernels.enabled()},
+      # whether the Pallas kernels were on for programs traced in this process (auto: one GPU;
+      # the decode attention kernels then up to decode_attention.AUTO_MAX_BATCH rows)
+      "pallas_kernels": {"matvec": matvec.enabled(), "drafter": drafter_kernels.enabled(),
+                         "decode_attention": decode_attention.enabled()},
   } | ({"xla_flags": os.environ["XLA_FLAGS"]} if os.environ.get("XLA_FLAGS") else {})
 
 
