@@ -53,6 +53,7 @@
 #   bash experiments/run_h200.sh decode_attention3  # one H200: GPU tests, batch 2 / 4 (run BD)
 #   bash experiments/run_h200.sh decode_attention_big  # one H200: 31B; 26B-A4B, 31B at 8k (BE, BF)
 #   bash experiments/run_h200.sh decode_attention_bench  # one H200: benchmark decode (run BB)
+#   bash experiments/run_h200.sh decode_attention_ranges  # one H200: chunks a program (run BG)
 #   bash experiments/run_h200.sh drafter_final     # one H200: COMBINE as kept, released and
 #                                                  # GPU-pair drafters; benchmark part (AV)
 set -u
@@ -390,6 +391,14 @@ case "${1:-}" in
         --long=32 --out="$OUT/step_probe_attn5_8k_h200.json" > "$OUT/step_probe_attn5_8k.log" 2>&1
     grep -hE " ms " "$OUT"/step_probe_attn[45]*.log
     ;;
+  decode_attention_ranges)  # session 19, run BG (not run yet): the attention kernel's programs
+                     # reading ~1 / 2 / 4 cache chunks each (E4B's kernel 5.2 us a sliding
+                     # layer in run BC: 64 programs of 2 chunks on 132 SMs)
+    timeout 300 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b,gemma4_26b_a4b \
+        --variants=fused,fused_attn_range1,fused_attn_range4 --verify_models= \
+        --out="$OUT/step_probe_attn_ranges_h200.json" > "$OUT/step_probe_attn_ranges.log" 2>&1
+    grep -hE " ms " "$OUT/step_probe_attn_ranges.log"
+    ;;
   decode_attention_bench)  # session 19, run BB (not run yet): the H200 record's decode figures
                      # of E4B, E2B and 26B-A4B with the kernels (an H200 only: the record is one)
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200"; exit 3; }
@@ -429,7 +438,7 @@ case "${1:-}" in
          "gpu_pair_decay | drafter_warps |" \
          "released_drafters | kernels_first | drafter_options | drafter_options2 |" \
          "drafter_options3 | drafter_final | drafter_warps_probe | drafter_warps8_probe | decode_attention | decode_attention2 |" \
-         "decode_attention3 | decode_attention_big |" \
+         "decode_attention3 | decode_attention_big | decode_attention_ranges |" \
          "decode_attention_bench" >&2
     exit 2
     ;;

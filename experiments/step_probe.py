@@ -24,7 +24,9 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_attn_off  fused, the one-position attention through XLA's ops instead of
               `decode_attention`'s two kernels a layer (the library's default on one GPU since
               session 19; before it, the `fused` entries of the committed records are this);
-  fused_attn_on   fused, those kernels at any batch (the automatic switch takes batch 1 only);
+  fused_attn_on   fused, those kernels at any batch (the automatic switch takes batches <= 4);
+  fused_attn_range1 / fused_attn_range4  fused, the attention kernel's programs reading about 1
+              / 4 cache chunks each instead of 2 (`decode_attention.RANGE_CHUNKS`);
 the per-step time (slope of a short and a long run of the decode loop, as the benchmark), one
 verification of 5 positions, and a profiler trace of `--profile_steps` steps summarized per step
 (`bench.kernel_profile`: kernels per step, time the device is busy, the gaps between kernels,
@@ -72,6 +74,7 @@ _LIBRARY_PAD_BACKENDS = quant.PAD_ONE_ROW_BACKENDS
 _LIBRARY_ATTENTION = layers.attention
 _LIBRARY_PAD_ROWS = quant.PAD_ROWS_WITH
 _LIBRARY_ATTN_SWITCH = os.environ.get(decode_attention.ENV, "auto")
+_LIBRARY_RANGE_CHUNKS = decode_attention.RANGE_CHUNKS
 _CUDNN_CALLS = {"cudnn": 0, "library": 0}
 
 
@@ -96,6 +99,8 @@ def _set_variant(variant: str):
   # fused_attn_off: the one-position attention through XLA's ops, not decode_attention's kernels
   os.environ[decode_attention.ENV] = {"fused_attn_off": "off", "fused_attn_on": "on"}.get(
       variant, _LIBRARY_ATTN_SWITCH)
+  decode_attention.RANGE_CHUNKS = {"fused_attn_range1": 1, "fused_attn_range4": 4}.get(
+      variant, _LIBRARY_RANGE_CHUNKS)
 
 
 def attention_check(cfg, params) -> dict:
@@ -183,7 +188,7 @@ def model_entries(model: str) -> list[dict]:
 
 
 VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fused_cudnn",
-            "fused_attn_off", "fused_attn_on")
+            "fused_attn_off", "fused_attn_on", "fused_attn_range1", "fused_attn_range4")
 
 
 def main(argv):

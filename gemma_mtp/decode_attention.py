@@ -57,6 +57,10 @@ ENV = "GEMMA_MTP_ATTENTION_KERNELS"
 # E2B -7.0% / -6.6% / -4.6% and +4.3% (a head's 4-8 programs read the same keys and values, which
 # XLA's batched GEMMs read once).
 AUTO_MAX_BATCH = 4
+# Cache chunks a program reads (about; `drafter_kernels._chunking`): fewer make more, shorter
+# programs (E4B's 512-slot sliding layers: 8 heads x 8 ranges of 2 chunks of 32 slots). A knob
+# for the step probe's variants (fused_attn_range1 / _range4); 2 is the drafter's, as measured.
+RANGE_CHUNKS = 2
 
 
 def enabled() -> bool:
@@ -141,7 +145,7 @@ class Step:
     cfg, rnd = self.cfg, self.rnd
     b, hd = k.shape[0], raw.shape[-1]
     heads, slots, kv_heads = cfg.num_heads, k.shape[1], k.shape[2]
-    bs, chunks, splits = dk._chunking(slots, hd)
+    bs, chunks, splits = dk._chunking(slots, hd, RANGE_CHUNKS)
     cos, sin = self.rope[kind]
     ins = [raw.reshape(raw.shape[0], -1, hd), q_norm]
     outs = [((b, heads, splits, w), F32, (None, None, None, w), lambda i, j, s: (i, j, s, 0))

@@ -184,12 +184,13 @@ def _o_split(dcfg, hd: int) -> tuple[int, int, int]:
   return parts, dcfg.num_heads // parts, bn
 
 
-def _chunking(slots: int, hd: int) -> tuple[int, int, int]:
+def _chunking(slots: int, hd: int, per_range: int = 2) -> tuple[int, int, int]:
   """(bs, chunks, splits): a `slots`-slot cache with hd-wide heads read in chunks of bs slots,
-  `splits` ranges of chunks per head (about two chunks each, a power of two)."""
+  `splits` ranges of chunks per head (about `per_range` chunks each, a power of two)."""
   bs = _pow2_floor(min(TILE // hd, SLOTS_PER_CHUNK, slots))
   chunks = -(-slots // bs)
-  return bs, chunks, min(MAX_SPLITS, 1 << ((chunks - 1) // 2).bit_length(), _pow2_floor(chunks))
+  return bs, chunks, min(MAX_SPLITS, 1 << ((chunks - 1) // per_range).bit_length(),
+                         _pow2_floor(chunks))
 
 
 def _ranges(slots: int, hd: int, per_part: int) -> tuple[int, int, int, bool]:

@@ -52,19 +52,25 @@ def _target(cfg, seed=0):
   return model_lib.fuse_projections(t.params, cfg)
 
 
-@pytest.mark.parametrize("case", ["tiny", "k_eq_v", "looped ranges", "padded rows",
-                                  "one row"])
+@pytest.mark.parametrize("case", ["tiny", "k_eq_v", "looped ranges", "one chunk a range",
+                                  "padded rows", "one row"])
 def test_decode_steps_equal_xla_float32(monkeypatch, case):
   """In float32 only the summation order differs: five decode steps after a 13-token prompt
   (left-padded rows, the sliding ring wrapped, KV-shared layers of both kinds) give XLA's logits
   and caches. Cases: the tiny model (4-slot chunks: 2-8 ranges a head, some past the cache's end,
   combined by the rows kernel); full layers whose values are their raw keys (k_eq_v, as 31B and
-  26B-A4B); each program walking its chunks in a loop (long caches); the o projection's input
+  26B-A4B); each program walking its chunks in a loop (long caches); ranges of about one chunk
+  (`RANGE_CHUNKS`: the sliding ring in two ranges instead of one); the o projection's input
   given its padded second row by the rows kernel, as on GPUs (`quant.pad_one_row`); one row."""
   cfg = TINY.replace(k_eq_v=True) if case == "k_eq_v" else TINY
   monkeypatch.setattr(drafter_kernels, "SLOTS_PER_CHUNK", 4)
   if case == "looped ranges":
     monkeypatch.setattr(drafter_kernels, "UNROLL", 1)
+  if case == "one chunk a range":
+    monkeypatch.setattr(decode_attention, "RANGE_CHUNKS", 1)
+    # the sliding ring's 8 slots: 2 ranges of one chunk instead of one of two
+    assert drafter_kernels._chunking(8, 32, 1) == (4, 2, 2)
+    assert drafter_kernels._chunking(8, 32) == (4, 2, 1)
   if case == "padded rows":
     monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
   assert drafter_kernels._chunking(MAX_LEN, 64) == (4, 10, 8)
