@@ -136,7 +136,7 @@ class Step:
         (KV-shared layers, `new_at` None).
       new_at: (k_at, v_at) the first key and value heads in `raw` (owners); None (shared).
       o_weight: the o projection's weight: the output's rows are padded as `quant.einsum` pads
-        a one-row input for it.
+        a one-row input for it (float weights).
     Returns:
       (out [R, 1, N, H] (R >= B rows: the padded rows as `quant.PAD_ROWS_WITH`), and with
       `new_at` k and v with the token's key and value in its slot (updated in place), else None,
@@ -162,7 +162,12 @@ class Step:
                                      per_split=-(-chunks // splits), slots=slots, hd=hd,
                                      eps=cfg.rms_eps, rnd=rnd, new_at=new_at),
                    (b, heads, splits), ins, outs, "decode_attention", aliases=aliases)
-    rows = 2 if b == 1 and o_weight is not None and quant.pads_one_row(o_weight) else b
+    # the o projection's two-row input, where `quant.einsum` would pad it (float weights: an
+    # int8 one may go through `matvec`'s one-row kernel instead)
+    rows = b
+    if (b == 1 and o_weight is not None and not quant.is_quantized(o_weight)
+        and quant.pads_one_row(o_weight)):
+      rows = 2
     bc = matvec.pow2_divisor(hd, max(16, dk.TILE // splits))
     (out,) = dk._call(functools.partial(_combine_rows_kernel, rows=b, bc=bc, rnd=rnd,
                                         zeros=quant.PAD_ROWS_WITH == "zeros"),

@@ -53,7 +53,7 @@ def _target(cfg, seed=0):
 
 
 @pytest.mark.parametrize("case", ["tiny", "k_eq_v", "looped ranges", "one chunk a range",
-                                  "padded rows", "one row"])
+                                  "padded rows", "padded rows, int8", "one row"])
 def test_decode_steps_equal_xla_float32(monkeypatch, case):
   """In float32 only the summation order differs: five decode steps after a 13-token prompt
   (left-padded rows, the sliding ring wrapped, KV-shared layers of both kinds) give XLA's logits
@@ -61,7 +61,8 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
   combined by the rows kernel); full layers whose values are their raw keys (k_eq_v, as 31B and
   26B-A4B); each program walking its chunks in a loop (long caches); ranges of about one chunk
   (`RANGE_CHUNKS`: the sliding ring in two ranges instead of one); the o projection's input
-  given its padded second row by the rows kernel, as on GPUs (`quant.pad_one_row`); one row."""
+  given its padded second row by the rows kernel, as on GPUs (`quant.pad_one_row`), also with
+  int8 weights (where the rows kernel leaves the padding to `quant.einsum`); one row."""
   cfg = TINY.replace(k_eq_v=True) if case == "k_eq_v" else TINY
   monkeypatch.setattr(drafter_kernels, "SLOTS_PER_CHUNK", 4)
   if case == "looped ranges":
@@ -71,13 +72,16 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
     # the sliding ring's 8 slots: 2 ranges of one chunk instead of one of two
     assert drafter_kernels._chunking(8, 32, 1) == (4, 2, 2)
     assert drafter_kernels._chunking(8, 32) == (4, 2, 1)
-  if case == "padded rows":
+  if case.startswith("padded rows"):
     monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
   assert drafter_kernels._chunking(MAX_LEN, 64) == (4, 10, 8)
   params = _target(cfg)
+  if case.endswith("int8"):   # int8 weights: the o projection's input keeps one row
+    params = gemma_mtp.quantize_target(gemma_mtp.Target(cfg, params)).params
+    assert quant.is_quantized(params["layers"][0]["attn"]["o"])
   if case == "k_eq_v":
     assert "qk" in params["layers"][2]["attn"]
-  batch = 1 if case in ("padded rows", "one row") else 2
+  batch = 1 if case.startswith(("padded rows", "one row")) else 2
   ref, ref_kv, ref_kernels = _steps(cfg, params, "off", monkeypatch, batch=batch)
   got, kv, kernels = _steps(cfg, params, "on", monkeypatch, batch=batch)
   assert (ref_kernels, kernels) == (False, True)
