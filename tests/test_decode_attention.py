@@ -171,3 +171,32 @@ def test_kernels_lower_for_the_gpu(monkeypatch, name):
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
           params, cache)
   assert exported.mlir_module().count("xla.gpu.triton") == 2 * cfg.num_layers
+
+
+def test_generate_with_kernels_equals_xla(monkeypatch):
+  """Plain greedy decoding (`api.generate`: the decode loop, the cache updated in place in its
+  while loop) emits the same tokens with the kernels as without, in float32, on ragged prompts
+  longer than the sliding window; and speculative decoding with a drafter still emits plain
+  decoding's tokens while the plain steps run the kernels."""
+  target = gemma_mtp.fuse_target(gemma_mtp.random_target(TINY, seed=3))
+  drafter = gemma_mtp.random_drafter(target, seed=4, embed_dim=32, num_heads=4, mlp_dim=64)
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(1, TINY.vocab_size, n).tolist() for n in (11, 6)]
+  traced = []                      # the layers traced through the kernels
+  call = decode_attention.Step.__call__
+  monkeypatch.setattr(decode_attention.Step, "__call__",
+                      lambda self, *a, **k: traced.append(a[-1]) or call(self, *a, **k))
+  out = {}
+  for mode in ("off", "on"):
+    monkeypatch.setenv(decode_attention.ENV, mode)
+    assert len(traced) == 0
+    jax.clear_caches()
+    with jax.default_matmul_precision("float32"):
+      out[mode] = np.asarray(gemma_mtp.generate(target, prompts, max_new_tokens=8).tokens)
+      if mode == "on":
+        spec = gemma_mtp.generate(target, prompts, max_new_tokens=8, drafter=drafter,
+                                  draft_lengths=(2,), adaptive=False)
+  jax.clear_caches()
+  assert len(traced) == TINY.num_layers      # one plain decode program, every layer
+  np.testing.assert_array_equal(out["on"], out["off"])
+  np.testing.assert_array_equal(np.asarray(spec.tokens), out["on"])
