@@ -117,7 +117,7 @@ class Step:
     for kind, slots in kv_idx.items():
       window = cfg.sliding_window if kind == "sliding" else None
       mask = layers.attention_mask(idx, slots, start, window=window)[:, 0]      # [B, S]
-      # owners mask the token's own slot (written after the kernel); shared layers read it
+      # owners mask the token's own slot (the kernel stores into it); shared layers read it
       self.valid[kind] = {True: (mask & (slots != idx)).astype(jnp.int32),
                           False: mask.astype(jnp.int32)}
       self.slot[kind] = idx[:, 0] % slots.shape[1]
@@ -152,12 +152,14 @@ class Step:
             for w in (hd, dk.LSE)]
     if new_at is not None:
       ins.append(k_norm)
-    ins += [cos, sin, k, v, self.valid[kind][new_at is not None]]
+    ins += [cos, sin]
+    at_k = len(ins)
+    ins += [k, v, self.valid[kind][new_at is not None]]
     aliases = None
     if new_at is not None:   # the token's slot; k and v come back with it written, in place
       ins.append(self.slot[kind])
       outs += [(c.shape, c.dtype, c.shape, lambda *_: (0, 0, 0, 0)) for c in (k, v)]
-      aliases = {len(ins) - 4: 2, len(ins) - 3: 3}
+      aliases = {at_k: 2, at_k + 1: 3}
     res = dk._call(functools.partial(dk._attn_kernel, group=heads // kv_heads, bs=bs,
                                      per_split=-(-chunks // splits), slots=slots, hd=hd,
                                      eps=cfg.rms_eps, rnd=rnd, new_at=new_at),
