@@ -26,7 +26,8 @@ PROMPT, STEPS, MAX_LEN = 13, 5, 40
 
 def _steps(cfg, params, mode, monkeypatch, *, batch=2, steps=STEPS):
   """Prefill (XLA) then `steps` one-position forwards with the kernels switched `mode`: the
-  logits of every step [steps, B, V] and the last cache, as float32 numpy arrays."""
+  logits of every step [steps, B, V] and the last cache's buffers, as float32 numpy arrays, and
+  whether the step's program holds a Pallas kernel."""
   monkeypatch.setenv(decode_attention.ENV, mode)
   jax.clear_caches()
   rng = np.random.default_rng(0)
