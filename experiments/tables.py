@@ -294,6 +294,63 @@ def gpu_pair_records() -> dict[str, dict]:
   return dict(sorted(recs.items(), key=lambda kv: kv[1]["environment"]["time_utc"]))
 
 
+# step_probe variants: the attention kernels off, and on (`fused` = the automatic switch: on at one
+# position a row up to decode_attention.AUTO_MAX_BATCH rows, and at every batch in records made
+# before that limit, whose environment does not name the switch: run BC's batch 8)
+ATTENTION_OFF, ATTENTION_ON = "fused_attn_off", "fused_attn_on"
+
+
+def _attention_side(variant: str, batch: int, env: dict) -> str | None:
+  if variant == ATTENTION_OFF:
+    return "off"
+  if variant == ATTENTION_ON:
+    return "on"
+  if variant == "fused":
+    from gemma_mtp import decode_attention  # pylint: disable=g-import-not-at-top
+    before_limit = "decode_attention" not in env.get("pallas_kernels", {})
+    return "on" if before_limit or batch <= decode_attention.AUTO_MAX_BATCH else "off"
+  return None
+
+
+def attention_kernel_rows(records: dict[str, dict]) -> dict[tuple, dict]:
+  """{(model, batch, context, positions): {off, on, change}} (ms a step) from step-probe records
+  holding both `fused_attn_off` and an attention-kernel variant of the same case; a later record
+  replaces an earlier one's case (records in the order given)."""
+  rows = {}
+  for rec in records.values():
+    for model, entries in rec.items():
+      if not isinstance(entries, list):
+        continue
+      ms = {}
+      for e in entries:
+        if "ms_per_step" in e:
+          case = (model, e["batch"], e["context"], e["positions_per_forward"])
+          side = _attention_side(e["variant"], e["batch"], rec.get("environment", {}))
+          if side and side not in ms.get(case, {}):
+            ms.setdefault(case, {})[side] = e["ms_per_step"]
+      for case, m in ms.items():
+        if "off" in m and "on" in m:
+          rows[case] = {**m, "change": m["on"] / m["off"] - 1}
+  return rows
+
+
+def attention_kernel_table(records: dict[str, dict]) -> list[str]:
+  """`attention_kernel_rows` as a table, one row a (model, batch, context, positions; 5
+  positions: a verification forward, which keeps XLA's attention either way)."""
+  out = [_row("model", "batch", "context", "positions", "XLA's attention", "the kernels",
+              "change"), _row(*["---"] * 7)]
+  for (model, b, ctx, t), m in sorted(attention_kernel_rows(records).items()):
+    out.append(_row(model, b, ctx, t, f"{m['off']:.3f} ms", f"{m['on']:.3f} ms",
+                    f"{m['change']:+.1%}"))
+  return out
+
+
+def attention_records() -> dict[str, dict]:
+  """The committed step-probe records of the attention kernels (runs BA-BF), in time order."""
+  recs = {p.stem: json.loads(p.read_text()) for p in RESULTS.glob("step_probe_attn*.json")}
+  return dict(sorted(recs.items(), key=lambda kv: kv[1]["environment"]["time_utc"]))
+
+
 def main():
   sections = [
       ("Decode (benchmark_h200.json)", decode_table, "benchmark_h200.json"),
@@ -318,6 +375,11 @@ def main():
     print("**GPU-trained pair, mixed batch-1 workload: adaptive against the best fixed length "
           "(speedup over plain decoding; gain over the best fixed length; pass pairs won)**\n")
     print("\n".join(adaptive_table(records)))
+  records = attention_records()
+  if records:
+    print("\n**The target's attention kernels against XLA's attention (step_probe_attn*, "
+          "same process)**\n")
+    print("\n".join(attention_kernel_table(records)))
 
 
 if __name__ == "__main__":

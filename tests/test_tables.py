@@ -1,4 +1,5 @@
-"""The README's adaptive-against-fixed summary (experiments/tables.py) on made-up and committed records."""
+"""The README's adaptive-against-fixed summary and attention-kernel table (experiments/tables.py)
+on made-up and committed records."""
 
 from __future__ import annotations
 
@@ -71,3 +72,45 @@ def test_committed_gpu_pair_records_summarize():
   lines = tables.adaptive_table(records)
   assert len(lines) == len(records) + 3
   assert all(line.count(" | ") == lines[0].count(" | ") for line in lines)
+
+
+def _probe(time, entries, limit=True):
+  env = {"time_utc": time, "pallas_kernels": {"decode_attention": True} if limit else {}}
+  return {"environment": env, "context": 1024,
+          "m": [{"variant": v, "batch": b, "context": 1024, "positions_per_forward": 1,
+                 "ms_per_step": ms} for v, b, ms in entries]}
+
+
+def test_attention_kernel_rows():
+  """Step-probe records to (off, on, change) a case: `fused_attn_on` and, under the automatic
+  switch, `fused` up to its batch limit are the kernels (at every batch in a record made before
+  the limit); a later record replaces an earlier one's case; a case without both sides is left
+  out."""
+  tables = _tables()
+  early = _probe("2026-12-06T04:30:00", [("fused", 1, 4.0), ("fused_attn_off", 1, 5.0),
+                                         ("fused", 8, 6.0), ("fused_attn_off", 8, 5.0)],
+                 limit=False)
+  late = _probe("2026-12-06T04:40:00", [("fused", 1, 3.0), ("fused_attn_off", 1, 4.0),
+                                        ("fused", 16, 7.0), ("fused_attn_off", 16, 7.5),
+                                        ("fused_attn_on", 2, 2.0)])
+  rows = tables.attention_kernel_rows({"early": early, "late": late})
+  assert rows == {("m", 1, 1024, 1): {"off": 4.0, "on": 3.0, "change": -0.25},
+                  ("m", 8, 1024, 1): {"off": 5.0, "on": 6.0, "change": pytest.approx(0.2)}}
+  table = tables.attention_kernel_table({"late": late})
+  assert table[2] == "| m | 1 | 1024 | 1 | 4.000 ms | 3.000 ms | -25.0% |" and len(table) == 3
+
+
+def test_committed_attention_records_give_the_readme_figures():
+  """The README's attention-kernel figures come from the committed records (runs BA-BF)."""
+  tables = _tables()
+  rows = tables.attention_kernel_rows(tables.attention_records())
+  expect = {("gemma4_e4b", 1, 1024): (4.863, 4.558, -0.063),
+            ("gemma4_e2b", 1, 1024): (2.961, 2.755, -0.070),
+            ("gemma4_26b_a4b", 1, 1024): (4.625, 4.345, -0.061),
+            ("gemma4_31b", 1, 1024): (22.153, 21.911, -0.011),
+            ("gemma4_e4b", 8, 1024): (5.087, 5.126, 0.008),
+            ("gemma4_e2b", 8, 1024): (2.992, 3.121, 0.043)}
+  for (model, batch, ctx), (off, on, change) in expect.items():
+    got = rows[(model, batch, ctx, 1)]
+    assert (round(got["off"], 3), round(got["on"], 3)) == (off, on), model
+    assert round(got["change"], 3) == change, model
