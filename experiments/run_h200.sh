@@ -345,9 +345,11 @@ case "${1:-}" in
         --out="$OUT/drafter_probe_warps8_h200.json" > "$OUT/drafter_probe_warps8.log" 2>&1
     grep -E "us/step" "$OUT/drafter_probe_warps8.log"
     ;;
-  decode_attention)  # session 19, run BA: the one-position attention as two Pallas kernels a
-                     # layer (decode_attention): its tests and the drafter kernels' compiled by
-                     # Triton, then the batch-1 step with and without them
+  decode_attention)  # session 19, run BA (at commit c7410c2; the code since then is run BC's):
+                     # the one-position attention as two Pallas kernels a layer
+                     # (decode_attention): its tests and the drafter kernels' compiled by Triton
+                     # (170 s was too short on an H100: 4 passed), then the batch-1 step with and
+                     # without them
     timeout 170 python -m pytest -q -x tests/test_decode_attention.py tests/test_drafter_kernels.py \
         > "$OUT/tests_gpu.log" 2>&1; tail -3 "$OUT/tests_gpu.log"
     timeout 400 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b,gemma4_26b_a4b \
