@@ -275,12 +275,13 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   new_k, new_v = list(cache.k) if cache else [None] * cfg.num_layers, \
       list(cache.v) if cache else [None] * cfg.num_layers
   ring_idx = kvc.write_ring_idx(cache.ring_idx, idx) if cache else None
+  # [B, S] sequence index each cache slot holds, by layer kind
+  slot_idx = {SLIDING: ring_idx, FULL: cache.slot_indices(True)} if cache else None
   kv_now: list[Any] = [None] * cfg.num_layers   # (k, v, kv_idx) each layer attends to
   kernels = None   # one position a row on a GPU: the decode attention kernels
   if decode_attention.choose(cfg, b, t, cache is not None, tree):
     kernels = decode_attention.Step(
-        cfg, {kind: ring_idx if kind == SLIDING else cache.slot_indices(True)
-              for kind in set(cfg.layer_types)}, idx, start, positions)
+        cfg, {kind: slot_idx[kind] for kind in set(cfg.layer_types)}, idx, start, positions)
   for i, p in enumerate(params["layers"][:cfg.num_layers]):
     kind = cfg.layer_types[i]
     window = cfg.sliding_window if kind == SLIDING else None
@@ -303,7 +304,7 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
           new_k[i] = kvc.write(new_k[i], k, idx)
           new_v[i] = kvc.write(new_v[i], v, idx)
           k, v = new_k[i], new_v[i]
-          kv_idx = ring_idx if kind == SLIDING else cache.slot_indices(True)
+          kv_idx = slot_idx[kind]
         kv_now[i] = (k, v, kv_idx)
       if tree is None:
         mask = layers.attention_mask(idx, kv_idx, start, window=window)
@@ -325,7 +326,7 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
       out, new_k[i], new_v[i] = kernels(raw, p["q_norm"], new_k[i], new_v[i], kind,
                                         new_at=(n, n + kv if with_v else n), k_norm=p["k_norm"],
                                         o_weight=o)
-      kv_now[i] = (new_k[i], new_v[i], ring_idx if kind == SLIDING else cache.slot_indices(True))
+      kv_now[i] = (new_k[i], new_v[i], slot_idx[kind])
       return out
 
     x = block(p, x, attend, None if ple is None else ple[:, :, i], cfg)
