@@ -54,6 +54,9 @@
 #   bash experiments/run_h200.sh decode_attention_big  # one H200: 31B; 26B-A4B, 31B at 8k (BE, BF)
 #   bash experiments/run_h200.sh decode_attention_bench  # one H200: benchmark decode (run BB)
 #   bash experiments/run_h200.sh decode_attention_ranges  # one H200: chunks a program (run BG)
+#   bash experiments/run_h200.sh ple_kernels       # one H200: the PLE layers' end as kernels (BH)
+#   bash experiments/run_h200.sh ple_kernels2      # one H200: run BH again, the gate split (BJ)
+#   bash experiments/run_h200.sh kernels_bench     # one H200: benchmark decode, all kernels (BI)
 #   bash experiments/run_h200.sh drafter_final     # one H200: COMBINE as kept, released and
 #                                                  # GPU-pair drafters; benchmark part (AV)
 set -u
@@ -410,6 +413,40 @@ case "${1:-}" in
         --out="$OUT/benchmark_h200.json" > "$OUT/benchmark_attn.log" 2>&1
     tail -30 "$OUT/benchmark_attn.log"
     ;;
+  ple_kernels)       # session 20, run BH: the end of each PLE layer as three Pallas kernels
+                     # (ple_kernels): its tests compiled by Triton, then E4B's and E2B's step with
+                     # both kinds of kernel, without the PLE ones, and with neither; batch 4
+    timeout 150 python -m pytest -q -x tests/test_ple_kernels.py \
+        -k "batch or bfloat or one" > "$OUT/tests_gpu.log" 2>&1   # (150 s: 2 passed, cut)
+    tail -3 "$OUT/tests_gpu.log"
+    timeout 260 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b \
+        --variants=fused,fused_ple_off,fused_xla --verify_models= \
+        --out="$OUT/step_probe_ple_h200.json" > "$OUT/step_probe_ple.log" 2>&1
+    timeout 100 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b --batch=4 \
+        --variants=fused,fused_ple_off --verify_models= --profile_steps=0 \
+        --out="$OUT/step_probe_ple_b4_h200.json" > "$OUT/step_probe_ple_b4.log" 2>&1
+    grep -hE " ms " "$OUT"/step_probe_ple*.log
+    ;;
+  ple_kernels2)      # session 20, run BJ: run BH after the proj kernel reads its layer's slice
+                     # of the per-layer inputs itself (run BH: a copy kernel a layer); the gate
+                     # kernel in twice as many parts; then the tests compiled by Triton
+    timeout 260 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b \
+        --variants=fused,fused_ple_off,fused_ple_split2 --verify_models= \
+        --out="$OUT/step_probe_ple2_h200.json" > "$OUT/step_probe_ple2.log" 2>&1
+    grep -hE " ms " "$OUT"/step_probe_ple2.log
+    timeout 250 python -m pytest -q -x tests/test_ple_kernels.py \
+        -k "batch or bfloat or one" > "$OUT/tests_gpu.log" 2>&1
+    tail -3 "$OUT/tests_gpu.log"
+    ;;
+  kernels_bench)     # session 20, run BI: the H200 record's decode figures of E4B, E2B and
+                     # 26B-A4B with the attention and PLE kernels (an H200 only: the record is one)
+    nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200"; exit 3; }
+    cp "$BENCH" "$OUT/benchmark_h200.json"
+    timeout 560 python experiments/benchmark.py --update --deadline_s=520 \
+        --models=gemma4_e4b,gemma4_e2b,gemma4_26b_a4b --parts=copy,decode \
+        --out="$OUT/benchmark_h200.json" > "$OUT/benchmark_kernels.log" 2>&1
+    tail -30 "$OUT/benchmark_kernels.log"
+    ;;
   drafter_final)     # session 16, run AV: COMBINE as kept (a combine kernel where an o program
                      # would take in a tile of partials): the kernels' tests compiled by Triton,
                      # the steps of the E2B / E4B assistants and of the GPU pair's drafter (1k and
@@ -441,7 +478,7 @@ case "${1:-}" in
          "released_drafters | kernels_first | drafter_options | drafter_options2 |" \
          "drafter_options3 | drafter_final | drafter_warps_probe | drafter_warps8_probe | decode_attention | decode_attention2 |" \
          "decode_attention3 | decode_attention_big | decode_attention_ranges |" \
-         "decode_attention_bench" >&2
+         "decode_attention_bench | ple_kernels | ple_kernels2 | kernels_bench" >&2
     exit 2
     ;;
 esac

@@ -96,15 +96,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
   return out.reshape(b, t, n, h)
 
 
-def mlp(x: jax.Array, p: dict) -> jax.Array:
+def mlp(x: jax.Array, p: dict, *, padded_rows: bool = False) -> jax.Array:
   """GeGLU: down(gelu(x @ gate) * (x @ up)). x: [..., D]; weights float or quant.QArray, gate and
-  up separate or joined as `gate_up` [D, 2I] (model.fuse_projections)."""
+  up separate or joined as `gate_up` [D, 2I] (model.fuse_projections). `padded_rows`: the down
+  projection's padded rows too, as `quant.einsum`'s."""
   if "gate_up" in p:
     gate, up = jnp.split(quant.einsum("...D,DI->...I", x, p["gate_up"]), 2, axis=-1)
   else:
     gate = quant.einsum("...D,DI->...I", x, p["gate"])
     up = quant.einsum("...D,DI->...I", x, p["up"])
-  return quant.einsum("...I,ID->...D", gelu(gate) * up, p["down"])
+  return quant.einsum("...I,ID->...D", gelu(gate) * up, p["down"], padded_rows=padded_rows)
 
 
 def route(x: jax.Array, p: dict, *, top_k: int, eps: float) -> tuple[jax.Array, jax.Array]:

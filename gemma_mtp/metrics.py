@@ -18,7 +18,7 @@ def environment() -> dict[str, Any]:
   """Machine and versions, for every record."""
   import flax  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
-  from gemma_mtp import decode_attention, drafter_kernels, matvec
+  from gemma_mtp import decode_attention, drafter_kernels, matvec, ple_kernels
   devices = jax.devices()
   return {
       "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -32,9 +32,10 @@ def environment() -> dict[str, Any]:
       "flax": flax.__version__,
       "numpy": np.__version__,
       # whether the Pallas kernels were on for programs traced in this process (auto: one GPU;
-      # the decode attention kernels then up to decode_attention.AUTO_MAX_BATCH rows)
+      # the decode attention and PLE kernels then up to their AUTO_MAX_BATCH rows)
       "pallas_kernels": {"matvec": matvec.enabled(), "drafter": drafter_kernels.enabled(),
-                         "decode_attention": decode_attention.enabled()},
+                         "decode_attention": decode_attention.enabled(),
+                         "ple": ple_kernels.enabled()},
   } | ({"xla_flags": os.environ["XLA_FLAGS"]} if os.environ.get("XLA_FLAGS") else {})
 
 

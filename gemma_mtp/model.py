@@ -25,6 +25,7 @@ from gemma_mtp import decode_attention
 from gemma_mtp import kv_cache as kvc
 from gemma_mtp import layers
 from gemma_mtp import params as params_lib
+from gemma_mtp import ple_kernels
 from gemma_mtp import quant
 from gemma_mtp import tree as tree_lib
 from gemma_mtp.config import FULL, SLIDING, ModelConfig
@@ -217,12 +218,25 @@ def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
   return layers.rms_norm(h, p["post_ffw_norm"], eps=cfg.rms_eps)
 
 
-def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig) -> jax.Array:
-  """One decoder layer; `attend(xn) -> [R, T, N, H]` does the layer's attention (R = B, or more
-  where rows padded for the o projection follow the B real ones: `decode_attention`)."""
-  xn = layers.rms_norm(x, p["pre_attn_norm"], eps=cfg.rms_eps)
+def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig, *,
+          xn: jax.Array | None = None, tail=None):
+  """One decoder layer: x [B, T, D] -> x.
+
+  `attend(xn) -> [R, T, N, H]` does the layer's attention (R = B, or more where rows padded for
+  the o projection follow the B real ones: `decode_attention`). `xn`: the layer's normed input
+  if the previous layer's `tail` computed it (rows padded as its first projection pads, which
+  `attend` takes). `tail(p, x, d, ple) -> (x, next xn)`: the end of a PLE layer as
+  `ple_kernels.tail`, from the residual after attention, the down projection's padded rows and
+  `ple` as given (there: every layer's inputs); the layer then returns its pair.
+  """
+  if xn is None:
+    xn = layers.rms_norm(x, p["pre_attn_norm"], eps=cfg.rms_eps)
   a = quant.einsum("BTNH,NHD->BTD", attend(xn), p["attn"]["o"])[:x.shape[0]]
   x = x + layers.rms_norm(a, p["post_attn_norm"], eps=cfg.rms_eps)
+  if tail is not None:
+    d = layers.mlp(layers.rms_norm(x, p["pre_ffw_norm"], eps=cfg.rms_eps), p["mlp"],
+                   padded_rows=True)
+    return tail(p, x, d, ple)
   x = x + feed_forward(p, x, cfg)
   if ple is not None:
     g = layers.gelu(quant.einsum("BTD,DP->BTP", x, p["ple"]["gate"])) * ple
@@ -282,6 +296,10 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   if decode_attention.choose(cfg, b, t, cache is not None, tree):
     kernels = decode_attention.Step(
         cfg, {kind: slot_idx[kind] for kind in set(cfg.layer_types)}, idx, start, positions)
+  # one position a row on a GPU, a PLE model: each layer's end (and the next layer's norm) as
+  # ple_kernels' kernels
+  tails = ple_kernels.choose(cfg, params, b, t, cache is not None, tree)
+  xn = None   # the layer's normed input, from the previous layer's tail
   for i, p in enumerate(params["layers"][:cfg.num_layers]):
     kind = cfg.layer_types[i]
     window = cfg.sliding_window if kind == SLIDING else None
@@ -289,6 +307,7 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
     def attend(xn, i=i, p=p, kind=kind, window=window):
       if kernels is not None and (cfg.is_kv_shared(i) or "k" not in p["attn"]):
         return attend_kernels(xn, i, p["attn"], kind)
+      xn = xn[:b]   # (a tail's padded rows)
       if cfg.is_kv_shared(i):
         q = project_q(p["attn"], xn, positions, cfg, kind)
         k, v, kv_idx = kv_now[cfg.kv_source(i)]
@@ -329,11 +348,28 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
       kv_now[i] = (new_k[i], new_v[i], slot_idx[kind])
       return out
 
-    x = block(p, x, attend, None if ple is None else ple[:, :, i], cfg)
+    if tails:   # (the tail reads the layer's slice of `ple` itself)
+      tail = functools.partial(ple_kernels.tail, cfg=cfg, layer=i,
+                               **_next_layer(params, i, b, cfg))
+      x, xn = block(p, x, attend, ple, cfg, xn=xn, tail=tail)
+    else:
+      x = block(p, x, attend, None if ple is None else ple[:, :, i], cfg)
 
   new_cache = None if cache is None else cache.replace(k=tuple(new_k), v=tuple(new_v),
                                                        ring_idx=ring_idx)
   return x, kv_now, new_cache
+
+
+def _next_layer(params: dict, i: int, b: int, cfg: ModelConfig) -> dict:
+  """`ple_kernels.tail`'s arguments for the layer after i: its pre-attention norm weight and the
+  rows its first projection takes (two for one row where `quant.einsum` would pad it)."""
+  if i + 1 >= cfg.num_layers:
+    return {}
+  p = params["layers"][i + 1]
+  attn = p["attn"]
+  w = next(attn[k] for k in ("qkv", "qk", "q") if k in attn)
+  pads = b == 1 and quant.pads_one_row(w) and not quant.is_quantized(w)
+  return {"next_norm": p["pre_attn_norm"], "next_rows": 2 if pads else b}
 
 
 def forward(params: dict, tokens: jax.Array, *, config: ModelConfig,

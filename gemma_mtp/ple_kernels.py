@@ -1,0 +1,207 @@
+"""The end of a decode layer of the per-layer-embedding targets (E2B, E4B) as three Pallas
+(Triton) kernels, on GPUs.
+
+After its MLP, a layer of a PLE model adds the MLP's normed output to the residual, gates the
+per-layer input with the result, projects it back and adds it normed, then scales by the layer
+scalar (`model.block`); the next layer starts by norming that. At one position a row XLA runs
+this as ~10 short kernels (the down projection's row slice, two norms, the pads of the gate and
+projection GEMMs' one-row inputs, the two GEMMs of 1.3 MB each at ~0.4 TB/s, the residual adds,
+the next layer's norm and the pad of its q|k|v input; NOTES run BC's step sequence: ~17 us a
+layer on an H100). Here it is three kernels, each recomputing the small vectors it needs from
+the previous kernel's outputs (as `drafter_kernels` does):
+
+  gate:    x2 = x1 + norm(d) (d: the down projection's output); part s of x2 @ W_gate, S splits
+           of the contraction                                              grid (B, P / bn, S)
+  proj:    g = gelu(sum of gate's parts) * ple; p = g @ W_proj                grid (B, D / bn)
+  finish:  x = (x2 + norm(p)) * layer_scalar, and the next layer's pre-attention norm of x,
+           written with the padded rows its q|k|v (or q) projection's one-row input gets
+           (`quant.pads_one_row`), so no pad kernel                           grid (R,)
+
+Where they run: `choose` (the switch `enabled()`: GPU and one device, or
+GEMMA_MTP_PLE_KERNELS=on; off switches them off; one position a row, a cache, no tree; a model
+with per-layer inputs, no MoE, float PLE weights, widths multiples of 16; under the automatic
+switch at most AUTO_MAX_BATCH rows, each of which reads the two PLE weights again). Off the GPU
+the kernels run in Pallas's interpreter, which is how the tests compare them with XLA's path.
+Values: float32 inside, rounded to the model's dtype wherever `model.block` rounds (each norm,
+GEMM output, residual add, the GELU and its product), so float32 agrees with XLA up to
+summation order and bfloat16 is as close to float32 arithmetic as XLA's path is, not bit-equal.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from gemma_mtp import drafter_kernels as dk
+from gemma_mtp import matvec
+from gemma_mtp import quant
+from gemma_mtp.config import ModelConfig
+
+F32 = jnp.float32
+ENV = "GEMMA_MTP_PLE_KERNELS"
+# The automatic switch takes batches up to this (every row's programs read the PLE weights).
+AUTO_MAX_BATCH = 4
+# The gate kernel's contraction parts: `drafter_kernels`' split times this (a power of two; a
+# knob for the step probe's variant fused_ple_split2).
+GATE_PARTS = 1
+
+
+def enabled() -> bool:
+  """Whether the switch is on in programs traced now (see the module doc)."""
+  return matvec.switch(ENV)
+
+
+def supported(cfg: ModelConfig, params: dict) -> str | None:
+  """None if the kernels take `cfg`'s layers with these parameters, else why not."""
+  if not cfg.per_layer_dim:
+    return "no per-layer inputs"
+  layers = params["layers"][:cfg.num_layers]
+  if any("moe" in p for p in layers):
+    return "MoE layers"
+  if any(quant.is_quantized(p["ple"][k]) for p in layers for k in ("gate", "proj")):
+    return "int8 PLE weights"
+  bad = [n for n in (cfg.embed_dim, cfg.per_layer_dim) if n < 16 or n % 16]
+  if bad:
+    return f"widths {bad} (not multiples of 16)"
+  return None
+
+
+def choose(cfg: ModelConfig, params: dict, rows: int, tokens_per_row: int, has_cache: bool,
+           tree) -> bool:
+  """Whether `model.run_layers` ends its layers with these kernels (under the automatic switch
+  only at batches up to AUTO_MAX_BATCH; =on at any batch)."""
+  if not (enabled() and has_cache and tree is None and tokens_per_row == 1
+          and supported(cfg, params) is None):
+    return False
+  return matvec.switch_mode(ENV) == "on" or rows <= AUTO_MAX_BATCH
+
+
+def _spans(n: int) -> list:
+  """[0, n) in chunks of a power of two (at most dk.CHUNK)."""
+  return dk._spans(n, matvec.pow2_divisor(n, dk.CHUNK))
+
+
+def _x2(x1_ref, d_ref, w_ref, b, spans, n, eps, rnd):
+  """x1 + rms_norm(d) * w of row b, in chunks (the residual after the MLP)."""
+  x1 = [dk._f32(x1_ref[b, ds]) for ds in spans]
+  d = [dk._f32(d_ref[b, ds]) for ds in spans]
+  w = [dk._f32(w_ref[ds]) for ds in spans]
+  return [rnd(a + c) for a, c in zip(x1, dk._norm(d, w, n, eps, rnd))]
+
+
+def _gate_kernel(x1_ref, d_ref, post_ref, w_ref, out_ref, *, rows, bn, eps, rnd):
+  """Part s of x2 @ W_gate: contraction rows [s * rows, (s + 1) * rows) (x2 = x1 + norm(d) * w,
+  the norm's scale from all of d)."""
+  b, c, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  n = x1_ref.shape[1]
+  bk = dk._rows_per_chunk(rows, bn)
+  part = dk._spans(rows, bk, s * rows)
+  d = [dk._f32(d_ref[b, ds]) for ds in _spans(n)]
+  x1 = [dk._f32(x1_ref[b, ds]) for ds in part]
+  d_part = [dk._f32(d_ref[b, ds]) for ds in part]
+  post = [dk._f32(post_ref[ds]) for ds in part]
+  w = [w_ref[ds, dk._columns(c, bn)] for ds in part]
+  scale = dk._inv_rms(d, n, eps)
+  x2 = [rnd(a + rnd(dc * scale * pc)) for a, dc, pc in zip(x1, d_part, post)]
+  out_ref[...] = dk._matvec(x2, w)           # rounded once the parts are added
+
+
+def _gelu(x):
+  inner = np.float32(np.sqrt(2.0 / np.pi)) * (x + np.float32(0.044715) * x * x * x)
+  return 0.5 * x * (1.0 + jnp.tanh(inner))
+
+
+def _proj_kernel(gate_ref, ple_ref, w_ref, out_ref, *, bn, at, rnd):
+  """Columns [c * bn, (c + 1) * bn) of gelu(gate) * ple @ W_proj; the layer's input is
+  [at, at + P) of ple's row (every layer's inputs, [B, L * P])."""
+  b, c = pl.program_id(0), pl.program_id(1)
+  p = w_ref.shape[0]
+  bk = dk._rows_per_chunk(p, bn)
+  spans = dk._spans(p, bk)
+  gate = [rnd(sum(gate_ref[b, s, ds] for s in range(gate_ref.shape[1]))) for ds in spans]
+  ple = [dk._f32(ple_ref[b, ds]) for ds in dk._spans(p, bk, at)]
+  w = [w_ref[ds, dk._columns(c, bn)] for ds in spans]
+  g = [rnd(rnd(_gelu(gc)) * pc) for gc, pc in zip(gate, ple)]
+  out_ref[...] = rnd(dk._matvec(g, w))
+
+
+def _finish_kernel(*refs, rows, eps, rnd, zeros, with_next):
+  """Row r: x = (x2 + norm(p) * w) * scalar, and (with_next) norm(x) * the next layer's weight,
+  the padding rows r >= rows zero (`zeros`) or row rows - 1 again."""
+  if with_next:
+    (x1_ref, d_ref, post_ref, p_ref, norm_ref, scalar_ref, next_ref, x_ref, xn_ref) = refs
+  else:
+    (x1_ref, d_ref, post_ref, p_ref, norm_ref, scalar_ref, x_ref) = refs
+  r = pl.program_id(0)
+  src = jnp.minimum(r, rows - 1)
+  n = x1_ref.shape[1]
+  spans = _spans(n)
+  x2 = _x2(x1_ref, d_ref, post_ref, src, spans, n, eps, rnd)
+  p = [dk._f32(p_ref[src, ds]) for ds in spans]
+  w = [dk._f32(norm_ref[ds]) for ds in spans]
+  if with_next:
+    w_next = [dk._f32(next_ref[ds]) for ds in spans]
+  scalar = rnd(dk._f32(scalar_ref[0]))
+  x = [rnd(rnd(a + c) * scalar) for a, c in zip(x2, dk._norm(p, w, n, eps, rnd))]
+  for ds, c in zip(spans, x):
+    x_ref[ds] = c.astype(x_ref.dtype)
+  if with_next:
+    for ds, c in zip(spans, dk._norm(x, w_next, n, eps, rnd)):
+      xn_ref[ds] = (jnp.where(r < rows, c, 0.0) if zeros else c).astype(xn_ref.dtype)
+
+
+def _gate_split(d: int, p: int) -> tuple[int, int, int]:
+  """(parts S, rows a part, bn) of the gate GEMM [d, p] (`drafter_kernels` tiling)."""
+  bn = dk._cols(p, d)
+  parts = want = dk._split(d // 16, 16 * bn)
+  want *= GATE_PARTS
+  while parts < want and (d // 16) % (2 * parts) == 0:
+    parts *= 2
+  return parts, d // parts, bn
+
+
+def tail(p: dict, x1, d, ple, cfg: ModelConfig, *, layer: int, next_norm=None,
+         next_rows: int = 0):
+  """The end of layer p after its MLP.
+
+  Args:
+    p: the layer's parameters (post_ffw_norm, ple.gate, ple.proj, ple.norm, layer_scalar).
+    x1: [B, 1, D] the residual after attention; d: [R >= B, 1, D] the MLP's down projection
+      (rows past B: `quant.einsum`'s padding, ignored).
+    ple: [B, 1, L, P] every layer's input (`model.per_layer_inputs`), of which the kernel reads
+      `layer`'s (a slice of it passed to a kernel would be a copy kernel of its own).
+    next_norm: the next layer's pre-attention norm weight [D] (None: the last layer).
+    next_rows: rows of the next layer's normed input (>= B: its projection's padded rows).
+  Returns:
+    (x [B, 1, D] the layer's output, xn [next_rows, 1, D] the next layer's normed input or None).
+  """
+  rnd = dk._rounder(cfg.dtype)
+  b, dim = x1.shape[0], x1.shape[-1]
+  pdim = ple.shape[-1]
+  eps = cfg.rms_eps
+  x1, d, ple = x1.reshape(b, dim), d.reshape(d.shape[0], dim), ple.reshape(b, -1)
+  post, gate_w, proj_w = p["post_ffw_norm"], p["ple"]["gate"], p["ple"]["proj"]
+  parts, rows, bn = _gate_split(dim, pdim)
+  (gate,) = dk._call(functools.partial(_gate_kernel, rows=rows, bn=bn, eps=eps, rnd=rnd),
+                     (b, pdim // bn, parts), [x1, d, post, gate_w],
+                     [dk._parts(b, parts, pdim, bn)], "ple_gate")
+  bn = dk._cols(dim, pdim)
+  (proj,) = dk._call(functools.partial(_proj_kernel, bn=bn, at=layer * pdim, rnd=rnd),
+                     (b, dim // bn),
+                     [gate, ple, proj_w], [dk._vec(b, dim, bn)], "ple_proj")
+  with_next = next_norm is not None
+  grid = next_rows if with_next else b
+  ins = [x1, d, post, proj, p["ple"]["norm"], p["layer_scalar"]]
+  outs = [((b, dim), x1.dtype, (None, dim), lambda r: (jnp.minimum(r, b - 1), 0))]
+  if with_next:
+    ins.append(next_norm)
+    outs.append(((next_rows, dim), x1.dtype, (None, dim), lambda r: (r, 0)))
+  res = dk._call(functools.partial(_finish_kernel, rows=b, eps=eps, rnd=rnd,
+                                   zeros=quant.PAD_ROWS_WITH == "zeros", with_next=with_next),
+                 (grid,), ins, outs, "ple_finish")
+  x = res[0][:, None]
+  return x, (res[1][:, None] if with_next else None)
