@@ -428,13 +428,15 @@ case "${1:-}" in
     grep -hE " ms " "$OUT"/step_probe_ple*.log
     ;;
   ple_kernels2)      # session 20, run BJ: run BH after the proj kernel reads its layer's slice
-                     # of the per-layer inputs itself (run BH: a copy kernel a layer); the gate
-                     # kernel in twice as many parts; then the tests compiled by Triton
-    timeout 260 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b \
-        --variants=fused,fused_ple_off,fused_ple_split2 --verify_models= \
+                     # of the per-layer inputs itself (run BH: a copy kernel a layer), and with
+                     # the o projection and the norms after it as two kernels more
+                     # (ple_kernels.attention_end) or not; the gate kernel in twice as many
+                     # parts; then the tests compiled by Triton
+    timeout 300 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b \
+        --variants=fused,fused_ple_xla_o,fused_ple_off,fused_ple_split2 --verify_models= \
         --out="$OUT/step_probe_ple2_h200.json" > "$OUT/step_probe_ple2.log" 2>&1
     grep -hE " ms " "$OUT"/step_probe_ple2.log
-    timeout 250 python -m pytest -q -x tests/test_ple_kernels.py \
+    timeout 200 python -m pytest -q -x tests/test_ple_kernels.py \
         -k "batch or bfloat or one" > "$OUT/tests_gpu.log" 2>&1
     tail -3 "$OUT/tests_gpu.log"
     ;;

@@ -316,6 +316,41 @@ def attention_kernel_rows(records: dict[str, dict]) -> dict[tuple, dict]:
   """{(model, batch, context, positions): {off, on, change}} (ms a step) from step-probe records
   holding both `fused_attn_off` and an attention-kernel variant of the same case; a later record
   replaces an earlier one's case (records in the order given)."""
+  return _switch_rows(records, _attention_side)
+
+
+def _ple_side(variant: str, batch: int, env: dict) -> str | None:
+  del env
+  from gemma_mtp import ple_kernels  # pylint: disable=g-import-not-at-top
+  if variant == "fused_ple_off":
+    return "off"
+  if variant == "fused_ple_on" or (variant == "fused" and batch <= ple_kernels.AUTO_MAX_BATCH):
+    return "on"
+  return None
+
+
+def _both_side(variant: str, batch: int, env: dict) -> str | None:
+  del env
+  from gemma_mtp import decode_attention, ple_kernels  # pylint: disable=g-import-not-at-top
+  if variant == "fused_xla":
+    return "off"
+  limit = min(decode_attention.AUTO_MAX_BATCH, ple_kernels.AUTO_MAX_BATCH)
+  if variant == "fused_all_on" or (variant == "fused" and batch <= limit):
+    return "on"
+  return None
+
+
+def ple_kernel_rows(records: dict[str, dict], *, against_xla: bool = False) -> dict[tuple, dict]:
+  """As `attention_kernel_rows` for the PLE kernels (session 20): `fused_ple_off` (the attention
+  kernels only) against the PLE kernels on; with `against_xla`, `fused_xla` (neither kind)
+  against both."""
+  return _switch_rows(records, _both_side if against_xla else _ple_side)
+
+
+def _switch_rows(records: dict[str, dict], side_of) -> dict[tuple, dict]:
+  """{case: {off, on, change}} from the records' entries that `side_of(variant, batch, env)`
+  calls 'off' or 'on' (the first of each side a case in a record; later records replace a
+  case)."""
   rows = {}
   for rec in records.values():
     for model, entries in rec.items():
@@ -325,7 +360,7 @@ def attention_kernel_rows(records: dict[str, dict]) -> dict[tuple, dict]:
       for e in entries:
         if "ms_per_step" in e:
           case = (model, e["batch"], e["context"], e["positions_per_forward"])
-          side = _attention_side(e["variant"], e["batch"], rec.get("environment", {}))
+          side = side_of(e["variant"], e["batch"], rec.get("environment", {}))
           if side and side not in ms.get(case, {}):
             ms.setdefault(case, {})[side] = e["ms_per_step"]
       for case, m in ms.items():
@@ -345,9 +380,24 @@ def attention_kernel_table(records: dict[str, dict]) -> list[str]:
   return out
 
 
-def attention_records() -> dict[str, dict]:
-  """The committed step-probe records of the attention kernels (runs BA-BF), in time order."""
-  recs = {p.stem: json.loads(p.read_text()) for p in RESULTS.glob("step_probe_attn*.json")}
+def ple_kernel_table(records: dict[str, dict]) -> list[str]:
+  """Each case of `ple_kernel_rows`: the step with the attention kernels only, with the PLE
+  kernels too, and (where the record has it) with neither."""
+  both = ple_kernel_rows(records, against_xla=True)
+  out = [_row("model", "batch", "context", "attention kernels only", "and the PLE kernels",
+              "change", "neither (XLA)", "both against neither"), _row(*["---"] * 8)]
+  for (model, b, ctx, _), m in sorted(ple_kernel_rows(records).items()):
+    x = both.get((model, b, ctx, 1))
+    out.append(_row(model, b, ctx, f"{m['off']:.3f} ms", f"{m['on']:.3f} ms",
+                    f"{m['change']:+.1%}", f"{x['off']:.3f} ms" if x else "-",
+                    f"{x['change']:+.1%}" if x else "-"))
+  return out
+
+
+def attention_records(pattern: str = "step_probe_attn*.json") -> dict[str, dict]:
+  """The committed step-probe records of the attention kernels (runs BA-BF; `pattern`
+  "step_probe_ple*.json": the PLE kernels', runs BH-BJ), in time order."""
+  recs = {p.stem: json.loads(p.read_text()) for p in RESULTS.glob(pattern)}
   return dict(sorted(recs.items(), key=lambda kv: kv[1]["environment"]["time_utc"]))
 
 
@@ -380,6 +430,11 @@ def main():
     print("\n**The target's attention kernels against XLA's attention (step_probe_attn*, "
           "same process)**\n")
     print("\n".join(attention_kernel_table(records)))
+  records = attention_records("step_probe_ple*.json")
+  if records:
+    print("\n**The PLE layers' end as kernels against XLA's ops (step_probe_ple*, same "
+          "process)**\n")
+    print("\n".join(ple_kernel_table(records)))
 
 
 if __name__ == "__main__":

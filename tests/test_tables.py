@@ -114,3 +114,22 @@ def test_committed_attention_records_give_the_readme_figures():
     got = rows[(model, batch, ctx, 1)]
     assert (round(got["off"], 3), round(got["on"], 3)) == (off, on), model
     assert round(got["change"], 3) == change, model
+
+
+def test_ple_kernel_rows():
+  """`fused_ple_off` against `fused` (up to the PLE kernels' batch limit) or `fused_ple_on`;
+  with `against_xla`, `fused_xla` against `fused` (up to both switches' limits) or
+  `fused_all_on`; the table shows both, '-' where a record lacks the XLA side."""
+  tables = _tables()
+  rec = _probe("2026-12-06T07:30:00", [("fused", 1, 3.0), ("fused_ple_off", 1, 4.0),
+                                       ("fused_xla", 1, 5.0), ("fused", 8, 6.0),
+                                       ("fused_ple_off", 8, 5.0), ("fused_ple_on", 2, 2.0),
+                                       ("fused_ple_off", 2, 2.5)])
+  rows = tables.ple_kernel_rows({"r": rec})
+  assert rows == {("m", 1, 1024, 1): {"off": 4.0, "on": 3.0, "change": -0.25},
+                  ("m", 2, 1024, 1): {"off": 2.5, "on": 2.0, "change": pytest.approx(-0.2)}}
+  both = tables.ple_kernel_rows({"r": rec}, against_xla=True)
+  assert both == {("m", 1, 1024, 1): {"off": 5.0, "on": 3.0, "change": pytest.approx(-0.4)}}
+  table = tables.ple_kernel_table({"r": rec})
+  assert table[2] == "| m | 1 | 1024 | 4.000 ms | 3.000 ms | -25.0% | 5.000 ms | -40.0% |"
+  assert table[3].endswith("| - | - |") and len(table) == 4
