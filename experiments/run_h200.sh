@@ -56,6 +56,7 @@
 #   bash experiments/run_h200.sh decode_attention_ranges  # one H200: chunks a program (run BG)
 #   bash experiments/run_h200.sh ple_kernels       # one H200: the PLE layers' end as kernels (BH)
 #   bash experiments/run_h200.sh ple_kernels2      # one H200: run BH again, the gate split (BJ)
+#   bash experiments/run_h200.sh ple_kernels3      # one H200: the o projection's tiles (BK)
 #   bash experiments/run_h200.sh kernels_bench     # one H200: benchmark decode, all kernels (BI)
 #   bash experiments/run_h200.sh drafter_final     # one H200: COMBINE as kept, released and
 #                                                  # GPU-pair drafters; benchmark part (AV)
@@ -440,6 +441,18 @@ case "${1:-}" in
         -k "batch or bfloat or one" > "$OUT/tests_gpu.log" 2>&1
     tail -3 "$OUT/tests_gpu.log"
     ;;
+  ple_kernels3)      # session 20, run BK: the o projection of ple_kernels.attention_end as
+                     # column tiles of 32 / 64 / 128 (run BJ: the drafter's o kernel, 16 columns,
+                     # ran E4B's o weight at ~1 TB/s), against XLA's o projection; the gate in 2
+                     # parts (run BJ's winner); then the tests compiled by Triton
+    timeout 330 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b \
+        --variants=fused,fused_o32,fused_o128,fused_ple_xla_o,fused_ple_off --verify_models= \
+        --out="$OUT/step_probe_ple3_h200.json" > "$OUT/step_probe_ple3.log" 2>&1
+    grep -hE " ms " "$OUT"/step_probe_ple3.log
+    timeout 150 python -m pytest -q -x tests/test_ple_kernels.py \
+        -k "batch or split" > "$OUT/tests_gpu.log" 2>&1
+    tail -3 "$OUT/tests_gpu.log"
+    ;;
   kernels_bench)     # session 20, run BI: the H200 record's decode figures of E4B, E2B and
                      # 26B-A4B with the attention and PLE kernels (an H200 only: the record is one)
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200"; exit 3; }
@@ -480,7 +493,7 @@ case "${1:-}" in
          "released_drafters | kernels_first | drafter_options | drafter_options2 |" \
          "drafter_options3 | drafter_final | drafter_warps_probe | drafter_warps8_probe | decode_attention | decode_attention2 |" \
          "decode_attention3 | decode_attention_big | decode_attention_ranges |" \
-         "decode_attention_bench | ple_kernels | ple_kernels2 | kernels_bench" >&2
+         "decode_attention_bench | ple_kernels | ple_kernels2 | ple_kernels3 | kernels_bench" >&2
     exit 2
     ;;
 esac

@@ -45,13 +45,20 @@ F32 = jnp.float32
 ENV = "GEMMA_MTP_PLE_KERNELS"
 # The automatic switch takes batches up to this (every row's programs read the PLE weights).
 AUTO_MAX_BATCH = 4
-# The gate kernel's contraction parts: `drafter_kernels`' split times this (a power of two; a
-# knob for the step probe's variant fused_ple_split2).
-GATE_PARTS = 1
+# The gate kernel's contraction parts: `drafter_kernels`' split times this (a power of two).
+# Measured on an H100 (NOTES run BJ): 2 took the gate kernel from 4.0 to 3.0 us (E4B, 64 -> 128
+# programs), the step 0.9% (E4B) and 1.3% (E2B); the step probe's variant fused_ple_split2
+# doubles it again.
+GATE_PARTS = 2
 # The o projection after attention and the norms around the residual add that follows it (the
 # MLP's input) as two kernels too (`attention_end`); False: XLA's ops (a knob for the step
 # probe's variant fused_ple_xla_o).
 ATTENTION_END = True
+# The o projection's tiling: O_COLUMNS output columns a program (a power of two; the drafter's
+# kernels take 16, whose 32-byte rows ran E4B's o weight at ~1 TB/s in run BJ) and about
+# O_WEIGHTS weights a program, the contraction split into as many parts as that takes.
+O_COLUMNS = 64
+O_WEIGHTS = 2 * dk.TILE
 
 
 def enabled() -> bool:
@@ -178,6 +185,13 @@ def _attn_end_kernel(parts_ref, x_ref, post_ref, pre_ref, x1_ref, xn_ref, *, row
     xn_ref[ds] = (jnp.where(r < rows, c, 0.0) if zeros else c).astype(xn_ref.dtype)
 
 
+def _o_tiling(k: int, d: int) -> tuple[int, int, int]:
+  """(parts, rows a part, bn) of the o projection [k, d] (O_COLUMNS, O_WEIGHTS)."""
+  bn = matvec.pow2_divisor(d, O_COLUMNS)
+  rows = matvec.pow2_divisor(k, max(16, O_WEIGHTS // bn))
+  return k // rows, rows, bn
+
+
 def rows_for(w, b: int) -> int:
   """Rows of a b-row input to a matmul with weight w as `quant.einsum` runs it: two for one
   row where it pads (float weights; an int8 one may take `matvec`'s one-row kernel), else b."""
@@ -206,13 +220,11 @@ def attention_end(p: dict, x, heads, cfg: ModelConfig):
     xn = layers.rms_norm(x1, p["pre_ffw_norm"], eps=cfg.rms_eps)
     return x1, (jnp.pad(xn, ((0, rows - b), (0, 0), (0, 0))) if rows > b else xn)
   rnd = dk._rounder(cfg.dtype)
-  heads = heads.reshape(heads.shape[0], heads.shape[2], heads.shape[3])
-  n, hd = heads.shape[1], heads.shape[2]
-  bn = dk._cols(dim, n * hd)
-  parts = dk._split(n, hd * bn)
-  (a,) = dk._call(functools.partial(dk._o_kernel, per_part=n // parts, bn=bn, rnd=rnd),
-                  (b, dim // bn, parts), [heads, w_o], [dk._parts(b, parts, dim, bn)],
-                  "attention_o")
+  k = heads.shape[2] * heads.shape[3]
+  parts, rows, bn = _o_tiling(k, dim)
+  (a,) = dk._call(functools.partial(dk._down_kernel, rows=rows, bn=bn), (b, dim // bn, parts),
+                  [heads.reshape(heads.shape[0], k), w_o.reshape(k, dim)],
+                  [dk._parts(b, parts, dim, bn)], "attention_o")
   x2d = x.reshape(b, dim)
   outs = [((b, dim), x.dtype, (None, dim), lambda r: (jnp.minimum(r, b - 1), 0)),
           ((rows, dim), x.dtype, (None, dim), lambda r: (r, 0))]

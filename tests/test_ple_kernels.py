@@ -58,21 +58,27 @@ def _target(cfg, seed=0):
 
 
 @pytest.mark.parametrize("case", ["batch 2", "padded rows", "padded rows, copies",
-                                  "padded rows, XLA's attention", "one row", "checkpoint layout"])
+                                  "padded rows, XLA's attention", "one row", "checkpoint layout",
+                                  "split contractions"])
 def test_decode_steps_equal_xla_float32(monkeypatch, case):
   """In float32 only the summation order differs: five decode steps after a 13-token prompt
   (left-padded rows, KV-shared layers) give XLA's logits and caches, with five kernels a layer.
   Cases: two rows; one row whose next projections' inputs the finish kernel pads to two rows,
   as on GPUs (`quant.pad_one_row`), with zeros or with copies of the row, and with XLA's
   attention taking the padded input (sliced back to one row); one row, no padding; the
-  checkpoint layout (q, k, v separate: owner layers through XLA's attention)."""
+  checkpoint layout (q, k, v separate: owner layers through XLA's attention); the o projection
+  and the PLE gate in several contraction parts each, as the released shapes are."""
+  if case == "split contractions":
+    monkeypatch.setattr(ple_kernels, "O_WEIGHTS", 256)
+    monkeypatch.setattr(ple_kernels, "GATE_PARTS", 4)
+    assert ple_kernels._o_tiling(4 * 32, 96)[0] == 8 and ple_kernels._gate_split(96, 32)[0] == 2
   if case.startswith("padded rows"):
     monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
   if case.endswith("copies"):
     monkeypatch.setattr(quant, "PAD_ROWS_WITH", "copy")
   params = (gemma_mtp.random_target(TINY).params if case == "checkpoint layout"
             else _target(TINY))
-  batch = 2 if case == "batch 2" else 1
+  batch = 2 if case in ("batch 2", "split contractions") else 1
   attention = "off" if "XLA" in case else "on"
   ref, ref_kv, ref_names = _steps(TINY, params, "off", monkeypatch, batch=batch,
                                   attention=attention)
