@@ -57,6 +57,7 @@
 #   bash experiments/run_h200.sh ple_kernels       # one H200: the PLE layers' end as kernels (BH)
 #   bash experiments/run_h200.sh ple_kernels2      # one H200: run BH again, the gate split (BJ)
 #   bash experiments/run_h200.sh ple_kernels3      # one H200: the o projection's tiles (BK)
+#   bash experiments/run_h200.sh ple_kernels4      # one H200: the PLE kernels as kept (BL)
 #   bash experiments/run_h200.sh kernels_bench     # one H200: benchmark decode, all kernels (BI)
 #   bash experiments/run_h200.sh drafter_final     # one H200: COMBINE as kept, released and
 #                                                  # GPU-pair drafters; benchmark part (AV)
@@ -453,6 +454,17 @@ case "${1:-}" in
         -k "batch or split" > "$OUT/tests_gpu.log" 2>&1
     tail -3 "$OUT/tests_gpu.log"
     ;;
+  ple_kernels4)      # session 20, run BL: the library's PLE kernels as kept after runs BH-BK
+                     # (three kernels a layer, the gate in 2 parts): E4B and E2B with both
+                     # kinds of kernel, the attention kernels only, and neither; batch 4
+    timeout 200 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b \
+        --variants=fused,fused_ple_off,fused_xla --verify_models= \
+        --out="$OUT/step_probe_ple4_h200.json" > "$OUT/step_probe_ple4.log" 2>&1
+    timeout 100 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b --batch=4 \
+        --variants=fused,fused_ple_off --verify_models= --profile_steps=0 \
+        --out="$OUT/step_probe_ple4_b4_h200.json" > "$OUT/step_probe_ple4_b4.log" 2>&1
+    grep -hE " ms " "$OUT"/step_probe_ple4*.log
+    ;;
   kernels_bench)     # session 20, run BI: the H200 record's decode figures of E4B, E2B and
                      # 26B-A4B with the attention and PLE kernels (an H200 only: the record is one)
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200"; exit 3; }
@@ -493,7 +505,8 @@ case "${1:-}" in
          "released_drafters | kernels_first | drafter_options | drafter_options2 |" \
          "drafter_options3 | drafter_final | drafter_warps_probe | drafter_warps8_probe | decode_attention | decode_attention2 |" \
          "decode_attention3 | decode_attention_big | decode_attention_ranges |" \
-         "decode_attention_bench | ple_kernels | ple_kernels2 | ple_kernels3 | kernels_bench" >&2
+         "decode_attention_bench | ple_kernels | ple_kernels2 | ple_kernels3 | ple_kernels4 |" \
+         "kernels_bench" >&2
     exit 2
     ;;
 esac

@@ -27,16 +27,16 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_attn_on   fused, those kernels at any batch (the automatic switch takes batches <= 4);
   fused_attn_range1 / fused_attn_range4  fused, the attention kernel's programs reading about 1
               / 4 cache chunks each instead of 2 (`decode_attention.RANGE_CHUNKS`);
-  fused_ple_off   fused, the PLE layers (E2B, E4B) from the o projection on through XLA's ops
-              instead of `ple_kernels`' five kernels a layer (the default on one GPU since session 20;
+  fused_ple_off   fused, the end of each PLE layer (E2B, E4B) through XLA's ops instead of
+              `ple_kernels`' three kernels a layer (the default on one GPU since session 20;
               before it, the `fused` entries of the committed records are this);
   fused_ple_on    fused, those kernels at any batch;
   fused_ple_split2  fused, the PLE gate kernel's contraction in twice as many parts as the
               library's (`ple_kernels.GATE_PARTS`; in run BJ's record: 2 parts against 1);
-  fused_o32 / fused_o128  fused, `ple_kernels.attention_end`'s o projection 32 / 128 columns a
-              program (`O_COLUMNS`) instead of 64;
-  fused_ple_xla_o  fused, the PLE layers' o projection and the norms after it through XLA's
-              ops, not `ple_kernels.attention_end`'s two kernels (`ATTENTION_END`);
+  (runs BJ and BK's `fused` entries and their variants fused_ple_xla_o, fused_o32 and
+  fused_o128 measured the PLE layers' o projection and the norms after it as two kernels more,
+  removed after them as slower on E4B, NOTES; their `fused_ple_xla_o` is the library's step
+  since);
   fused_xla       fused, neither kind of kernel (the library's step before session 19);
   fused_all_on    fused, both kinds at any batch;
 the per-step time (slope of a short and a long run of the decode loop, as the benchmark), one
@@ -90,8 +90,6 @@ _LIBRARY_ATTN_SWITCH = os.environ.get(decode_attention.ENV, "auto")
 _LIBRARY_RANGE_CHUNKS = decode_attention.RANGE_CHUNKS
 _LIBRARY_PLE_SWITCH = os.environ.get(ple_kernels.ENV, "auto")
 _LIBRARY_GATE_PARTS = ple_kernels.GATE_PARTS
-_LIBRARY_ATTENTION_END = ple_kernels.ATTENTION_END
-_LIBRARY_O_COLUMNS = ple_kernels.O_COLUMNS
 _CUDNN_CALLS = {"cudnn": 0, "library": 0}
 
 
@@ -120,8 +118,6 @@ def _set_variant(variant: str):
   decode_attention.RANGE_CHUNKS = {"fused_attn_range1": 1, "fused_attn_range4": 4}.get(
       variant, _LIBRARY_RANGE_CHUNKS)
   ple_kernels.GATE_PARTS = _LIBRARY_GATE_PARTS * (2 if variant == "fused_ple_split2" else 1)
-  ple_kernels.O_COLUMNS = {"fused_o32": 32, "fused_o128": 128}.get(variant, _LIBRARY_O_COLUMNS)
-  ple_kernels.ATTENTION_END = variant != "fused_ple_xla_o" and _LIBRARY_ATTENTION_END
   # fused_ple_off: the end of a PLE layer through XLA's ops, not ple_kernels' kernels
   os.environ[ple_kernels.ENV] = {"fused_ple_off": "off", "fused_ple_on": "on",
                                  "fused_xla": "off", "fused_all_on": "on"}.get(
@@ -214,8 +210,7 @@ def model_entries(model: str) -> list[dict]:
 
 VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fused_cudnn",
             "fused_attn_off", "fused_attn_on", "fused_attn_range1", "fused_attn_range4",
-            "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_ple_xla_o", "fused_o32",
-            "fused_o128", "fused_xla", "fused_all_on")
+            "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_xla", "fused_all_on")
 
 
 def main(argv):

@@ -227,16 +227,16 @@ def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig
   if the previous layer's `tail` computed it (rows padded as its first projection pads, which
   `attend` takes). `tail(p, x, d, ple) -> (x, next xn)`: the end of a PLE layer as
   `ple_kernels.tail`, from the residual after attention, the down projection's padded rows and
-  `ple` as given (there: every layer's inputs); the layer then runs its o projection up to the
-  MLP's input as `ple_kernels.attention_end` too, and returns the tail's pair.
+  `ple` as given (there: every layer's inputs); the layer then returns its pair.
   """
   if xn is None:
     xn = layers.rms_norm(x, p["pre_attn_norm"], eps=cfg.rms_eps)
-  if tail is not None:   # the o projection to the MLP's input, then the layer's end, as kernels
-    x, xn = ple_kernels.attention_end(p, x, attend(xn), cfg)
-    return tail(p, x, layers.mlp(xn, p["mlp"], padded_rows=True), ple)
   a = quant.einsum("BTNH,NHD->BTD", attend(xn), p["attn"]["o"])[:x.shape[0]]
   x = x + layers.rms_norm(a, p["post_attn_norm"], eps=cfg.rms_eps)
+  if tail is not None:
+    d = layers.mlp(layers.rms_norm(x, p["pre_ffw_norm"], eps=cfg.rms_eps), p["mlp"],
+                   padded_rows=True)
+    return tail(p, x, d, ple)
   x = x + feed_forward(p, x, cfg)
   if ple is not None:
     g = layers.gelu(quant.einsum("BTD,DP->BTP", x, p["ple"]["gate"])) * ple

@@ -50,15 +50,6 @@ AUTO_MAX_BATCH = 4
 # programs), the step 0.9% (E4B) and 1.3% (E2B); the step probe's variant fused_ple_split2
 # doubles it again.
 GATE_PARTS = 2
-# The o projection after attention and the norms around the residual add that follows it (the
-# MLP's input) as two kernels too (`attention_end`); False: XLA's ops (a knob for the step
-# probe's variant fused_ple_xla_o).
-ATTENTION_END = True
-# The o projection's tiling: O_COLUMNS output columns a program (a power of two; the drafter's
-# kernels take 16, whose 32-byte rows ran E4B's o weight at ~1 TB/s in run BJ) and about
-# O_WEIGHTS weights a program, the contraction split into as many parts as that takes.
-O_COLUMNS = 64
-O_WEIGHTS = 2 * dk.TILE
 
 
 def enabled() -> bool:
@@ -165,74 +156,10 @@ def _finish_kernel(*refs, rows, eps, rnd, zeros, with_next):
       xn_ref[ds] = (jnp.where(r < rows, c, 0.0) if zeros else c).astype(xn_ref.dtype)
 
 
-def _attn_end_kernel(parts_ref, x_ref, post_ref, pre_ref, x1_ref, xn_ref, *, rows, eps, rnd,
-                     zeros):
-  """Row r: x1 = x + norm(a) * w_post (a: the sum of the o projection's parts) and the MLP's
-  input norm(x1) * w_pre, the padding rows r >= rows zero (`zeros`) or row rows - 1 again."""
-  r = pl.program_id(0)
-  src = jnp.minimum(r, rows - 1)
-  n = x_ref.shape[1]
-  spans = _spans(n)
-  a = dk._load_parts(parts_ref, src, spans)
-  x = [dk._f32(x_ref[src, ds]) for ds in spans]
-  post = [dk._f32(post_ref[ds]) for ds in spans]
-  pre = [dk._f32(pre_ref[ds]) for ds in spans]
-  a = [rnd(c) for c in a]
-  x1 = [rnd(xc + c) for xc, c in zip(x, dk._norm(a, post, n, eps, rnd))]
-  for ds, c in zip(spans, x1):
-    x1_ref[ds] = c.astype(x1_ref.dtype)
-  for ds, c in zip(spans, dk._norm(x1, pre, n, eps, rnd)):
-    xn_ref[ds] = (jnp.where(r < rows, c, 0.0) if zeros else c).astype(xn_ref.dtype)
-
-
-def _o_tiling(k: int, d: int) -> tuple[int, int, int]:
-  """(parts, rows a part, bn) of the o projection [k, d] (O_COLUMNS, O_WEIGHTS)."""
-  bn = matvec.pow2_divisor(d, O_COLUMNS)
-  rows = matvec.pow2_divisor(k, max(16, O_WEIGHTS // bn))
-  return k // rows, rows, bn
-
-
 def rows_for(w, b: int) -> int:
   """Rows of a b-row input to a matmul with weight w as `quant.einsum` runs it: two for one
   row where it pads (float weights; an int8 one may take `matvec`'s one-row kernel), else b."""
   return 2 if b == 1 and quant.pads_one_row(w) and not quant.is_quantized(w) else b
-
-
-def attention_end(p: dict, x, heads, cfg: ModelConfig):
-  """The layer's o projection and what follows it up to the MLP: x1 = x + norm(heads @ W_o),
-  and the MLP's input norm(x1) with the rows its gate|up projection takes (`rows_for`).
-
-  Args:
-    x: [B, 1, D] the layer's input; heads: [R >= B, 1, N, H] the attention's output (rows past
-      B ignored).
-  Returns:
-    (x1 [B, 1, D], xn [R', 1, D]).
-  """
-  b, dim = x.shape[0], x.shape[-1]
-  mlp = p["mlp"]
-  up = mlp.get("gate_up", mlp.get("gate"))
-  rows = rows_for(up, b)
-  w_o = p["attn"]["o"]
-  if not ATTENTION_END or quant.is_quantized(w_o):
-    from gemma_mtp import layers  # pylint: disable=g-import-not-at-top
-    a = quant.einsum("BTNH,NHD->BTD", heads, w_o)[:b]
-    x1 = x + layers.rms_norm(a, p["post_attn_norm"], eps=cfg.rms_eps)
-    xn = layers.rms_norm(x1, p["pre_ffw_norm"], eps=cfg.rms_eps)
-    return x1, (jnp.pad(xn, ((0, rows - b), (0, 0), (0, 0))) if rows > b else xn)
-  rnd = dk._rounder(cfg.dtype)
-  k = heads.shape[2] * heads.shape[3]
-  parts, rows, bn = _o_tiling(k, dim)
-  (a,) = dk._call(functools.partial(dk._down_kernel, rows=rows, bn=bn), (b, dim // bn, parts),
-                  [heads.reshape(heads.shape[0], k), w_o.reshape(k, dim)],
-                  [dk._parts(b, parts, dim, bn)], "attention_o")
-  x2d = x.reshape(b, dim)
-  outs = [((b, dim), x.dtype, (None, dim), lambda r: (jnp.minimum(r, b - 1), 0)),
-          ((rows, dim), x.dtype, (None, dim), lambda r: (r, 0))]
-  x1, xn = dk._call(functools.partial(_attn_end_kernel, rows=b, eps=cfg.rms_eps, rnd=rnd,
-                                      zeros=quant.PAD_ROWS_WITH == "zeros"),
-                    (rows,), [a, x2d, p["post_attn_norm"], p["pre_ffw_norm"]], outs,
-                    "attention_end")
-  return x1[:, None], xn[:, None]
 
 
 def _gate_split(d: int, p: int) -> tuple[int, int, int]:

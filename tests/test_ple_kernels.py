@@ -47,8 +47,7 @@ def _steps(cfg, params, mode, monkeypatch, *, batch=2, attention="on"):
     jaxpr = str(jax.make_jaxpr(step)(params, fed[0], cache))
   jax.clear_caches()
   kv = [np.asarray(x, np.float32) for x in (*cache.k, *cache.v) if x is not None]
-  names = {n: jaxpr.count(f"name={n}") for n in ("attention_o", "attention_end", "ple_gate",
-                                                  "ple_proj", "ple_finish")}
+  names = {n: jaxpr.count(f"name={n}") for n in ("ple_gate", "ple_proj", "ple_finish")}
   return np.stack(logits), kv, names
 
 
@@ -59,26 +58,25 @@ def _target(cfg, seed=0):
 
 @pytest.mark.parametrize("case", ["batch 2", "padded rows", "padded rows, copies",
                                   "padded rows, XLA's attention", "one row", "checkpoint layout",
-                                  "split contractions"])
+                                  "one gate part"])
 def test_decode_steps_equal_xla_float32(monkeypatch, case):
   """In float32 only the summation order differs: five decode steps after a 13-token prompt
-  (left-padded rows, KV-shared layers) give XLA's logits and caches, with five kernels a layer.
+  (left-padded rows, KV-shared layers) give XLA's logits and caches, with three kernels a layer.
   Cases: two rows; one row whose next projections' inputs the finish kernel pads to two rows,
   as on GPUs (`quant.pad_one_row`), with zeros or with copies of the row, and with XLA's
   attention taking the padded input (sliced back to one row); one row, no padding; the
-  checkpoint layout (q, k, v separate: owner layers through XLA's attention); the o projection
-  and the PLE gate in several contraction parts each, as the released shapes are."""
-  if case == "split contractions":
-    monkeypatch.setattr(ple_kernels, "O_WEIGHTS", 256)
-    monkeypatch.setattr(ple_kernels, "GATE_PARTS", 4)
-    assert ple_kernels._o_tiling(4 * 32, 96)[0] == 8 and ple_kernels._gate_split(96, 32)[0] == 2
+  checkpoint layout (q, k, v separate: owner layers through XLA's attention); the PLE gate in
+  one contraction part instead of two."""
+  if case == "one gate part":
+    monkeypatch.setattr(ple_kernels, "GATE_PARTS", 1)
+    assert ple_kernels._gate_split(96, 32)[0] == 1
   if case.startswith("padded rows"):
     monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
   if case.endswith("copies"):
     monkeypatch.setattr(quant, "PAD_ROWS_WITH", "copy")
   params = (gemma_mtp.random_target(TINY).params if case == "checkpoint layout"
             else _target(TINY))
-  batch = 2 if case in ("batch 2", "split contractions") else 1
+  batch = 2 if case in ("batch 2", "one gate part") else 1
   attention = "off" if "XLA" in case else "on"
   ref, ref_kv, ref_names = _steps(TINY, params, "off", monkeypatch, batch=batch,
                                   attention=attention)
@@ -91,10 +89,10 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
 
 
 def test_no_pads_between_layers(monkeypatch):
-  """Where one-row matmuls are padded to two rows, the kernels write the next layer's q|k|v
-  input and the MLP's gate|up input with their second rows (so the down projection's input has
-  two rows too), and the PLE gate and projection GEMMs are kernels: the traced step pads five
-  one-row inputs fewer a layer than XLA's, bar the first layer's q|k|v input (the attention kernels on in both, which take the
+  """Where one-row matmuls are padded to two rows, the finish kernel writes the next layer's
+  q|k|v input with its second row, and the PLE gate and projection GEMMs are kernels: the
+  traced step pads three one-row inputs fewer a layer (the gate's, the projection's, the next
+  q|k|v input) than XLA's, bar the first layer's (the attention kernels on in both, which take the
   padded input; XLA's attention would slice and pad it again)."""
   monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
   monkeypatch.setenv(decode_attention.ENV, "on")
@@ -107,7 +105,7 @@ def test_no_pads_between_layers(monkeypatch):
     jaxpr = str(jax.make_jaxpr(lambda p, c: model_lib.forward(
         p, jnp.ones((1, 1), jnp.int32), config=TINY, cache=c).logits)(params, cache))
     pads[mode] = jaxpr.count("concatenate")
-  assert pads["off"] - pads["on"] == 5 * TINY.num_layers - 1, pads
+  assert pads["off"] - pads["on"] == 3 * TINY.num_layers - 1, pads
 
 
 def test_bfloat16_as_accurate_as_xla(monkeypatch):
@@ -160,7 +158,7 @@ def test_choose(monkeypatch):
 
 @pytest.mark.parametrize("name", ["tiny", "gemma4_e4b", "gemma4_e2b"])
 def test_kernels_lower_for_the_gpu(monkeypatch, name):
-  """A decode step lowers to Triton (exported for CUDA on the CPU): five kernels a layer (the
+  """A decode step lowers to Triton (exported for CUDA on the CPU): three kernels a layer (the
   attention kernels off), for the tiny model and the E4B and E2B shapes. What is not checked
   here is Triton's own compilation of that IR, which needs a GPU."""
   from gemma_mtp import drafter_kernels
@@ -180,7 +178,7 @@ def test_kernels_lower_for_the_gpu(monkeypatch, name):
                                              cache=c).logits), platforms=["cuda"],
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
           params, cache)
-  assert exported.mlir_module().count("xla.gpu.triton") == 5 * cfg.num_layers
+  assert exported.mlir_module().count("xla.gpu.triton") == 3 * cfg.num_layers
 
 
 def test_generate_with_kernels_equals_xla(monkeypatch):
