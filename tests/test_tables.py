@@ -133,3 +133,22 @@ def test_ple_kernel_rows():
   table = tables.ple_kernel_table({"r": rec})
   assert table[2] == "| m | 1 | 1024 | 4.000 ms | 3.000 ms | -25.0% | 5.000 ms | -40.0% |"
   assert table[3].endswith("| - | - |") and len(table) == 4
+
+
+def test_committed_ple_records_give_the_readme_figures():
+  """The README's PLE-kernel figures come from the committed records: run BL (the kernels as
+  kept), the latest, replaces every case of runs BH-BK (whose `fused` entries ran other
+  versions of them)."""
+  tables = _tables()
+  records = tables.attention_records("step_probe_ple*.json")
+  assert list(records)[-2:] == ["step_probe_ple4_h100", "step_probe_ple4_b4_h100"]
+  rows = tables.ple_kernel_rows(records)
+  both = tables.ple_kernel_rows(records, against_xla=True)
+  expect = {("gemma4_e4b", 1): (4.541, 4.352, -0.042), ("gemma4_e2b", 1): (2.774, 2.617, -0.056),
+            ("gemma4_e4b", 4): (4.692, 4.603, -0.019), ("gemma4_e2b", 4): (2.807, 2.710, -0.035)}
+  for (model, batch), (off, on, change) in expect.items():
+    got = rows[(model, batch, 1024, 1)]
+    assert (round(got["off"], 3), round(got["on"], 3), round(got["change"], 3)) == (
+        off, on, change), model
+  assert round(both[("gemma4_e4b", 1, 1024, 1)]["change"], 3) == -0.103
+  assert round(both[("gemma4_e2b", 1, 1024, 1)]["change"], 3) == -0.122
