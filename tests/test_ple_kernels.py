@@ -56,28 +56,28 @@ def _target(cfg, seed=0):
   return model_lib.fuse_projections(t.params, cfg)
 
 
-@pytest.mark.parametrize("case", ["batch 2", "padded rows", "padded rows, copies",
-                                  "padded rows, XLA's attention", "one row", "checkpoint layout",
-                                  "one gate part"])
+@pytest.mark.parametrize("case", ["batch 2", "padded rows",
+                                  "padded rows, copies, the attention kernels",
+                                  "one row, one gate part", "checkpoint layout"])
 def test_decode_steps_equal_xla_float32(monkeypatch, case):
   """In float32 only the summation order differs: five decode steps after a 13-token prompt
   (left-padded rows, KV-shared layers) give XLA's logits and caches, with three kernels a layer.
-  Cases: two rows; one row whose next projections' inputs the finish kernel pads to two rows,
-  as on GPUs (`quant.pad_one_row`), with zeros or with copies of the row, and with XLA's
-  attention taking the padded input (sliced back to one row); one row, no padding; the
-  checkpoint layout (q, k, v separate: owner layers through XLA's attention); the PLE gate in
-  one contraction part instead of two."""
-  if case == "one gate part":
+  Cases (XLA's attention, which slices a padded input back to its rows, unless named): two
+  rows; one row whose next projections' inputs the finish kernel pads to two rows, as on GPUs
+  (`quant.pad_one_row`), with zeros, or with copies of the row into the attention kernels,
+  which take the padded input as it is; one row, no padding, the PLE gate in one contraction
+  part instead of two; the checkpoint layout (q, k, v separate)."""
+  if case.endswith("one gate part"):
     monkeypatch.setattr(ple_kernels, "GATE_PARTS", 1)
     assert ple_kernels._gate_split(96, 32)[0] == 1
   if case.startswith("padded rows"):
     monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
-  if case.endswith("copies"):
+  if "copies" in case:
     monkeypatch.setattr(quant, "PAD_ROWS_WITH", "copy")
   params = (gemma_mtp.random_target(TINY).params if case == "checkpoint layout"
             else _target(TINY))
-  batch = 2 if case in ("batch 2", "one gate part") else 1
-  attention = "off" if "XLA" in case else "on"
+  batch = 2 if case == "batch 2" else 1
+  attention = "on" if "attention kernels" in case else "off"
   ref, ref_kv, ref_names = _steps(TINY, params, "off", monkeypatch, batch=batch,
                                   attention=attention)
   got, kv, names = _steps(TINY, params, "on", monkeypatch, batch=batch, attention=attention)
