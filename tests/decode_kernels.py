@@ -1,0 +1,114 @@
+"""Helpers of the tests of the target's decode-step kernels (decode_attention, ple_kernels)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import gemma_mtp
+from gemma_mtp import config as config_lib
+from gemma_mtp import drafter_kernels
+from gemma_mtp import kv_cache as kvc
+from gemma_mtp import model as model_lib
+from gemma_mtp import params as params_lib
+
+PROMPT, STEPS, MAX_LEN = 13, 5, 40
+
+
+def decode_steps(cfg, params, env: dict, monkeypatch, *, batch=2, steps=STEPS):
+  """Prefill (XLA) then `steps` one-position forwards with the switches `env` ({variable: mode})
+  set: the logits of every step [steps, B, V] and the last cache's buffers as float32 numpy
+  arrays, and the step program's jaxpr as text."""
+  for name, mode in env.items():
+    monkeypatch.setenv(name, mode)
+  jax.clear_caches()
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(1, cfg.vocab_size, (batch, PROMPT)), jnp.int32)
+  start = jnp.asarray([0, 3, 1, 5][:batch], jnp.int32)       # left padding
+  fed = jnp.asarray(rng.integers(1, cfg.vocab_size, (steps, batch, 1)), jnp.int32)
+  step = jax.jit(lambda p, tok, cache: model_lib.forward(p, tok, config=cfg, cache=cache))
+  with jax.default_matmul_precision("float32"):
+    _, cache = model_lib.prefill(params, tokens, start, config=cfg, max_len=MAX_LEN)
+    logits = []
+    for tok in fed:          # the same tokens fed to every run (not each run's greedy choice)
+      out = step(params, tok, cache)
+      cache = out.cache
+      logits.append(np.asarray(out.logits[:, 0], np.float32))
+    jaxpr = str(jax.make_jaxpr(step)(params, fed[0], cache))
+  jax.clear_caches()
+  kv = [np.asarray(x, np.float32) for x in (*cache.k, *cache.v) if x is not None]
+  return np.stack(logits), kv, jaxpr
+
+
+def fused_target(cfg, seed=0):
+  t = gemma_mtp.random_target(cfg, seed=seed)
+  return model_lib.fuse_projections(t.params, cfg)
+
+
+def triton_kernels_lowered(cfg, name: str, monkeypatch) -> tuple[int, int]:
+  """(Triton kernels, layers) of a bf16 batch-1 decode step at a 1k-slot cache, exported for
+  CUDA on the CPU (Triton's own compilation of that IR needs a GPU); `name` a preset, cut to
+  two layers of each kind (enough to lower), or "tiny" for `cfg`."""
+  monkeypatch.setattr(drafter_kernels, "_interpret", lambda: False)
+  if name != "tiny":
+    cfg = config_lib.preset(name)
+    layers = tuple(cfg.layer_types[:cfg.layer_types.index("full") + 1]) * 2
+    cfg = cfg.replace(layer_types=layers, num_kv_shared_layers=0)
+  cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+  params = jax.eval_shape(lambda: model_lib.fuse_projections(
+      params_lib.init_params(cfg, jax.random.PRNGKey(0)), cfg))
+  cache = jax.eval_shape(lambda: kvc.init_cache(cfg, 1, 1024))
+  exported = jax.export.export(
+      jax.jit(lambda p, c: model_lib.forward(p, jnp.ones((1, 1), jnp.int32), config=cfg,
+                                             cache=c).logits), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+          params, cache)
+  return exported.mlir_module().count("xla.gpu.triton"), cfg.num_layers
+
+
+def generate_off_and_on(cfg, env: str, monkeypatch):
+  """Greedy plain decoding of two ragged prompts (longer than the sliding window) with the
+  switch `env` off and on, in float32, and speculative decoding with it on: (tokens off,
+  tokens on, speculative tokens)."""
+  target = gemma_mtp.fuse_target(gemma_mtp.random_target(cfg, seed=3))
+  drafter = gemma_mtp.random_drafter(target, seed=4, embed_dim=32, num_heads=4, mlp_dim=64)
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(1, cfg.vocab_size, n).tolist() for n in (11, 6)]
+  out = {}
+  for mode in ("off", "on"):
+    monkeypatch.setenv(env, mode)
+    jax.clear_caches()
+    with jax.default_matmul_precision("float32"):
+      out[mode] = np.asarray(gemma_mtp.generate(target, prompts, max_new_tokens=8).tokens)
+      if mode == "on":
+        spec = gemma_mtp.generate(target, prompts, max_new_tokens=8, drafter=drafter,
+                                  draft_lengths=(2,), adaptive=False)
+  jax.clear_caches()
+  return out["off"], out["on"], np.asarray(spec.tokens)
+
+
+def bfloat16_errors(cfg, steps, monkeypatch):
+  """Mean relative errors of the logits of five bf16 decode steps with the switch off and on,
+  against float32 arithmetic on the same bf16 weights (`steps(cfg, params, mode, monkeypatch)`
+  -> (logits, ...)), and the two runs' logits: (error on, error off, logits on, logits off)."""
+  cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+  params = fused_target(cfg)
+  ref = steps(cfg, params, "off", monkeypatch)[0]
+  got = steps(cfg, params, "on", monkeypatch)[0]
+  f32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
+  exact = steps(cfg.replace(dtype="float32", param_dtype="float32"), f32, "off", monkeypatch)[0]
+  err = lambda x: np.abs(x - exact).mean() / np.abs(exact).mean()
+  return err(got), err(ref), got, ref
+
+
+def traced_pads(cfg, params, env: str, monkeypatch) -> dict:
+  """{mode: one-row inputs padded (concatenates) in a traced batch-1 decode step} with the
+  switch `env` off and on."""
+  pads = {}
+  for mode in ("off", "on"):
+    monkeypatch.setenv(env, mode)
+    _, cache = model_lib.prefill(params, jnp.ones((1, PROMPT), jnp.int32),
+                                 jnp.zeros((1,), jnp.int32), config=cfg, max_len=MAX_LEN)
+    jaxpr = str(jax.make_jaxpr(lambda p, c: model_lib.forward(
+        p, jnp.ones((1, 1), jnp.int32), config=cfg, cache=c).logits)(params, cache))
+    pads[mode] = jaxpr.count("concatenate")
+  return pads
