@@ -58,6 +58,7 @@
 #   bash experiments/run_h200.sh ple_kernels2      # one H200: run BH again, the gate split (BJ)
 #   bash experiments/run_h200.sh ple_kernels3      # one H200: the o projection's tiles (BK)
 #   bash experiments/run_h200.sh ple_kernels4      # one H200: the PLE kernels as kept (BL)
+#   bash experiments/run_h200.sh ple_verify        # one H200: PLE kernels in verification (BM)
 #   bash experiments/run_h200.sh kernels_bench     # one H200: benchmark decode, all kernels (BI)
 #   bash experiments/run_h200.sh drafter_final     # one H200: COMBINE as kept, released and
 #                                                  # GPU-pair drafters; benchmark part (AV)
@@ -465,6 +466,14 @@ case "${1:-}" in
         --out="$OUT/step_probe_ple4_b4_h200.json" > "$OUT/step_probe_ple4_b4.log" 2>&1
     grep -hE " ms " "$OUT"/step_probe_ple4*.log
     ;;
+  ple_verify)        # session 20, run BM: the PLE kernels in verification forwards (2-4
+                     # positions a row at batch 1: the automatic switch's limit), E4B, against
+                     # the same forwards without them
+    timeout 150 python experiments/step_probe.py --models=gemma4_e4b --verify_models=gemma4_e4b \
+        --verify_positions=2,3,4 --variants=fused,fused_ple_off --profile_steps=0 --short=8 \
+        --long=32 --out="$OUT/step_probe_ple_verify_h200.json" > "$OUT/step_probe_ple_verify.log" 2>&1
+    grep -hE " ms " "$OUT"/step_probe_ple_verify.log
+    ;;
   kernels_bench)     # session 20, run BI: the H200 record's decode figures of E4B, E2B and
                      # 26B-A4B with the attention and PLE kernels (an H200 only: the record is one)
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200"; exit 3; }
@@ -506,7 +515,7 @@ case "${1:-}" in
          "drafter_options3 | drafter_final | drafter_warps_probe | drafter_warps8_probe | decode_attention | decode_attention2 |" \
          "decode_attention3 | decode_attention_big | decode_attention_ranges |" \
          "decode_attention_bench | ple_kernels | ple_kernels2 | ple_kernels3 | ple_kernels4 |" \
-         "kernels_bench" >&2
+         "ple_verify | kernels_bench" >&2
     exit 2
     ;;
 esac

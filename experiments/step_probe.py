@@ -40,7 +40,7 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_xla       fused, neither kind of kernel (the library's step before session 19);
   fused_all_on    fused, both kinds at any batch;
 the per-step time (slope of a short and a long run of the decode loop, as the benchmark), one
-verification of 5 positions, and a profiler trace of `--profile_steps` steps summarized per step
+verification of 5 positions (`--verify_positions`), and a profiler trace of `--profile_steps` steps summarized per step
 (`bench.kernel_profile`: kernels per step, time the device is busy, the gaps between kernels,
 the costliest kernels, the kernels of one step in order). Run once more under `XLA_FLAGS` to
 compare compiler options (the flags are recorded with the environment).
@@ -72,7 +72,8 @@ _MODELS = flags.DEFINE_list("models", ["gemma4_e4b", "gemma4_26b_a4b", "gemma4_3
                                        "gemma4_e2b"], "models, in order")
 _VARIANTS = flags.DEFINE_list("variants", ["checkpoint", "fused", "fused_pad"], "layouts")
 _VERIFY = flags.DEFINE_list("verify_models", ["gemma4_e4b", "gemma4_31b"],
-                            "models also timed verifying 5 positions")
+                            "models also timed verifying --verify_positions positions")
+_VERIFY_T = flags.DEFINE_list("verify_positions", ["5"], "positions of each verification timed")
 _CONTEXT = flags.DEFINE_integer("context", 1024, "decode context")
 _BATCH = flags.DEFINE_integer("batch", 1, "decode batch (rows)")
 _SHORT = flags.DEFINE_integer("short", 16, "short loop")
@@ -149,7 +150,8 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
   vcfg = bench.variant_config(cfg, variant)
   cases = [bench.DecodeCase(_BATCH.value, _CONTEXT.value)]
   if model in _VERIFY.value:
-    cases.append(bench.DecodeCase(_BATCH.value, _CONTEXT.value, chunk=5))
+    cases += [bench.DecodeCase(_BATCH.value, _CONTEXT.value, chunk=int(t))
+              for t in _VERIFY_T.value]
   entries = []
   try:
     for case in cases:

@@ -300,7 +300,10 @@ def gpu_pair_records() -> dict[str, dict]:
 ATTENTION_OFF, ATTENTION_ON = "fused_attn_off", "fused_attn_on"
 
 
-def _attention_side(variant: str, batch: int, env: dict) -> str | None:
+def _attention_side(variant: str, batch: int, env: dict, positions: int = 1) -> str | None:
+  """'off' / 'on' / None: which side of the attention kernels' comparison a step-probe entry is
+  (`positions` > 1: a verification, which keeps XLA's attention either way, compared as is)."""
+  del positions
   if variant == ATTENTION_OFF:
     return "off"
   if variant == ATTENTION_ON:
@@ -319,18 +322,21 @@ def attention_kernel_rows(records: dict[str, dict]) -> dict[tuple, dict]:
   return _switch_rows(records, _attention_side)
 
 
-def _ple_side(variant: str, batch: int, env: dict) -> str | None:
+def _ple_side(variant: str, batch: int, env: dict, positions: int = 1) -> str | None:
   del env
   from gemma_mtp import ple_kernels  # pylint: disable=g-import-not-at-top
   if variant == "fused_ple_off":
     return "off"
-  if variant == "fused_ple_on" or (variant == "fused" and batch <= ple_kernels.AUTO_MAX_BATCH):
+  if variant == "fused_ple_on" or (variant == "fused"
+                                   and batch * positions <= ple_kernels.AUTO_MAX_BATCH):
     return "on"
   return None
 
 
-def _both_side(variant: str, batch: int, env: dict) -> str | None:
+def _both_side(variant: str, batch: int, env: dict, positions: int = 1) -> str | None:
   del env
+  if positions > 1:   # (the attention kernels take one position a row)
+    return None
   from gemma_mtp import decode_attention, ple_kernels  # pylint: disable=g-import-not-at-top
   if variant == "fused_xla":
     return "off"
@@ -348,9 +354,9 @@ def ple_kernel_rows(records: dict[str, dict], *, against_xla: bool = False) -> d
 
 
 def _switch_rows(records: dict[str, dict], side_of) -> dict[tuple, dict]:
-  """{case: {off, on, change}} from the records' entries that `side_of(variant, batch, env)`
-  calls 'off' or 'on' (the first of each side a case in a record; later records replace a
-  case)."""
+  """{case: {off, on, change}} from the records' entries that `side_of(variant, batch, env,
+  positions)` calls 'off' or 'on' (the first of each side a case in a record; later records
+  replace a case)."""
   rows = {}
   for rec in records.values():
     for model, entries in rec.items():
@@ -360,7 +366,7 @@ def _switch_rows(records: dict[str, dict], side_of) -> dict[tuple, dict]:
       for e in entries:
         if "ms_per_step" in e:
           case = (model, e["batch"], e["context"], e["positions_per_forward"])
-          side = side_of(e["variant"], e["batch"], rec.get("environment", {}))
+          side = side_of(e["variant"], e["batch"], rec.get("environment", {}), case[3])
           if side and side not in ms.get(case, {}):
             ms.setdefault(case, {})[side] = e["ms_per_step"]
       for case, m in ms.items():
@@ -381,14 +387,16 @@ def attention_kernel_table(records: dict[str, dict]) -> list[str]:
 
 
 def ple_kernel_table(records: dict[str, dict]) -> list[str]:
-  """Each case of `ple_kernel_rows`: the step with the attention kernels only, with the PLE
-  kernels too, and (where the record has it) with neither."""
+  """Each case of `ple_kernel_rows` (positions > 1: a verification forward, where the attention
+  kernels do not run): the step with the attention kernels only, with the PLE kernels too, and
+  (where the record has it) with neither."""
   both = ple_kernel_rows(records, against_xla=True)
-  out = [_row("model", "batch", "context", "attention kernels only", "and the PLE kernels",
-              "change", "neither (XLA)", "both against neither"), _row(*["---"] * 8)]
-  for (model, b, ctx, _), m in sorted(ple_kernel_rows(records).items()):
-    x = both.get((model, b, ctx, 1))
-    out.append(_row(model, b, ctx, f"{m['off']:.3f} ms", f"{m['on']:.3f} ms",
+  out = [_row("model", "batch", "context", "positions", "attention kernels only",
+              "and the PLE kernels", "change", "neither (XLA)", "both against neither"),
+         _row(*["---"] * 9)]
+  for (model, b, ctx, t), m in sorted(ple_kernel_rows(records).items()):
+    x = both.get((model, b, ctx, t))
+    out.append(_row(model, b, ctx, t, f"{m['off']:.3f} ms", f"{m['on']:.3f} ms",
                     f"{m['change']:+.1%}", f"{x['off']:.3f} ms" if x else "-",
                     f"{x['change']:+.1%}" if x else "-"))
   return out

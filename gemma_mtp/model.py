@@ -261,8 +261,9 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   `config.num_layers` layers run, and with a cache only their K/V are written. `params` may be
   int8-quantized (quant.py): quantized weights stay int8 and are dequantized inside their matmuls.
   `tree`: as in `forward`. One position a row with a cache on a GPU runs the attention as
-  `decode_attention`'s kernels (see `decode_attention.choose`) and, in the PLE models, each
-  layer's end and the next layer's norm as `ple_kernels`' (see `ple_kernels.choose`).
+  `decode_attention`'s kernels (see `decode_attention.choose`); in the PLE models, a forward
+  through the cache without a tree runs each layer's end and the next layer's norm as
+  `ple_kernels`' (see `ple_kernels.choose`).
 
   Returns:
     (x [B, T, D] residual stream after the last layer, kv_now: per layer the (k, v, kv_idx) it
@@ -297,7 +298,7 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   if decode_attention.choose(cfg, b, t, cache is not None, tree):
     kernels = decode_attention.Step(
         cfg, {kind: slot_idx[kind] for kind in set(cfg.layer_types)}, idx, start, positions)
-  # one position a row on a GPU, a PLE model: each layer's end (and the next layer's norm) as
+  # through a cache on a GPU, a PLE model: each layer's end (and the next layer's norm) as
   # ple_kernels' kernels
   tails = ple_kernels.choose(cfg, params, b, t, cache is not None, tree)
   xn = None   # the layer's normed input, from the previous layer's tail
@@ -351,7 +352,7 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
 
     if tails:   # (the tail reads the layer's slice of `ple` itself)
       tail = functools.partial(ple_kernels.tail, cfg=cfg, layer=i,
-                               **_next_layer(params, i, b, cfg))
+                               **_next_layer(params, i, b * t, cfg))
       x, xn = block(p, x, attend, ple, cfg, xn=xn, tail=tail)
     else:
       x = block(p, x, attend, None if ple is None else ple[:, :, i], cfg)
@@ -363,7 +364,8 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
 
 def _next_layer(params: dict, i: int, b: int, cfg: ModelConfig) -> dict:
   """`ple_kernels.tail`'s arguments for the layer after i: its pre-attention norm weight and the
-  rows its first projection takes (two for one row where `quant.einsum` would pad it)."""
+  rows its first projection takes for b positions (two for one where `quant.einsum` would pad
+  it)."""
   if i + 1 >= cfg.num_layers:
     return {}
   p = params["layers"][i + 1]

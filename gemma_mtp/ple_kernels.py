@@ -10,6 +10,9 @@ the next layer's norm and the pad of its q|k|v input; NOTES run BC's step sequen
 layer on an H100). Here it is three kernels, each recomputing the small vectors it needs from
 the previous kernel's outputs (as `drafter_kernels` does):
 
+Each position of the forward is a row of the kernels (a decode step's rows, or the K + 1
+positions of a chain's verification).
+
   gate:    x2 = x1 + norm(d) (d: the down projection's output); part s of x2 @ W_gate, S splits
            of the contraction                                              grid (B, P / bn, S)
   proj:    g = gelu(sum of gate's parts) * ple; p = g @ W_proj                grid (B, D / bn)
@@ -28,9 +31,10 @@ take ~3 us each, the ten XLA ones they replace ~17 us a layer; XLA's split-K red
 down projection, fused before into the slice and the norm, stays a kernel of its own (1.4 us).
 
 Where they run: `choose` (the switch `enabled()`: GPU and one device, or
-GEMMA_MTP_PLE_KERNELS=on; off switches them off; one position a row, a cache, no tree; a model
-with per-layer inputs, no MoE, float PLE weights, widths multiples of 16; under the automatic
-switch at most AUTO_MAX_BATCH rows, each of which reads the two PLE weights again). Off the GPU
+GEMMA_MTP_PLE_KERNELS=on; off switches them off; a forward through a cache without a tree; a
+model with per-layer inputs, no MoE, float PLE weights, widths multiples of 16; under the
+automatic switch at most AUTO_MAX_BATCH positions in all, each of whose programs read the two
+PLE weights again). Off the GPU
 the kernels run in Pallas's interpreter, which is how the tests compare them with XLA's path.
 Values: float32 inside, rounded to the model's dtype wherever `model.block` rounds (each norm,
 GEMM output, residual add, the GELU and its product), so float32 agrees with XLA up to
@@ -85,12 +89,13 @@ def supported(cfg: ModelConfig, params: dict) -> str | None:
 
 def choose(cfg: ModelConfig, params: dict, rows: int, tokens_per_row: int, has_cache: bool,
            tree) -> bool:
-  """Whether `model.run_layers` ends its layers with these kernels (under the automatic switch
-  only at batches up to AUTO_MAX_BATCH; =on at any batch)."""
-  if not (enabled() and has_cache and tree is None and tokens_per_row == 1
-          and supported(cfg, params) is None):
+  """Whether `model.run_layers` ends its layers with these kernels: a forward through the cache
+  without a tree (a decode step, or a chain's verification), each of whose rows x positions is
+  a row of the kernels; under the automatic switch only up to AUTO_MAX_BATCH of those, =on at
+  any number."""
+  if not (enabled() and has_cache and tree is None and supported(cfg, params) is None):
     return False
-  return matvec.switch_mode(ENV) == "on" or rows <= AUTO_MAX_BATCH
+  return matvec.switch_mode(ENV) == "on" or rows * tokens_per_row <= AUTO_MAX_BATCH
 
 
 def _spans(n: int) -> list:
@@ -187,22 +192,27 @@ def tail(p: dict, x1, d, ple, cfg: ModelConfig, *, layer: int, next_norm=None,
          next_rows: int = 0):
   """The end of layer p after its MLP.
 
+  Every position is a row of the kernels (B * T of them).
+
   Args:
     p: the layer's parameters (post_ffw_norm, ple.gate, ple.proj, ple.norm, layer_scalar).
-    x1: [B, 1, D] the residual after attention; d: [R >= B, 1, D] the MLP's down projection
-      (rows past B: `quant.einsum`'s padding, ignored).
-    ple: [B, 1, L, P] every layer's input (`model.per_layer_inputs`), of which the kernel reads
+    x1: [B, T, D] the residual after attention; d: [R, T, D] the MLP's down projection (R >= B
+      rows at T = 1: the rows past B `quant.einsum`'s padding, ignored).
+    ple: [B, T, L, P] every layer's input (`model.per_layer_inputs`), of which the kernel reads
       `layer`'s (a slice of it passed to a kernel would be a copy kernel of its own).
     next_norm: the next layer's pre-attention norm weight [D] (None: the last layer).
-    next_rows: rows of the next layer's normed input (>= B: its projection's padded rows).
+    next_rows: rows of the next layer's normed input: B * T, or 2 for one position where its
+      projection pads (`rows_for`).
   Returns:
-    (x [B, 1, D] the layer's output, xn [next_rows, 1, D] the next layer's normed input or None).
+    (x [B, T, D] the layer's output, the next layer's normed input or None: [B, T, D], or
+    [2, 1, D] padded).
   """
   rnd = dk._rounder(cfg.dtype)
-  b, dim = x1.shape[0], x1.shape[-1]
+  shape, dim = x1.shape, x1.shape[-1]
+  b = shape[0] * shape[1]
   pdim = ple.shape[-1]
   eps = cfg.rms_eps
-  x1, d, ple = x1.reshape(b, dim), d.reshape(d.shape[0], dim), ple.reshape(b, -1)
+  x1, d, ple = x1.reshape(b, dim), d.reshape(-1, dim), ple.reshape(b, -1)
   post, gate_w, proj_w = p["post_ffw_norm"], p["ple"]["gate"], p["ple"]["proj"]
   parts, rows, bn = _gate_split(dim, pdim)
   (gate,) = dk._call(functools.partial(_gate_kernel, rows=rows, bn=bn, eps=eps, rnd=rnd),
@@ -222,5 +232,7 @@ def tail(p: dict, x1, d, ple, cfg: ModelConfig, *, layer: int, next_norm=None,
   res = dk._call(functools.partial(_finish_kernel, rows=b, eps=eps, rnd=rnd,
                                    zeros=quant.PAD_ROWS_WITH == "zeros", with_next=with_next),
                  (grid,), ins, outs, "ple_finish")
-  x = res[0][:, None]
-  return x, (res[1][:, None] if with_next else None)
+  if not with_next:
+    return res[0].reshape(shape), None
+  xn = res[1]
+  return res[0].reshape(shape), (xn.reshape(shape) if next_rows == b else xn[:, None])

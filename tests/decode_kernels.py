@@ -14,25 +14,27 @@ from gemma_mtp import params as params_lib
 PROMPT, STEPS, MAX_LEN = 13, 5, 40
 
 
-def decode_steps(cfg, params, env: dict, monkeypatch, *, batch=2, steps=STEPS):
-  """Prefill (XLA) then `steps` one-position forwards with the switches `env` ({variable: mode})
-  set: the logits of every step [steps, B, V] and the last cache's buffers as float32 numpy
-  arrays, and the step program's jaxpr as text."""
+def decode_steps(cfg, params, env: dict, monkeypatch, *, batch=2, steps=STEPS, positions=1):
+  """Prefill (XLA) then `steps` forwards of `positions` positions a row (one: decode steps;
+  more: as a chain's verification) with the switches `env` ({variable: mode}) set: the logits
+  of every step ([steps, B, V], or [steps, B, positions, V]) and the last cache's buffers as
+  float32 numpy arrays, and the step program's jaxpr as text."""
   for name, mode in env.items():
     monkeypatch.setenv(name, mode)
   jax.clear_caches()
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(1, cfg.vocab_size, (batch, PROMPT)), jnp.int32)
   start = jnp.asarray([0, 3, 1, 5][:batch], jnp.int32)       # left padding
-  fed = jnp.asarray(rng.integers(1, cfg.vocab_size, (steps, batch, 1)), jnp.int32)
+  fed = jnp.asarray(rng.integers(1, cfg.vocab_size, (steps, batch, positions)), jnp.int32)
   step = jax.jit(lambda p, tok, cache: model_lib.forward(p, tok, config=cfg, cache=cache))
   with jax.default_matmul_precision("float32"):
-    _, cache = model_lib.prefill(params, tokens, start, config=cfg, max_len=MAX_LEN)
+    _, cache = model_lib.prefill(params, tokens, start, config=cfg, max_len=MAX_LEN,
+                                 max_chunk=positions)
     logits = []
     for tok in fed:          # the same tokens fed to every run (not each run's greedy choice)
       out = step(params, tok, cache)
       cache = out.cache
-      logits.append(np.asarray(out.logits[:, 0], np.float32))
+      logits.append(np.asarray(out.logits[:, 0] if positions == 1 else out.logits, np.float32))
     jaxpr = str(jax.make_jaxpr(step)(params, fed[0], cache))
   jax.clear_caches()
   kv = [np.asarray(x, np.float32) for x in (*cache.k, *cache.v) if x is not None]

@@ -23,20 +23,21 @@ TINY = config_lib.tiny(embed_dim=96, head_dim=32, global_head_dim=64, num_kv_sha
 _target = dkt.fused_target
 
 
-def _steps(cfg, params, mode, monkeypatch, *, batch=2, attention="on"):
+def _steps(cfg, params, mode, monkeypatch, *, batch=2, attention="on", positions=1):
   """`decode_kernels.decode_steps` with the PLE kernels switched `mode` (and the attention
   kernels `attention`): the logits, the last cache's buffers, and the step program's Pallas
   kernels by name."""
   logits, kv, jaxpr = dkt.decode_steps(
       cfg, params, {ple_kernels.ENV: mode, decode_attention.ENV: attention}, monkeypatch,
-      batch=batch)
+      batch=batch, positions=positions)
   names = {n: jaxpr.count(f"name={n}") for n in ("ple_gate", "ple_proj", "ple_finish")}
   return logits, kv, names
 
 
 @pytest.mark.parametrize("case", ["batch 2", "padded rows",
                                   "padded rows, copies, the attention kernels",
-                                  "one row, one gate part", "checkpoint layout"])
+                                  "one row, one gate part", "checkpoint layout",
+                                  "verification, 3 positions"])
 def test_decode_steps_equal_xla_float32(monkeypatch, case):
   """In float32 only the summation order differs: five decode steps after a 13-token prompt
   (left-padded rows, KV-shared layers) give XLA's logits and caches, with three kernels a layer.
@@ -44,7 +45,8 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
   rows; one row whose next projections' inputs the finish kernel pads to two rows, as on GPUs
   (`quant.pad_one_row`), with zeros, or with copies of the row into the attention kernels,
   which take the padded input as it is; one row, no padding, the PLE gate in one contraction
-  part instead of two; the checkpoint layout (q, k, v separate)."""
+  part instead of two; the checkpoint layout (q, k, v separate); forwards of three positions
+  a row, as a chain's verification (two rows: six rows of the kernels)."""
   if case.endswith("one gate part"):
     monkeypatch.setattr(ple_kernels, "GATE_PARTS", 1)
     assert ple_kernels._gate_split(96, 32)[0] == 1
@@ -54,11 +56,13 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
     monkeypatch.setattr(quant, "PAD_ROWS_WITH", "copy")
   params = (gemma_mtp.random_target(TINY).params if case == "checkpoint layout"
             else _target(TINY))
-  batch = 2 if case == "batch 2" else 1
+  batch = 2 if case in ("batch 2", "verification, 3 positions") else 1
   attention = "on" if "attention kernels" in case else "off"
+  positions = 3 if case.startswith("verification") else 1
   ref, ref_kv, ref_names = _steps(TINY, params, "off", monkeypatch, batch=batch,
-                                  attention=attention)
-  got, kv, names = _steps(TINY, params, "on", monkeypatch, batch=batch, attention=attention)
+                                  attention=attention, positions=positions)
+  got, kv, names = _steps(TINY, params, "on", monkeypatch, batch=batch, attention=attention,
+                          positions=positions)
   assert set(ref_names.values()) == {0}
   assert set(names.values()) == {TINY.num_layers}, names
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
@@ -89,9 +93,10 @@ def test_bfloat16_as_accurate_as_xla(monkeypatch):
 
 
 def test_choose(monkeypatch):
-  """The kernels take one position a row with a cache and no tree, in models with per-layer
-  inputs, no MoE and float PLE weights (E2B and E4B, not 31B or 26B-A4B); the automatic switch
-  only up to AUTO_MAX_BATCH rows and only on one GPU, =on at any batch, =off never."""
+  """The kernels take forwards through a cache without a tree (decode steps and chains'
+  verification), in models with per-layer inputs, no MoE and float PLE weights (E2B and E4B,
+  not 31B or 26B-A4B); the automatic switch only up to AUTO_MAX_BATCH positions in all and only
+  on one GPU, =on at any number, =off never."""
   shapes = lambda cfg: jax.eval_shape(lambda: params_lib.init_params(cfg, jax.random.PRNGKey(0)))
   for name in ("gemma4_e2b", "gemma4_e4b"):
     cfg = config_lib.preset(name)
@@ -106,15 +111,19 @@ def test_choose(monkeypatch):
   big = ple_kernels.AUTO_MAX_BATCH + 1
   monkeypatch.setenv(ple_kernels.ENV, "on")
   assert ple_kernels.choose(TINY, params, big, 1, True, None)
-  assert not ple_kernels.choose(TINY, params, 1, 2, True, None)     # verification, prefill
-  assert not ple_kernels.choose(TINY, params, 1, 1, False, None)    # no cache
+  assert ple_kernels.choose(TINY, params, big, 5, True, None)       # verification
+  assert not ple_kernels.choose(TINY, params, 1, 1, False, None)    # no cache: prefill
+  tree = gemma_mtp.TreeSpec.parse("2,1")
+  assert not ple_kernels.choose(TINY, params, 1, tree.num_nodes, True, tree)
   monkeypatch.setenv(ple_kernels.ENV, "off")
   assert not ple_kernels.choose(TINY, params, 1, 1, True, None)
   monkeypatch.setenv(ple_kernels.ENV, "auto")
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(jax, "device_count", lambda: 1)
   assert ple_kernels.choose(TINY, params, ple_kernels.AUTO_MAX_BATCH, 1, True, None)
+  assert ple_kernels.choose(TINY, params, 1, ple_kernels.AUTO_MAX_BATCH, True, None)
   assert not ple_kernels.choose(TINY, params, big, 1, True, None)
+  assert not ple_kernels.choose(TINY, params, 2, 3, True, None)     # 6 positions
   monkeypatch.setattr(jax, "device_count", lambda: 2)                # sharded: XLA's path
   assert not ple_kernels.choose(TINY, params, 1, 1, True, None)
 
@@ -132,12 +141,14 @@ def test_kernels_lower_for_the_gpu(monkeypatch, name):
 def test_generate_with_kernels_equals_xla(monkeypatch):
   """Plain greedy decoding (`api.generate`: the decode loop) emits the same tokens with the
   kernels as without, in float32, on ragged prompts longer than the sliding window; and
-  speculative decoding with a drafter still emits plain decoding's tokens while the plain steps
-  run the kernels."""
-  traced = []
+  speculative decoding with a drafter, whose verification forwards (3 positions a row) run the
+  kernels too, still emits plain decoding's tokens."""
+  traced = []                      # the layers traced through the kernels, by positions a row
   tail = ple_kernels.tail
-  monkeypatch.setattr(ple_kernels, "tail", lambda *a, **k: traced.append(1) or tail(*a, **k))
+  monkeypatch.setattr(ple_kernels, "tail",
+                      lambda p, x1, *a, **k: traced.append(x1.shape[1]) or tail(p, x1, *a, **k))
   off, on, spec = dkt.generate_off_and_on(TINY, ple_kernels.ENV, monkeypatch)
-  assert len(traced) == TINY.num_layers      # one plain decode program (with the switch on)
+  # one plain decode program and one verification program (K = 2), with the switch on
+  assert sorted(traced) == [1] * TINY.num_layers + [3] * TINY.num_layers
   np.testing.assert_array_equal(on, off)
   np.testing.assert_array_equal(spec, on)

@@ -131,7 +131,7 @@ def test_ple_kernel_rows():
   both = tables.ple_kernel_rows({"r": rec}, against_xla=True)
   assert both == {("m", 1, 1024, 1): {"off": 5.0, "on": 3.0, "change": pytest.approx(-0.4)}}
   table = tables.ple_kernel_table({"r": rec})
-  assert table[2] == "| m | 1 | 1024 | 4.000 ms | 3.000 ms | -25.0% | 5.000 ms | -40.0% |"
+  assert table[2] == "| m | 1 | 1024 | 1 | 4.000 ms | 3.000 ms | -25.0% | 5.000 ms | -40.0% |"
   assert table[3].endswith("| - | - |") and len(table) == 4
 
 
