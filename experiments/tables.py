@@ -396,6 +396,7 @@ def ple_kernel_table(records: dict[str, dict]) -> list[str]:
          _row(*["---"] * 9)]
   for (model, b, ctx, t), m in sorted(ple_kernel_rows(records).items()):
     x = both.get((model, b, ctx, t))
+    x = x if x and x["on"] == m["on"] else None   # (the same record's entries only)
     out.append(_row(model, b, ctx, t, f"{m['off']:.3f} ms", f"{m['on']:.3f} ms",
                     f"{m['change']:+.1%}", f"{x['off']:.3f} ms" if x else "-",
                     f"{x['change']:+.1%}" if x else "-"))

@@ -137,13 +137,13 @@ def test_ple_kernel_rows():
 
 def test_committed_ple_records_give_the_readme_figures():
   """The README's PLE-kernel figures come from the committed records: run BL (the kernels as
-  kept), the latest, replaces every case of runs BH-BK (whose `fused` entries ran other
-  versions of them)."""
+  kept: decode steps with and without them, and with neither kind of kernel) and run BM
+  (verification forwards of 2-4 positions)."""
   tables = _tables()
   records = tables.attention_records("step_probe_ple*.json")
-  assert list(records)[-2:] == ["step_probe_ple4_h100", "step_probe_ple4_b4_h100"]
-  rows = tables.ple_kernel_rows(records)
-  both = tables.ple_kernel_rows(records, against_xla=True)
+  bl = {k: records[k] for k in ("step_probe_ple4_h100", "step_probe_ple4_b4_h100")}
+  rows = tables.ple_kernel_rows(bl)
+  both = tables.ple_kernel_rows(bl, against_xla=True)
   expect = {("gemma4_e4b", 1): (4.541, 4.352, -0.042), ("gemma4_e2b", 1): (2.774, 2.617, -0.056),
             ("gemma4_e4b", 4): (4.692, 4.603, -0.019), ("gemma4_e2b", 4): (2.807, 2.710, -0.035)}
   for (model, batch), (off, on, change) in expect.items():
@@ -152,3 +152,12 @@ def test_committed_ple_records_give_the_readme_figures():
         off, on, change), model
   assert round(both[("gemma4_e4b", 1, 1024, 1)]["change"], 3) == -0.103
   assert round(both[("gemma4_e2b", 1, 1024, 1)]["change"], 3) == -0.122
+  bm = tables.ple_kernel_rows({"bm": records["step_probe_ple_verify_h100"]})
+  for t, (off, on, change) in {2: (4.830, 4.713, -0.024), 3: (4.789, 4.686, -0.021),
+                               4: (4.873, 4.763, -0.023)}.items():
+    got = bm[("gemma4_e4b", 1, 1024, t)]
+    assert (round(got["off"], 3), round(got["on"], 3), round(got["change"], 3)) == (
+        off, on, change), t
+  # the merged table (every case, the latest record's) shows XLA's side only beside its record
+  table = tables.ple_kernel_table(records)
+  assert "| gemma4_e4b | 1 | 1024 | 1 | 4.548 ms | 4.310 ms | -5.2% | - | - |" in table
