@@ -1,5 +1,7 @@
 """Helpers of the tests of the target's decode-step kernels (decode_attention, ple_kernels)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,12 @@ from gemma_mtp import model as model_lib
 from gemma_mtp import params as params_lib
 
 PROMPT, STEPS, MAX_LEN = 13, 5, 40
+
+
+def _prefill(cfg, max_chunk=1):
+  """`model.prefill` for MAX_LEN slots, jitted (eagerly, a tiny model's prefill takes ~6 s)."""
+  return jax.jit(functools.partial(model_lib.prefill, config=cfg, max_len=MAX_LEN,
+                                   max_chunk=max_chunk))
 
 
 def decode_steps(cfg, params, env: dict, monkeypatch, *, batch=2, steps=STEPS, positions=1):
@@ -28,8 +36,7 @@ def decode_steps(cfg, params, env: dict, monkeypatch, *, batch=2, steps=STEPS, p
   fed = jnp.asarray(rng.integers(1, cfg.vocab_size, (steps, batch, positions)), jnp.int32)
   step = jax.jit(lambda p, tok, cache: model_lib.forward(p, tok, config=cfg, cache=cache))
   with jax.default_matmul_precision("float32"):
-    _, cache = model_lib.prefill(params, tokens, start, config=cfg, max_len=MAX_LEN,
-                                 max_chunk=positions)
+    _, cache = _prefill(cfg, positions)(params, tokens, start)
     logits = []
     for tok in fed:          # the same tokens fed to every run (not each run's greedy choice)
       out = step(params, tok, cache)
@@ -108,8 +115,8 @@ def traced_pads(cfg, params, env: str, monkeypatch) -> dict:
   pads = {}
   for mode in ("off", "on"):
     monkeypatch.setenv(env, mode)
-    _, cache = model_lib.prefill(params, jnp.ones((1, PROMPT), jnp.int32),
-                                 jnp.zeros((1,), jnp.int32), config=cfg, max_len=MAX_LEN)
+    _, cache = _prefill(cfg)(params, jnp.ones((1, PROMPT), jnp.int32),
+                             jnp.zeros((1,), jnp.int32))
     jaxpr = str(jax.make_jaxpr(lambda p, c: model_lib.forward(
         p, jnp.ones((1, 1), jnp.int32), config=cfg, cache=c).logits)(params, cache))
     pads[mode] = jaxpr.count("concatenate")

@@ -16,10 +16,12 @@ from gemma_mtp import ple_kernels
 from gemma_mtp import quant
 from tests import decode_kernels as dkt
 
-# Per-layer inputs of 32, a 96-wide residual (not a power of two: the kernels' chunks), the last
-# two layers KV-shared, double-wide MLPs there; head dims the attention kernels take.
+# Per-layer inputs of 32, a 96-wide residual (not a power of two: the kernels' chunks), four
+# layers (sliding, full) x 2, the last two KV-shared with double-wide MLPs; head dims the
+# attention kernels take.
 TINY = config_lib.tiny(embed_dim=96, head_dim=32, global_head_dim=64, num_kv_shared_layers=2,
-                       per_layer_dim=32, per_layer_vocab_size=256, double_wide_mlp=True)
+                       layer_types=config_lib.pattern(4, 2), per_layer_dim=32,
+                       per_layer_vocab_size=256, double_wide_mlp=True)
 _target = dkt.fused_target
 
 
@@ -34,31 +36,30 @@ def _steps(cfg, params, mode, monkeypatch, *, batch=2, attention="on", positions
   return logits, kv, names
 
 
-@pytest.mark.parametrize("case", ["batch 2", "padded rows",
+@pytest.mark.parametrize("case", ["verification, two rows", "padded rows",
                                   "padded rows, copies, the attention kernels",
-                                  "one row, one gate part", "checkpoint layout",
-                                  "verification, 3 positions"])
+                                  "one row, one gate part, checkpoint layout"])
 def test_decode_steps_equal_xla_float32(monkeypatch, case):
-  """In float32 only the summation order differs: five decode steps after a 13-token prompt
+  """In float32 only the summation order differs: five forwards after a 13-token prompt
   (left-padded rows, KV-shared layers) give XLA's logits and caches, with three kernels a layer.
-  Cases (XLA's attention, which slices a padded input back to its rows, unless named): two
-  rows; one row whose next projections' inputs the finish kernel pads to two rows, as on GPUs
+  Cases (XLA's attention, which slices a padded input back to its rows, unless named): forwards
+  of three positions a row, as a chain's verification, on two rows (six rows of the kernels);
+  one row whose next projections' inputs the finish kernel pads to two rows, as on GPUs
   (`quant.pad_one_row`), with zeros, or with copies of the row into the attention kernels,
   which take the padded input as it is; one row, no padding, the PLE gate in one contraction
-  part instead of two; the checkpoint layout (q, k, v separate); forwards of three positions
-  a row, as a chain's verification (two rows: six rows of the kernels)."""
-  if case.endswith("one gate part"):
+  part instead of two, in the checkpoint layout (q, k, v separate)."""
+  if case.endswith("checkpoint layout"):
     monkeypatch.setattr(ple_kernels, "GATE_PARTS", 1)
     assert ple_kernels._gate_split(96, 32)[0] == 1
   if case.startswith("padded rows"):
     monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
   if "copies" in case:
     monkeypatch.setattr(quant, "PAD_ROWS_WITH", "copy")
-  params = (gemma_mtp.random_target(TINY).params if case == "checkpoint layout"
+  params = (gemma_mtp.random_target(TINY).params if case.endswith("checkpoint layout")
             else _target(TINY))
-  batch = 2 if case in ("batch 2", "verification, 3 positions") else 1
+  verification = case.startswith("verification")
+  batch, positions = (2, 3) if verification else (1, 1)
   attention = "on" if "attention kernels" in case else "off"
-  positions = 3 if case.startswith("verification") else 1
   ref, ref_kv, ref_names = _steps(TINY, params, "off", monkeypatch, batch=batch,
                                   attention=attention, positions=positions)
   got, kv, names = _steps(TINY, params, "on", monkeypatch, batch=batch, attention=attention,
