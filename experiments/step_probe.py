@@ -40,10 +40,11 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_xla       fused, neither kind of kernel (the library's step before session 19);
   fused_all_on    fused, both kinds at any batch;
 the per-step time (slope of a short and a long run of the decode loop, as the benchmark), one
-verification of 5 positions (`--verify_positions`), and a profiler trace of `--profile_steps` steps summarized per step
-(`bench.kernel_profile`: kernels per step, time the device is busy, the gaps between kernels,
-the costliest kernels, the kernels of one step in order). Run once more under `XLA_FLAGS` to
-compare compiler options (the flags are recorded with the environment).
+verification of 5 positions (`--verify_positions`), and a profiler trace of `--profile_steps`
+steps summarized per step (`bench.kernel_profile`: kernels per step, time the device is busy,
+the gaps between kernels, the costliest kernels, the kernels of one step in order). Run once
+more under `XLA_FLAGS` to compare compiler options (the flags are recorded with the
+environment).
 """
 
 import functools

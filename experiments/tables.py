@@ -403,9 +403,9 @@ def ple_kernel_table(records: dict[str, dict]) -> list[str]:
   return out
 
 
-def attention_records(pattern: str = "step_probe_attn*.json") -> dict[str, dict]:
-  """The committed step-probe records of the attention kernels (runs BA-BF; `pattern`
-  "step_probe_ple*.json": the PLE kernels', runs BH-BJ), in time order."""
+def step_probe_records(pattern: str = "step_probe_attn*.json") -> dict[str, dict]:
+  """The committed step-probe records matching `pattern`, in time order: by default the
+  attention kernels' (runs BA-BF); "step_probe_ple*.json": the PLE kernels' (runs BH-BM)."""
   recs = {p.stem: json.loads(p.read_text()) for p in RESULTS.glob(pattern)}
   return dict(sorted(recs.items(), key=lambda kv: kv[1]["environment"]["time_utc"]))
 
@@ -434,12 +434,12 @@ def main():
     print("**GPU-trained pair, mixed batch-1 workload: adaptive against the best fixed length "
           "(speedup over plain decoding; gain over the best fixed length; pass pairs won)**\n")
     print("\n".join(adaptive_table(records)))
-  records = attention_records()
+  records = step_probe_records()
   if records:
     print("\n**The target's attention kernels against XLA's attention (step_probe_attn*, "
           "same process)**\n")
     print("\n".join(attention_kernel_table(records)))
-  records = attention_records("step_probe_ple*.json")
+  records = step_probe_records("step_probe_ple*.json")
   if records:
     print("\n**The PLE layers' end as kernels against XLA's ops (step_probe_ple*, same "
           "process)**\n")

@@ -74,10 +74,11 @@ def triton_kernels_lowered(cfg, name: str, monkeypatch) -> tuple[int, int]:
   return exported.mlir_module().count("xla.gpu.triton"), cfg.num_layers
 
 
-def generate_off_and_on(cfg, env: str, monkeypatch):
+def generate_off_and_on(cfg, env: str, monkeypatch, traced: list):
   """Greedy plain decoding of two ragged prompts (longer than the sliding window) with the
   switch `env` off and on, in float32, and speculative decoding with it on: (tokens off,
-  tokens on, speculative tokens)."""
+  tokens on, speculative tokens). `traced`, filled by the caller's hook on the kernels, must
+  still be empty when each mode starts (so the off run traced none)."""
   target = gemma_mtp.fuse_target(gemma_mtp.random_target(cfg, seed=3))
   drafter = gemma_mtp.random_drafter(target, seed=4, embed_dim=32, num_heads=4, mlp_dim=64)
   rng = np.random.default_rng(1)
@@ -85,6 +86,7 @@ def generate_off_and_on(cfg, env: str, monkeypatch):
   out = {}
   for mode in ("off", "on"):
     monkeypatch.setenv(env, mode)
+    assert not traced, (mode, traced)
     jax.clear_caches()
     with jax.default_matmul_precision("float32"):
       out[mode] = np.asarray(gemma_mtp.generate(target, prompts, max_new_tokens=8).tokens)

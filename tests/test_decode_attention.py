@@ -134,7 +134,7 @@ def test_generate_with_kernels_equals_xla(monkeypatch):
   call = decode_attention.Step.__call__
   monkeypatch.setattr(decode_attention.Step, "__call__",
                       lambda self, *a, **k: traced.append(a[-1]) or call(self, *a, **k))
-  off, on, spec = dkt.generate_off_and_on(TINY, decode_attention.ENV, monkeypatch)
+  off, on, spec = dkt.generate_off_and_on(TINY, decode_attention.ENV, monkeypatch, traced)
   assert len(traced) == TINY.num_layers      # one plain decode program (with the switch on)
   np.testing.assert_array_equal(on, off)
   np.testing.assert_array_equal(spec, on)

@@ -103,7 +103,7 @@ def test_attention_kernel_rows():
 def test_committed_attention_records_give_the_readme_figures():
   """The README's attention-kernel figures come from the committed records (runs BA-BF)."""
   tables = _tables()
-  rows = tables.attention_kernel_rows(tables.attention_records())
+  rows = tables.attention_kernel_rows(tables.step_probe_records())
   expect = {("gemma4_e4b", 1, 1024): (4.863, 4.558, -0.063),
             ("gemma4_e2b", 1, 1024): (2.961, 2.755, -0.070),
             ("gemma4_26b_a4b", 1, 1024): (4.625, 4.345, -0.061),
@@ -140,7 +140,7 @@ def test_committed_ple_records_give_the_readme_figures():
   kept: decode steps with and without them, and with neither kind of kernel) and run BM
   (verification forwards of 2-4 positions)."""
   tables = _tables()
-  records = tables.attention_records("step_probe_ple*.json")
+  records = tables.step_probe_records("step_probe_ple*.json")
   bl = {k: records[k] for k in ("step_probe_ple4_h100", "step_probe_ple4_b4_h100")}
   rows = tables.ple_kernel_rows(bl)
   both = tables.ple_kernel_rows(bl, against_xla=True)
