@@ -21,10 +21,12 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
               ~30-55 us per layer against ~8 us of XLA's kernels) and its logits differ from
               the library's (E4B by up to 1.3 on logits of 4.5, another greedy token), so
               not adopted and not looked into further;
-  fused_attn_off  fused, the one-position attention through XLA's ops instead of
+  fused_attn_off  fused, the attention through the cache through XLA's ops instead of
               `decode_attention`'s two kernels a layer (the library's default on one GPU since
-              session 19; before it, the `fused` entries of the committed records are this);
-  fused_attn_on   fused, those kernels at any batch (the automatic switch takes batches <= 4);
+              session 19 for decode steps, since session 21 also for verification forwards;
+              before, the `fused` entries of the committed records are this);
+  fused_attn_on   fused, those kernels at any batch and up to 16 positions a row (the automatic
+              switch takes batches <= 4 and <= 9 positions);
   fused_attn_range1 / fused_attn_range4  fused, the attention kernel's programs reading about 1
               / 4 cache chunks each instead of 2 (`decode_attention.RANGE_CHUNKS`);
   fused_ple_off   fused, the end of each PLE layer (E2B, E4B) through XLA's ops instead of

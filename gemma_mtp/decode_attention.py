@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
@@ -61,6 +62,10 @@ AUTO_MAX_BATCH = 4
 # programs (E4B's 512-slot sliding layers: 8 heads x 8 ranges of 2 chunks of 32 slots). A knob
 # for the step probe's variants (fused_attn_range1 / _range4); 2 is the drafter's, as measured.
 RANGE_CHUNKS = 2
+# Positions a row the kernels take (a chain's verification: K + 1; each program holds a running
+# softmax per position, unrolled), and under the automatic switch.
+MAX_POSITIONS = 16
+AUTO_MAX_POSITIONS = 9
 
 
 def enabled() -> bool:
@@ -78,12 +83,14 @@ def supported(cfg: ModelConfig) -> str | None:
 
 
 def choose(cfg: ModelConfig, rows: int, tokens_per_row: int, has_cache: bool, tree) -> bool:
-  """Whether `model.run_layers` runs this forward's attention as these kernels (under the
-  automatic switch only at batches up to AUTO_MAX_BATCH; =on at any batch)."""
-  if not (enabled() and has_cache and tree is None and tokens_per_row == 1
+  """Whether `model.run_layers` runs this forward's attention as these kernels: through a cache,
+  no tree, at most MAX_POSITIONS positions a row (under the automatic switch only at batches up
+  to AUTO_MAX_BATCH and AUTO_MAX_POSITIONS positions; =on at any)."""
+  if not (enabled() and has_cache and tree is None and tokens_per_row <= MAX_POSITIONS
           and supported(cfg) is None):
     return False
-  return matvec.switch_mode(ENV) == "on" or rows <= AUTO_MAX_BATCH
+  return matvec.switch_mode(ENV) == "on" or (rows <= AUTO_MAX_BATCH
+                                             and tokens_per_row <= AUTO_MAX_POSITIONS)
 
 
 def _combine_rows_kernel(o_ref, lse_ref, x_ref, *, rows, bc, zeros, rnd):
@@ -97,86 +104,171 @@ def _combine_rows_kernel(o_ref, lse_ref, x_ref, *, rows, bc, zeros, rnd):
   x_ref[...] = x.astype(x_ref.dtype)
 
 
+def _positions_kernel(*refs, positions, group, bs, per_split, slots, hd, eps, rnd, new_at,
+                      window):
+  """`drafter_kernels._attn_kernel` for T = `positions` positions of row b: head n's T queries
+  (q-normed and rotated here) over cache chunks [p * per_split, (p + 1) * per_split), each chunk
+  read once for all T; the normalised partial output and log-sum-exp of each position, stored
+  by index into out [B, T, N, P, hd] and lse [B, T, N, P, LSE].
+
+  refs: (raw [B, T, C, hd], q-norm weight, (k-norm weight,) cos, sin [B, T, hd / 2], k, v
+  [B, S, K, hd], valid [B, T, S] (each position's visible slots), (slot [B, T],) out, lse,
+  (k, v out)). With `new_at` = (k_at, v_at) the forward's own T tokens join range 0 under the
+  causal (and sliding) mask: their keys k-normed and rotated, their values v-normed, and stored
+  into their slots of k and v (aliased; valid masks those slots out of the cache pass)."""
+  if new_at is None:
+    q_ref, qn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref = refs
+  else:
+    (q_ref, qn_ref, kn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, slot_ref, o_ref, lse_ref,
+     kout_ref, vout_ref) = refs
+  b, n, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  g = n // group
+  h2 = hd // 2
+  lo, hi = pl.ds(0, h2), pl.ds(h2, h2)
+  ts = range(positions)
+  f32 = dk._f32
+
+  def load(i):
+    first = (p * per_split + i) * bs
+    at = jnp.minimum(first, slots - bs)         # the last chunk is moved back, not read past
+    rows = pl.ds(at, bs)
+    fresh = at + jnp.arange(bs) >= first
+    keeps = [(valid_ref[b, t, rows] != 0) & fresh for t in ts]
+    return keeps, k_ref[b, rows, g, lo], k_ref[b, rows, g, hi], v_ref[b, rows, g, :]
+
+  def update(carries, chunk):
+    keeps, k1, k2, v = chunk
+    return [dk._online(c, keep, dk._scores(k1, k2, *q), v)
+            for c, keep, q in zip(carries, keeps, qs)]
+
+  qs = [(f32(q_ref[b, t, n, lo]), f32(q_ref[b, t, n, hi])) for t in ts]
+  qn1, qn2 = f32(qn_ref[lo]), f32(qn_ref[hi])
+  if new_at is not None:
+    k_at, v_at = new_at
+    nks = [(f32(q_ref[b, t, k_at + g, lo]), f32(q_ref[b, t, k_at + g, hi])) for t in ts]
+    nvs = [f32(q_ref[b, t, v_at + g, :]) for t in ts]
+    kn1, kn2 = f32(kn_ref[lo]), f32(kn_ref[hi])
+    new_slots = [slot_ref[b, t] for t in ts]
+  rope = [(cos_ref[b, t, :], sin_ref[b, t, :]) for t in ts]
+  chunks = [load(i) for i in range(per_split)] if per_split <= dk.UNROLL else None
+  qs = [dk._rotated(*dk._head_normed(*q, qn1, qn2, hd, eps, rnd), *r, rnd)
+        for q, r in zip(qs, rope)]
+  carries = [dk._softmax_start(hd) for _ in ts]
+  if chunks is not None:
+    for chunk in chunks:
+      carries = update(carries, chunk)
+  else:
+    carries = jax.lax.fori_loop(0, per_split, lambda i, c: update(c, load(i)), carries)
+  if new_at is not None:                  # the forward's own tokens, in range 0
+    nks = [dk._rotated(*dk._head_normed(*k, kn1, kn2, hd, eps, rnd), *r, rnd)
+           for k, r in zip(nks, rope)]
+    nvs = [dk._value_normed(v, hd, eps, rnd) for v in nvs]
+    for t in ts:
+      for j in range(t + 1):
+        if window is None or t - j < window:
+          s = jnp.sum(nks[j][0] * qs[t][0]) + jnp.sum(nks[j][1] * qs[t][1])
+          carries[t] = dk._join(carries[t], s, nvs[j], p == 0)
+    for (k1, k2), v, slot in zip(nks, nvs, new_slots):
+      kout_ref[b, slot, g, lo] = k1.astype(kout_ref.dtype)
+      kout_ref[b, slot, g, hi] = k2.astype(kout_ref.dtype)
+      vout_ref[b, slot, g, :] = v.astype(vout_ref.dtype)
+  for t, carry in zip(ts, carries):
+    o_ref[b, t, n, p, :], lse_ref[b, t, n, p, :] = dk._partial(carry)
+
+
 class Step:
-  """The per-forward pieces of one decode step's attention (the masks and RoPE tables of each
-  layer kind, made once), and `__call__` per layer.
+  """The per-forward pieces of a forward's attention (the masks and RoPE tables of each layer
+  kind, made once), and `__call__` per layer.
 
   Args:
     cfg: the model.
     kv_idx: {kind: [B, S] sequence index held by each slot} (the sliding ring's labels already
-      updated for this step's token).
-    idx: [B, 1] the step's sequence index; start: [B]; positions: [B, 1] RoPE positions.
+      updated for this forward's tokens).
+    idx: [B, T] the forward's sequence indices; start: [B]; positions: [B, T] RoPE positions.
   """
 
   def __init__(self, cfg: ModelConfig, kv_idx: dict, idx, start, positions):
     self.cfg = cfg
     self.dtype = jnp.dtype(cfg.dtype)
     self.rnd = dk._rounder(self.dtype)
+    self.positions = idx.shape[1]
     self.valid, self.rope, self.slot = {}, {}, {}
     from gemma_mtp import model as model_lib   # (model imports this module)
+    one = (lambda a: a[:, 0]) if self.positions == 1 else (lambda a: a)
     for kind, slots in kv_idx.items():
       window = cfg.sliding_window if kind == "sliding" else None
-      mask = layers.attention_mask(idx, slots, start, window=window)[:, 0]      # [B, S]
-      # owners mask the token's own slot (the kernel stores into it); shared layers read it
-      self.valid[kind] = {True: (mask & (slots != idx)).astype(jnp.int32),
-                          False: mask.astype(jnp.int32)}
-      self.slot[kind] = idx[:, 0] % slots.shape[1]
-      freqs = positions[:, 0, None].astype(F32) * jnp.asarray(model_lib.rope_inv_freq(cfg, kind))
-      self.rope[kind] = tuple(self.rnd(f(freqs)) for f in (jnp.cos, jnp.sin))
+      mask = layers.attention_mask(idx, slots, start, window=window)             # [B, T, S]
+      # owners mask the forward's own slots out (the kernel takes those tokens from their
+      # projection and stores them); shared layers read them
+      owners = mask & (slots[:, None, :] < idx[:, :1, None])
+      self.valid[kind] = {True: one(owners).astype(jnp.int32),
+                          False: one(mask).astype(jnp.int32)}
+      self.slot[kind] = one(idx % slots.shape[1])
+      freqs = positions[..., None].astype(F32) * jnp.asarray(model_lib.rope_inv_freq(cfg, kind))
+      self.rope[kind] = tuple(self.rnd(one(f(freqs))) for f in (jnp.cos, jnp.sin))
 
   def __call__(self, raw, q_norm, k, v, kind: str, *, new_at=None, k_norm=None, o_weight=None):
     """Attention of one layer.
 
     Args:
-      raw: [R, 1, C, H] the raw projection (R >= B rows, the first B real: `quant.einsum`'s
-        `padded_rows`): q heads first (N of them), then (with `new_at`) the step's key and value
-        heads.
+      raw: [R, T, C, H] the raw projection (R >= B rows, the first B real: `quant.einsum`'s
+        `padded_rows`): q heads first (N of them), then (with `new_at`) the forward's keys and
+        value heads.
       q_norm, k_norm: the norms' weights [H].
-      k, v: [B, S, K, H] the cache before this step's write (owners) or the source layer's
+      k, v: [B, S, K, H] the cache before this forward's write (owners) or the source layer's
         (KV-shared layers, `new_at` None).
       new_at: (k_at, v_at) the first key and value heads in `raw` (owners); None (shared).
       o_weight: the o projection's weight: the output's rows are padded as `quant.einsum` pads
         a one-row input for it (float weights).
     Returns:
-      (out [R, 1, N, H] (R >= B rows: the padded rows as `quant.PAD_ROWS_WITH`), and with
-      `new_at` k and v with the token's key and value in its slot (updated in place), else None,
-      None).
+      (out [R, T, N, H] (R >= B rows: the padded rows as `quant.PAD_ROWS_WITH`), and with
+      `new_at` k and v with the forward's keys and values in their slots (updated in place),
+      else None, None).
     """
-    cfg, rnd = self.cfg, self.rnd
+    cfg, rnd, t = self.cfg, self.rnd, self.positions
     b, hd = k.shape[0], raw.shape[-1]
     heads, slots, kv_heads = cfg.num_heads, k.shape[1], k.shape[2]
     bs, chunks, splits = dk._chunking(slots, hd, RANGE_CHUNKS)
     cos, sin = self.rope[kind]
-    ins = [raw.reshape(raw.shape[0], -1, hd), q_norm]
-    outs = [((b, heads, splits, w), F32, (None, None, None, w), lambda i, j, s: (i, j, s, 0))
-            for w in (hd, dk.LSE)]
+    per_split = -(-chunks // splits)
+    kw = dict(group=heads // kv_heads, bs=bs, per_split=per_split, slots=slots, hd=hd,
+              eps=cfg.rms_eps, rnd=rnd, new_at=new_at)
+    if t == 1:   # one program a head and range writes its partial's block
+      ins = [raw.reshape(raw.shape[0], -1, hd), q_norm]
+      outs = [((b, heads, splits, w), F32, (None, None, None, w),
+               lambda i, j, s: (i, j, s, 0)) for w in (hd, dk.LSE)]
+      kernel = functools.partial(dk._attn_kernel, **kw)
+    else:        # ... stores its T partials by index
+      ins = [raw[:b], q_norm]
+      outs = [((b, t, heads, splits, w), F32, (b, t, heads, splits, w),
+               lambda *_: (0,) * 5) for w in (hd, dk.LSE)]
+      kernel = functools.partial(_positions_kernel, positions=t, **kw,
+                                 window=cfg.sliding_window if kind == "sliding" else None)
     if new_at is not None:
       ins.append(k_norm)
     ins += [cos, sin]
     at_k = len(ins)
     ins += [k, v, self.valid[kind][new_at is not None]]
     aliases = None
-    if new_at is not None:   # the token's slot; k and v come back with it written, in place
+    if new_at is not None:   # the tokens' slots; k and v come back with them written, in place
       ins.append(self.slot[kind])
       outs += [(c.shape, c.dtype, c.shape, lambda *_: (0, 0, 0, 0)) for c in (k, v)]
       aliases = {at_k: 2, at_k + 1: 3}
-    res = dk._call(functools.partial(dk._attn_kernel, group=heads // kv_heads, bs=bs,
-                                     per_split=-(-chunks // splits), slots=slots, hd=hd,
-                                     eps=cfg.rms_eps, rnd=rnd, new_at=new_at),
-                   (b, heads, splits), ins, outs, "decode_attention", aliases=aliases)
+    res = dk._call(kernel, (b, heads, splits), ins, outs, "decode_attention", aliases=aliases)
+    partials = [r.reshape((b * t,) + r.shape[-3:]) for r in res[:2]]   # [B * T, N, P, w]
     # the o projection's two-row input, where `quant.einsum` would pad it (float weights: an
     # int8 one may go through `matvec`'s one-row kernel instead)
-    rows = b
-    if (b == 1 and o_weight is not None and not quant.is_quantized(o_weight)
+    rows = b * t
+    if (rows == 1 and o_weight is not None and not quant.is_quantized(o_weight)
         and quant.pads_one_row(o_weight)):
       rows = 2
     bc = matvec.pow2_divisor(hd, max(16, dk.TILE // splits))
-    (out,) = dk._call(functools.partial(_combine_rows_kernel, rows=b, bc=bc, rnd=rnd,
+    (out,) = dk._call(functools.partial(_combine_rows_kernel, rows=b * t, bc=bc, rnd=rnd,
                                         zeros=quant.PAD_ROWS_WITH == "zeros"),
-                      (rows, heads, hd // bc), res[:2],
+                      (rows, heads, hd // bc), partials,
                       [((rows, heads, hd), self.dtype, (None, None, bc),
                         lambda i, j, c: (i, j, c))], "decode_attention_rows")
-    out = out[:, None]
+    out = out.reshape(-1, t, heads, hd)
     if new_at is None:
       return out, None, None
     return out, res[2], res[3]

@@ -372,21 +372,8 @@ def _attn_kernel(*refs, group, bs, per_split, slots, hd, eps, rnd, new_at=None):
     return keep, k_ref[b, rows, g, lo], k_ref[b, rows, g, hi], v_ref[b, rows, g, :]
 
   def update(carry, chunk):
-    m, l, acc = carry
     keep, k1, k2, v = chunk
-    s = jnp.where(keep, jnp.sum(_f32(k1) * q1[None, :] + _f32(k2) * q2[None, :], axis=1),
-                  F32_MIN)
-    m_new = jnp.maximum(m, jnp.max(s))
-    alpha = jnp.exp(m - m_new)
-    w = jnp.where(keep, jnp.exp(s - m_new), 0.0)
-    return m_new, l * alpha + jnp.sum(w), acc * alpha + jnp.sum(w[:, None] * _f32(v), axis=0)
-
-  def normed(x1, x2, w1, w2):              # rms_norm over the two halves of a head
-    scale = jax.lax.rsqrt((jnp.sum(x1 * x1) + jnp.sum(x2 * x2)) / hd + eps)
-    return rnd(x1 * scale * w1), rnd(x2 * scale * w2)
-
-  def rotated(x1, x2):
-    return rnd(rnd(x1 * cos) + rnd(-x2 * sin)), rnd(rnd(x2 * cos) + rnd(x1 * sin))
+    return _online(carry, keep, _scores(k1, k2, q1, q2), v)
 
   q1, q2 = _f32(q_ref[b, n, lo]), _f32(q_ref[b, n, hi])
   qn1, qn2 = _f32(qn_ref[lo]), _f32(qn_ref[hi])
@@ -398,31 +385,77 @@ def _attn_kernel(*refs, group, bs, per_split, slots, hd, eps, rnd, new_at=None):
     slot = slot_ref[b]
   cos, sin = cos_ref[b, :], sin_ref[b, :]
   chunks = [load(i) for i in range(per_split)] if per_split <= UNROLL else None
-  q1, q2 = rotated(*normed(q1, q2, qn1, qn2))
-  carry = (jnp.asarray(F32_MIN, F32), jnp.asarray(0.0, F32), jnp.zeros((hd,), F32))
+  q1, q2 = _rotated(*_head_normed(q1, q2, qn1, qn2, hd, eps, rnd), cos, sin, rnd)
+  carry = _softmax_start(hd)
   if chunks is not None:
     for chunk in chunks:
       carry = update(carry, chunk)
   else:
     carry = jax.lax.fori_loop(0, per_split, lambda i, c: update(c, load(i)), carry)
-  m, l, acc = carry
   if new_at is not None:                  # the step's own token, in range 0
-    nk1, nk2 = rotated(*normed(nk1, nk2, kn1, kn2))
-    nv = rnd(nv * jax.lax.rsqrt(jnp.sum(nv * nv) / hd + eps))
-    s_new = jnp.sum(nk1 * q1) + jnp.sum(nk2 * q2)
-    first = p == 0
-    m_new = jnp.where(first, jnp.maximum(m, s_new), m)
-    alpha = jnp.exp(m - m_new)
-    w_new = jnp.where(first, jnp.exp(s_new - m_new), 0.0)
-    m, l = m_new, l * alpha + w_new
-    acc = acc * alpha + w_new * nv
+    nk1, nk2 = _rotated(*_head_normed(nk1, nk2, kn1, kn2, hd, eps, rnd), cos, sin, rnd)
+    nv = _value_normed(nv, hd, eps, rnd)
+    carry = _join(carry, jnp.sum(nk1 * q1) + jnp.sum(nk2 * q2), nv, p == 0)
     kout_ref[b, slot, g, lo] = nk1.astype(kout_ref.dtype)
     kout_ref[b, slot, g, hi] = nk2.astype(kout_ref.dtype)
     vout_ref[b, slot, g, :] = nv.astype(vout_ref.dtype)
+  o_ref[...], lse_ref[...] = _partial(carry)
+
+
+# The running softmax of an attention program: (max score m, sum of exp(s - m) l, the values
+# weighted by exp(s - m) acc), over chunks of slots and single keys; shared with
+# `decode_attention`'s kernel of several positions a row.
+
+def _softmax_start(hd: int):
+  return jnp.asarray(F32_MIN, F32), jnp.asarray(0.0, F32), jnp.zeros((hd,), F32)
+
+
+def _scores(k1, k2, q1, q2):
+  """Scores [bs] of a chunk's keys (halves k1, k2 [bs, hd / 2]) against a query's halves."""
+  return jnp.sum(_f32(k1) * q1[None, :] + _f32(k2) * q2[None, :], axis=1)
+
+
+def _online(carry, keep, s, v):
+  """A chunk into the running softmax: scores s [bs] where `keep`, values v [bs, hd]."""
+  m, l, acc = carry
+  s = jnp.where(keep, s, F32_MIN)
+  m_new = jnp.maximum(m, jnp.max(s))
+  alpha = jnp.exp(m - m_new)
+  w = jnp.where(keep, jnp.exp(s - m_new), 0.0)
+  return m_new, l * alpha + jnp.sum(w), acc * alpha + jnp.sum(w[:, None] * _f32(v), axis=0)
+
+
+def _join(carry, s, v, on):
+  """One key (score s, value v [hd]) into the running softmax where `on`."""
+  m, l, acc = carry
+  m_new = jnp.where(on, jnp.maximum(m, s), m)
+  alpha = jnp.exp(m - m_new)
+  w = jnp.where(on, jnp.exp(s - m_new), 0.0)
+  return m_new, l * alpha + w, acc * alpha + w * v
+
+
+def _partial(carry):
+  """(normalised output [hd], log-sum-exp [LSE]; F32_MIN where no key was visible)."""
+  m, l, acc = carry
   seen = l > 0
-  o_ref[...] = acc / jnp.where(seen, l, 1.0)
-  lse_ref[...] = jnp.broadcast_to(jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), F32_MIN),
-                                  (LSE,))
+  return (acc / jnp.where(seen, l, 1.0),
+          jnp.broadcast_to(jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), F32_MIN), (LSE,)))
+
+
+def _head_normed(x1, x2, w1, w2, hd: int, eps: float, rnd):
+  """rms_norm over the two halves of a head, times the weight's halves w1, w2."""
+  scale = jax.lax.rsqrt((jnp.sum(x1 * x1) + jnp.sum(x2 * x2)) / hd + eps)
+  return rnd(x1 * scale * w1), rnd(x2 * scale * w2)
+
+
+def _value_normed(v, hd: int, eps: float, rnd):
+  """The weightless v-norm of a value head [hd]."""
+  return rnd(v * jax.lax.rsqrt(jnp.sum(v * v) / hd + eps))
+
+
+def _rotated(x1, x2, cos, sin, rnd):
+  """RoPE of a head's halves at one position (cos, sin [hd / 2])."""
+  return rnd(rnd(x1 * cos) + rnd(-x2 * sin)), rnd(rnd(x2 * cos) + rnd(x1 * sin))
 
 
 def _combined(lse, o, rnd):

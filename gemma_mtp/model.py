@@ -260,8 +260,9 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   `config` may describe a prefix of the layers of `params` (the self-drafter): only the first
   `config.num_layers` layers run, and with a cache only their K/V are written. `params` may be
   int8-quantized (quant.py): quantized weights stay int8 and are dequantized inside their matmuls.
-  `tree`: as in `forward`. One position a row with a cache on a GPU runs the attention as
-  `decode_attention`'s kernels (see `decode_attention.choose`); in the PLE models, a forward
+  `tree`: as in `forward`. A forward through the cache without a tree, up to a few positions a
+  row, on a GPU runs the attention as `decode_attention`'s kernels (see
+  `decode_attention.choose`); in the PLE models, a forward
   through the cache without a tree runs each layer's end and the next layer's norm as
   `ple_kernels`' (see `ple_kernels.choose`).
 
@@ -294,7 +295,7 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   # [B, S] sequence index each cache slot holds, by layer kind
   slot_idx = {SLIDING: ring_idx, FULL: cache.slot_indices(True)} if cache else None
   kv_now: list[Any] = [None] * cfg.num_layers   # (k, v, kv_idx) each layer attends to
-  kernels = None   # one position a row on a GPU: the decode attention kernels
+  kernels = None   # a few positions a row through the cache on a GPU: the attention kernels
   if decode_attention.choose(cfg, b, t, cache is not None, tree):
     kernels = decode_attention.Step(
         cfg, {kind: slot_idx[kind] for kind in set(cfg.layer_types)}, idx, start, positions)
@@ -335,7 +336,7 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
       return layers.attention(q, k, v, mask)
 
     def attend_kernels(xn, i, p, kind):
-      """`attend` as decode_attention's kernels: [R, 1, N, H] (R >= B rows, see `block`)."""
+      """`attend` as decode_attention's kernels: [R, T, N, H] (R >= B rows, see `block`)."""
       n, o = cfg.num_heads, p["o"]
       if cfg.is_kv_shared(i):
         k, v, _ = kv_now[cfg.kv_source(i)]

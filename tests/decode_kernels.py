@@ -53,10 +53,11 @@ def fused_target(cfg, seed=0):
   return model_lib.fuse_projections(t.params, cfg)
 
 
-def triton_kernels_lowered(cfg, name: str, monkeypatch) -> tuple[int, int]:
-  """(Triton kernels, layers) of a bf16 batch-1 decode step at a 1k-slot cache, exported for
-  CUDA on the CPU (Triton's own compilation of that IR needs a GPU); `name` a preset, cut to
-  two layers of each kind (enough to lower), or "tiny" for `cfg`."""
+def triton_kernels_lowered(cfg, name: str, monkeypatch, *, positions=1) -> tuple[int, int]:
+  """(Triton kernels, layers) of a bf16 batch-1 forward of `positions` positions (one: a decode
+  step) at a 1k-slot cache, exported for CUDA on the CPU (Triton's own compilation of that IR
+  needs a GPU); `name` a preset, cut to two layers of each kind (enough to lower), or "tiny"
+  for `cfg`."""
   monkeypatch.setattr(drafter_kernels, "_interpret", lambda: False)
   if name != "tiny":
     cfg = config_lib.preset(name)
@@ -65,10 +66,10 @@ def triton_kernels_lowered(cfg, name: str, monkeypatch) -> tuple[int, int]:
   cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
   params = jax.eval_shape(lambda: model_lib.fuse_projections(
       params_lib.init_params(cfg, jax.random.PRNGKey(0)), cfg))
-  cache = jax.eval_shape(lambda: kvc.init_cache(cfg, 1, 1024))
+  cache = jax.eval_shape(lambda: kvc.init_cache(cfg, 1, 1024, max_chunk=positions))
   exported = jax.export.export(
-      jax.jit(lambda p, c: model_lib.forward(p, jnp.ones((1, 1), jnp.int32), config=cfg,
-                                             cache=c).logits), platforms=["cuda"],
+      jax.jit(lambda p, c: model_lib.forward(p, jnp.ones((1, positions), jnp.int32),
+                                             config=cfg, cache=c).logits), platforms=["cuda"],
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
           params, cache)
   return exported.mlir_module().count("xla.gpu.triton"), cfg.num_layers

@@ -1,4 +1,5 @@
-"""The target's one-position attention as Pallas kernels (decode_attention) against XLA's.
+"""The target's attention through the cache as Pallas kernels (decode_attention) against XLA's:
+decode steps (one position a row) and a chain's verification forwards (several).
 
 Off the GPU the kernels run in Pallas's interpreter; on a GPU the same tests run the compiled
 Triton kernels.
@@ -23,12 +24,12 @@ MAX_LEN = dkt.MAX_LEN
 _target = dkt.fused_target
 
 
-def _steps(cfg, params, mode, monkeypatch, *, batch=2):
+def _steps(cfg, params, mode, monkeypatch, *, batch=2, positions=1):
   """`decode_kernels.decode_steps` with the kernels switched `mode` (the PLE kernels off): the
   logits, the last cache's buffers, and whether the step's program holds a Pallas kernel."""
   logits, kv, jaxpr = dkt.decode_steps(
       cfg, params, {decode_attention.ENV: mode, ple_kernels.ENV: "off"}, monkeypatch,
-      batch=batch)
+      batch=batch, positions=positions)
   return logits, kv, "pallas_call" in jaxpr
 
 
@@ -70,6 +71,32 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
+@pytest.mark.parametrize("case", ["three positions", "k_eq_v, five positions, looped",
+                                  "more positions than the window"])
+def test_verification_forwards_equal_xla_float32(monkeypatch, case):
+  """Forwards of several positions a row through the cache, as a chain's verification (each
+  chunk of the cache read once for all of a head's positions; the forward's own tokens joined
+  under the causal mask and stored into their slots), give XLA's logits and caches in float32
+  over five forwards on two left-padded rows: three positions a row; five with k_eq_v full
+  layers and each program walking its chunks in a loop; ten, more than the sliding window of
+  8, so that the window masks some of the forward's own tokens from its later positions."""
+  positions = {"three positions": 3, "k_eq_v, five positions, looped": 5,
+               "more positions than the window": 10}[case]
+  cfg = TINY.replace(k_eq_v=True) if case.startswith("k_eq_v") else TINY
+  assert positions <= decode_attention.MAX_POSITIONS
+  monkeypatch.setattr(drafter_kernels, "SLOTS_PER_CHUNK", 4)
+  if "looped" in case:
+    monkeypatch.setattr(drafter_kernels, "UNROLL", 1)
+  params = _target(cfg)
+  ref, ref_kv, ref_kernels = _steps(cfg, params, "off", monkeypatch, positions=positions)
+  got, kv, kernels = _steps(cfg, params, "on", monkeypatch, positions=positions)
+  assert (ref_kernels, kernels) == (False, True)
+  assert got.shape == ref.shape == (dkt.STEPS, 2, positions, cfg.vocab_size)
+  np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+  for a, b in zip(kv, ref_kv):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+
+
 def test_padded_rows_reach_the_o_projection_without_a_pad(monkeypatch):
   """Where one-row matmuls are padded to two rows, the rows kernel writes the o projection's
   two-row input itself: the traced step pads fewer one-row inputs than XLA's (one per layer,
@@ -92,16 +119,19 @@ def test_bfloat16_as_accurate_as_xla(monkeypatch):
 
 
 def test_choose(monkeypatch):
-  """The kernels take one position a row with a cache and no tree, and heads whose half is a
-  power of two >= 16 (every released shape; not the tiny default's 16 / 32); the automatic
-  switch only up to AUTO_MAX_BATCH rows and only on a GPU, =on at any batch, =off never."""
+  """The kernels take up to MAX_POSITIONS positions a row with a cache and no tree, and heads
+  whose half is a power of two >= 16 (every released shape; not the tiny default's 16 / 32);
+  the automatic switch only up to AUTO_MAX_BATCH rows and AUTO_MAX_POSITIONS positions and only
+  on a GPU, =on at any batch, =off never."""
   for name in ("gemma4_e2b", "gemma4_e4b", "gemma4_31b", "gemma4_26b_a4b"):
     assert decode_attention.supported(config_lib.preset(name)) is None, name
   assert "half of a head" in decode_attention.supported(config_lib.tiny())
   big = decode_attention.AUTO_MAX_BATCH + 1
   monkeypatch.setenv(decode_attention.ENV, "on")
   assert decode_attention.choose(TINY, big, 1, True, None)
-  assert not decode_attention.choose(TINY, 1, 2, True, None)        # verification, prefill
+  assert decode_attention.choose(TINY, big, decode_attention.MAX_POSITIONS, True, None)
+  assert not decode_attention.choose(TINY, 1, decode_attention.MAX_POSITIONS + 1, True, None)
+  assert not decode_attention.choose(TINY, 1, 3, True, object())    # a tree
   assert not decode_attention.choose(TINY, 1, 1, False, None)       # no cache
   assert not decode_attention.choose(config_lib.tiny(), 1, 1, True, None)
   monkeypatch.setenv(decode_attention.ENV, "off")
@@ -110,18 +140,23 @@ def test_choose(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(jax, "device_count", lambda: 1)
   assert decode_attention.choose(TINY, decode_attention.AUTO_MAX_BATCH, 1, True, None)
+  assert decode_attention.choose(TINY, 1, decode_attention.AUTO_MAX_POSITIONS, True, None)
   assert not decode_attention.choose(TINY, big, 1, True, None)
+  assert not decode_attention.choose(TINY, 1, decode_attention.AUTO_MAX_POSITIONS + 1, True,
+                                     None)
   monkeypatch.setattr(jax, "device_count", lambda: 2)                # sharded: XLA's path
   assert not decode_attention.choose(TINY, 1, 1, True, None)
 
 
-@pytest.mark.parametrize("name", ["tiny", "gemma4_e4b", "gemma4_31b"])
-def test_kernels_lower_for_the_gpu(monkeypatch, name):
-  """A decode step lowers to Triton (exported for CUDA on the CPU): two kernels a layer, for the
-  tiny model and the E4B and 31B shapes at a 1k-slot cache (the PLE kernels off)."""
+@pytest.mark.parametrize("name,positions", [("tiny", 1), ("gemma4_e4b", 1), ("gemma4_31b", 1),
+                                            ("gemma4_e4b", 5)])
+def test_kernels_lower_for_the_gpu(monkeypatch, name, positions):
+  """A decode step, and a 5-position verification forward, lower to Triton (exported for CUDA
+  on the CPU): two kernels a layer, for the tiny model and the E4B and 31B shapes at a 1k-slot
+  cache (the PLE kernels off)."""
   monkeypatch.setenv(decode_attention.ENV, "on")
   monkeypatch.setenv(ple_kernels.ENV, "off")
-  kernels, layers = dkt.triton_kernels_lowered(TINY, name, monkeypatch)
+  kernels, layers = dkt.triton_kernels_lowered(TINY, name, monkeypatch, positions=positions)
   assert kernels == 2 * layers
 
 
@@ -129,12 +164,14 @@ def test_generate_with_kernels_equals_xla(monkeypatch):
   """Plain greedy decoding (`api.generate`: the decode loop, the cache updated in place in its
   while loop) emits the same tokens with the kernels as without, in float32, on ragged prompts
   longer than the sliding window; and speculative decoding with a drafter still emits plain
-  decoding's tokens while the plain steps run the kernels."""
-  traced = []                      # the layers traced through the kernels
+  decoding's tokens while its verification forwards (3 positions a row) and plain steps run
+  the kernels."""
+  traced = []                      # the layers traced through the kernels, by positions a row
   call = decode_attention.Step.__call__
   monkeypatch.setattr(decode_attention.Step, "__call__",
-                      lambda self, *a, **k: traced.append(a[-1]) or call(self, *a, **k))
+                      lambda self, *a, **k: traced.append(a[0].shape[1]) or call(self, *a, **k))
   off, on, spec = dkt.generate_off_and_on(TINY, decode_attention.ENV, monkeypatch, traced)
-  assert len(traced) == TINY.num_layers      # one plain decode program (with the switch on)
+  # one plain decode program and the speculative loop's verification (with the switch on)
+  assert sorted(traced) == [1] * TINY.num_layers + [3] * TINY.num_layers
   np.testing.assert_array_equal(on, off)
   np.testing.assert_array_equal(spec, on)
