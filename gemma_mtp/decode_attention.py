@@ -65,6 +65,7 @@ RANGE_CHUNKS = 2
 # Positions a row the kernels take (a chain's verification: K + 1; each program holds a running
 # softmax per position, unrolled), and under the automatic switch.
 MAX_POSITIONS = 16
+BLOCK_ROWS = 16           # a program's query block (tensor-core products need 16 rows)
 AUTO_MAX_POSITIONS = 9
 
 
@@ -93,29 +94,68 @@ def choose(cfg: ModelConfig, rows: int, tokens_per_row: int, has_cache: bool, tr
                                              and tokens_per_row <= AUTO_MAX_POSITIONS)
 
 
-def _combine_rows_kernel(o_ref, lse_ref, x_ref, *, rows, bc, zeros, rnd):
+def _combine_rows_kernel(o_ref, lse_ref, x_ref, *, rows, bc, zeros, rnd, block=None):
   """Columns [c * bc, (c + 1) * bc) of head n's output for row b from its ranges' partials;
-  the padding rows b >= rows zero (`zeros`) or row rows - 1 again."""
+  the padding rows b >= rows zero (`zeros`) or row rows - 1 again. `block` = (T, rows a block):
+  row b is position b % T of query block b // T (the partials' rows in blocks)."""
   b, n, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   src = jnp.minimum(b, rows - 1)
+  if block is not None:
+    src = (src // block[0]) * block[1] + src % block[0]
   x = dk._combined(lse_ref[src, n], o_ref[src, n, :, dk._columns(c, bc)], rnd)
   if zeros:
     x = jnp.where(b < rows, x, 0.0)
   x_ref[...] = x.astype(x_ref.dtype)
 
 
+def _dot_t(a, b):
+  """a @ b.T in float32 (tensor cores; float32 inputs multiplied exactly, not as TF32)."""
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
+                             preferred_element_type=F32)
+
+
+def _dot(a, b):
+  """a @ b in float32, as `_dot_t`."""
+  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
+                             preferred_element_type=F32)
+
+
+def _rows(vectors, dtype):
+  """[BLOCK_ROWS, w] in `dtype`: row t the t-th vector [w], the rest zero."""
+  rows = jnp.arange(BLOCK_ROWS)[:, None]
+  out = jnp.zeros((BLOCK_ROWS, vectors[0].shape[0]), F32)
+  for t, v in enumerate(vectors):
+    out = jnp.where(rows == t, v[None, :], out)
+  return out.astype(dtype)
+
+
+def _block_online(carry, keep, s, v):
+  """A chunk into the running softmaxes of a block of rows (m, l [rows], acc [rows, hd]): scores
+  s [rows, bs] where `keep`, values v [bs, hd] (the weights rounded to v's dtype for the value
+  product, as `layers.attention` rounds its probabilities)."""
+  m, l, acc = carry
+  s = jnp.where(keep, s, dk.F32_MIN)
+  m_new = jnp.maximum(m, jnp.max(s, axis=1))
+  alpha = jnp.exp(m - m_new)
+  w = jnp.where(keep, jnp.exp(s - m_new[:, None]), 0.0)
+  return (m_new, l * alpha + jnp.sum(w, axis=1),
+          acc * alpha[:, None] + _dot(w.astype(v.dtype), v))
+
+
 def _positions_kernel(*refs, positions, group, bs, per_split, slots, hd, eps, rnd, new_at,
                       window):
   """`drafter_kernels._attn_kernel` for T = `positions` positions of row b: head n's T queries
-  (q-normed and rotated here) over cache chunks [p * per_split, (p + 1) * per_split), each chunk
-  read once for all T; the normalised partial output and log-sum-exp of each position, stored
-  by index into out [B, T, N, P, hd] and lse [B, T, N, P, LSE].
+  (q-normed and rotated here) as the rows of a [BLOCK_ROWS, hd] block (the rest zero) over cache
+  chunks [p * per_split, (p + 1) * per_split), scores and values as tensor-core products, so
+  each chunk is read once for all T; the normalised partial outputs and log-sum-exps of the
+  block's rows, out [B, BLOCK_ROWS, N, P, hd] and lse [B, BLOCK_ROWS, N, P, LSE].
 
   refs: (raw [B, T, C, hd], q-norm weight, (k-norm weight,) cos, sin [B, T, hd / 2], k, v
-  [B, S, K, hd], valid [B, T, S] (each position's visible slots), (slot [B, T],) out, lse,
-  (k, v out)). With `new_at` = (k_at, v_at) the forward's own T tokens join range 0 under the
-  causal (and sliding) mask: their keys k-normed and rotated, their values v-normed, and stored
-  into their slots of k and v (aliased; valid masks those slots out of the cache pass)."""
+  [B, S, K, hd], valid [B, BLOCK_ROWS, S] (each position's visible slots; rows >= T none),
+  (slot [B, T],) out, lse, (k, v out)). With `new_at` = (k_at, v_at) the forward's own T tokens
+  join range 0 under the causal (and sliding) mask: their keys k-normed and rotated, their
+  values v-normed, and stored into their slots of k and v (aliased; valid masks those slots out
+  of the cache pass)."""
   if new_at is None:
     q_ref, qn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref = refs
   else:
@@ -126,20 +166,18 @@ def _positions_kernel(*refs, positions, group, bs, per_split, slots, hd, eps, rn
   h2 = hd // 2
   lo, hi = pl.ds(0, h2), pl.ds(h2, h2)
   ts = range(positions)
-  f32 = dk._f32
+  f32, dtype = dk._f32, k_ref.dtype
 
   def load(i):
     first = (p * per_split + i) * bs
     at = jnp.minimum(first, slots - bs)         # the last chunk is moved back, not read past
     rows = pl.ds(at, bs)
-    fresh = at + jnp.arange(bs) >= first
-    keeps = [(valid_ref[b, t, rows] != 0) & fresh for t in ts]
-    return keeps, k_ref[b, rows, g, lo], k_ref[b, rows, g, hi], v_ref[b, rows, g, :]
+    keep = (valid_ref[b, :, rows] != 0) & (at + jnp.arange(bs) >= first)[None, :]
+    return keep, k_ref[b, rows, g, lo], k_ref[b, rows, g, hi], v_ref[b, rows, g, :]
 
-  def update(carries, chunk):
-    keeps, k1, k2, v = chunk
-    return [dk._online(c, keep, dk._scores(k1, k2, *q), v)
-            for c, keep, q in zip(carries, keeps, qs)]
+  def update(carry, chunk):
+    keep, k1, k2, v = chunk
+    return _block_online(carry, keep, _dot_t(q1, k1) + _dot_t(q2, k2), v)
 
   qs = [(f32(q_ref[b, t, n, lo]), f32(q_ref[b, t, n, hi])) for t in ts]
   qn1, qn2 = f32(qn_ref[lo]), f32(qn_ref[hi])
@@ -153,27 +191,35 @@ def _positions_kernel(*refs, positions, group, bs, per_split, slots, hd, eps, rn
   chunks = [load(i) for i in range(per_split)] if per_split <= dk.UNROLL else None
   qs = [dk._rotated(*dk._head_normed(*q, qn1, qn2, hd, eps, rnd), *r, rnd)
         for q, r in zip(qs, rope)]
-  carries = [dk._softmax_start(hd) for _ in ts]
+  q1, q2 = _rows([q[0] for q in qs], dtype), _rows([q[1] for q in qs], dtype)
+  carry = (jnp.full((BLOCK_ROWS,), dk.F32_MIN, F32), jnp.zeros((BLOCK_ROWS,), F32),
+           jnp.zeros((BLOCK_ROWS, hd), F32))
   if chunks is not None:
     for chunk in chunks:
-      carries = update(carries, chunk)
+      carry = update(carry, chunk)
   else:
-    carries = jax.lax.fori_loop(0, per_split, lambda i, c: update(c, load(i)), carries)
+    carry = jax.lax.fori_loop(0, per_split, lambda i, c: update(c, load(i)), carry)
   if new_at is not None:                  # the forward's own tokens, in range 0
     nks = [dk._rotated(*dk._head_normed(*k, kn1, kn2, hd, eps, rnd), *r, rnd)
            for k, r in zip(nks, rope)]
     nvs = [dk._value_normed(v, hd, eps, rnd) for v in nvs]
-    for t in ts:
-      for j in range(t + 1):
-        if window is None or t - j < window:
-          s = jnp.sum(nks[j][0] * qs[t][0]) + jnp.sum(nks[j][1] * qs[t][1])
-          carries[t] = dk._join(carries[t], s, nvs[j], p == 0)
+    row = jnp.arange(BLOCK_ROWS)[:, None]
+    col = jnp.arange(BLOCK_ROWS)[None, :]
+    keep = (col <= row) & (col < positions) & (p == 0)
+    if window is not None:
+      keep &= row - col < window
+    s = (_dot_t(q1, _rows([k[0] for k in nks], dtype))
+         + _dot_t(q2, _rows([k[1] for k in nks], dtype)))
+    carry = _block_online(carry, keep, s, _rows(nvs, dtype))
     for (k1, k2), v, slot in zip(nks, nvs, new_slots):
       kout_ref[b, slot, g, lo] = k1.astype(kout_ref.dtype)
       kout_ref[b, slot, g, hi] = k2.astype(kout_ref.dtype)
       vout_ref[b, slot, g, :] = v.astype(vout_ref.dtype)
-  for t, carry in zip(ts, carries):
-    o_ref[b, t, n, p, :], lse_ref[b, t, n, p, :] = dk._partial(carry)
+  m, l, acc = carry
+  seen = l > 0
+  o_ref[b, :, n, p, :] = acc / jnp.where(seen, l, 1.0)[:, None]
+  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), dk.F32_MIN)
+  lse_ref[b, :, n, p, :] = jnp.broadcast_to(lse[:, None], (BLOCK_ROWS, dk.LSE))
 
 
 class Step:
@@ -195,14 +241,17 @@ class Step:
     self.valid, self.rope, self.slot = {}, {}, {}
     from gemma_mtp import model as model_lib   # (model imports this module)
     one = (lambda a: a[:, 0]) if self.positions == 1 else (lambda a: a)
+    # several positions: the masks' rows padded to a program's query block
+    block = ((lambda a: a[:, 0]) if self.positions == 1 else
+             (lambda a: jnp.pad(a, ((0, 0), (0, BLOCK_ROWS - a.shape[1]), (0, 0)))))
     for kind, slots in kv_idx.items():
       window = cfg.sliding_window if kind == "sliding" else None
       mask = layers.attention_mask(idx, slots, start, window=window)             # [B, T, S]
       # owners mask the forward's own slots out (the kernel takes those tokens from their
       # projection and stores them); shared layers read them
       owners = mask & (slots[:, None, :] < idx[:, :1, None])
-      self.valid[kind] = {True: one(owners).astype(jnp.int32),
-                          False: one(mask).astype(jnp.int32)}
+      self.valid[kind] = {True: block(owners.astype(jnp.int32)),
+                          False: block(mask.astype(jnp.int32))}
       self.slot[kind] = one(idx % slots.shape[1])
       freqs = positions[..., None].astype(F32) * jnp.asarray(model_lib.rope_inv_freq(cfg, kind))
       self.rope[kind] = tuple(self.rnd(one(f(freqs))) for f in (jnp.cos, jnp.sin))
@@ -238,9 +287,9 @@ class Step:
       outs = [((b, heads, splits, w), F32, (None, None, None, w),
                lambda i, j, s: (i, j, s, 0)) for w in (hd, dk.LSE)]
       kernel = functools.partial(dk._attn_kernel, **kw)
-    else:        # ... stores its T partials by index
+    else:        # ... stores its query block's partials by index
       ins = [raw[:b], q_norm]
-      outs = [((b, t, heads, splits, w), F32, (b, t, heads, splits, w),
+      outs = [((b, BLOCK_ROWS, heads, splits, w), F32, (b, BLOCK_ROWS, heads, splits, w),
                lambda *_: (0,) * 5) for w in (hd, dk.LSE)]
       kernel = functools.partial(_positions_kernel, positions=t, **kw,
                                  window=cfg.sliding_window if kind == "sliding" else None)
@@ -255,7 +304,7 @@ class Step:
       outs += [(c.shape, c.dtype, c.shape, lambda *_: (0, 0, 0, 0)) for c in (k, v)]
       aliases = {at_k: 2, at_k + 1: 3}
     res = dk._call(kernel, (b, heads, splits), ins, outs, "decode_attention", aliases=aliases)
-    partials = [r.reshape((b * t,) + r.shape[-3:]) for r in res[:2]]   # [B * T, N, P, w]
+    partials = [r.reshape((-1,) + r.shape[-3:]) for r in res[:2]]   # [B * (T or block), N, P, w]
     # the o projection's two-row input, where `quant.einsum` would pad it (float weights: an
     # int8 one may go through `matvec`'s one-row kernel instead)
     rows = b * t
@@ -264,7 +313,8 @@ class Step:
       rows = 2
     bc = matvec.pow2_divisor(hd, max(16, dk.TILE // splits))
     (out,) = dk._call(functools.partial(_combine_rows_kernel, rows=b * t, bc=bc, rnd=rnd,
-                                        zeros=quant.PAD_ROWS_WITH == "zeros"),
+                                        zeros=quant.PAD_ROWS_WITH == "zeros",
+                                        block=None if t == 1 else (t, BLOCK_ROWS)),
                       (rows, heads, hd // bc), partials,
                       [((rows, heads, hd), self.dtype, (None, None, bc),
                         lambda i, j, c: (i, j, c))], "decode_attention_rows")
