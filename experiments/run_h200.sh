@@ -487,6 +487,15 @@ case "${1:-}" in
         --out="$OUT/step_probe_verify_attn_h200.json" > "$OUT/step_probe_verify_attn.log" 2>&1
     grep -hE " ms " "$OUT"/step_probe_verify_attn.log
     ;;
+  verify_ple)        # session 21, run BP: E4B's verification forwards (4, 5, 9 positions) as the
+                     # library runs them (attention kernels up to 9 positions, PLE kernels up to
+                     # 4) against both kinds of kernel at any count
+    timeout 400 python experiments/step_probe.py --models=gemma4_e4b \
+        --verify_models=gemma4_e4b --verify_positions=4,5,9 \
+        --variants=fused,fused_all_on --profile_steps=0 --short=8 --long=32 \
+        --out="$OUT/step_probe_verify_ple_h200.json" > "$OUT/step_probe_verify_ple.log" 2>&1
+    grep -hE " ms " "$OUT"/step_probe_verify_ple.log
+    ;;
   kernels_bench)     # session 20, run BI: the H200 record's decode figures of E4B, E2B and
                      # 26B-A4B with the attention and PLE kernels (an H200 only: the record is one)
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200"; exit 3; }
