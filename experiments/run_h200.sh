@@ -496,6 +496,14 @@ case "${1:-}" in
         --out="$OUT/step_probe_verify_ple_h200.json" > "$OUT/step_probe_verify_ple.log" 2>&1
     grep -hE " ms " "$OUT"/step_probe_verify_ple.log
     ;;
+  verify_31b)        # session 21, run BQ: 31B's 5-position verification and decode step with the
+                     # attention kernels (decode and verification) against XLA's attention
+    timeout 330 python experiments/step_probe.py --models=gemma4_31b \
+        --verify_models=gemma4_31b --verify_positions=5 \
+        --variants=fused,fused_attn_off --profile_steps=0 --short=8 --long=32 \
+        --out="$OUT/step_probe_verify_31b_h200.json" > "$OUT/step_probe_verify_31b.log" 2>&1
+    grep -hE " ms " "$OUT"/step_probe_verify_31b.log
+    ;;
   kernels_bench)     # session 20, run BI: the H200 record's decode figures of E4B, E2B and
                      # 26B-A4B with the attention and PLE kernels (an H200 only: the record is one)
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200"; exit 3; }
