@@ -61,6 +61,8 @@
 #   bash experiments/run_h200.sh ple_verify        # one H200: PLE kernels in verification (BM)
 #   bash experiments/run_h200.sh kernels_bench     # one H200: benchmark decode, all kernels (BI)
 #   bash experiments/run_h200.sh verify_attention  # one GPU: attention kernels in verification (BO)
+#   bash experiments/run_h200.sh verify_ple        # one GPU: E4B verification, PLE kernels (BP)
+#   bash experiments/run_h200.sh verify_others     # one GPU: 31B, 26B-A4B, E2B verification (BQ-BS)
 #   bash experiments/run_h200.sh drafter_final     # one H200: COMBINE as kept, released and
 #                                                  # GPU-pair drafters; benchmark part (AV)
 set -u
@@ -496,13 +498,17 @@ case "${1:-}" in
         --out="$OUT/step_probe_verify_ple_h200.json" > "$OUT/step_probe_verify_ple.log" 2>&1
     grep -hE " ms " "$OUT"/step_probe_verify_ple.log
     ;;
-  verify_31b)        # session 21, run BQ: 31B's 5-position verification and decode step with the
-                     # attention kernels (decode and verification) against XLA's attention
-    timeout 330 python experiments/step_probe.py --models=gemma4_31b \
-        --verify_models=gemma4_31b --verify_positions=5 \
-        --variants=fused,fused_attn_off --profile_steps=0 --short=8 --long=32 \
-        --out="$OUT/step_probe_verify_31b_h200.json" > "$OUT/step_probe_verify_31b.log" 2>&1
-    grep -hE " ms " "$OUT"/step_probe_verify_31b.log
+  verify_others)     # session 21, runs BQ, BR, BS: 5-position verifications and decode steps of
+                     # 31B (the library's switch, which took several positions at any head
+                     # count then, against XLA's attention), 26B-A4B and E2B (=on against off)
+    for m in "gemma4_31b 5 fused,fused_attn_off 31b" "gemma4_26b_a4b 5 fused_attn_on,fused_attn_off 26b" \
+             "gemma4_e2b 2,5,9 fused_attn_on,fused_attn_off e2b"; do
+      set -- $m
+      timeout 300 python experiments/step_probe.py --models=$1 --verify_models=$1 \
+          --verify_positions=$2 --variants=$3 --profile_steps=0 --short=8 --long=32 \
+          --out="$OUT/step_probe_verify_$4_h200.json" > "$OUT/step_probe_verify_$4.log" 2>&1
+      grep -hE " ms " "$OUT/step_probe_verify_$4.log"
+    done
     ;;
   kernels_bench)     # session 20, run BI: the H200 record's decode figures of E4B, E2B and
                      # 26B-A4B with the attention and PLE kernels (an H200 only: the record is one)

@@ -1,4 +1,5 @@
-"""The target's attention at one position per row as two Pallas (Triton) kernels, on GPUs.
+"""The target's attention through the cache as two Pallas (Triton) kernels a layer, on GPUs:
+decode steps (one position a row) and a chain's verification forwards (a few).
 
 A decode step of the small targets is bound by its kernel count, not by its bytes (E4B: ~1,200
 kernels, 4.0 ms where its weights allow ~2.3; NOTES runs O, P, U). XLA runs a layer's attention
@@ -11,24 +12,29 @@ softmax reductions, a convert, the value GEMM and the pad of the o projection's 
          token, its key k-normed and rotated and its value v-normed in the kernel, and stores
          them into the token's cache slot, in place (`drafter_kernels._attn_kernel`, shared
          with the drafter step)                                              grid (B, N, P)
+         With T > 1 positions a row (`_positions_kernel`): the head's T queries as the rows of
+         a 16-row block, scores and values as tensor-core products, each cache chunk read once
+         for all T; range 0 takes the forward's T tokens under the causal mask.
   rows:  a head's ranges combined into its output, in the model's dtype, with the zero rows of
          the o projection's two-row input where `quant` pads (so no pad kernel)
-                                                                             grid (R, N, H / bc)
+                                                                        grid (R * T, N, H / bc)
 
-The token's slot is masked out of the cache pass (the token joins from its projection), so
-programs may read it before or after it is stored. The attention kernel reads row b of the
+The forward's own slots are masked out of the cache pass (its tokens join from their
+projection), so programs may read them before or after they are stored. The attention kernel reads row b of the
 q|k|v projection's padded two-row output itself (no slice kernel). KV-shared layers run the same
 kernel without the new token.
 
 Measured on an H100 (NOTES runs BA-BF; step time against the same step with the switch off, in
 the same process): batch 1, 1k context: E4B 4.86 -> 4.56 ms (1,198 -> 914 kernels a step),
 E2B 2.96 -> 2.76, 26B-A4B 4.63 -> 4.35, 31B 22.15 -> 21.91; 8k context: E4B -9.0%, E2B -1.6%,
-26B-A4B -4.9%, 31B a tie; batch 8: slower (E2B +4.3%), hence AUTO_MAX_BATCH.
+26B-A4B -4.9%, 31B a tie; batch 8: slower (E2B +4.3%), hence AUTO_MAX_BATCH. Verification
+forwards of 2-5 positions, E4B / E2B: -1.7% to -3.8%; 26B-A4B and 31B slower (AUTO_MAX_POSITIONS).
 
 Where it runs: `choose` (the switch `enabled()`: GPU and one device, or
-GEMMA_MTP_ATTENTION_KERNELS=on; off switches it off; one position per row, a cache, no tree,
-head dims whose half is a power of two >= 16, and under the automatic switch at most
-AUTO_MAX_BATCH rows), in the layers of the fused projection layout and the KV-shared layers.
+GEMMA_MTP_ATTENTION_KERNELS=on; off switches it off; up to MAX_POSITIONS positions a row, a
+cache, no tree, head dims whose half is a power of two >= 16, and under the automatic switch at
+most AUTO_MAX_BATCH rows, and several positions only as AUTO_MAX_POSITIONS says), in the layers
+of the fused projection layout and the KV-shared layers.
 Off the GPU the kernels run in Pallas's interpreter, which is how the tests compare them with
 XLA's attention.
 Values: as `drafter_kernels` (float32 inside, rounded to the dtype where the model rounds; the
@@ -62,11 +68,16 @@ AUTO_MAX_BATCH = 4
 # programs (E4B's 512-slot sliding layers: 8 heads x 8 ranges of 2 chunks of 32 slots). A knob
 # for the step probe's variants (fused_attn_range1 / _range4); 2 is the drafter's, as measured.
 RANGE_CHUNKS = 2
-# Positions a row the kernels take (a chain's verification: K + 1; each program holds a running
-# softmax per position, unrolled), and under the automatic switch.
+# Positions a row the kernels take (a chain's verification: K + 1), and under the automatic
+# switch, which takes several positions only for models of at most AUTO_MAX_VERIFY_HEADS query
+# heads. Measured on an H100 (NOTES runs BO-BS; batch 1, 1k context, the forward with against
+# without): E4B (8 heads) 2 / 3 / 5 / 9 / 16 positions -2.9% / -3.0% / -3.3% / -0.8% / +37%,
+# E2B (8) 2 / 5 / 9: -1.7% / -3.8% / +1.5%; 5 positions of 26B-A4B (16 heads) +1.3%, of 31B
+# (32) +4.4% (a program per query head reads its KV head's keys again for each of them).
 MAX_POSITIONS = 16
+AUTO_MAX_POSITIONS = 5
+AUTO_MAX_VERIFY_HEADS = 8
 BLOCK_ROWS = 16           # a program's query block (tensor-core products need 16 rows)
-AUTO_MAX_POSITIONS = 9
 
 
 def enabled() -> bool:
@@ -85,13 +96,17 @@ def supported(cfg: ModelConfig) -> str | None:
 
 def choose(cfg: ModelConfig, rows: int, tokens_per_row: int, has_cache: bool, tree) -> bool:
   """Whether `model.run_layers` runs this forward's attention as these kernels: through a cache,
-  no tree, at most MAX_POSITIONS positions a row (under the automatic switch only at batches up
-  to AUTO_MAX_BATCH and AUTO_MAX_POSITIONS positions; =on at any)."""
+  no tree, at most MAX_POSITIONS positions a row. The automatic switch takes batches up to
+  AUTO_MAX_BATCH, and forwards of several positions a row (verification) only up to
+  AUTO_MAX_POSITIONS of them and for models of at most AUTO_MAX_VERIFY_HEADS query heads; =on
+  takes any."""
   if not (enabled() and has_cache and tree is None and tokens_per_row <= MAX_POSITIONS
           and supported(cfg) is None):
     return False
-  return matvec.switch_mode(ENV) == "on" or (rows <= AUTO_MAX_BATCH
-                                             and tokens_per_row <= AUTO_MAX_POSITIONS)
+  if matvec.switch_mode(ENV) == "on":
+    return True
+  return rows <= AUTO_MAX_BATCH and (tokens_per_row == 1 or (
+      tokens_per_row <= AUTO_MAX_POSITIONS and cfg.num_heads <= AUTO_MAX_VERIFY_HEADS))
 
 
 def _combine_rows_kernel(o_ref, lse_ref, x_ref, *, rows, bc, zeros, rnd, block=None):

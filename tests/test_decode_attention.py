@@ -5,6 +5,8 @@ Off the GPU the kernels run in Pallas's interpreter; on a GPU the same tests run
 Triton kernels.
 """
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -71,17 +73,16 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
-@pytest.mark.parametrize("case", ["three positions", "k_eq_v, five positions, looped",
-                                  "more positions than the window"])
+@pytest.mark.parametrize("case", ["three positions", "k_eq_v, ten positions, looped"])
 def test_verification_forwards_equal_xla_float32(monkeypatch, case):
-  """Forwards of several positions a row through the cache, as a chain's verification (each
-  chunk of the cache read once for all of a head's positions; the forward's own tokens joined
-  under the causal mask and stored into their slots), give XLA's logits and caches in float32
-  over five forwards on two left-padded rows: three positions a row; five with k_eq_v full
-  layers and each program walking its chunks in a loop; ten, more than the sliding window of
-  8, so that the window masks some of the forward's own tokens from its later positions."""
-  positions = {"three positions": 3, "k_eq_v, five positions, looped": 5,
-               "more positions than the window": 10}[case]
+  """Forwards of several positions a row through the cache, as a chain's verification (a head's
+  positions one block of queries, each chunk of the cache read once for all of them; the
+  forward's own tokens joined under the causal mask and stored into their slots), give XLA's
+  logits and caches in float32 over five forwards on two left-padded rows: three positions a
+  row; ten with k_eq_v full layers and each program walking its chunks in a loop, more than
+  the sliding window of 8, so that the window hides some of the forward's own tokens from its
+  later positions."""
+  positions = 3 if case == "three positions" else 10
   cfg = TINY.replace(k_eq_v=True) if case.startswith("k_eq_v") else TINY
   assert positions <= decode_attention.MAX_POSITIONS
   monkeypatch.setattr(drafter_kernels, "SLOTS_PER_CHUNK", 4)
@@ -107,13 +108,17 @@ def test_padded_rows_reach_the_o_projection_without_a_pad(monkeypatch):
   assert pads["off"] - pads["on"] >= TINY.num_layers
 
 
-def test_bfloat16_as_accurate_as_xla(monkeypatch):
+@pytest.mark.parametrize("positions", [1, 5])
+def test_bfloat16_as_accurate_as_xla(monkeypatch, positions):
   """In bfloat16 the kernels round where the model rounds, but normalise the softmax after the
   value product (XLA rounds the probabilities first) and XLA fuses elementwise ops. Measured
-  against float32 arithmetic on the same bf16 weights, the kernels' five steps are about as
-  accurate as XLA's (mean relative error of the logits at most 1.2x XLA's; measured here: 6.1%
-  against 6.0%), and the greedy tokens of the first step agree."""
-  err, err_xla, got, ref = dkt.bfloat16_errors(TINY, _steps, monkeypatch)
+  against float32 arithmetic on the same bf16 weights, the kernels' five decode steps (or
+  5-position verification forwards) are about as accurate as XLA's (mean relative error of the
+  logits at most 1.2x XLA's; measured here: 6.1% against 6.0% for decode steps, 5.1% against
+  5.4% for verification forwards), and the greedy
+  tokens of the first forward agree."""
+  steps = functools.partial(_steps, positions=positions)
+  err, err_xla, got, ref = dkt.bfloat16_errors(TINY, steps, monkeypatch)
   assert err <= 1.2 * err_xla, (err, err_xla)
   np.testing.assert_array_equal(got[0].argmax(-1), ref[0].argmax(-1))
 
@@ -121,8 +126,9 @@ def test_bfloat16_as_accurate_as_xla(monkeypatch):
 def test_choose(monkeypatch):
   """The kernels take up to MAX_POSITIONS positions a row with a cache and no tree, and heads
   whose half is a power of two >= 16 (every released shape; not the tiny default's 16 / 32);
-  the automatic switch only up to AUTO_MAX_BATCH rows and AUTO_MAX_POSITIONS positions and only
-  on a GPU, =on at any batch, =off never."""
+  the automatic switch only on a GPU, up to AUTO_MAX_BATCH rows, and several positions only up
+  to AUTO_MAX_POSITIONS and for models of at most AUTO_MAX_VERIFY_HEADS query heads (E2B and
+  E4B, not 26B-A4B or 31B); =on at any batch, =off never."""
   for name in ("gemma4_e2b", "gemma4_e4b", "gemma4_31b", "gemma4_26b_a4b"):
     assert decode_attention.supported(config_lib.preset(name)) is None, name
   assert "half of a head" in decode_attention.supported(config_lib.tiny())
@@ -144,6 +150,11 @@ def test_choose(monkeypatch):
   assert not decode_attention.choose(TINY, big, 1, True, None)
   assert not decode_attention.choose(TINY, 1, decode_attention.AUTO_MAX_POSITIONS + 1, True,
                                      None)
+  for name, verifies in (("gemma4_e2b", True), ("gemma4_e4b", True), ("gemma4_26b_a4b", False),
+                         ("gemma4_31b", False)):
+    cfg = config_lib.preset(name)
+    assert decode_attention.choose(cfg, 1, 1, True, None), name
+    assert decode_attention.choose(cfg, 1, 5, True, None) == verifies, name
   monkeypatch.setattr(jax, "device_count", lambda: 2)                # sharded: XLA's path
   assert not decode_attention.choose(TINY, 1, 1, True, None)
 
