@@ -302,7 +302,8 @@ ATTENTION_OFF, ATTENTION_ON = "fused_attn_off", "fused_attn_on"
 
 def _attention_side(variant: str, batch: int, env: dict, positions: int = 1) -> str | None:
   """'off' / 'on' / None: which side of the attention kernels' comparison a step-probe entry is
-  (`positions` > 1: a verification, which keeps XLA's attention either way, compared as is)."""
+  (`positions` > 1: a verification, which kept XLA's attention either way in these records of
+  sessions 19-20, compared as is; session 21's verification records are step_probe_verify_*)."""
   del positions
   if variant == ATTENTION_OFF:
     return "off"
@@ -335,7 +336,7 @@ def _ple_side(variant: str, batch: int, env: dict, positions: int = 1) -> str | 
 
 def _both_side(variant: str, batch: int, env: dict, positions: int = 1) -> str | None:
   del env
-  if positions > 1:   # (the attention kernels take one position a row)
+  if positions > 1:   # (the attention kernels took one position a row until session 21)
     return None
   from gemma_mtp import decode_attention, ple_kernels  # pylint: disable=g-import-not-at-top
   if variant == "fused_xla":

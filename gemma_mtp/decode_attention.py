@@ -124,13 +124,19 @@ def _combine_rows_kernel(o_ref, lse_ref, x_ref, *, rows, bc, zeros, rnd, block=N
 
 
 def _dot_t(a, b):
-  """a @ b.T in float32 (tensor cores; float32 inputs multiplied exactly, not as TF32)."""
+  """a @ b.T in float32: a tensor-core product (float32 inputs multiplied exactly, not as TF32)
+  where every dimension is at least 16, else products and sums (Triton's bf16 MMA needs 16:
+  a cache chunk of 8 slots gave wrong values, run BT)."""
+  if min(a.shape + b.shape) < 16:
+    return jnp.sum(a[:, None, :].astype(F32) * b[None, :, :].astype(F32), axis=2)
   return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
                              preferred_element_type=F32)
 
 
 def _dot(a, b):
   """a @ b in float32, as `_dot_t`."""
+  if min(a.shape + b.shape) < 16:
+    return jnp.sum(a[:, :, None].astype(F32) * b[None, :, :].astype(F32), axis=1)
   return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
                              preferred_element_type=F32)
 
