@@ -177,11 +177,8 @@ def _positions_kernel(*refs, positions, group, bs, per_split, slots, hd, eps, rn
   join range 0 under the causal (and sliding) mask: their keys k-normed and rotated, their
   values v-normed, and stored into their slots of k and v (aliased; valid masks those slots out
   of the cache pass)."""
-  if new_at is None:
-    q_ref, qn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref = refs
-  else:
-    (q_ref, qn_ref, kn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, slot_ref, o_ref, lse_ref,
-     kout_ref, vout_ref) = refs
+  (q_ref, qn_ref, kn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, slot_ref, o_ref, lse_ref,
+   kout_ref, vout_ref) = dk._attn_refs(refs, new_at)
   b, n, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   g = n // group
   h2 = hd // 2
@@ -190,10 +187,8 @@ def _positions_kernel(*refs, positions, group, bs, per_split, slots, hd, eps, rn
   f32, dtype = dk._f32, k_ref.dtype
 
   def load(i):
-    first = (p * per_split + i) * bs
-    at = jnp.minimum(first, slots - bs)         # the last chunk is moved back, not read past
-    rows = pl.ds(at, bs)
-    keep = (valid_ref[b, :, rows] != 0) & (at + jnp.arange(bs) >= first)[None, :]
+    rows, fresh = dk._chunk(p, i, per_split, bs, slots)
+    keep = (valid_ref[b, :, rows] != 0) & fresh[None, :]
     return keep, k_ref[b, rows, g, lo], k_ref[b, rows, g, hi], v_ref[b, rows, g, :]
 
   def update(carry, chunk):
@@ -215,11 +210,7 @@ def _positions_kernel(*refs, positions, group, bs, per_split, slots, hd, eps, rn
   q1, q2 = _rows([q[0] for q in qs], dtype), _rows([q[1] for q in qs], dtype)
   carry = (jnp.full((BLOCK_ROWS,), dk.F32_MIN, F32), jnp.zeros((BLOCK_ROWS,), F32),
            jnp.zeros((BLOCK_ROWS, hd), F32))
-  if chunks is not None:
-    for chunk in chunks:
-      carry = update(carry, chunk)
-  else:
-    carry = jax.lax.fori_loop(0, per_split, lambda i, c: update(c, load(i)), carry)
+  carry = dk._walk(carry, update, load, chunks, per_split)
   if new_at is not None:                  # the forward's own tokens, in range 0
     nks = [dk._rotated(*dk._head_normed(*k, kn1, kn2, hd, eps, rnd), *r, rnd)
            for k, r in zip(nks, rope)]

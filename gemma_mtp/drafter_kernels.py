@@ -354,21 +354,16 @@ def _attn_kernel(*refs, group, bs, per_split, slots, hd, eps, rnd, new_at=None):
   also stored into its slot of k and v (two more outputs, aliased to them: every program of KV
   head g stores the same values; valid masks that slot out of the cache pass, so whether a
   program reads it before or after the store does not matter)."""
-  if new_at is None:
-    q_ref, qn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, o_ref, lse_ref = refs
-  else:
-    (q_ref, qn_ref, kn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, slot_ref, o_ref, lse_ref,
-     kout_ref, vout_ref) = refs
+  (q_ref, qn_ref, kn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, slot_ref, o_ref, lse_ref,
+   kout_ref, vout_ref) = _attn_refs(refs, new_at)
   b, n, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   g = n // group
   h2 = hd // 2
   lo, hi = pl.ds(0, h2), pl.ds(h2, h2)
 
   def load(i):
-    first = (p * per_split + i) * bs
-    at = jnp.minimum(first, slots - bs)         # the last chunk is moved back, not read past
-    rows = pl.ds(at, bs)
-    keep = (valid_ref[b, rows] != 0) & (at + jnp.arange(bs) >= first)
+    rows, fresh = _chunk(p, i, per_split, bs, slots)
+    keep = (valid_ref[b, rows] != 0) & fresh
     return keep, k_ref[b, rows, g, lo], k_ref[b, rows, g, hi], v_ref[b, rows, g, :]
 
   def update(carry, chunk):
@@ -387,11 +382,7 @@ def _attn_kernel(*refs, group, bs, per_split, slots, hd, eps, rnd, new_at=None):
   chunks = [load(i) for i in range(per_split)] if per_split <= UNROLL else None
   q1, q2 = _rotated(*_head_normed(q1, q2, qn1, qn2, hd, eps, rnd), cos, sin, rnd)
   carry = _softmax_start(hd)
-  if chunks is not None:
-    for chunk in chunks:
-      carry = update(carry, chunk)
-  else:
-    carry = jax.lax.fori_loop(0, per_split, lambda i, c: update(c, load(i)), carry)
+  carry = _walk(carry, update, load, chunks, per_split)
   if new_at is not None:                  # the step's own token, in range 0
     nk1, nk2 = _rotated(*_head_normed(nk1, nk2, kn1, kn2, hd, eps, rnd), cos, sin, rnd)
     nv = _value_normed(nv, hd, eps, rnd)
@@ -400,6 +391,33 @@ def _attn_kernel(*refs, group, bs, per_split, slots, hd, eps, rnd, new_at=None):
     kout_ref[b, slot, g, hi] = nk2.astype(kout_ref.dtype)
     vout_ref[b, slot, g, :] = nv.astype(vout_ref.dtype)
   o_ref[...], lse_ref[...] = _partial(carry)
+
+
+def _attn_refs(refs, new_at):
+  """The attention kernels' refs in one order: (q, q-norm, k-norm, cos, sin, k, v, valid, slot,
+  out, lse, k out, v out), the k-norm, slot and k / v outputs None without `new_at`."""
+  if new_at is not None:
+    return refs
+  q, qn, cos, sin, k, v, valid, o, lse = refs
+  return q, qn, None, cos, sin, k, v, valid, None, o, lse, None, None
+
+
+def _chunk(p, i, per_split: int, bs: int, slots: int):
+  """(rows, fresh): the bs slots of chunk i of cache range p (the last chunk moved back, not
+  read past the cache) and which of them are the chunk's own (not the chunk before's)."""
+  first = (p * per_split + i) * bs
+  at = jnp.minimum(first, slots - bs)
+  return pl.ds(at, bs), at + jnp.arange(bs) >= first
+
+
+def _walk(carry, update, load, chunks, per_split: int):
+  """The cache pass of an attention program: its preloaded chunks in turn, or (None: too many
+  to unroll) a loop that loads each of its per_split chunks."""
+  if chunks is None:
+    return jax.lax.fori_loop(0, per_split, lambda i, c: update(c, load(i)), carry)
+  for chunk in chunks:
+    carry = update(carry, chunk)
+  return carry
 
 
 # The running softmax of an attention program: (max score m, sum of exp(s - m) l, the values
