@@ -20,9 +20,9 @@ softmax reductions, a convert, the value GEMM and the pad of the o projection's 
                                                                         grid (R * T, N, H / bc)
 
 The forward's own slots are masked out of the cache pass (its tokens join from their
-projection), so programs may read them before or after they are stored. The attention kernel reads row b of the
-q|k|v projection's padded two-row output itself (no slice kernel). KV-shared layers run the same
-kernel without the new token.
+projection), so programs may read them before or after they are stored. The attention kernel
+reads row b of the q|k|v projection's padded two-row output itself (no slice kernel). KV-shared
+layers run the same kernel without the new tokens.
 
 Measured on an H100 (NOTES runs BA-BF; step time against the same step with the switch off, in
 the same process): batch 1, 1k context: E4B 4.86 -> 4.56 ms (1,198 -> 914 kernels a step),
@@ -74,7 +74,7 @@ RANGE_CHUNKS = 2
 # without): E4B (8 heads) 2 / 3 / 5 / 9 / 16 positions -2.9% / -3.0% / -3.3% / -0.8% / +37%,
 # E2B (8) 2 / 5 / 9: -1.7% / -3.8% / +1.5%; 5 positions of 26B-A4B (16 heads) +1.3%, of 31B
 # (32) +4.4% (a program per query head reads its KV head's keys again for each of them).
-MAX_POSITIONS = 16
+MAX_POSITIONS = 16        # (at most BLOCK_ROWS)
 AUTO_MAX_POSITIONS = 5
 AUTO_MAX_VERIFY_HEADS = 8
 BLOCK_ROWS = 16           # a program's query block (tensor-core products need 16 rows)

@@ -260,11 +260,10 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   `config` may describe a prefix of the layers of `params` (the self-drafter): only the first
   `config.num_layers` layers run, and with a cache only their K/V are written. `params` may be
   int8-quantized (quant.py): quantized weights stay int8 and are dequantized inside their matmuls.
-  `tree`: as in `forward`. A forward through the cache without a tree, up to a few positions a
-  row, on a GPU runs the attention as `decode_attention`'s kernels (see
-  `decode_attention.choose`); in the PLE models, a forward
-  through the cache without a tree runs each layer's end and the next layer's norm as
-  `ple_kernels`' (see `ple_kernels.choose`).
+  `tree`: as in `forward`. On a GPU, a forward through the cache without a tree of up to a few
+  positions a row runs the attention as `decode_attention`'s kernels (see
+  `decode_attention.choose`), and in the PLE models each layer's end and the next layer's norm
+  as `ple_kernels`' (see `ple_kernels.choose`).
 
   Returns:
     (x [B, T, D] residual stream after the last layer, kv_now: per layer the (k, v, kv_idx) it
