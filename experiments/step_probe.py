@@ -26,7 +26,7 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
               session 19 for decode steps, since session 21 also for verification forwards;
               before, the `fused` entries of the committed records are this);
   fused_attn_on   fused, those kernels at any batch and up to 16 positions a row (the automatic
-              switch takes batches <= 4 and <= 9 positions);
+              switch takes batches <= 4, and <= 5 positions in models of <= 8 query heads);
   fused_attn_range1 / fused_attn_range4  fused, the attention kernel's programs reading about 1
               / 4 cache chunks each instead of 2 (`decode_attention.RANGE_CHUNKS`);
   fused_ple_off   fused, the end of each PLE layer (E2B, E4B) through XLA's ops instead of

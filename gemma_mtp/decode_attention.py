@@ -254,8 +254,8 @@ class Step:
     from gemma_mtp import model as model_lib   # (model imports this module)
     one = (lambda a: a[:, 0]) if self.positions == 1 else (lambda a: a)
     # several positions: the masks' rows padded to a program's query block
-    block = ((lambda a: a[:, 0]) if self.positions == 1 else
-             (lambda a: jnp.pad(a, ((0, 0), (0, BLOCK_ROWS - a.shape[1]), (0, 0)))))
+    block = one if self.positions == 1 else (
+        lambda a: jnp.pad(a, ((0, 0), (0, BLOCK_ROWS - a.shape[1]), (0, 0))))
     for kind, slots in kv_idx.items():
       window = cfg.sliding_window if kind == "sliding" else None
       mask = layers.attention_mask(idx, slots, start, window=window)             # [B, T, S]
