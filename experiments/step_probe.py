@@ -165,7 +165,11 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
                             repeats=3)
       e = bench.summarize_decode(cfg, case, t, 1.0, params=params)
       e.pop("bandwidth_fraction")
-      e.update(variant=variant, compile_s=compile_s)
+      e.update(variant=variant, compile_s=compile_s,
+               # which kernels this forward ran (the switches' decisions under the variant)
+               attention_kernels=decode_attention.choose(vcfg, case.batch, case.chunk, True,
+                                                         None),
+               ple_kernels=ple_kernels.choose(vcfg, params, case.batch, case.chunk, True, None))
       if case.chunk == 1 and _HLO_DIR.value:
         path = pathlib.Path(_HLO_DIR.value) / f"{model}_{variant}.hlo.txt.gz"
         path.parent.mkdir(parents=True, exist_ok=True)

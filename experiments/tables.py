@@ -404,6 +404,66 @@ def ple_kernel_table(records: dict[str, dict]) -> list[str]:
   return out
 
 
+# Run BQ's record ran while the automatic switch took verification forwards at any head count
+# (session 21, before AUTO_MAX_VERIFY_HEADS): its `fused` entries ran the attention kernels.
+# Records since carry each entry's `attention_kernels`.
+_FUSED_RAN_ATTENTION_KERNELS = ("step_probe_verify_31b_h100",)
+
+
+def _verify_side(variant: str, batch: int, env: dict, positions: int = 1) -> str | None:
+  del batch, env, positions
+  return {ATTENTION_OFF: "off", ATTENTION_ON: "on"}.get(variant)
+
+
+def _switch_variant(entry: dict, record: str) -> dict:
+  """A `fused` entry as the attention-kernel variant whose program it ran, where known: from its
+  `attention_kernels` (recorded since session 22), or from `_FUSED_RAN_ATTENTION_KERNELS`."""
+  if entry.get("variant") != "fused":
+    return entry
+  ran = entry.get("attention_kernels", True if record in _FUSED_RAN_ATTENTION_KERNELS else None)
+  if ran is None:
+    return entry
+  return dict(entry, variant=ATTENTION_ON if ran else ATTENTION_OFF)
+
+
+def verification_kernel_rows(records: dict[str, dict]) -> dict[tuple, dict]:
+  """{(model, batch, context, positions): {off, on, change}} (ms a forward) from the
+  verification records (step_probe_verify_*, session 21): XLA's attention (`fused_attn_off`)
+  against the attention kernels (`fused_attn_on`, or a `fused` entry that ran them: the library's
+  switch is otherwise the same program as one of the two), one-position steps included."""
+  named = {}
+  for name, rec in records.items():
+    rec = dict(rec)
+    for model, entries in rec.items():
+      if isinstance(entries, list):
+        rec[model] = [_switch_variant(e, name) for e in entries]
+    named[name] = rec
+  return _switch_rows(named, _verify_side)
+
+
+def verification_kernel_table(records: dict[str, dict]) -> list[str]:
+  """`verification_kernel_rows` as a table: per (model, positions) XLA's attention, the kernels,
+  the change, and the forward against a decode step each as the automatic switch runs them
+  (`decode_attention.auto_takes`: e.g. 31B verifies through XLA's attention and decodes through
+  the kernels)."""
+  from gemma_mtp import config as config_lib, decode_attention  # pylint: disable=g-import-not-at-top
+  rows = verification_kernel_rows(records)
+  out = [_row("model", "batch", "context", "positions", "XLA's attention", "the kernels",
+              "change", "against a decode step, as switched"), _row(*["---"] * 8)]
+  for (model, b, ctx, t), m in sorted(rows.items()):
+    one = rows.get((model, b, ctx, 1))
+    if t == 1:
+      continue
+    ratio = "-"
+    if one:
+      side = lambda n: "on" if decode_attention.auto_takes(
+          config_lib.PRESETS[model](), b, n) else "off"
+      ratio = f"{m[side(t)] / one[side(1)]:.3f} ({side(t)} / {side(1)})"
+    out.append(_row(model, b, ctx, t, f"{m['off']:.3f} ms", f"{m['on']:.3f} ms",
+                    f"{m['change']:+.1%}", ratio))
+  return out
+
+
 def step_probe_records(pattern: str = "step_probe_attn*.json") -> dict[str, dict]:
   """The committed step-probe records matching `pattern`, in time order: by default the
   attention kernels' (runs BA-BF); "step_probe_ple*.json": the PLE kernels' (runs BH-BM)."""
@@ -445,6 +505,11 @@ def main():
     print("\n**The PLE layers' end as kernels against XLA's ops (step_probe_ple*, same "
           "process)**\n")
     print("\n".join(ple_kernel_table(records)))
+  records = step_probe_records("step_probe_verify_*.json")
+  if records:
+    print("\n**Verification forwards: the attention kernels against XLA's attention "
+          "(step_probe_verify_*, same process)**\n")
+    print("\n".join(verification_kernel_table(records)))
 
 
 if __name__ == "__main__":

@@ -103,8 +103,11 @@ def choose(cfg: ModelConfig, rows: int, tokens_per_row: int, has_cache: bool, tr
   if not (enabled() and has_cache and tree is None and tokens_per_row <= MAX_POSITIONS
           and supported(cfg) is None):
     return False
-  if matvec.switch_mode(ENV) == "on":
-    return True
+  return matvec.switch_mode(ENV) == "on" or auto_takes(cfg, rows, tokens_per_row)
+
+
+def auto_takes(cfg: ModelConfig, rows: int, tokens_per_row: int) -> bool:
+  """The automatic switch's rule for a forward the kernels can run (see `choose`)."""
   return rows <= AUTO_MAX_BATCH and (tokens_per_row == 1 or (
       tokens_per_row <= AUTO_MAX_POSITIONS and cfg.num_heads <= AUTO_MAX_VERIFY_HEADS))
 

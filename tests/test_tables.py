@@ -161,3 +161,52 @@ def test_committed_ple_records_give_the_readme_figures():
   # the merged table (every case, the latest record's) shows XLA's side only beside its record
   table = tables.ple_kernel_table(records)
   assert "| gemma4_e4b | 1 | 1024 | 1 | 4.548 ms | 4.310 ms | -5.2% | - | - |" in table
+
+
+def _verify_probe(time, entries):
+  rec = _probe(time, [])
+  rec["gemma4_e4b"] = [dict({"variant": v, "batch": 1, "context": 1024,
+                             "positions_per_forward": t, "ms_per_step": ms}, **extra)
+                       for v, t, ms, extra in entries]
+  return rec
+
+
+def test_verification_kernel_rows():
+  """Verification records: `fused_attn_off` against `fused_attn_on`, a `fused` entry on the side
+  its `attention_kernels` names (or, in the record listed as made while the switch took any
+  head count, on the kernels' side), and skipped where neither says; the table's last column
+  divides by the decode step each side as the automatic switch chooses (E4B: kernels up to 5
+  positions)."""
+  tables = _tables()
+  rec = _verify_probe("2026-12-06T16:00:00", [
+      ("fused", 1, 4.0, {"attention_kernels": True}), ("fused_attn_off", 1, 5.0, {}),
+      ("fused", 5, 4.4, {"attention_kernels": True}), ("fused_attn_off", 5, 4.5, {}),
+      ("fused_attn_on", 9, 6.0, {}), ("fused", 9, 5.0, {"attention_kernels": False})])
+  old = _verify_probe("2026-12-06T11:00:00", [("fused", 3, 3.0, {}),
+                                               ("fused_attn_off", 3, 3.5, {})])
+  rows = tables.verification_kernel_rows({"new": rec, "old": old})
+  assert rows == {("gemma4_e4b", 1, 1024, 1): {"off": 5.0, "on": 4.0,
+                                               "change": pytest.approx(-0.2)},
+                  ("gemma4_e4b", 1, 1024, 5): {"off": 4.5, "on": 4.4,
+                                               "change": pytest.approx(4.4 / 4.5 - 1)},
+                  ("gemma4_e4b", 1, 1024, 9): {"off": 5.0, "on": 6.0,
+                                               "change": pytest.approx(0.2)}}
+  legacy = tables._FUSED_RAN_ATTENTION_KERNELS[0]
+  assert tables.verification_kernel_rows({legacy: old})[("gemma4_e4b", 1, 1024, 3)]["on"] == 3.0
+  table = tables.verification_kernel_table({"new": rec})
+  assert table[2].endswith("| -2.2% | 1.100 (on / on) |")
+  assert table[3].endswith("| +20.0% | 1.250 (off / on) |") and len(table) == 4
+
+
+def test_committed_verification_records_give_the_readme_figures():
+  """The README's verification figures (session 21, runs BO-BS) come from the committed
+  records."""
+  tables = _tables()
+  rows = tables.verification_kernel_rows(tables.step_probe_records("step_probe_verify_*.json"))
+  expect = {("gemma4_e4b", 5): -0.033, ("gemma4_e4b", 16): 0.372, ("gemma4_e2b", 5): -0.038,
+            ("gemma4_26b_a4b", 5): 0.013, ("gemma4_31b", 5): 0.044}
+  for (model, t), change in expect.items():
+    assert round(rows[(model, 1, 1024, t)]["change"], 3) == change, (model, t)
+  e4b = rows[("gemma4_e4b", 1, 1024, 5)]["on"] / rows[("gemma4_e4b", 1, 1024, 1)]["on"]
+  b31 = rows[("gemma4_31b", 1, 1024, 5)]["off"] / rows[("gemma4_31b", 1, 1024, 1)]["on"]
+  assert (round(e4b, 3), round(b31, 3)) == (1.104, 1.078)
