@@ -53,7 +53,8 @@
 #   bash experiments/run_h200.sh decode_attention3  # one H200: GPU tests, batch 2 / 4 (run BD)
 #   bash experiments/run_h200.sh decode_attention_big  # one H200: 31B; 26B-A4B, 31B at 8k (BE, BF)
 #   bash experiments/run_h200.sh decode_attention_bench  # one H200: benchmark decode (run BB)
-#   bash experiments/run_h200.sh decode_attention_ranges  # one H200: chunks a program (run BG)
+#   bash experiments/run_h200.sh decode_attention_ranges  # one GPU: chunks a program (run BG)
+#   bash experiments/run_h200.sh ranges_batch4     # one GPU: one chunk a range at batch 4 (BV)
 #   bash experiments/run_h200.sh ple_kernels       # one H200: the PLE layers' end as kernels (BH)
 #   bash experiments/run_h200.sh ple_kernels2      # one H200: run BH again, the gate split (BJ)
 #   bash experiments/run_h200.sh ple_kernels3      # one H200: the o projection's tiles (BK)
@@ -402,13 +403,24 @@ case "${1:-}" in
         --long=32 --out="$OUT/step_probe_attn5_8k_h200.json" > "$OUT/step_probe_attn5_8k.log" 2>&1
     grep -hE " ms " "$OUT"/step_probe_attn[45]*.log
     ;;
-  decode_attention_ranges)  # session 19, run BG (not run yet): the attention kernel's programs
-                     # reading ~1 / 2 / 4 cache chunks each (E4B's kernel 5.2 us a sliding
-                     # layer in run BC: 64 programs of 2 chunks on 132 SMs)
+  decode_attention_ranges)  # session 19, run BG (run in session 22, on an H100): the attention
+                     # kernel's programs reading ~1 / 2 / 4 cache chunks each (E4B's kernel 5.2
+                     # us a sliding layer in run BC: 64 programs of 2 chunks on 132 SMs; one
+                     # chunk is the library's since; run BG's `fused` was 2)
     timeout 300 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b,gemma4_26b_a4b \
-        --variants=fused,fused_attn_range1,fused_attn_range4 --verify_models= \
+        --variants=fused_attn_range2,fused_attn_range1,fused_attn_range4 --verify_models= \
         --out="$OUT/step_probe_attn_ranges_h200.json" > "$OUT/step_probe_attn_ranges.log" 2>&1
     grep -hE " ms " "$OUT/step_probe_attn_ranges.log"
+    ;;
+  ranges_batch4)     # session 22, run BV: one chunk a range (the library's) against two at
+                     # batch 4, after the kernels' tests compiled by Triton
+    timeout 160 python -m pytest -q -p no:cacheprovider tests/test_decode_attention.py \
+        -k "float32 or bfloat16" > "$OUT/decode_attention_tests.log" 2>&1
+    tail -3 "$OUT/decode_attention_tests.log"
+    timeout 200 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b --batch=4 \
+        --verify_models= --variants=fused,fused_attn_range2 --profile_steps=0 \
+        --out="$OUT/step_probe_attn_ranges_b4_h200.json" > "$OUT/step_probe_attn_ranges_b4.log" 2>&1
+    grep -hE " ms " "$OUT/step_probe_attn_ranges_b4.log"
     ;;
   decode_attention_bench)  # session 19, run BB (not run yet): the H200 record's decode figures
                      # of E4B, E2B and 26B-A4B with the kernels (an H200 only: the record is one)
@@ -549,7 +561,7 @@ case "${1:-}" in
          "gpu_pair_decay | drafter_warps |" \
          "released_drafters | kernels_first | drafter_options | drafter_options2 |" \
          "drafter_options3 | drafter_final | drafter_warps_probe | drafter_warps8_probe | decode_attention | decode_attention2 |" \
-         "decode_attention3 | decode_attention_big | decode_attention_ranges |" \
+         "decode_attention3 | decode_attention_big | decode_attention_ranges | ranges_batch4 |" \
          "decode_attention_bench | ple_kernels | ple_kernels2 | ple_kernels3 | ple_kernels4 |" \
          "ple_verify | kernels_bench" >&2
     exit 2

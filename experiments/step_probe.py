@@ -27,8 +27,9 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
               before, the `fused` entries of the committed records are this);
   fused_attn_on   fused, those kernels at any batch and up to 16 positions a row (the automatic
               switch takes batches <= 4, and <= 5 positions in models of <= 8 query heads);
-  fused_attn_range1 / fused_attn_range4  fused, the attention kernel's programs reading about 1
-              / 4 cache chunks each instead of 2 (`decode_attention.RANGE_CHUNKS`);
+  fused_attn_range1 / _range2 / _range4  fused, the attention kernel's programs reading about
+              1 / 2 / 4 cache chunks each (`decode_attention.RANGE_CHUNKS`: 1 since session
+              22, 2 before: runs BG and BU's `fused` entries are range2);
   fused_ple_off   fused, the end of each PLE layer (E2B, E4B) through XLA's ops instead of
               `ple_kernels`' three kernels a layer (the default on one GPU since session 20;
               before it, the `fused` entries of the committed records are this);
@@ -119,7 +120,8 @@ def _set_variant(variant: str):
   os.environ[decode_attention.ENV] = {"fused_attn_off": "off", "fused_attn_on": "on",
                                       "fused_xla": "off", "fused_all_on": "on"}.get(
       variant, _LIBRARY_ATTN_SWITCH)
-  decode_attention.RANGE_CHUNKS = {"fused_attn_range1": 1, "fused_attn_range4": 4}.get(
+  decode_attention.RANGE_CHUNKS = {"fused_attn_range1": 1, "fused_attn_range2": 2,
+                                   "fused_attn_range4": 4}.get(
       variant, _LIBRARY_RANGE_CHUNKS)
   ple_kernels.GATE_PARTS = _LIBRARY_GATE_PARTS * (2 if variant == "fused_ple_split2" else 1)
   # fused_ple_off: the end of a PLE layer through XLA's ops, not ple_kernels' kernels
@@ -218,7 +220,8 @@ def model_entries(model: str) -> list[dict]:
 
 
 VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fused_cudnn",
-            "fused_attn_off", "fused_attn_on", "fused_attn_range1", "fused_attn_range4",
+            "fused_attn_off", "fused_attn_on", "fused_attn_range1", "fused_attn_range2",
+            "fused_attn_range4",
             "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_xla", "fused_all_on")
 
 

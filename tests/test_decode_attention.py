@@ -35,7 +35,7 @@ def _steps(cfg, params, mode, monkeypatch, *, batch=2, positions=1):
   return logits, kv, "pallas_call" in jaxpr
 
 
-@pytest.mark.parametrize("case", ["tiny", "k_eq_v", "looped ranges", "one chunk a range",
+@pytest.mark.parametrize("case", ["tiny", "k_eq_v", "looped ranges", "two chunks a range",
                                   "padded rows", "padded rows, int8", "one row"])
 def test_decode_steps_equal_xla_float32(monkeypatch, case):
   """In float32 only the summation order differs: five decode steps after a 13-token prompt
@@ -43,18 +43,20 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
   and caches. Cases: the tiny model (4-slot chunks: 2-8 ranges a head, some past the cache's end,
   combined by the rows kernel); full layers whose values are their raw keys (k_eq_v, as 31B and
   26B-A4B); each program walking its chunks in a loop (long caches); ranges of about one chunk
-  (`RANGE_CHUNKS`: the sliding ring in two ranges instead of one); the o projection's input
+  (`RANGE_CHUNKS`, the library's) and of about two (the sliding ring in one range instead of
+  two); the o projection's input
   given its padded second row by the rows kernel, as on GPUs (`quant.pad_one_row`), also with
   int8 weights (where the rows kernel leaves the padding to `quant.einsum`); one row."""
   cfg = TINY.replace(k_eq_v=True) if case == "k_eq_v" else TINY
   monkeypatch.setattr(drafter_kernels, "SLOTS_PER_CHUNK", 4)
   if case == "looped ranges":
     monkeypatch.setattr(drafter_kernels, "UNROLL", 1)
-  if case == "one chunk a range":
-    monkeypatch.setattr(decode_attention, "RANGE_CHUNKS", 1)
-    # the sliding ring's 8 slots: 2 ranges of one chunk instead of one of two
+  assert decode_attention.RANGE_CHUNKS == 1
+  if case == "two chunks a range":
+    monkeypatch.setattr(decode_attention, "RANGE_CHUNKS", 2)
+    # the sliding ring's 8 slots: one range of two chunks instead of 2 of one
     assert drafter_kernels._chunking(8, 32, 1) == (4, 2, 2)
-    assert drafter_kernels._chunking(8, 32) == (4, 2, 1)
+    assert drafter_kernels._chunking(8, 32, 2) == (4, 2, 1)
   if case.startswith("padded rows"):
     monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
   assert drafter_kernels._chunking(MAX_LEN, 64) == (4, 10, 8)
