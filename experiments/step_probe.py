@@ -176,8 +176,8 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
         path = pathlib.Path(_HLO_DIR.value) / f"{model}_{variant}.hlo.txt.gz"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(gzip.compress(prog.as_text().encode()))
-      if case.chunk == 1 and _PROFILE_STEPS.value:
-        e["profile"] = _profile(prog, params, vcfg, case, f"{model}_{variant}")
+      if _PROFILE_STEPS.value:   # (a verification's forwards too, since session 22)
+        e["profile"] = _profile(prog, params, vcfg, case, f"{model}_{variant}_{case.name}")
       entries.append(e)
       print(model, variant, case.name, f"{e['ms_per_step']:.3f} ms",
             e.get("profile", {}).get("kernels_per_step"), flush=True)
@@ -190,7 +190,8 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
 def _profile(prog, params, cfg, case, name) -> dict:
   n = _PROFILE_STEPS.value
   max_len = case.context + _LONG.value + case.chunk
-  holder = {"cache": jax.jit(lambda: bench.synthetic_cache(cfg, case.batch, max_len))()}
+  holder = {"cache": jax.jit(lambda: bench.synthetic_cache(cfg, case.batch, max_len,
+                                                           case.chunk))()}
   tok = jnp.ones((case.batch,), jnp.int32)
 
   def run():
