@@ -55,6 +55,7 @@
 #   bash experiments/run_h200.sh decode_attention_bench  # one H200: benchmark decode (run BB)
 #   bash experiments/run_h200.sh decode_attention_ranges  # one GPU: chunks a program (run BG)
 #   bash experiments/run_h200.sh ranges_batch4     # one GPU: one chunk a range at batch 4 (BV)
+#   bash experiments/run_h200.sh moe_router        # one GPU: the MoE router's kernels (BW)
 #   bash experiments/run_h200.sh ple_kernels       # one H200: the PLE layers' end as kernels (BH)
 #   bash experiments/run_h200.sh ple_kernels2      # one H200: run BH again, the gate split (BJ)
 #   bash experiments/run_h200.sh ple_kernels3      # one H200: the o projection's tiles (BK)
@@ -422,6 +423,20 @@ case "${1:-}" in
         --out="$OUT/step_probe_attn_ranges_b4_h200.json" > "$OUT/step_probe_attn_ranges_b4.log" 2>&1
     grep -hE " ms " "$OUT/step_probe_attn_ranges_b4.log"
     ;;
+  moe_router)        # session 22, run BW: the MoE router as two Pallas kernels (moe_kernels):
+                     # their tests compiled by Triton, then 26B-A4B's decode step and 5-position
+                     # verification with and without them (batch 1), and its batch-8 step
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_moe_kernels.py \
+        > "$OUT/moe_kernels_tests.log" 2>&1
+    tail -3 "$OUT/moe_kernels_tests.log"
+    timeout 220 python experiments/step_probe.py --models=gemma4_26b_a4b \
+        --verify_models=gemma4_26b_a4b --variants=fused,fused_moe_off --profile_steps=8 \
+        --short=8 --long=32 --out="$OUT/step_probe_moe_h200.json" > "$OUT/step_probe_moe.log" 2>&1
+    timeout 150 python experiments/step_probe.py --models=gemma4_26b_a4b --batch=8 \
+        --verify_models= --variants=fused_moe_on,fused_moe_off --profile_steps=0 --short=8 \
+        --long=32 --out="$OUT/step_probe_moe_b8_h200.json" >> "$OUT/step_probe_moe.log" 2>&1
+    grep -hE " ms " "$OUT/step_probe_moe.log"
+    ;;
   decode_attention_bench)  # session 19, run BB (not run yet): the H200 record's decode figures
                      # of E4B, E2B and 26B-A4B with the kernels (an H200 only: the record is one)
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200"; exit 3; }
@@ -562,6 +577,7 @@ case "${1:-}" in
          "released_drafters | kernels_first | drafter_options | drafter_options2 |" \
          "drafter_options3 | drafter_final | drafter_warps_probe | drafter_warps8_probe | decode_attention | decode_attention2 |" \
          "decode_attention3 | decode_attention_big | decode_attention_ranges | ranges_batch4 |" \
+         "moe_router |" \
          "decode_attention_bench | ple_kernels | ple_kernels2 | ple_kernels3 | ple_kernels4 |" \
          "ple_verify | kernels_bench" >&2
     exit 2

@@ -40,8 +40,13 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_o128 measured the PLE layers' o projection and the norms after it as two kernels more,
   removed after them as slower on E4B, NOTES; their `fused_ple_xla_o` is the library's step
   since);
-  fused_xla       fused, neither kind of kernel (the library's step before session 19);
-  fused_all_on    fused, both kinds at any batch;
+  fused_moe_off   fused, the MoE router (26B-A4B) through XLA's ops instead of `moe_kernels`'
+              two kernels a layer (the default on one GPU since session 22; before it, the
+              `fused` entries of the committed records are this);
+  fused_moe_on    fused, those kernels at any number of tokens;
+  fused_xla       fused, none of these kernels (the library's step before session 19; the MoE
+              router's kernels off too since session 22);
+  fused_all_on    fused, all of them at any batch;
 the per-step time (slope of a short and a long run of the decode loop, as the benchmark), one
 verification of 5 positions (`--verify_positions`), and a profiler trace of `--profile_steps`
 steps summarized per step (`bench.kernel_profile`: kernels per step, time the device is busy,
@@ -66,6 +71,7 @@ from gemma_mtp import config as config_lib
 from gemma_mtp import decode_attention
 from gemma_mtp import layers
 from gemma_mtp import model as model_lib
+from gemma_mtp import moe_kernels
 from gemma_mtp import params as params_lib
 from gemma_mtp import ple_kernels
 from gemma_mtp import quant
@@ -94,6 +100,7 @@ _LIBRARY_PAD_ROWS = quant.PAD_ROWS_WITH
 _LIBRARY_ATTN_SWITCH = os.environ.get(decode_attention.ENV, "auto")
 _LIBRARY_RANGE_CHUNKS = decode_attention.RANGE_CHUNKS
 _LIBRARY_PLE_SWITCH = os.environ.get(ple_kernels.ENV, "auto")
+_LIBRARY_MOE_SWITCH = os.environ.get(moe_kernels.ENV, "auto")
 _LIBRARY_GATE_PARTS = ple_kernels.GATE_PARTS
 _CUDNN_CALLS = {"cudnn": 0, "library": 0}
 
@@ -128,6 +135,10 @@ def _set_variant(variant: str):
   os.environ[ple_kernels.ENV] = {"fused_ple_off": "off", "fused_ple_on": "on",
                                  "fused_xla": "off", "fused_all_on": "on"}.get(
       variant, _LIBRARY_PLE_SWITCH)
+  # fused_moe_off: the MoE router through XLA's ops, not moe_kernels' two kernels a layer
+  os.environ[moe_kernels.ENV] = {"fused_moe_off": "off", "fused_moe_on": "on",
+                                 "fused_xla": "off", "fused_all_on": "on"}.get(
+      variant, _LIBRARY_MOE_SWITCH)
 
 
 def attention_check(cfg, params) -> dict:
@@ -171,7 +182,9 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
                # which kernels this forward ran (the switches' decisions under the variant)
                attention_kernels=decode_attention.choose(vcfg, case.batch, case.chunk, True,
                                                          None),
-               ple_kernels=ple_kernels.choose(vcfg, params, case.batch, case.chunk, True, None))
+               ple_kernels=ple_kernels.choose(vcfg, params, case.batch, case.chunk, True, None),
+               moe_kernels=any(moe_kernels.choose(vcfg, lp["moe"], case.batch * case.chunk)
+                               for lp in params["layers"] if "moe" in lp))
       if case.chunk == 1 and _HLO_DIR.value:
         path = pathlib.Path(_HLO_DIR.value) / f"{model}_{variant}.hlo.txt.gz"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +236,8 @@ def model_entries(model: str) -> list[dict]:
 VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fused_cudnn",
             "fused_attn_off", "fused_attn_on", "fused_attn_range1", "fused_attn_range2",
             "fused_attn_range4",
-            "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_xla", "fused_all_on")
+            "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_moe_off", "fused_moe_on",
+            "fused_xla", "fused_all_on")
 
 
 def main(argv):

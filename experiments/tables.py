@@ -446,7 +446,8 @@ def verification_kernel_table(records: dict[str, dict]) -> list[str]:
   the change, and the forward against a decode step each as the automatic switch runs them
   (`decode_attention.auto_takes`: e.g. 31B verifies through XLA's attention and decodes through
   the kernels)."""
-  from gemma_mtp import config as config_lib, decode_attention  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from gemma_mtp import config as config_lib, decode_attention
   rows = verification_kernel_rows(records)
   out = [_row("model", "batch", "context", "positions", "XLA's attention", "the kernels",
               "change", "against a decode step, as switched"), _row(*["---"] * 8)]

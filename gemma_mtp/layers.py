@@ -167,19 +167,24 @@ def gathers_experts(tokens: int, top_k: int, num_experts: int) -> bool:
   return tokens * top_k <= (num_experts if matvec.enabled() else num_experts // 4)
 
 
-def moe(residual: jax.Array, p: dict, *, top_k: int, eps: float) -> jax.Array:
+def moe(residual: jax.Array, p: dict, *, top_k: int, eps: float, router=None) -> jax.Array:
   """Routed experts of the Gemma 4 MoE block (the shared dense MLP is applied by the caller).
 
   Args:
     residual: [..., D] residual stream after attention; the router reads it raw and the experts
       read it through `pre_norm`.
+    router: None, or `router(x [M, D], p) -> (weights, experts, the experts' input)` in place of
+      `route` and the pre-norm (`moe_kernels.route`).
   Returns:
     [..., D] post-normed expert mixture.
   """
   shape = residual.shape
   x = residual.reshape(-1, shape[-1])
-  weights, experts = route(x, p, top_k=top_k, eps=eps)
-  xn = rms_norm(x, p["pre_norm"], eps=eps)
+  if router is None:
+    weights, experts = route(x, p, top_k=top_k, eps=eps)
+    xn = rms_norm(x, p["pre_norm"], eps=eps)
+  else:
+    weights, experts, xn = router(x, p)
   if gathers_experts(x.shape[0], top_k, p["down"].shape[0]):
     out = _expert_ffn_gathered(xn, weights, experts, p)
   else:

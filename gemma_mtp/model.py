@@ -24,6 +24,7 @@ import numpy as np
 from gemma_mtp import decode_attention
 from gemma_mtp import kv_cache as kvc
 from gemma_mtp import layers
+from gemma_mtp import moe_kernels
 from gemma_mtp import params as params_lib
 from gemma_mtp import ple_kernels
 from gemma_mtp import quant
@@ -214,7 +215,10 @@ def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
   if "moe" in p:
     moe = p["moe"]
     h = layers.rms_norm(h, moe["dense_post_norm"], eps=cfg.rms_eps)
-    h = h + layers.moe(x, moe, top_k=cfg.num_experts_per_token, eps=cfg.rms_eps)
+    tokens = int(np.prod(x.shape[:-1]))
+    router = (functools.partial(moe_kernels.route, cfg=cfg)
+              if moe_kernels.choose(cfg, moe, tokens) else None)
+    h = h + layers.moe(x, moe, top_k=cfg.num_experts_per_token, eps=cfg.rms_eps, router=router)
   return layers.rms_norm(h, p["post_ffw_norm"], eps=cfg.rms_eps)
 
 

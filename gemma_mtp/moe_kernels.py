@@ -1,0 +1,140 @@
+"""The MoE router (26B-A4B) as two Pallas (Triton) kernels, on GPUs.
+
+`layers.route` norms the residual, scales it, multiplies it by the router [D, E], takes a float32
+softmax over the E experts and its top k, renormalizes those and scales them per expert; the
+experts then read the residual normed by `pre_norm`. At a few rows XLA runs this as ~7 short
+kernels a layer (the router GEMM as a reduction, the softmax, two copies, a sort for the top k,
+a gather, the experts' norm: ~15 us a layer on an H100, NOTES run BG's step sequence). Here it is
+two:
+
+  logits:  part s of rnd(rnd(rnd(norm(x)) * router_scale) * D^-1/2) @ router, the norm's scale
+           from all of x                                                   grid (M, E / bn, S)
+  top_k:   the parts added and rounded as the GEMM's output; softmax; k rounds of (max, its
+           first index, masked); the k weights renormalized and scaled per expert; and the
+           experts' input rms_norm(x) * pre_norm                                     grid (M,)
+
+Values: float32 inside, rounded to the model's dtype where `layers.route` rounds (the norm, each
+scale, the router logits), so in float32 the experts equal XLA's and the weights agree up to
+summation order; ties go to the lower index, as `lax.top_k`.
+
+Where they run: `choose` (the switch `enabled()`: GPU and one device, or
+GEMMA_MTP_MOE_KERNELS=on; off switches them off; float router weights, E a power of two >= 16,
+D a multiple of 16; under the automatic switch at most AUTO_MAX_ROWS tokens, each of whose
+programs read the router again). Off the GPU the kernels run in Pallas's interpreter, which is
+how the tests compare them with `layers.route`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from gemma_mtp import drafter_kernels as dk
+from gemma_mtp import matvec
+from gemma_mtp import quant
+from gemma_mtp.config import ModelConfig
+
+F32 = jnp.float32
+ENV = "GEMMA_MTP_MOE_KERNELS"
+# The automatic switch takes forwards of up to this many tokens (a decode step's rows, or a
+# chain's verification positions): each token's programs read the 0.7 MB router again.
+AUTO_MAX_ROWS = 16
+
+
+def enabled() -> bool:
+  """Whether the switch is on in programs traced now (see the module doc)."""
+  return matvec.switch(ENV)
+
+
+def supported(cfg: ModelConfig, p: dict) -> str | None:
+  """None if the kernels take the MoE block with parameters p, else why not."""
+  if quant.is_quantized(p["router"]):
+    return "int8 router"
+  e = cfg.num_experts
+  if e < 16 or e & (e - 1):
+    return f"{e} experts (not a power of two >= 16)"
+  if cfg.embed_dim % 16:
+    return f"width {cfg.embed_dim} (not a multiple of 16)"
+  if cfg.num_experts_per_token & (cfg.num_experts_per_token - 1):
+    return f"top {cfg.num_experts_per_token} (not a power of two)"
+  return None
+
+
+def choose(cfg: ModelConfig, p: dict, tokens: int) -> bool:
+  """Whether `model.feed_forward` routes these tokens through the kernels."""
+  if not (enabled() and supported(cfg, p) is None):
+    return False
+  return matvec.switch_mode(ENV) == "on" or tokens <= AUTO_MAX_ROWS
+
+
+def _logits_kernel(x_ref, scale_ref, w_ref, out_ref, *, rows, bn, eps, c, rnd):
+  """Part s of the router logits of token m: contraction rows [s * rows, (s + 1) * rows)."""
+  m, col, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  n = x_ref.shape[1]
+  bk = dk._rows_per_chunk(rows, bn)
+  part = dk._spans(rows, bk, s * rows)
+  x = [dk._f32(x_ref[m, ds]) for ds in dk._spans(n, dk._rows_per_chunk(n, 1))]
+  x_part = [dk._f32(x_ref[m, ds]) for ds in part]
+  scale = [dk._f32(scale_ref[ds]) for ds in part]
+  w = [w_ref[ds, dk._columns(col, bn)] for ds in part]
+  inv = dk._inv_rms(x, n, eps)
+  r = [rnd(rnd(rnd(xc * inv) * rnd(sc)) * c) for xc, sc in zip(x_part, scale)]
+  out_ref[...] = dk._matvec(r, w)            # rounded once the parts are added
+
+
+def _top_k_kernel(parts_ref, expert_scale_ref, x_ref, pre_ref, w_ref, e_ref, xn_ref, *, k, eps,
+                  rnd):
+  """Token m's top-k experts and weights from the logits' parts, and its experts' input."""
+  m = pl.program_id(0)
+  n, num = x_ref.shape[1], parts_ref.shape[2]
+  spans = dk._spans(n, dk._rows_per_chunk(n, 1))
+  logits = rnd(sum(parts_ref[m, s, :] for s in range(parts_ref.shape[1])))
+  escale = dk._f32(expert_scale_ref[...])
+  x = [dk._f32(x_ref[m, ds]) for ds in spans]
+  pre = [dk._f32(pre_ref[ds]) for ds in spans]
+  e = jnp.exp(logits - jnp.max(logits))
+  probs = e / jnp.sum(e)
+  iota = jax.lax.broadcasted_iota(jnp.int32, (num,), 0)
+  slot = jax.lax.broadcasted_iota(jnp.int32, (k,), 0)
+  weights, experts, scales = jnp.zeros((k,), F32), jnp.zeros((k,), jnp.int32), jnp.zeros((k,), F32)
+  for j in range(k):
+    top = jnp.max(probs)
+    at = jnp.min(jnp.where(probs == top, iota, num))
+    weights = jnp.where(slot == j, top, weights)
+    experts = jnp.where(slot == j, at, experts)
+    scales = jnp.where(slot == j, jnp.sum(jnp.where(iota == at, escale, 0.0)), scales)
+    probs = jnp.where(iota == at, -1.0, probs)
+  w_ref[...] = weights / jnp.sum(weights) * scales
+  e_ref[...] = experts
+  dk._store_chunks(xn_ref, spans, dk._norm(x, pre, n, eps, rnd))
+
+
+def route(x: jax.Array, p: dict, cfg: ModelConfig):
+  """`layers.route(x, p)` and `rms_norm(x, p['pre_norm'])` as the two kernels.
+
+  Args:
+    x: [M, D] the residual stream after attention (M tokens).
+    p: the MoE block's parameters (router, router_scale, expert_scale, pre_norm).
+  Returns:
+    (weights [M, k] float32, experts [M, k] int32, the experts' input [M, D] in x's dtype).
+  """
+  rnd = dk._rounder(x.dtype)
+  m, d = x.shape
+  k, e = cfg.num_experts_per_token, cfg.num_experts
+  c = float(np.asarray(d ** -0.5, jnp.dtype(x.dtype)).astype(np.float32))   # as route rounds it
+  bn = dk._cols(e, d)
+  parts = dk._split(d // 16, 16 * bn)
+  rows = d // parts
+  (logits,) = dk._call(
+      functools.partial(_logits_kernel, rows=rows, bn=bn, eps=cfg.rms_eps, c=c, rnd=rnd),
+      (m, e // bn, parts), [x, p["router_scale"], p["router"]], [dk._parts(m, parts, e, bn)],
+      "moe_router")
+  outs = [((m, k), F32, (None, k), lambda i: (i, 0)),
+          ((m, k), jnp.int32, (None, k), lambda i: (i, 0)),
+          ((m, d), x.dtype, (None, d), lambda i: (i, 0))]
+  return tuple(dk._call(functools.partial(_top_k_kernel, k=k, eps=cfg.rms_eps, rnd=rnd),
+                        (m,), [logits, p["expert_scale"], x, p["pre_norm"]], outs, "moe_top_k"))
