@@ -183,8 +183,8 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
                attention_kernels=decode_attention.choose(vcfg, case.batch, case.chunk, True,
                                                          None),
                ple_kernels=ple_kernels.choose(vcfg, params, case.batch, case.chunk, True, None),
-               moe_kernels=any(moe_kernels.choose(vcfg, lp["moe"], case.batch * case.chunk)
-                               for lp in params["layers"] if "moe" in lp))
+               moe_kernels=any(moe_kernels.choose(vcfg, lp["moe"], case.batch * case.chunk,
+                                                  True) for lp in params["layers"] if "moe" in lp))
       if case.chunk == 1 and _HLO_DIR.value:
         path = pathlib.Path(_HLO_DIR.value) / f"{model}_{variant}.hlo.txt.gz"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -209,21 +209,21 @@ def _delete(tree):
       leaf.delete()
 
 
-def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Dense GeGLU FFN, or (MoE models) shared dense MLP + routed experts; includes the FFN norms."""
+def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig, *, router_kernels: bool = False
+                 ) -> jax.Array:
+  """Dense GeGLU FFN, or (MoE models) shared dense MLP + routed experts; includes the FFN norms.
+  `router_kernels`: the MoE router as `moe_kernels.route` (see `moe_kernels.choose`)."""
   h = layers.mlp(layers.rms_norm(x, p["pre_ffw_norm"], eps=cfg.rms_eps), p["mlp"])
   if "moe" in p:
     moe = p["moe"]
     h = layers.rms_norm(h, moe["dense_post_norm"], eps=cfg.rms_eps)
-    tokens = int(np.prod(x.shape[:-1]))
-    router = (functools.partial(moe_kernels.route, cfg=cfg)
-              if moe_kernels.choose(cfg, moe, tokens) else None)
+    router = functools.partial(moe_kernels.route, cfg=cfg) if router_kernels else None
     h = h + layers.moe(x, moe, top_k=cfg.num_experts_per_token, eps=cfg.rms_eps, router=router)
   return layers.rms_norm(h, p["post_ffw_norm"], eps=cfg.rms_eps)
 
 
 def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig, *,
-          xn: jax.Array | None = None, tail=None):
+          xn: jax.Array | None = None, tail=None, router_kernels: bool = False):
   """One decoder layer: x [B, T, D] -> x.
 
   `attend(xn) -> [R, T, N, H]` does the layer's attention (R = B, or more where rows padded for
@@ -232,6 +232,7 @@ def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig
   `attend` takes). `tail(p, x, d, ple) -> (x, next xn)`: the end of a PLE layer as
   `ple_kernels.tail`, from the residual after attention, the down projection's padded rows and
   `ple` as given (there: every layer's inputs); the layer then returns its pair.
+  `router_kernels`: see `feed_forward`.
   """
   if xn is None:
     xn = layers.rms_norm(x, p["pre_attn_norm"], eps=cfg.rms_eps)
@@ -241,7 +242,7 @@ def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig
     d = layers.mlp(layers.rms_norm(x, p["pre_ffw_norm"], eps=cfg.rms_eps), p["mlp"],
                    padded_rows=True)
     return tail(p, x, d, ple)
-  x = x + feed_forward(p, x, cfg)
+  x = x + feed_forward(p, x, cfg, router_kernels=router_kernels)
   if ple is not None:
     g = layers.gelu(quant.einsum("BTD,DP->BTP", x, p["ple"]["gate"])) * ple
     x = x + layers.rms_norm(quant.einsum("BTP,PD->BTD", g, p["ple"]["proj"]),
@@ -305,6 +306,9 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   # through a cache on a GPU, a PLE model: each layer's end (and the next layer's norm) as
   # ple_kernels' kernels
   tails = ple_kernels.choose(cfg, params, b, t, cache is not None, tree)
+  # through a cache on a GPU, an MoE model: its router as moe_kernels' kernels
+  moe = next((p["moe"] for p in params["layers"][:cfg.num_layers] if "moe" in p), None)
+  routes = moe is not None and moe_kernels.choose(cfg, moe, b * t, cache is not None)
   xn = None   # the layer's normed input, from the previous layer's tail
   for i, p in enumerate(params["layers"][:cfg.num_layers]):
     kind = cfg.layer_types[i]
@@ -359,7 +363,7 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
                                **_next_layer(params, i, b * t, cfg))
       x, xn = block(p, x, attend, ple, cfg, xn=xn, tail=tail)
     else:
-      x = block(p, x, attend, None if ple is None else ple[:, :, i], cfg)
+      x = block(p, x, attend, None if ple is None else ple[:, :, i], cfg, router_kernels=routes)
 
   new_cache = None if cache is None else cache.replace(k=tuple(new_k), v=tuple(new_v),
                                                        ring_idx=ring_idx)

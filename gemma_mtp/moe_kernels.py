@@ -18,10 +18,11 @@ scale, the router logits), so in float32 the experts equal XLA's and the weights
 summation order; ties go to the lower index, as `lax.top_k`.
 
 Where they run: `choose` (the switch `enabled()`: GPU and one device, or
-GEMMA_MTP_MOE_KERNELS=on; off switches them off; float router weights, E a power of two >= 16,
-D a multiple of 16; under the automatic switch at most AUTO_MAX_ROWS tokens, each of whose
-programs read the router again). Off the GPU the kernels run in Pallas's interpreter, which is
-how the tests compare them with `layers.route`.
+GEMMA_MTP_MOE_KERNELS=on; off switches them off; a forward through a cache; float router
+weights, E a power of two >= 16, D a multiple of 16, k a power of two; under the automatic
+switch at most AUTO_MAX_ROWS tokens, each of whose programs read the router again). Off the
+GPU the kernels run in Pallas's interpreter, which is how the tests compare them with
+`layers.route`.
 """
 
 from __future__ import annotations
@@ -64,9 +65,11 @@ def supported(cfg: ModelConfig, p: dict) -> str | None:
   return None
 
 
-def choose(cfg: ModelConfig, p: dict, tokens: int) -> bool:
-  """Whether `model.feed_forward` routes these tokens through the kernels."""
-  if not (enabled() and supported(cfg, p) is None):
+def choose(cfg: ModelConfig, p: dict, tokens: int, has_cache: bool) -> bool:
+  """Whether `model.run_layers` routes a forward's tokens through the kernels: a forward
+  through a cache (inference: the kernels have no gradient), under the automatic switch of at
+  most AUTO_MAX_ROWS tokens, =on at any number."""
+  if not (enabled() and has_cache and supported(cfg, p) is None):
     return False
   return matvec.switch_mode(ENV) == "on" or tokens <= AUTO_MAX_ROWS
 

@@ -79,19 +79,23 @@ def test_route_bfloat16_as_xla():
 
 
 def test_choose(monkeypatch):
-  """The switch: off on the CPU (auto), on with =on; the 26B-A4B router taken, the automatic
-  switch up to AUTO_MAX_ROWS tokens; why not otherwise."""
+  """The switch: off on the CPU (auto), on with =on; the 26B-A4B router taken through a cache
+  (not in training forwards: no gradient), the automatic switch up to AUTO_MAX_ROWS tokens;
+  why not otherwise."""
   cfg = config_lib.preset("gemma4_26b_a4b")
   p = _moe_params(TINY, jnp.float32)
   assert moe_kernels.supported(cfg, p) is None
-  assert not moe_kernels.choose(cfg, p, 1)                      # auto off the GPU
+  assert not moe_kernels.choose(cfg, p, 1, True)                   # auto off the GPU
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert moe_kernels.choose(cfg, p, moe_kernels.AUTO_MAX_ROWS)
-  assert not moe_kernels.choose(cfg, p, moe_kernels.AUTO_MAX_ROWS + 1)
+  assert moe_kernels.choose(cfg, p, moe_kernels.AUTO_MAX_ROWS, True)
+  assert not moe_kernels.choose(cfg, p, moe_kernels.AUTO_MAX_ROWS + 1, True)
+  assert not moe_kernels.choose(cfg, p, 1, False)
+  monkeypatch.setattr(jax, "device_count", lambda: 2)                # sharded: XLA's path
+  assert not moe_kernels.choose(cfg, p, 1, True)
   monkeypatch.setenv(moe_kernels.ENV, "on")
-  assert moe_kernels.choose(cfg, p, 1024)
+  assert moe_kernels.choose(cfg, p, 1024, True) and not moe_kernels.choose(cfg, p, 1, False)
   monkeypatch.setenv(moe_kernels.ENV, "off")
-  assert not moe_kernels.choose(cfg, p, 1)
+  assert not moe_kernels.choose(cfg, p, 1, True)
   assert "experts" in moe_kernels.supported(TINY.replace(num_experts=8), p)
   assert "top 3" in moe_kernels.supported(TINY.replace(num_experts_per_token=3), p)
 
@@ -104,6 +108,7 @@ def test_decode_steps_equal_xla_float32(monkeypatch):
   ref, ref_kv, ref_jaxpr = dkt.decode_steps(TINY, params, {**env, moe_kernels.ENV: "off"},
                                             monkeypatch)
   got, kv, jaxpr = dkt.decode_steps(TINY, params, {**env, moe_kernels.ENV: "on"}, monkeypatch)
+  # the step's layers (the prefill, a forward without a cache, is XLA's either way)
   assert (ref_jaxpr.count("name=moe_router"), jaxpr.count("name=moe_router")) == (
       0, TINY.num_layers)
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
