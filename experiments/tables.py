@@ -465,6 +465,33 @@ def verification_kernel_table(records: dict[str, dict]) -> list[str]:
   return out
 
 
+def _moe_side(variant: str, batch: int, env: dict, positions: int = 1) -> str | None:
+  del env
+  from gemma_mtp import moe_kernels  # pylint: disable=g-import-not-at-top
+  if variant == "fused_moe_off":
+    return "off"
+  if variant == "fused_moe_on" or (variant == "fused"
+                                   and batch * positions <= moe_kernels.AUTO_MAX_ROWS):
+    return "on"
+  return None
+
+
+def moe_kernel_rows(records: dict[str, dict]) -> dict[tuple, dict]:
+  """As `attention_kernel_rows` for the MoE router's kernels (session 22, step_probe_moe*):
+  `fused_moe_off` against `fused_moe_on`, or `fused` up to the automatic switch's tokens."""
+  return _switch_rows(records, _moe_side)
+
+
+def moe_kernel_table(records: dict[str, dict]) -> list[str]:
+  """`moe_kernel_rows` as a table (positions > 1: a verification forward)."""
+  out = [_row("model", "batch", "context", "positions", "XLA's router", "the kernels",
+              "change"), _row(*["---"] * 7)]
+  for (model, b, ctx, t), m in sorted(moe_kernel_rows(records).items()):
+    out.append(_row(model, b, ctx, t, f"{m['off']:.3f} ms", f"{m['on']:.3f} ms",
+                    f"{m['change']:+.1%}"))
+  return out
+
+
 def step_probe_records(pattern: str = "step_probe_attn*.json") -> dict[str, dict]:
   """The committed step-probe records matching `pattern`, in time order: by default the
   attention kernels' (runs BA-BF); "step_probe_ple*.json": the PLE kernels' (runs BH-BM)."""
@@ -506,6 +533,10 @@ def main():
     print("\n**The PLE layers' end as kernels against XLA's ops (step_probe_ple*, same "
           "process)**\n")
     print("\n".join(ple_kernel_table(records)))
+  records = step_probe_records("step_probe_moe*.json")
+  if records:
+    print("\n**The MoE router as kernels against XLA's ops (step_probe_moe*, same process)**\n")
+    print("\n".join(moe_kernel_table(records)))
   records = step_probe_records("step_probe_verify_*.json")
   if records:
     print("\n**Verification forwards: the attention kernels against XLA's attention "

@@ -210,3 +210,17 @@ def test_committed_verification_records_give_the_readme_figures():
   e4b = rows[("gemma4_e4b", 1, 1024, 5)]["on"] / rows[("gemma4_e4b", 1, 1024, 1)]["on"]
   b31 = rows[("gemma4_31b", 1, 1024, 5)]["off"] / rows[("gemma4_31b", 1, 1024, 1)]["on"]
   assert (round(e4b, 3), round(b31, 3)) == (1.104, 1.078)
+
+
+def test_moe_kernel_rows():
+  """`fused_moe_off` against `fused_moe_on`, or `fused` up to the router kernels' tokens (a
+  verification's positions count)."""
+  tables = _tables()
+  rec = _probe("2026-12-06T16:30:00", [("fused", 1, 4.0), ("fused_moe_off", 1, 4.4),
+                                       ("fused", 32, 9.0), ("fused_moe_off", 32, 8.0),
+                                       ("fused_moe_on", 8, 7.0), ("fused_moe_off", 8, 7.7)])
+  rows = tables.moe_kernel_rows({"r": rec})
+  assert rows == {("m", 1, 1024, 1): {"off": 4.4, "on": 4.0, "change": pytest.approx(-1 / 11)},
+                  ("m", 8, 1024, 1): {"off": 7.7, "on": 7.0, "change": pytest.approx(-1 / 11)}}
+  table = tables.moe_kernel_table({"r": rec})
+  assert table[2] == "| m | 1 | 1024 | 1 | 4.400 ms | 4.000 ms | -9.1% |" and len(table) == 4
