@@ -426,11 +426,11 @@ case "${1:-}" in
   moe_router)        # session 22, run BW: the MoE router as two Pallas kernels (moe_kernels):
                      # their tests compiled by Triton, then 26B-A4B's decode step and 5-position
                      # verification with and without them (batch 1), and its batch-8 step
-    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_moe_kernels.py \
+    timeout 120 python -m pytest -q -p no:cacheprovider tests/test_moe_kernels.py \
         > "$OUT/moe_kernels_tests.log" 2>&1
     tail -3 "$OUT/moe_kernels_tests.log"
     timeout 220 python experiments/step_probe.py --models=gemma4_26b_a4b \
-        --verify_models=gemma4_26b_a4b --variants=fused,fused_moe_off --profile_steps=8 \
+        --verify_models=gemma4_26b_a4b --variants=fused,fused_moe_off --profile_steps=0 \
         --short=8 --long=32 --out="$OUT/step_probe_moe_h200.json" > "$OUT/step_probe_moe.log" 2>&1
     timeout 150 python experiments/step_probe.py --models=gemma4_26b_a4b --batch=8 \
         --verify_models= --variants=fused_moe_on,fused_moe_off --profile_steps=0 --short=8 \
