@@ -85,6 +85,7 @@ def test_choose(monkeypatch):
   cfg = config_lib.preset("gemma4_26b_a4b")
   p = _moe_params(TINY, jnp.float32)
   assert moe_kernels.supported(cfg, p) is None
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert not moe_kernels.choose(cfg, p, 1, True)                   # auto off the GPU
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert moe_kernels.choose(cfg, p, moe_kernels.AUTO_MAX_ROWS, True)
