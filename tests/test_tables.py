@@ -224,3 +224,15 @@ def test_moe_kernel_rows():
                   ("m", 8, 1024, 1): {"off": 7.7, "on": 7.0, "change": pytest.approx(-1 / 11)}}
   table = tables.moe_kernel_table({"r": rec})
   assert table[2] == "| m | 1 | 1024 | 1 | 4.400 ms | 4.000 ms | -9.1% |" and len(table) == 4
+
+
+def test_committed_moe_records_give_the_readme_figures():
+  """The README's MoE-router figures (run BW) come from the committed records."""
+  tables = _tables()
+  rows = tables.moe_kernel_rows(tables.step_probe_records("step_probe_moe*.json"))
+  expect = {(1, 1): (4.283, 4.093, -0.044), (1, 5): (6.166, 6.185, 0.003),
+            (8, 1): (7.823, 7.613, -0.027)}
+  for (batch, t), (off, on, change) in expect.items():
+    got = rows[("gemma4_26b_a4b", batch, 1024, t)]
+    assert (round(got["off"], 3), round(got["on"], 3), round(got["change"], 3)) == (
+        off, on, change), (batch, t)
