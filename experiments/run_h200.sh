@@ -414,7 +414,8 @@ case "${1:-}" in
     grep -hE " ms " "$OUT/step_probe_attn_ranges.log"
     ;;
   ranges_batch4)     # session 22, run BV: one chunk a range (the library's) against two at
-                     # batch 4, after the kernels' tests compiled by Triton
+                     # batch 4, after the kernels' tests compiled by Triton (run trimmed, ad
+                     # hoc: E4B's step only, no attention tests; NOTES)
     timeout 160 python -m pytest -q -p no:cacheprovider tests/test_decode_attention.py \
         -k "float32 or bfloat16" > "$OUT/decode_attention_tests.log" 2>&1
     tail -3 "$OUT/decode_attention_tests.log"

@@ -67,8 +67,9 @@ AUTO_MAX_BATCH = 4
 # Cache chunks a program reads (about; `drafter_kernels._chunking`): fewer make more, shorter
 # programs (E4B's 512-slot sliding layers: 8 heads x 16 ranges of one chunk of 32 slots). A knob
 # for the step probe's variants (fused_attn_range2 / _range4). Measured on an H100 (NOTES runs
-# BG, BU; batch-1 decode step against 2 chunks, the drafter's): E4B -2.3% (twice), E2B -0.3% /
-# -1.0%, 26B-A4B -0.2%; 4 chunks +3% to +9%; 5-position verification the same.
+# BG, BU, BV; decode step against 2 chunks, the drafter's): batch 1 E4B -2.3% (twice), E2B
+# -0.3% / -1.0%, 26B-A4B -0.2%; 4 chunks +3% to +9%; 5-position verification and E4B at batch 4
+# the same.
 RANGE_CHUNKS = 1
 # Positions a row the kernels take (a chain's verification: K + 1), and under the automatic
 # switch, which takes several positions only for models of at most AUTO_MAX_VERIFY_HEADS query
