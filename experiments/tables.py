@@ -323,15 +323,31 @@ def attention_kernel_rows(records: dict[str, dict]) -> dict[tuple, dict]:
   return _switch_rows(records, _attention_side)
 
 
-def _ple_side(variant: str, batch: int, env: dict, positions: int = 1) -> str | None:
-  del env
+def _tokens_side(kind: str, limit):
+  """A side function (see `_switch_rows`): `fused_{kind}_off` is 'off'; `fused_{kind}_on`, or
+  `fused` at most `limit()` tokens (rows x positions, the automatic switch's), 'on'."""
+  def side(variant: str, batch: int, env: dict, positions: int = 1) -> str | None:
+    del env
+    if variant == f"fused_{kind}_off":
+      return "off"
+    if variant == f"fused_{kind}_on" or (variant == "fused" and batch * positions <= limit()):
+      return "on"
+    return None
+  return side
+
+
+def _ple_limit() -> int:
   from gemma_mtp import ple_kernels  # pylint: disable=g-import-not-at-top
-  if variant == "fused_ple_off":
-    return "off"
-  if variant == "fused_ple_on" or (variant == "fused"
-                                   and batch * positions <= ple_kernels.AUTO_MAX_BATCH):
-    return "on"
-  return None
+  return ple_kernels.AUTO_MAX_BATCH
+
+
+def _moe_limit() -> int:
+  from gemma_mtp import moe_kernels  # pylint: disable=g-import-not-at-top
+  return moe_kernels.AUTO_MAX_ROWS
+
+
+_ple_side = _tokens_side("ple", _ple_limit)
+_moe_side = _tokens_side("moe", _moe_limit)
 
 
 def _both_side(variant: str, batch: int, env: dict, positions: int = 1) -> str | None:
@@ -376,15 +392,20 @@ def _switch_rows(records: dict[str, dict], side_of) -> dict[tuple, dict]:
   return rows
 
 
-def attention_kernel_table(records: dict[str, dict]) -> list[str]:
-  """`attention_kernel_rows` as a table, one row a (model, batch, context, positions; 5
-  positions: a verification forward, which keeps XLA's attention either way)."""
-  out = [_row("model", "batch", "context", "positions", "XLA's attention", "the kernels",
-              "change"), _row(*["---"] * 7)]
-  for (model, b, ctx, t), m in sorted(attention_kernel_rows(records).items()):
+def _off_on_table(rows: dict[tuple, dict], off_name: str) -> list[str]:
+  """One row a case (model, batch, context, positions) of {off, on, change}."""
+  out = [_row("model", "batch", "context", "positions", off_name, "the kernels", "change"),
+         _row(*["---"] * 7)]
+  for (model, b, ctx, t), m in sorted(rows.items()):
     out.append(_row(model, b, ctx, t, f"{m['off']:.3f} ms", f"{m['on']:.3f} ms",
                     f"{m['change']:+.1%}"))
   return out
+
+
+def attention_kernel_table(records: dict[str, dict]) -> list[str]:
+  """`attention_kernel_rows` as a table, one row a (model, batch, context, positions; 5
+  positions: a verification forward, which keeps XLA's attention either way)."""
+  return _off_on_table(attention_kernel_rows(records), "XLA's attention")
 
 
 def ple_kernel_table(records: dict[str, dict]) -> list[str]:
@@ -465,17 +486,6 @@ def verification_kernel_table(records: dict[str, dict]) -> list[str]:
   return out
 
 
-def _moe_side(variant: str, batch: int, env: dict, positions: int = 1) -> str | None:
-  del env
-  from gemma_mtp import moe_kernels  # pylint: disable=g-import-not-at-top
-  if variant == "fused_moe_off":
-    return "off"
-  if variant == "fused_moe_on" or (variant == "fused"
-                                   and batch * positions <= moe_kernels.AUTO_MAX_ROWS):
-    return "on"
-  return None
-
-
 def moe_kernel_rows(records: dict[str, dict]) -> dict[tuple, dict]:
   """As `attention_kernel_rows` for the MoE router's kernels (session 22, step_probe_moe*):
   `fused_moe_off` against `fused_moe_on`, or `fused` up to the automatic switch's tokens."""
@@ -484,12 +494,7 @@ def moe_kernel_rows(records: dict[str, dict]) -> dict[tuple, dict]:
 
 def moe_kernel_table(records: dict[str, dict]) -> list[str]:
   """`moe_kernel_rows` as a table (positions > 1: a verification forward)."""
-  out = [_row("model", "batch", "context", "positions", "XLA's router", "the kernels",
-              "change"), _row(*["---"] * 7)]
-  for (model, b, ctx, t), m in sorted(moe_kernel_rows(records).items()):
-    out.append(_row(model, b, ctx, t, f"{m['off']:.3f} ms", f"{m['on']:.3f} ms",
-                    f"{m['change']:+.1%}"))
-  return out
+  return _off_on_table(moe_kernel_rows(records), "XLA's router")
 
 
 def step_probe_records(pattern: str = "step_probe_attn*.json") -> dict[str, dict]:
@@ -523,26 +528,21 @@ def main():
     print("**GPU-trained pair, mixed batch-1 workload: adaptive against the best fixed length "
           "(speedup over plain decoding; gain over the best fixed length; pass pairs won)**\n")
     print("\n".join(adaptive_table(records)))
-  records = step_probe_records()
-  if records:
-    print("\n**The target's attention kernels against XLA's attention (step_probe_attn*, "
-          "same process)**\n")
-    print("\n".join(attention_kernel_table(records)))
-  records = step_probe_records("step_probe_ple*.json")
-  if records:
-    print("\n**The PLE layers' end as kernels against XLA's ops (step_probe_ple*, same "
-          "process)**\n")
-    print("\n".join(ple_kernel_table(records)))
-  records = step_probe_records("step_probe_moe*.json")
-  if records:
-    print("\n**The MoE router as kernels against XLA's ops (step_probe_moe*, same process)**\n")
-    print("\n".join(moe_kernel_table(records)))
-  records = step_probe_records("step_probe_verify_*.json")
-  if records:
-    print("\n**Verification forwards: the attention kernels against XLA's attention "
-          "(step_probe_verify_*, same process)**\n")
-    print("\n".join(verification_kernel_table(records)))
-
+  probes = [
+      ("step_probe_attn*.json", "The target's attention kernels against XLA's attention",
+       attention_kernel_table),
+      ("step_probe_ple*.json", "The PLE layers' end as kernels against XLA's ops",
+       ple_kernel_table),
+      ("step_probe_moe*.json", "The MoE router as kernels against XLA's ops", moe_kernel_table),
+      ("step_probe_verify_*.json",
+       "Verification forwards: the attention kernels against XLA's attention",
+       verification_kernel_table),
+  ]
+  for pattern, title, table in probes:
+    records = step_probe_records(pattern)
+    if records:
+      print(f"\n**{title} ({pattern.removesuffix('.json')}, same process)**\n")
+      print("\n".join(table(records)))
 
 if __name__ == "__main__":
   main()
