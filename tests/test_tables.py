@@ -1,5 +1,5 @@
-"""The README's adaptive-against-fixed summary and the attention- and PLE-kernel tables
-(experiments/tables.py) on made-up and committed records."""
+"""The README's adaptive-against-fixed summary and the kernel tables (attention, PLE, MoE
+router, verification; experiments/tables.py) on made-up and committed records."""
 
 from __future__ import annotations
 
