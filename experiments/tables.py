@@ -544,5 +544,6 @@ def main():
       print(f"\n**{title} ({pattern.removesuffix('.json')}, same process)**\n")
       print("\n".join(table(records)))
 
+
 if __name__ == "__main__":
   main()
