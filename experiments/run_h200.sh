@@ -438,6 +438,23 @@ case "${1:-}" in
         --long=32 --out="$OUT/step_probe_moe_b8_h200.json" >> "$OUT/step_probe_moe.log" 2>&1
     grep -hE " ms " "$OUT/step_probe_moe.log"
     ;;
+  moe_finish)        # session 23, run BX: the MoE layer's end after the experts as one Pallas
+                     # kernel (moe_kernels.tail): the MoE kernels' tests compiled by Triton, then
+                     # 26B-A4B's decode step and 5-position verification with and without it
+                     # (the router kernels on in both; batch 1), and its batch-8 step
+    timeout 180 python -m pytest -q -p no:cacheprovider tests/test_moe_kernels.py \
+        > "$OUT/moe_finish_tests.log" 2>&1
+    tail -3 "$OUT/moe_finish_tests.log"
+    timeout 220 python experiments/step_probe.py --models=gemma4_26b_a4b \
+        --verify_models=gemma4_26b_a4b --variants=fused,fused_moe_finish_off --profile_steps=0 \
+        --short=8 --long=32 --out="$OUT/step_probe_finish_moe_h200.json" \
+        > "$OUT/step_probe_finish.log" 2>&1
+    timeout 150 python experiments/step_probe.py --models=gemma4_26b_a4b --batch=8 \
+        --verify_models= --variants=fused,fused_moe_finish_off --profile_steps=0 --short=8 \
+        --long=32 --out="$OUT/step_probe_finish_moe_b8_h200.json" \
+        >> "$OUT/step_probe_finish.log" 2>&1
+    grep -hE " ms " "$OUT/step_probe_finish.log"
+    ;;
   decode_attention_bench)  # session 19, run BB (not run yet): the H200 record's decode figures
                      # of E4B, E2B and 26B-A4B with the kernels (an H200 only: the record is one)
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200"; exit 3; }

@@ -44,6 +44,9 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
               two kernels a layer (the default on one GPU since session 22; before it, the
               `fused` entries of the committed records are this);
   fused_moe_on    fused, those kernels at any number of tokens;
+  fused_moe_finish_off  fused, the MoE layer's end after the experts through XLA's ops
+              instead of `moe_kernels`' finish kernel (`moe_kernels.FINISH`; the default since
+              session 23; before it, the `fused` entries of the committed records are this);
   fused_xla       fused, none of these kernels (the library's step before session 19; the MoE
               router's kernels off too since session 22);
   fused_all_on    fused, all of them at any batch;
@@ -102,6 +105,7 @@ _LIBRARY_RANGE_CHUNKS = decode_attention.RANGE_CHUNKS
 _LIBRARY_PLE_SWITCH = os.environ.get(ple_kernels.ENV, "auto")
 _LIBRARY_MOE_SWITCH = os.environ.get(moe_kernels.ENV, "auto")
 _LIBRARY_GATE_PARTS = ple_kernels.GATE_PARTS
+_LIBRARY_MOE_FINISH = moe_kernels.FINISH
 _CUDNN_CALLS = {"cudnn": 0, "library": 0}
 
 
@@ -139,6 +143,7 @@ def _set_variant(variant: str):
   os.environ[moe_kernels.ENV] = {"fused_moe_off": "off", "fused_moe_on": "on",
                                  "fused_xla": "off", "fused_all_on": "on"}.get(
       variant, _LIBRARY_MOE_SWITCH)
+  moe_kernels.FINISH = _LIBRARY_MOE_FINISH and variant != "fused_moe_finish_off"
 
 
 def attention_check(cfg, params) -> dict:
@@ -184,7 +189,8 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
                                                          None),
                ple_kernels=ple_kernels.choose(vcfg, params, case.batch, case.chunk, True, None),
                moe_kernels=any(moe_kernels.choose(vcfg, lp["moe"], case.batch * case.chunk,
-                                                  True) for lp in params["layers"] if "moe" in lp))
+                                                  True) for lp in params["layers"] if "moe" in lp),
+               moe_finish=moe_kernels.finishes(vcfg, params, case.batch * case.chunk, True))
       if case.chunk == 1 and _HLO_DIR.value:
         path = pathlib.Path(_HLO_DIR.value) / f"{model}_{variant}.hlo.txt.gz"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,7 +243,7 @@ VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fu
             "fused_attn_off", "fused_attn_on", "fused_attn_range1", "fused_attn_range2",
             "fused_attn_range4",
             "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_moe_off", "fused_moe_on",
-            "fused_xla", "fused_all_on")
+            "fused_moe_finish_off", "fused_xla", "fused_all_on")
 
 
 def main(argv):

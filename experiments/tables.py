@@ -348,6 +348,7 @@ def _moe_limit() -> int:
 
 _ple_side = _tokens_side("ple", _ple_limit)
 _moe_side = _tokens_side("moe", _moe_limit)
+_finish_side = _tokens_side("moe_finish", _moe_limit)
 
 
 def _both_side(variant: str, batch: int, env: dict, positions: int = 1) -> str | None:
@@ -497,6 +498,18 @@ def moe_kernel_table(records: dict[str, dict]) -> list[str]:
   return _off_on_table(moe_kernel_rows(records), "XLA's router")
 
 
+def moe_finish_rows(records: dict[str, dict]) -> dict[tuple, dict]:
+  """As `moe_kernel_rows` for the MoE layer's end as a kernel (session 23, step_probe_finish*):
+  `fused_moe_finish_off` (the router's kernels only) against `fused` up to the automatic
+  switch's tokens (both)."""
+  return _switch_rows(records, _finish_side)
+
+
+def moe_finish_table(records: dict[str, dict]) -> list[str]:
+  """`moe_finish_rows` as a table (positions > 1: a verification forward)."""
+  return _off_on_table(moe_finish_rows(records), "the router's kernels only")
+
+
 def step_probe_records(pattern: str = "step_probe_attn*.json") -> dict[str, dict]:
   """The committed step-probe records matching `pattern`, in time order: by default the
   attention kernels' (runs BA-BF); "step_probe_ple*.json": the PLE kernels' (runs BH-BM)."""
@@ -534,6 +547,8 @@ def main():
       ("step_probe_ple*.json", "The PLE layers' end as kernels against XLA's ops",
        ple_kernel_table),
       ("step_probe_moe*.json", "The MoE router as kernels against XLA's ops", moe_kernel_table),
+      ("step_probe_finish*.json", "The MoE layer's end as a kernel, the router's kernels on in "
+       "both", moe_finish_table),
       ("step_probe_verify_*.json",
        "Verification forwards: the attention kernels against XLA's attention",
        verification_kernel_table),

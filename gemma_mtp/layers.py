@@ -127,12 +127,23 @@ def route(x: jax.Array, p: dict, *, top_k: int, eps: float) -> tuple[jax.Array, 
   return weights, experts
 
 
-def _expert_ffn_gathered(x, weights, experts, p):
-  """Few tokens: each token's k chosen experts, read per (token, expert) pair."""
+def expert_outputs(x: jax.Array, experts: jax.Array, p: dict) -> jax.Array:
+  """Each token's k chosen experts on its row, read per (token, expert) pair.
+
+  Args:
+    x: [M, D] the experts' input; experts: [M, k] int32.
+  Returns:
+    [M, k, D] each pair's down projection (unweighted).
+  """
   x_dim = p["down"].shape[1]
   gate_up = quant.expert_matmul(x, p["gate_up"], experts)                   # [M, k, 2X]
   h = gelu(gate_up[..., :x_dim]) * gate_up[..., x_dim:]
-  out = quant.expert_matmul(h, p["down"], experts)                          # [M, k, D]
+  return quant.expert_matmul(h, p["down"], experts)                         # [M, k, D]
+
+
+def _expert_ffn_gathered(x, weights, experts, p):
+  """Few tokens: each token's k chosen experts, read per (token, expert) pair."""
+  out = expert_outputs(x, experts, p)
   return jnp.einsum("MkD,Mk->MD", out.astype(F32), weights).astype(x.dtype)
 
 

@@ -309,6 +309,8 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   # through a cache on a GPU, an MoE model: its router as moe_kernels' kernels
   moe = next((p["moe"] for p in params["layers"][:cfg.num_layers] if "moe" in p), None)
   routes = moe is not None and moe_kernels.choose(cfg, moe, b * t, cache is not None)
+  # and each layer's end after its experts (and the next layer's norm) as one kernel more
+  finishes = routes and moe_kernels.finishes(cfg, params, b * t, cache is not None)
   xn = None   # the layer's normed input, from the previous layer's tail
   for i, p in enumerate(params["layers"][:cfg.num_layers]):
     kind = cfg.layer_types[i]
@@ -362,6 +364,9 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
       tail = functools.partial(ple_kernels.tail, cfg=cfg, layer=i,
                                **_next_layer(params, i, b * t, cfg))
       x, xn = block(p, x, attend, ple, cfg, xn=xn, tail=tail)
+    elif finishes:
+      tail = functools.partial(moe_kernels.tail, cfg=cfg, **_next_layer(params, i, b * t, cfg))
+      x, xn = block(p, x, attend, None, cfg, xn=xn, tail=tail)
     else:
       x = block(p, x, attend, None if ple is None else ple[:, :, i], cfg, router_kernels=routes)
 

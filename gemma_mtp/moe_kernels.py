@@ -38,7 +38,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from gemma_mtp import drafter_kernels as dk
+from gemma_mtp import layers
 from gemma_mtp import matvec
+from gemma_mtp import ple_kernels
 from gemma_mtp import quant
 from gemma_mtp.config import ModelConfig
 
@@ -49,6 +51,10 @@ ENV = "GEMMA_MTP_MOE_KERNELS"
 # Measured on an H100 (NOTES run BW; 26B-A4B, 1k context, the forward with against without):
 # batch 1 -4.4%, batch 8 -2.7%, a 5-position verification +0.3% (a tie); more not measured.
 AUTO_MAX_ROWS = 8
+# Where the router kernels run and a forward's (token, expert) pairs are at most the experts (the
+# range in which `layers.gathers_experts` reads each pair's expert on a GPU), the layer's end
+# after the experts is one more kernel (`tail`, `finishes`).
+FINISH = True
 
 
 def enabled() -> bool:
@@ -146,3 +152,68 @@ def route(x: jax.Array, p: dict, cfg: ModelConfig):
           ((m, d), x.dtype, (None, d), lambda i: (i, 0))]
   return tuple(dk._call(functools.partial(_top_k_kernel, k=k, eps=cfg.rms_eps, rnd=rnd),
                         (m,), [logits, p["expert_scale"], x, p["pre_norm"]], outs, "moe_top_k"))
+
+
+def finishes(cfg: ModelConfig, params: dict, tokens: int, has_cache: bool) -> bool:
+  """Whether `model.run_layers` ends each layer with `tail`: the router kernels chosen (`choose`),
+  FINISH, every layer an MoE one, and the forward's tokens x k at most the experts."""
+  layer_params = params["layers"][:cfg.num_layers]
+  if not (FINISH and all("moe" in p for p in layer_params)):
+    return False
+  return (choose(cfg, layer_params[0]["moe"], tokens, has_cache)
+          and tokens * cfg.num_experts_per_token <= cfg.num_experts)
+
+
+def _finish_kernel(*refs, rows, k, eps, rnd, zeros, with_next):
+  """Row r: the layer's output from the residual after attention x1, the shared MLP's down
+  projection d, and the k experts' down projections and weights; with_next the next layer's
+  normed input (`ple_kernels.store_layer_end`)."""
+  ins, outs = ple_kernels.finish_refs(refs, 8, with_next)
+  x1_ref, d_ref, e_ref, w_ref, dense_ref, post_ref, ffw_ref, scalar_ref = ins
+  r = pl.program_id(0)
+  src = jnp.minimum(r, rows - 1)
+  n = x1_ref.shape[1]
+  spans = dk._spans(n, dk._rows_per_chunk(n, 1))
+  load = lambda ref: [dk._f32(ref[ds]) for ds in spans]
+  weights = w_ref[src, :]
+  slot = jax.lax.broadcasted_iota(jnp.int32, (k,), 0)
+  mix = [0.0] * len(spans)
+  for j in range(k):
+    wj = jnp.sum(jnp.where(slot == j, weights, 0.0))
+    mix = [m + wj * dk._f32(e_ref[src, j, ds]) for m, ds in zip(mix, spans)]
+  experts = dk._norm([rnd(m) for m in mix], load(post_ref), n, eps, rnd)
+  dense = dk._norm([dk._f32(d_ref[src, ds]) for ds in spans], load(dense_ref), n, eps, rnd)
+  ffw = dk._norm([rnd(a + c) for a, c in zip(dense, experts)], load(ffw_ref), n, eps, rnd)
+  scalar = rnd(dk._f32(scalar_ref[0]))
+  x = [rnd(rnd(dk._f32(x1_ref[src, ds]) + f) * scalar) for ds, f in zip(spans, ffw)]
+  ple_kernels.store_layer_end(x, r, rows, spans, *outs, n=n, eps=eps, rnd=rnd, zeros=zeros)
+
+
+def tail(p: dict, x1, d, ple, cfg: ModelConfig, *, next_norm=None, next_rows: int = 0):
+  """The end of MoE layer p after its shared MLP (`model.block`'s `tail`, chosen by `finishes`):
+  the router kernels, the experts per (token, expert) pair, then one kernel a position for the
+  rest of `model.feed_forward` and `model.block` (the experts' weighted sum and post-norm, the
+  shared MLP's post-norm, their sum's post-FFW norm, the residual add, the layer scalar) and
+  the next layer's pre-attention norm, padded as `ple_kernels.tail`'s.
+
+  Args:
+    p: the layer's parameters (moe, post_ffw_norm, layer_scalar).
+    x1: [B, T, D] the residual after attention; d: [R, T, D] the shared MLP's down projection
+      (R >= B rows at T = 1: the rows past B `quant.einsum`'s padding, ignored).
+    ple: None (no per-layer inputs in the MoE models).
+    next_norm, next_rows: as `ple_kernels.tail`'s.
+  Returns:
+    (x [B, T, D] the layer's output, the next layer's normed input or None).
+  """
+  del ple
+  moe = p["moe"]
+  shape, dim = x1.shape, x1.shape[-1]
+  x = x1.reshape(-1, dim)
+  weights, experts, xn = route(x, moe, cfg)
+  outs = layers.expert_outputs(xn, experts, moe)
+  kernel = functools.partial(_finish_kernel, k=cfg.num_experts_per_token, eps=cfg.rms_eps,
+                             rnd=dk._rounder(x1.dtype))
+  ins = [x, d.reshape(-1, dim), outs, weights, moe["dense_post_norm"], moe["post_norm"],
+         p["post_ffw_norm"], p["layer_scalar"]]
+  return ple_kernels.call_finish(kernel, ins, shape, x1.dtype, "moe_finish",
+                                 next_norm=next_norm, next_rows=next_rows)

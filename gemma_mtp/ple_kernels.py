@@ -149,12 +149,9 @@ def _proj_kernel(gate_ref, ple_ref, w_ref, out_ref, *, bn, at, rnd):
 
 
 def _finish_kernel(*refs, rows, eps, rnd, zeros, with_next):
-  """Row r: x = (x2 + norm(p) * w) * scalar, and (with_next) norm(x) * the next layer's weight,
-  the padding rows r >= rows zero (`zeros`) or row rows - 1 again."""
-  if with_next:
-    (x1_ref, d_ref, post_ref, p_ref, norm_ref, scalar_ref, next_ref, x_ref, xn_ref) = refs
-  else:
-    (x1_ref, d_ref, post_ref, p_ref, norm_ref, scalar_ref, x_ref) = refs
+  """Row r: x = (x2 + norm(p) * w) * scalar, and (with_next) norm(x) * the next layer's weight
+  (`store_layer_end`)."""
+  (x1_ref, d_ref, post_ref, p_ref, norm_ref, scalar_ref), outs = finish_refs(refs, 6, with_next)
   r = pl.program_id(0)
   src = jnp.minimum(r, rows - 1)
   n = x1_ref.shape[1]
@@ -162,15 +159,52 @@ def _finish_kernel(*refs, rows, eps, rnd, zeros, with_next):
   x2 = _x2(x1_ref, d_ref, post_ref, src, spans, n, eps, rnd)
   p = [dk._f32(p_ref[src, ds]) for ds in spans]
   w = [dk._f32(norm_ref[ds]) for ds in spans]
-  if with_next:
-    w_next = [dk._f32(next_ref[ds]) for ds in spans]
   scalar = rnd(dk._f32(scalar_ref[0]))
   x = [rnd(rnd(a + c) * scalar) for a, c in zip(x2, dk._norm(p, w, n, eps, rnd))]
-  for ds, c in zip(spans, x):
-    x_ref[ds] = c.astype(x_ref.dtype)
+  store_layer_end(x, r, rows, spans, *outs, n=n, eps=eps, rnd=rnd, zeros=zeros)
+
+
+def finish_refs(refs, ins: int, with_next: bool):
+  """A finish kernel's refs split: (its `ins` inputs, (next_ref, x_ref, xn_ref)), the next
+  layer's norm weight and xn_ref None without with_next (`call_finish`'s order)."""
   if with_next:
-    for ds, c in zip(spans, dk._norm(x, w_next, n, eps, rnd)):
-      xn_ref[ds] = (jnp.where(r < rows, c, 0.0) if zeros else c).astype(xn_ref.dtype)
+    return refs[:ins], refs[ins:]
+  return refs[:ins], (None, refs[ins], None)
+
+
+def store_layer_end(x, r, rows, spans, next_ref, x_ref, xn_ref, *, n, eps, rnd, zeros):
+  """A finish kernel's stores of row r: the layer's output x (chunks), and where xn_ref is given
+  norm(x) * the next layer's weight, the padding rows r >= rows zero (`zeros`) or row
+  rows - 1 again."""
+  dk._store_chunks(x_ref, spans, x)
+  if xn_ref is None:
+    return
+  w_next = [dk._f32(next_ref[ds]) for ds in spans]
+  for ds, c in zip(spans, dk._norm(x, w_next, n, eps, rnd)):
+    xn_ref[ds] = (jnp.where(r < rows, c, 0.0) if zeros else c).astype(xn_ref.dtype)
+
+
+def call_finish(kernel, ins: list, shape, dtype, name: str, *, next_norm=None, next_rows: int = 0):
+  """A layer's finish kernel over its B * T positions, grid (R,): R = next_rows with next_norm,
+  else B * T. `kernel(*ins, [next_norm], x_ref, [xn_ref], rows=B * T, zeros=, with_next=)`
+  writes row r's output (`finish_refs`, `store_layer_end`).
+
+  Returns:
+    (x [B, T, D], the next layer's normed input or None: [B, T, D], or [2, 1, D] padded).
+  """
+  b, dim = shape[0] * shape[1], shape[-1]
+  with_next = next_norm is not None
+  outs = [((b, dim), dtype, (None, dim), lambda r: (jnp.minimum(r, b - 1), 0))]
+  if with_next:
+    ins = [*ins, next_norm]
+    outs.append(((next_rows, dim), dtype, (None, dim), lambda r: (r, 0)))
+  res = dk._call(functools.partial(kernel, rows=b, zeros=quant.PAD_ROWS_WITH == "zeros",
+                                   with_next=with_next),
+                 (next_rows if with_next else b,), ins, outs, name)
+  if not with_next:
+    return res[0].reshape(shape), None
+  xn = res[1]
+  return res[0].reshape(shape), (xn.reshape(shape) if next_rows == b else xn[:, None])
 
 
 def rows_for(w, b: int) -> int:
@@ -223,17 +257,6 @@ def tail(p: dict, x1, d, ple, cfg: ModelConfig, *, layer: int, next_norm=None,
   (proj,) = dk._call(functools.partial(_proj_kernel, bn=bn, at=layer * pdim, rnd=rnd),
                      (b, dim // bn),
                      [gate, ple, proj_w], [dk._vec(b, dim, bn)], "ple_proj")
-  with_next = next_norm is not None
-  grid = next_rows if with_next else b
-  ins = [x1, d, post, proj, p["ple"]["norm"], p["layer_scalar"]]
-  outs = [((b, dim), x1.dtype, (None, dim), lambda r: (jnp.minimum(r, b - 1), 0))]
-  if with_next:
-    ins.append(next_norm)
-    outs.append(((next_rows, dim), x1.dtype, (None, dim), lambda r: (r, 0)))
-  res = dk._call(functools.partial(_finish_kernel, rows=b, eps=eps, rnd=rnd,
-                                   zeros=quant.PAD_ROWS_WITH == "zeros", with_next=with_next),
-                 (grid,), ins, outs, "ple_finish")
-  if not with_next:
-    return res[0].reshape(shape), None
-  xn = res[1]
-  return res[0].reshape(shape), (xn.reshape(shape) if next_rows == b else xn[:, None])
+  return call_finish(functools.partial(_finish_kernel, eps=eps, rnd=rnd),
+                     [x1, d, post, proj, p["ple"]["norm"], p["layer_scalar"]], shape, x1.dtype,
+                     "ple_finish", next_norm=next_norm, next_rows=next_rows)

@@ -1,4 +1,4 @@
-"""The MoE router as Pallas kernels (moe_kernels) against `layers.route`.
+"""The MoE router and the MoE layer's end as Pallas kernels (moe_kernels) against XLA's.
 
 Off the GPU the kernels run in Pallas's interpreter; on a GPU the same tests run the compiled
 Triton kernels.
@@ -14,6 +14,7 @@ from gemma_mtp import decode_attention
 from gemma_mtp import layers
 from gemma_mtp import moe_kernels
 from gemma_mtp import ple_kernels
+from gemma_mtp import quant
 from tests import decode_kernels as dkt
 
 # 16 experts, top 4, a 96-wide residual (not a power of two: the kernels' chunks).
@@ -101,29 +102,93 @@ def test_choose(monkeypatch):
   assert "top 3" in moe_kernels.supported(TINY.replace(num_experts_per_token=3), p)
 
 
-def test_decode_steps_equal_xla_float32(monkeypatch):
-  """Five decode steps after a 13-token prompt (two left-padded rows) through the whole model
-  give XLA's logits and caches with the router kernels on (every layer), in float32."""
+def _steps(cfg, params, mode, monkeypatch, *, batch=2, positions=1, attention="off"):
+  """`decode_kernels.decode_steps` with the MoE kernels switched `mode` (the PLE kernels off,
+  the attention kernels `attention`): the logits, the last cache's buffers, and the step
+  program's Pallas kernels by name."""
+  env = {moe_kernels.ENV: mode, decode_attention.ENV: attention, ple_kernels.ENV: "off"}
+  logits, kv, jaxpr = dkt.decode_steps(cfg, params, env, monkeypatch, batch=batch,
+                                       positions=positions)
+  names = {n: jaxpr.count(f"name={n}") for n in ("moe_router", "moe_top_k", "moe_finish")}
+  return logits, kv, names
+
+
+@pytest.mark.parametrize("case", ["two rows", "padded row, copies, the attention kernels",
+                                  "padded row, zeros", "verification, router only",
+                                  "two rows, router only"])
+def test_decode_steps_equal_xla_float32(monkeypatch, case):
+  """Five forwards after a 13-token prompt (left-padded rows) through the whole model give XLA's
+  logits and caches with the kernels on, in float32 (only the summation order differs): the
+  router's two kernels a layer, and the layer's end as one more where the forward's (token,
+  expert) pairs are at most the experts. Cases: decode steps of two rows (8 pairs); one row
+  whose next layer's input the finish kernel pads to two rows, as on GPUs
+  (`quant.pad_one_row`), with copies into the attention kernels (which take the padded input as
+  it is) or with zeros into XLA's attention (which slices it); a chain's verification of three
+  positions on two rows (24 pairs: the router kernels only); `moe_kernels.FINISH` off."""
+  if case.startswith("padded row"):
+    monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
+    monkeypatch.setattr(quant, "PAD_ROWS_WITH", "copy" if "copies" in case else "zeros")
+  if case == "two rows, router only":
+    monkeypatch.setattr(moe_kernels, "FINISH", False)
+  batch, positions = (2, 3) if case.startswith("verification") else (
+      (1, 1) if case.startswith("padded") else (2, 1))
+  attention = "on" if "attention kernels" in case else "off"
   params = dkt.fused_target(TINY)
-  env = {decode_attention.ENV: "off", ple_kernels.ENV: "off"}
-  ref, ref_kv, ref_jaxpr = dkt.decode_steps(TINY, params, {**env, moe_kernels.ENV: "off"},
-                                            monkeypatch)
-  got, kv, jaxpr = dkt.decode_steps(TINY, params, {**env, moe_kernels.ENV: "on"}, monkeypatch)
+  run = lambda mode: _steps(TINY, params, mode, monkeypatch, batch=batch, positions=positions,
+                            attention=attention)
+  ref, ref_kv, ref_names = run("off")
+  got, kv, names = run("on")
   # the step's layers (the prefill, a forward without a cache, is XLA's either way)
-  assert (ref_jaxpr.count("name=moe_router"), jaxpr.count("name=moe_router")) == (
-      0, TINY.num_layers)
+  finish = 0 if "router only" in case else TINY.num_layers
+  assert set(ref_names.values()) == {0}
+  assert names == {"moe_router": TINY.num_layers, "moe_top_k": TINY.num_layers,
+                   "moe_finish": finish}, names
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
   for a, b in zip(kv, ref_kv):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
+def test_bfloat16_as_accurate_as_xla(monkeypatch):
+  """In bfloat16 the kernels round where the model rounds (XLA fuses elementwise ops and may
+  round less; the finish kernel sums the experts in float32 as XLA's einsum). Against float32
+  arithmetic on the same bf16 weights, five decode steps with the kernels are about as accurate
+  as XLA's (mean relative error of the logits at most 1.2x XLA's), and the first step's greedy
+  tokens agree."""
+  err, err_xla, got, ref = dkt.bfloat16_errors(TINY, _steps, monkeypatch)
+  assert err <= 1.2 * err_xla, (err, err_xla)
+  np.testing.assert_array_equal(got[0].argmax(-1), ref[0].argmax(-1))
+
+
+def test_finishes(monkeypatch):
+  """The layer's end is a kernel where the router's are, with FINISH, in models whose every layer
+  is an MoE one, and up to a (token, expert) pair per expert (26B-A4B: 16 tokens under =on, the
+  automatic switch's 8 below that)."""
+  cfg = config_lib.preset("gemma4_26b_a4b")
+  moe = _moe_params(TINY, jnp.float32)
+  params = {"layers": [{"moe": moe}] * cfg.num_layers}
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  assert moe_kernels.finishes(cfg, params, moe_kernels.AUTO_MAX_ROWS, True)
+  assert not moe_kernels.finishes(cfg, params, moe_kernels.AUTO_MAX_ROWS + 1, True)
+  assert not moe_kernels.finishes(cfg, params, 1, False)
+  monkeypatch.setenv(moe_kernels.ENV, "on")
+  pairs = cfg.num_experts // cfg.num_experts_per_token
+  assert moe_kernels.finishes(cfg, params, pairs, True)
+  assert not moe_kernels.finishes(cfg, params, pairs + 1, True)
+  assert moe_kernels.choose(cfg, moe, pairs + 1, True)              # the router's kernels
+  mixed = {"layers": [{"moe": moe}, {}] * (cfg.num_layers // 2)}
+  assert not moe_kernels.finishes(cfg, mixed, 1, True)
+  monkeypatch.setattr(moe_kernels, "FINISH", False)
+  assert not moe_kernels.finishes(cfg, params, 1, True)
+
+
 def test_kernels_lower_for_the_gpu(monkeypatch):
-  """A 26B-A4B-shaped bf16 decode step lowers to Triton (exported for CUDA on the CPU): two
-  kernels a layer more with the router kernels on than off."""
+  """A 26B-A4B-shaped bf16 decode step lowers to Triton (exported for CUDA on the CPU): three
+  kernels a layer more with the MoE kernels on than off (the router's two, the layer's end)."""
   monkeypatch.setenv(decode_attention.ENV, "off")
   counts = []
   for mode in ("off", "on"):
     monkeypatch.setenv(moe_kernels.ENV, mode)
     counts.append(dkt.triton_kernels_lowered(TINY, "gemma4_26b_a4b", monkeypatch))
   (off, layers_off), (on, layers_on) = counts
-  assert layers_on == layers_off and on - off == 2 * layers_on
+  assert layers_on == layers_off and on - off == 3 * layers_on

@@ -226,6 +226,19 @@ def test_moe_kernel_rows():
   assert table[2] == "| m | 1 | 1024 | 1 | 4.400 ms | 4.000 ms | -9.1% |" and len(table) == 4
 
 
+def test_moe_finish_rows():
+  """`fused_moe_finish_off` (the router's kernels only) against `fused` up to the automatic
+  switch's tokens; the router's own variants are not this table's."""
+  tables = _tables()
+  rec = _probe("2026-12-07T16:30:00", [("fused", 1, 4.0), ("fused_moe_finish_off", 1, 4.2),
+                                       ("fused_moe_off", 1, 4.4), ("fused", 32, 9.0),
+                                       ("fused_moe_finish_off", 32, 8.0)])
+  rows = tables.moe_finish_rows({"r": rec})
+  assert rows == {("m", 1, 1024, 1): {"off": 4.2, "on": 4.0, "change": pytest.approx(-1 / 21)}}
+  table = tables.moe_finish_table({"r": rec})
+  assert table[2] == "| m | 1 | 1024 | 1 | 4.200 ms | 4.000 ms | -4.8% |" and len(table) == 3
+
+
 def test_committed_moe_records_give_the_readme_figures():
   """The README's MoE-router figures (run BW) come from the committed records."""
   tables = _tables()
