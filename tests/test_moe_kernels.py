@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gemma_mtp
+
 from gemma_mtp import config as config_lib
 from gemma_mtp import decode_attention
 from gemma_mtp import layers
@@ -192,3 +194,41 @@ def test_kernels_lower_for_the_gpu(monkeypatch):
     counts.append(dkt.triton_kernels_lowered(TINY, "gemma4_26b_a4b", monkeypatch))
   (off, layers_off), (on, layers_on) = counts
   assert layers_on == layers_off and on - off == 3 * layers_on
+
+
+def test_generate_with_kernels_equals_xla(monkeypatch):
+  """Plain greedy decoding (the decode loop) emits the same tokens with the MoE kernels as
+  without, in float32, on two ragged prompts; speculative decoding through them still emits
+  plain decoding's tokens, with chains of one draft (verification of 2 positions a row: 16
+  (token, expert) pairs, so the finish kernel runs) and with a draft tree of 3 nodes (24 pairs:
+  the router's kernels only)."""
+  traced = []                      # the layers that ran the finish kernel, by positions a row
+  tail = moe_kernels.tail
+  monkeypatch.setattr(moe_kernels, "tail",
+                      lambda p, x1, *a, **k: traced.append(x1.shape[1]) or tail(p, x1, *a, **k))
+  target = gemma_mtp.fuse_target(gemma_mtp.random_target(TINY, seed=3))
+  drafter = gemma_mtp.random_drafter(target, seed=4, embed_dim=32, num_heads=4, mlp_dim=64,
+                                     convention="clean")
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(1, TINY.vocab_size, n).tolist() for n in (11, 6)]
+  out = {}
+  for mode in ("off", "on"):
+    monkeypatch.setenv(moe_kernels.ENV, mode)
+    monkeypatch.setenv(decode_attention.ENV, "off")
+    jax.clear_caches()
+    with jax.default_matmul_precision("float32"):
+      out[mode] = np.asarray(gemma_mtp.generate(target, prompts, max_new_tokens=8).tokens)
+      if mode == "on":
+        chain = gemma_mtp.generate(target, prompts, max_new_tokens=8, drafter=drafter,
+                                   draft_lengths=(1,), adaptive=False)
+        tree = gemma_mtp.generate(target, prompts, max_new_tokens=8, drafter=drafter,
+                                  draft_lengths=(), trees=(gemma_mtp.TreeSpec.parse("2"),),
+                                  adaptive=False)
+    if mode == "off":
+      assert not traced
+  jax.clear_caches()
+  # one plain decode program and one chain verification program with the switch on
+  assert sorted(traced) == [1] * TINY.num_layers + [2] * TINY.num_layers, traced
+  np.testing.assert_array_equal(out["on"], out["off"])
+  np.testing.assert_array_equal(np.asarray(chain.tokens), out["on"])
+  np.testing.assert_array_equal(np.asarray(tree.tokens), out["on"])
