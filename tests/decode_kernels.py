@@ -75,15 +75,22 @@ def triton_kernels_lowered(cfg, name: str, monkeypatch, *, positions=1) -> tuple
   return exported.mlir_module().count("xla.gpu.triton"), cfg.num_layers
 
 
-def generate_off_and_on(cfg, env: str, monkeypatch, traced: list):
+def generate_off_and_on(cfg, env: str, monkeypatch, traced: list, *,
+                        speculative=({"draft_lengths": (2,), "adaptive": False},),
+                        other_env: dict | None = None, **drafter):
   """Greedy plain decoding of two ragged prompts (longer than the sliding window) with the
-  switch `env` off and on, in float32, and speculative decoding with it on: (tokens off,
-  tokens on, speculative tokens). `traced`, filled by the caller's hook on the kernels, must
-  still be empty when each mode starts (so the off run traced none)."""
+  switch `env` off and on, in float32, and speculative decoding with it on, once with each of
+  `speculative`'s `generate` arguments: (tokens off, tokens on, [speculative tokens]). The
+  switches `other_env` ({variable: mode}) stay set throughout; `drafter`: `random_drafter`'s
+  arguments past its shape. `traced`, filled by the caller's hook on the kernels, must still be
+  empty when each mode starts (so the off run traced none)."""
   target = gemma_mtp.fuse_target(gemma_mtp.random_target(cfg, seed=3))
-  drafter = gemma_mtp.random_drafter(target, seed=4, embed_dim=32, num_heads=4, mlp_dim=64)
+  drafter = gemma_mtp.random_drafter(target, seed=4, embed_dim=32, num_heads=4, mlp_dim=64,
+                                     **drafter)
   rng = np.random.default_rng(1)
   prompts = [rng.integers(1, cfg.vocab_size, n).tolist() for n in (11, 6)]
+  for name, mode in (other_env or {}).items():
+    monkeypatch.setenv(name, mode)
   out = {}
   for mode in ("off", "on"):
     monkeypatch.setenv(env, mode)
@@ -92,10 +99,11 @@ def generate_off_and_on(cfg, env: str, monkeypatch, traced: list):
     with jax.default_matmul_precision("float32"):
       out[mode] = np.asarray(gemma_mtp.generate(target, prompts, max_new_tokens=8).tokens)
       if mode == "on":
-        spec = gemma_mtp.generate(target, prompts, max_new_tokens=8, drafter=drafter,
-                                  draft_lengths=(2,), adaptive=False)
+        spec = [np.asarray(gemma_mtp.generate(target, prompts, max_new_tokens=8,
+                                              drafter=drafter, **kw).tokens)
+                for kw in speculative]
   jax.clear_caches()
-  return out["off"], out["on"], np.asarray(spec.tokens)
+  return out["off"], out["on"], spec
 
 
 def bfloat16_errors(cfg, steps, monkeypatch):

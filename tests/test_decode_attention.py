@@ -183,7 +183,7 @@ def test_generate_with_kernels_equals_xla(monkeypatch):
   call = decode_attention.Step.__call__
   monkeypatch.setattr(decode_attention.Step, "__call__",
                       lambda self, *a, **k: traced.append(a[0].shape[1]) or call(self, *a, **k))
-  off, on, spec = dkt.generate_off_and_on(TINY, decode_attention.ENV, monkeypatch, traced)
+  off, on, (spec,) = dkt.generate_off_and_on(TINY, decode_attention.ENV, monkeypatch, traced)
   # one plain decode program and the speculative loop's verification (with the switch on)
   assert sorted(traced) == [1] * TINY.num_layers + [3] * TINY.num_layers
   np.testing.assert_array_equal(on, off)

@@ -206,29 +206,13 @@ def test_generate_with_kernels_equals_xla(monkeypatch):
   tail = moe_kernels.tail
   monkeypatch.setattr(moe_kernels, "tail",
                       lambda p, x1, *a, **k: traced.append(x1.shape[1]) or tail(p, x1, *a, **k))
-  target = gemma_mtp.fuse_target(gemma_mtp.random_target(TINY, seed=3))
-  drafter = gemma_mtp.random_drafter(target, seed=4, embed_dim=32, num_heads=4, mlp_dim=64,
-                                     convention="clean")
-  rng = np.random.default_rng(1)
-  prompts = [rng.integers(1, TINY.vocab_size, n).tolist() for n in (11, 6)]
-  out = {}
-  for mode in ("off", "on"):
-    monkeypatch.setenv(moe_kernels.ENV, mode)
-    monkeypatch.setenv(decode_attention.ENV, "off")
-    jax.clear_caches()
-    with jax.default_matmul_precision("float32"):
-      out[mode] = np.asarray(gemma_mtp.generate(target, prompts, max_new_tokens=8).tokens)
-      if mode == "on":
-        chain = gemma_mtp.generate(target, prompts, max_new_tokens=8, drafter=drafter,
-                                   draft_lengths=(1,), adaptive=False)
-        tree = gemma_mtp.generate(target, prompts, max_new_tokens=8, drafter=drafter,
-                                  draft_lengths=(), trees=(gemma_mtp.TreeSpec.parse("2"),),
-                                  adaptive=False)
-    if mode == "off":
-      assert not traced
-  jax.clear_caches()
+  chain = {"draft_lengths": (1,), "adaptive": False}
+  tree = {"draft_lengths": (), "trees": (gemma_mtp.TreeSpec.parse("2"),), "adaptive": False}
+  off, on, spec = dkt.generate_off_and_on(
+      TINY, moe_kernels.ENV, monkeypatch, traced, speculative=(chain, tree),
+      other_env={decode_attention.ENV: "off"}, convention="clean")
   # one plain decode program and one chain verification program with the switch on
   assert sorted(traced) == [1] * TINY.num_layers + [2] * TINY.num_layers, traced
-  np.testing.assert_array_equal(out["on"], out["off"])
-  np.testing.assert_array_equal(np.asarray(chain.tokens), out["on"])
-  np.testing.assert_array_equal(np.asarray(tree.tokens), out["on"])
+  np.testing.assert_array_equal(on, off)
+  for tokens in spec:
+    np.testing.assert_array_equal(tokens, on)

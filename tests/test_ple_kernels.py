@@ -148,7 +148,7 @@ def test_generate_with_kernels_equals_xla(monkeypatch):
   tail = ple_kernels.tail
   monkeypatch.setattr(ple_kernels, "tail",
                       lambda p, x1, *a, **k: traced.append(x1.shape[1]) or tail(p, x1, *a, **k))
-  off, on, spec = dkt.generate_off_and_on(TINY, ple_kernels.ENV, monkeypatch, traced)
+  off, on, (spec,) = dkt.generate_off_and_on(TINY, ple_kernels.ENV, monkeypatch, traced)
   # one plain decode program and one verification program (K = 2), with the switch on
   assert sorted(traced) == [1] * TINY.num_layers + [3] * TINY.num_layers
   np.testing.assert_array_equal(on, off)
