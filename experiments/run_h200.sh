@@ -455,6 +455,27 @@ case "${1:-}" in
         >> "$OUT/step_probe_finish.log" 2>&1
     grep -hE " ms " "$OUT/step_probe_finish.log"
     ;;
+  moe_finish2)       # session 23, run BY: run BX after the finish kernel takes one block
+                     # reduction a norm (run BX: one a 256-wide chunk, 44 a row; the kernel
+                     # 7.5 us) and reads each expert's weight as a scalar; and E4B / 26B-A4B
+                     # with every kernel's norms so (variant fused_rms1)
+    timeout 120 python -m pytest -q -p no:cacheprovider tests/test_moe_kernels.py \
+        -k "decode_steps or bfloat16" > "$OUT/moe_finish2_tests.log" 2>&1
+    tail -3 "$OUT/moe_finish2_tests.log"
+    timeout 200 python experiments/step_probe.py --models=gemma4_26b_a4b \
+        --verify_models=gemma4_26b_a4b --variants=fused,fused_moe_finish_off,fused_rms1 \
+        --profile_steps=0 --short=8 --long=32 --out="$OUT/step_probe_finish2_moe_h200.json" \
+        > "$OUT/step_probe_finish2.log" 2>&1
+    timeout 100 python experiments/step_probe.py --models=gemma4_26b_a4b --batch=8 \
+        --verify_models= --variants=fused,fused_moe_finish_off --profile_steps=0 --short=8 \
+        --long=32 --out="$OUT/step_probe_finish2_moe_b8_h200.json" \
+        >> "$OUT/step_probe_finish2.log" 2>&1
+    timeout 120 python experiments/step_probe.py --models=gemma4_e4b --verify_models= \
+        --variants=fused,fused_rms1 --profile_steps=2 --short=8 --long=32 \
+        --trace_dir=/tmp/trace_rms1 --out="$OUT/step_probe_rms1_e4b_h200.json" \
+        >> "$OUT/step_probe_finish2.log" 2>&1
+    grep -hE " ms " "$OUT/step_probe_finish2.log"
+    ;;
   decode_attention_bench)  # session 19, run BB (not run yet): the H200 record's decode figures
                      # of E4B, E2B and 26B-A4B with the kernels (an H200 only: the record is one)
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200"; exit 3; }

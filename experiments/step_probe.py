@@ -47,6 +47,8 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_moe_finish_off  fused, the MoE layer's end after the experts through XLA's ops
               instead of `moe_kernels`' finish kernel (`moe_kernels.FINISH`; the default since
               session 23; before it, the `fused` entries of the committed records are this);
+  fused_rms1      fused, every Pallas kernel's RMS norms as one block reduction each instead
+              of one a chunk (`drafter_kernels.RMS_ONE_REDUCTION`);
   fused_xla       fused, none of these kernels (the library's step before session 19; the MoE
               router's kernels off too since session 22);
   fused_all_on    fused, all of them at any batch;
@@ -72,6 +74,7 @@ import jax.numpy as jnp
 from gemma_mtp import bench
 from gemma_mtp import config as config_lib
 from gemma_mtp import decode_attention
+from gemma_mtp import drafter_kernels
 from gemma_mtp import layers
 from gemma_mtp import model as model_lib
 from gemma_mtp import moe_kernels
@@ -106,6 +109,7 @@ _LIBRARY_PLE_SWITCH = os.environ.get(ple_kernels.ENV, "auto")
 _LIBRARY_MOE_SWITCH = os.environ.get(moe_kernels.ENV, "auto")
 _LIBRARY_GATE_PARTS = ple_kernels.GATE_PARTS
 _LIBRARY_MOE_FINISH = moe_kernels.FINISH
+_LIBRARY_RMS_ONE = drafter_kernels.RMS_ONE_REDUCTION
 _CUDNN_CALLS = {"cudnn": 0, "library": 0}
 
 
@@ -144,6 +148,8 @@ def _set_variant(variant: str):
                                  "fused_xla": "off", "fused_all_on": "on"}.get(
       variant, _LIBRARY_MOE_SWITCH)
   moe_kernels.FINISH = _LIBRARY_MOE_FINISH and variant != "fused_moe_finish_off"
+  # fused_rms1: every kernel's norms as one block reduction (`drafter_kernels.RMS_ONE_REDUCTION`)
+  drafter_kernels.RMS_ONE_REDUCTION = variant == "fused_rms1" or _LIBRARY_RMS_ONE
 
 
 def attention_check(cfg, params) -> dict:
@@ -243,7 +249,7 @@ VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fu
             "fused_attn_off", "fused_attn_on", "fused_attn_range1", "fused_attn_range2",
             "fused_attn_range4",
             "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_moe_off", "fused_moe_on",
-            "fused_moe_finish_off", "fused_xla", "fused_all_on")
+            "fused_moe_finish_off", "fused_rms1", "fused_xla", "fused_all_on")
 
 
 def main(argv):

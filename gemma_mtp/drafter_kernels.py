@@ -86,6 +86,9 @@ COMBINE = True
 UNROLL = 8                # cache chunks per attention program read without a loop
 LSE = 16                  # width of the log-sum-exp vector of an attention partial
 NUM_WARPS = 4
+# `_inv_rms`'s default: one block reduction a norm instead of one a chunk (the MoE finish kernel
+# always takes one; the step probe's variant fused_rms1 measures it for every kernel).
+RMS_ONE_REDUCTION = False
 AUTO_MAX_WIDTH = 256      # the automatic switch takes drafters at most this wide (see the doc)
 
 
@@ -258,8 +261,16 @@ def _f32(x):
   return x.astype(F32)
 
 
-def _inv_rms(chunks, n: int, eps: float):
-  return jax.lax.rsqrt(sum(jnp.sum(c * c) for c in chunks) / n + eps)
+def _inv_rms(chunks, n: int, eps: float, *, one_reduction: bool | None = None):
+  """1 / rms of the chunks: one block reduction a chunk, or (`one_reduction`, default
+  RMS_ONE_REDUCTION; chunks of one shape) the chunks' squares added elementwise first and one
+  block reduction (each a barrier across the program's warps)."""
+  one = RMS_ONE_REDUCTION if one_reduction is None else one_reduction
+  if one and len({c.shape for c in chunks}) == 1:
+    total = jnp.sum(sum(c * c for c in chunks))
+  else:
+    total = sum(jnp.sum(c * c) for c in chunks)
+  return jax.lax.rsqrt(total / n + eps)
 
 
 def _matvec(xs, ws):
@@ -294,9 +305,9 @@ def _finish_residual(loaded, n, eps, rnd):
   return [rnd(rnd(zc + rnd(dc * scale * wc)) * scalar) for zc, dc, wc in zip(z, d, w)]
 
 
-def _norm(chunks, w, n, eps, rnd):
+def _norm(chunks, w, n, eps, rnd, *, one_reduction: bool | None = None):
   """rms_norm(x) * w over chunks (w: loaded chunks)."""
-  scale = _inv_rms(chunks, n, eps)
+  scale = _inv_rms(chunks, n, eps, one_reduction=one_reduction)
   return [rnd(c * scale * wc) for c, wc in zip(chunks, w)]
 
 

@@ -175,18 +175,18 @@ def _finish_kernel(*refs, rows, k, eps, rnd, zeros, with_next):
   n = x1_ref.shape[1]
   spans = dk._spans(n, dk._rows_per_chunk(n, 1))
   load = lambda ref: [dk._f32(ref[ds]) for ds in spans]
-  weights = w_ref[src, :]
-  slot = jax.lax.broadcasted_iota(jnp.int32, (k,), 0)
+  norm = functools.partial(dk._norm, n=n, eps=eps, rnd=rnd, one_reduction=True)
   mix = [0.0] * len(spans)
   for j in range(k):
-    wj = jnp.sum(jnp.where(slot == j, weights, 0.0))
+    wj = w_ref[src, j]
     mix = [m + wj * dk._f32(e_ref[src, j, ds]) for m, ds in zip(mix, spans)]
-  experts = dk._norm([rnd(m) for m in mix], load(post_ref), n, eps, rnd)
-  dense = dk._norm([dk._f32(d_ref[src, ds]) for ds in spans], load(dense_ref), n, eps, rnd)
-  ffw = dk._norm([rnd(a + c) for a, c in zip(dense, experts)], load(ffw_ref), n, eps, rnd)
+  experts = norm([rnd(m) for m in mix], load(post_ref))
+  dense = norm([dk._f32(d_ref[src, ds]) for ds in spans], load(dense_ref))
+  ffw = norm([rnd(a + c) for a, c in zip(dense, experts)], load(ffw_ref))
   scalar = rnd(dk._f32(scalar_ref[0]))
   x = [rnd(rnd(dk._f32(x1_ref[src, ds]) + f) * scalar) for ds, f in zip(spans, ffw)]
-  ple_kernels.store_layer_end(x, r, rows, spans, *outs, n=n, eps=eps, rnd=rnd, zeros=zeros)
+  ple_kernels.store_layer_end(x, r, rows, spans, *outs, n=n, eps=eps, rnd=rnd, zeros=zeros,
+                              one_reduction=True)
 
 
 def tail(p: dict, x1, d, ple, cfg: ModelConfig, *, next_norm=None, next_rows: int = 0):

@@ -172,15 +172,16 @@ def finish_refs(refs, ins: int, with_next: bool):
   return refs[:ins], (None, refs[ins], None)
 
 
-def store_layer_end(x, r, rows, spans, next_ref, x_ref, xn_ref, *, n, eps, rnd, zeros):
+def store_layer_end(x, r, rows, spans, next_ref, x_ref, xn_ref, *, n, eps, rnd, zeros,
+                    one_reduction=None):
   """A finish kernel's stores of row r: the layer's output x (chunks), and where xn_ref is given
-  norm(x) * the next layer's weight, the padding rows r >= rows zero (`zeros`) or row
-  rows - 1 again."""
+  norm(x) * the next layer's weight (`dk._norm`'s `one_reduction`), the padding rows r >= rows
+  zero (`zeros`) or row rows - 1 again."""
   dk._store_chunks(x_ref, spans, x)
   if xn_ref is None:
     return
   w_next = [dk._f32(next_ref[ds]) for ds in spans]
-  for ds, c in zip(spans, dk._norm(x, w_next, n, eps, rnd)):
+  for ds, c in zip(spans, dk._norm(x, w_next, n, eps, rnd, one_reduction=one_reduction)):
     xn_ref[ds] = (jnp.where(r < rows, c, 0.0) if zeros else c).astype(xn_ref.dtype)
 
 
