@@ -441,7 +441,9 @@ case "${1:-}" in
   moe_finish)        # session 23, run BX: the MoE layer's end after the experts as one Pallas
                      # kernel (moe_kernels.tail): the MoE kernels' tests compiled by Triton, then
                      # 26B-A4B's decode step and 5-position verification with and without it
-                     # (the router kernels on in both; batch 1), and its batch-8 step
+                     # (the router kernels on in both; batch 1), and its batch-8 step (at
+                     # commit 911774e, where `fused` ran the kernel up to 8 tokens; since then
+                     # `fused_moe_on` does, `moe_kernels.FINISH_MAX_TOKENS`)
     timeout 180 python -m pytest -q -p no:cacheprovider tests/test_moe_kernels.py \
         > "$OUT/moe_finish_tests.log" 2>&1
     tail -3 "$OUT/moe_finish_tests.log"
@@ -457,23 +459,23 @@ case "${1:-}" in
     ;;
   moe_finish2)       # session 23, run BY: run BX after the finish kernel takes one block
                      # reduction a norm (run BX: one a 256-wide chunk, 44 a row; the kernel
-                     # 7.5 us) and reads each expert's weight as a scalar; and E4B / 26B-A4B
-                     # with every kernel's norms so (variant fused_rms1)
+                     # 7.5 us) and reads each expert's weight as a scalar (fused_moe_on: the
+                     # finish kernel at every case here); and E4B with every kernel's norms so
+                     # (variant fused_rms1)
     timeout 120 python -m pytest -q -p no:cacheprovider tests/test_moe_kernels.py \
         -k "decode_steps or bfloat16" > "$OUT/moe_finish2_tests.log" 2>&1
     tail -3 "$OUT/moe_finish2_tests.log"
-    timeout 200 python experiments/step_probe.py --models=gemma4_26b_a4b \
-        --verify_models=gemma4_26b_a4b --variants=fused,fused_moe_finish_off,fused_rms1 \
+    timeout 170 python experiments/step_probe.py --models=gemma4_26b_a4b \
+        --verify_models=gemma4_26b_a4b --variants=fused_moe_on,fused_moe_finish_off \
         --profile_steps=0 --short=8 --long=32 --out="$OUT/step_probe_finish2_moe_h200.json" \
         > "$OUT/step_probe_finish2.log" 2>&1
     timeout 100 python experiments/step_probe.py --models=gemma4_26b_a4b --batch=8 \
-        --verify_models= --variants=fused,fused_moe_finish_off --profile_steps=0 --short=8 \
-        --long=32 --out="$OUT/step_probe_finish2_moe_b8_h200.json" \
+        --verify_models= --variants=fused_moe_on,fused_moe_finish_off --profile_steps=0 \
+        --short=8 --long=32 --out="$OUT/step_probe_finish2_moe_b8_h200.json" \
         >> "$OUT/step_probe_finish2.log" 2>&1
-    timeout 120 python experiments/step_probe.py --models=gemma4_e4b --verify_models= \
-        --variants=fused,fused_rms1 --profile_steps=2 --short=8 --long=32 \
-        --trace_dir=/tmp/trace_rms1 --out="$OUT/step_probe_rms1_e4b_h200.json" \
-        >> "$OUT/step_probe_finish2.log" 2>&1
+    timeout 100 python experiments/step_probe.py --models=gemma4_e4b --verify_models= \
+        --variants=fused,fused_rms1 --profile_steps=0 --short=8 --long=32 \
+        --out="$OUT/step_probe_rms1_e4b_h200.json" >> "$OUT/step_probe_finish2.log" 2>&1
     grep -hE " ms " "$OUT/step_probe_finish2.log"
     ;;
   decode_attention_bench)  # session 19, run BB (not run yet): the H200 record's decode figures

@@ -300,7 +300,8 @@ def gpu_pair_records() -> dict[str, dict]:
 ATTENTION_OFF, ATTENTION_ON = "fused_attn_off", "fused_attn_on"
 
 
-def _attention_side(variant: str, batch: int, env: dict, positions: int = 1) -> str | None:
+def _attention_side(variant: str, batch: int, env: dict, positions: int = 1,
+                    **_) -> str | None:
   """'off' / 'on' / None: which side of the attention kernels' comparison a step-probe entry is
   (`positions` > 1: a verification, which kept XLA's attention either way in these records of
   sessions 19-20, compared as is; session 21's verification records are step_probe_verify_*)."""
@@ -326,7 +327,7 @@ def attention_kernel_rows(records: dict[str, dict]) -> dict[tuple, dict]:
 def _tokens_side(kind: str, limit):
   """A side function (see `_switch_rows`): `fused_{kind}_off` is 'off'; `fused_{kind}_on`, or
   `fused` at most `limit()` tokens (rows x positions, the automatic switch's), 'on'."""
-  def side(variant: str, batch: int, env: dict, positions: int = 1) -> str | None:
+  def side(variant: str, batch: int, env: dict, positions: int = 1, **_) -> str | None:
     del env
     if variant == f"fused_{kind}_off":
       return "off"
@@ -348,10 +349,20 @@ def _moe_limit() -> int:
 
 _ple_side = _tokens_side("ple", _ple_limit)
 _moe_side = _tokens_side("moe", _moe_limit)
-_finish_side = _tokens_side("moe_finish", _moe_limit)
 
 
-def _both_side(variant: str, batch: int, env: dict, positions: int = 1) -> str | None:
+def _finish_side(variant: str, batch: int, env: dict, positions: int = 1, *,
+                 entry: dict) -> str | None:
+  """`fused_moe_finish_off` is 'off'; an entry that ran the MoE finish kernel (its recorded
+  `moe_finish`, session 23) 'on'."""
+  del batch, env, positions
+  if variant == "fused_moe_finish_off":
+    return "off"
+  return "on" if entry.get("moe_finish") else None
+
+
+def _both_side(variant: str, batch: int, env: dict, positions: int = 1,
+               **_) -> str | None:
   del env
   if positions > 1:   # (the attention kernels took one position a row until session 21)
     return None
@@ -373,7 +384,7 @@ def ple_kernel_rows(records: dict[str, dict], *, against_xla: bool = False) -> d
 
 def _switch_rows(records: dict[str, dict], side_of) -> dict[tuple, dict]:
   """{case: {off, on, change}} from the records' entries that `side_of(variant, batch, env,
-  positions)` calls 'off' or 'on' (the first of each side a case in a record; later records
+  positions, entry=the entry)` calls 'off' or 'on' (the first of each side a case in a record; later records
   replace a case)."""
   rows = {}
   for rec in records.values():
@@ -384,7 +395,8 @@ def _switch_rows(records: dict[str, dict], side_of) -> dict[tuple, dict]:
       for e in entries:
         if "ms_per_step" in e:
           case = (model, e["batch"], e["context"], e["positions_per_forward"])
-          side = side_of(e["variant"], e["batch"], rec.get("environment", {}), case[3])
+          side = side_of(e["variant"], e["batch"], rec.get("environment", {}), case[3],
+                         entry=e)
           if side and side not in ms.get(case, {}):
             ms.setdefault(case, {})[side] = e["ms_per_step"]
       for case, m in ms.items():
@@ -432,7 +444,8 @@ def ple_kernel_table(records: dict[str, dict]) -> list[str]:
 _FUSED_RAN_ATTENTION_KERNELS = ("step_probe_verify_31b_h100",)
 
 
-def _verify_side(variant: str, batch: int, env: dict, positions: int = 1) -> str | None:
+def _verify_side(variant: str, batch: int, env: dict, positions: int = 1,
+                 **_) -> str | None:
   del batch, env, positions
   return {ATTENTION_OFF: "off", ATTENTION_ON: "on"}.get(variant)
 
@@ -500,8 +513,7 @@ def moe_kernel_table(records: dict[str, dict]) -> list[str]:
 
 def moe_finish_rows(records: dict[str, dict]) -> dict[tuple, dict]:
   """As `moe_kernel_rows` for the MoE layer's end as a kernel (session 23, step_probe_finish*):
-  `fused_moe_finish_off` (the router's kernels only) against `fused` up to the automatic
-  switch's tokens (both)."""
+  `fused_moe_finish_off` (the router's kernels only) against the entries that ran it too."""
   return _switch_rows(records, _finish_side)
 
 

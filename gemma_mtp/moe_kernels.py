@@ -53,8 +53,12 @@ ENV = "GEMMA_MTP_MOE_KERNELS"
 AUTO_MAX_ROWS = 8
 # Where the router kernels run and a forward's (token, expert) pairs are at most the experts (the
 # range in which `layers.gathers_experts` reads each pair's expert on a GPU), the layer's end
-# after the experts is one more kernel (`tail`, `finishes`).
+# after the experts is one more kernel (`tail`, `finishes`); under the automatic switch only up to
+# FINISH_MAX_TOKENS tokens. Measured on an H100 (NOTES run BX, 26B-A4B, 1k context, against the
+# router kernels alone): batch 1 -1.0% and -3.0% (two runs), a 5-position verification +1.5%,
+# batch 8 +1.1%.
 FINISH = True
+FINISH_MAX_TOKENS = 1
 
 
 def enabled() -> bool:
@@ -156,12 +160,15 @@ def route(x: jax.Array, p: dict, cfg: ModelConfig):
 
 def finishes(cfg: ModelConfig, params: dict, tokens: int, has_cache: bool) -> bool:
   """Whether `model.run_layers` ends each layer with `tail`: the router kernels chosen (`choose`),
-  FINISH, every layer an MoE one, and the forward's tokens x k at most the experts."""
+  FINISH, every layer an MoE one, the forward's tokens x k at most the experts, and under the
+  automatic switch at most FINISH_MAX_TOKENS tokens."""
   layer_params = params["layers"][:cfg.num_layers]
   if not (FINISH and all("moe" in p for p in layer_params)):
     return False
-  return (choose(cfg, layer_params[0]["moe"], tokens, has_cache)
-          and tokens * cfg.num_experts_per_token <= cfg.num_experts)
+  if not choose(cfg, layer_params[0]["moe"], tokens, has_cache):
+    return False
+  auto_ok = matvec.switch_mode(ENV) == "on" or tokens <= FINISH_MAX_TOKENS
+  return auto_ok and tokens * cfg.num_experts_per_token <= cfg.num_experts
 
 
 def _finish_kernel(*refs, rows, k, eps, rnd, zeros, with_next):

@@ -163,15 +163,17 @@ def test_bfloat16_as_accurate_as_xla(monkeypatch):
 
 def test_finishes(monkeypatch):
   """The layer's end is a kernel where the router's are, with FINISH, in models whose every layer
-  is an MoE one, and up to a (token, expert) pair per expert (26B-A4B: 16 tokens under =on, the
-  automatic switch's 8 below that)."""
+  is an MoE one, and up to a (token, expert) pair per expert (26B-A4B: 16 tokens under =on;
+  the automatic switch up to FINISH_MAX_TOKENS, the measured range)."""
   cfg = config_lib.preset("gemma4_26b_a4b")
   moe = _moe_params(TINY, jnp.float32)
   params = {"layers": [{"moe": moe}] * cfg.num_layers}
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(jax, "device_count", lambda: 1)
-  assert moe_kernels.finishes(cfg, params, moe_kernels.AUTO_MAX_ROWS, True)
-  assert not moe_kernels.finishes(cfg, params, moe_kernels.AUTO_MAX_ROWS + 1, True)
+  limit = moe_kernels.FINISH_MAX_TOKENS
+  assert moe_kernels.finishes(cfg, params, limit, True)
+  assert not moe_kernels.finishes(cfg, params, limit + 1, True)
+  assert moe_kernels.choose(cfg, moe, limit + 1, True)               # the router's kernels
   assert not moe_kernels.finishes(cfg, params, 1, False)
   monkeypatch.setenv(moe_kernels.ENV, "on")
   pairs = cfg.num_experts // cfg.num_experts_per_token

@@ -227,16 +227,30 @@ def test_moe_kernel_rows():
 
 
 def test_moe_finish_rows():
-  """`fused_moe_finish_off` (the router's kernels only) against `fused` up to the automatic
-  switch's tokens; the router's own variants are not this table's."""
+  """`fused_moe_finish_off` (the router's kernels only) against the entries that recorded
+  running the finish kernel; the router's own variants are not this table's."""
   tables = _tables()
   rec = _probe("2026-12-07T16:30:00", [("fused", 1, 4.0), ("fused_moe_finish_off", 1, 4.2),
                                        ("fused_moe_off", 1, 4.4), ("fused", 32, 9.0),
                                        ("fused_moe_finish_off", 32, 8.0)])
+  for e in rec["m"]:
+    e["moe_finish"] = e["variant"] == "fused" and e["batch"] == 1
   rows = tables.moe_finish_rows({"r": rec})
   assert rows == {("m", 1, 1024, 1): {"off": 4.2, "on": 4.0, "change": pytest.approx(-1 / 21)}}
   table = tables.moe_finish_table({"r": rec})
   assert table[2] == "| m | 1 | 1024 | 1 | 4.200 ms | 4.000 ms | -4.8% |" and len(table) == 3
+
+
+def test_committed_finish_records_give_the_readme_figures():
+  """The README's MoE-finish figures (run BX) come from the committed records."""
+  tables = _tables()
+  rows = tables.moe_finish_rows(tables.step_probe_records("step_probe_finish_moe*.json"))
+  expect = {(1, 1): (4.117, 4.078, -0.010), (1, 5): (6.061, 6.152, 0.015),
+            (8, 1): (7.683, 7.768, 0.011)}
+  for (batch, t), (off, on, change) in expect.items():
+    got = rows[("gemma4_26b_a4b", batch, 1024, t)]
+    assert (round(got["off"], 3), round(got["on"], 3), round(got["change"], 3)) == (
+        off, on, change), (batch, t)
 
 
 def test_committed_moe_records_give_the_readme_figures():
