@@ -54,11 +54,10 @@ AUTO_MAX_ROWS = 8
 # Where the router kernels run and a forward's (token, expert) pairs are at most the experts (the
 # range in which `layers.gathers_experts` reads each pair's expert on a GPU), the layer's end
 # after the experts is one more kernel (`tail`, `finishes`); under the automatic switch only up to
-# FINISH_MAX_TOKENS tokens. Measured on an H100 (NOTES run BX, 26B-A4B, 1k context, against the
-# router kernels alone): batch 1 -1.0% and -3.0% (two runs), a 5-position verification +1.5%,
-# batch 8 +1.1%.
+# FINISH_MAX_TOKENS tokens. Measured on an H100 (NOTES run BY, 26B-A4B, 1k context, against the
+# router kernels alone): batch 1 -2.7%, a 5-position verification -0.4%, batch 8 +0.2%.
 FINISH = True
-FINISH_MAX_TOKENS = 1
+FINISH_MAX_TOKENS = 5
 
 
 def enabled() -> bool:

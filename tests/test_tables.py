@@ -242,11 +242,15 @@ def test_moe_finish_rows():
 
 
 def test_committed_finish_records_give_the_readme_figures():
-  """The README's MoE-finish figures (run BX) come from the committed records."""
+  """The README's MoE-finish figures come from the committed records: run BY's (the kernel as
+  kept) replace run BX's (a norm's reduction a chunk) in the table, which gives run BX's alone
+  from its records."""
   tables = _tables()
-  rows = tables.moe_finish_rows(tables.step_probe_records("step_probe_finish_moe*.json"))
-  expect = {(1, 1): (4.117, 4.078, -0.010), (1, 5): (6.061, 6.152, 0.015),
-            (8, 1): (7.683, 7.768, 0.011)}
+  rows = tables.moe_finish_rows(tables.step_probe_records("step_probe_finish*.json"))
+  bx = tables.moe_finish_rows(tables.step_probe_records("step_probe_finish_moe*.json"))
+  assert round(bx[("gemma4_26b_a4b", 1, 1024, 5)]["change"], 3) == 0.015
+  expect = {(1, 1): (4.093, 3.984, -0.027), (1, 5): (6.206, 6.183, -0.004),
+            (8, 1): (7.644, 7.662, 0.002)}
   for (batch, t), (off, on, change) in expect.items():
     got = rows[("gemma4_26b_a4b", batch, 1024, t)]
     assert (round(got["off"], 3), round(got["on"], 3), round(got["change"], 3)) == (
