@@ -43,7 +43,8 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_moe_off   fused, the MoE router (26B-A4B) through XLA's ops instead of `moe_kernels`'
               two kernels a layer (the default on one GPU since session 22; before it, the
               `fused` entries of the committed records are this);
-  fused_moe_on    fused, those kernels at any number of tokens;
+  fused_moe_on    fused, those kernels at any number of tokens (and the MoE layer's end as
+              a kernel up to a (token, expert) pair per expert; `moe_kernels.finishes`);
   fused_moe_finish_off  fused, the MoE layer's end after the experts through XLA's ops
               instead of `moe_kernels`' finish kernel (`moe_kernels.FINISH`; the default since
               session 23; before it, the `fused` entries of the committed records are this);
