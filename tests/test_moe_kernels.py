@@ -202,19 +202,21 @@ def test_generate_with_kernels_equals_xla(monkeypatch):
   """Plain greedy decoding (the decode loop) emits the same tokens with the MoE kernels as
   without, in float32, on two ragged prompts; speculative decoding through them still emits
   plain decoding's tokens, with chains of one draft (verification of 2 positions a row: 16
-  (token, expert) pairs, so the finish kernel runs) and with a draft tree of 3 nodes (24 pairs:
-  the router's kernels only)."""
+  (token, expert) pairs, so the finish kernel runs), with a draft tree of 2 nodes (a tree
+  forward, its attention masked by the tree: the finish kernel too) and with one of 3 nodes (24
+  pairs: the router's kernels only)."""
   traced = []                      # the layers that ran the finish kernel, by positions a row
   tail = moe_kernels.tail
   monkeypatch.setattr(moe_kernels, "tail",
                       lambda p, x1, *a, **k: traced.append(x1.shape[1]) or tail(p, x1, *a, **k))
   chain = {"draft_lengths": (1,), "adaptive": False}
-  tree = {"draft_lengths": (), "trees": (gemma_mtp.TreeSpec.parse("2"),), "adaptive": False}
+  trees = [{"draft_lengths": (), "trees": (gemma_mtp.TreeSpec.parse(t),), "adaptive": False}
+           for t in ("1", "2")]
   off, on, spec = dkt.generate_off_and_on(
-      TINY, moe_kernels.ENV, monkeypatch, traced, speculative=(chain, tree),
+      TINY, moe_kernels.ENV, monkeypatch, traced, speculative=(chain, *trees),
       other_env={decode_attention.ENV: "off"}, convention="clean")
-  # one plain decode program and one chain verification program with the switch on
-  assert sorted(traced) == [1] * TINY.num_layers + [2] * TINY.num_layers, traced
+  # one plain decode program, one chain and one 2-node tree verification program (switch on)
+  assert sorted(traced) == [1] * TINY.num_layers + [2] * 2 * TINY.num_layers, traced
   np.testing.assert_array_equal(on, off)
   for tokens in spec:
     np.testing.assert_array_equal(tokens, on)
