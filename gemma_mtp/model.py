@@ -229,9 +229,10 @@ def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig
   `attend(xn) -> [R, T, N, H]` does the layer's attention (R = B, or more where rows padded for
   the o projection follow the B real ones: `decode_attention`). `xn`: the layer's normed input
   if the previous layer's `tail` computed it (rows padded as its first projection pads, which
-  `attend` takes). `tail(p, x, d, ple) -> (x, next xn)`: the end of a PLE layer as
-  `ple_kernels.tail`, from the residual after attention, the down projection's padded rows and
-  `ple` as given (there: every layer's inputs); the layer then returns its pair.
+  `attend` takes). `tail(p, x, d, ple) -> (x, next xn)`: the end of the layer as
+  `ple_kernels.tail` (PLE layers) or `moe_kernels.tail` (MoE layers), from the residual after
+  attention, the (shared) MLP's down projection's padded rows and `ple` as given (PLE: every
+  layer's inputs); the layer then returns its pair.
   `router_kernels`: see `feed_forward`.
   """
   if xn is None:
@@ -267,8 +268,9 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   int8-quantized (quant.py): quantized weights stay int8 and are dequantized inside their matmuls.
   `tree`: as in `forward`. On a GPU, a forward through the cache without a tree of up to a few
   positions a row runs the attention as `decode_attention`'s kernels (see
-  `decode_attention.choose`), and in the PLE models each layer's end and the next layer's norm
-  as `ple_kernels`' (see `ple_kernels.choose`).
+  `decode_attention.choose`), in the PLE models each layer's end and the next layer's norm
+  as `ple_kernels`' (see `ple_kernels.choose`), and in the MoE models the router and each
+  layer's end as `moe_kernels`' (see `moe_kernels.choose`, `moe_kernels.finishes`).
 
   Returns:
     (x [B, T, D] residual stream after the last layer, kv_now: per layer the (k, v, kv_idx) it
