@@ -478,6 +478,19 @@ case "${1:-}" in
         --out="$OUT/step_probe_rms1_e4b_h200.json" >> "$OUT/step_probe_finish2.log" 2>&1
     grep -hE " ms " "$OUT/step_probe_finish2.log"
     ;;
+  moe_finish_check)  # session 23, run BZ (not run: no device time left): the MoE kernels'
+                     # remaining tests compiled by Triton (greedy plain, chain and tree decoding
+                     # through them; the lowering), and a profile of run BY's finish kernel at
+                     # batch 1 (its own time; run BX's form took 7.5 us)
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/test_moe_kernels.py \
+        -k "generate or lower or finishes" > "$OUT/moe_finish_check_tests.log" 2>&1
+    tail -3 "$OUT/moe_finish_check_tests.log"
+    timeout 150 python experiments/step_probe.py --models=gemma4_26b_a4b --verify_models= \
+        --variants=fused_moe_on,fused_moe_finish_off --profile_steps=2 --short=8 --long=32 \
+        --trace_dir=/tmp/trace_bz --out="$OUT/step_profile_finish2_moe_h200.json" \
+        > "$OUT/step_profile_finish2.log" 2>&1
+    grep -hE " ms " "$OUT/step_profile_finish2.log"
+    ;;
   decode_attention_bench)  # session 19, run BB (not run yet): the H200 record's decode figures
                      # of E4B, E2B and 26B-A4B with the kernels (an H200 only: the record is one)
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200"; exit 3; }
@@ -579,7 +592,8 @@ case "${1:-}" in
     done
     ;;
   kernels_bench)     # session 20, run BI: the H200 record's decode figures of E4B, E2B and
-                     # 26B-A4B with the attention and PLE kernels (an H200 only: the record is one)
+                     # 26B-A4B with the attention, PLE and MoE kernels (an H200 only: the record
+                     # is one)
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200"; exit 3; }
     cp "$BENCH" "$OUT/benchmark_h200.json"
     timeout 560 python experiments/benchmark.py --update --deadline_s=520 \
