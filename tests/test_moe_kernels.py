@@ -117,7 +117,7 @@ def _steps(cfg, params, mode, monkeypatch, *, batch=2, positions=1, attention="o
 
 @pytest.mark.parametrize("case", ["two rows", "padded row, copies, the attention kernels",
                                   "padded row, zeros", "verification, router only",
-                                  "two rows, router only"])
+                                  "two rows, router only", "two rows, int8 experts"])
 def test_decode_steps_equal_xla_float32(monkeypatch, case):
   """Five forwards after a 13-token prompt (left-padded rows) through the whole model give XLA's
   logits and caches with the kernels on, in float32 (only the summation order differs): the
@@ -126,7 +126,8 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
   whose next layer's input the finish kernel pads to two rows, as on GPUs
   (`quant.pad_one_row`), with copies into the attention kernels (which take the padded input as
   it is) or with zeros into XLA's attention (which slices it); a chain's verification of three
-  positions on two rows (24 pairs: the router kernels only); `moe_kernels.FINISH` off."""
+  positions on two rows (24 pairs: the router kernels only); `moe_kernels.FINISH` off; the
+  int8-quantized target (`quantize_target`: the experts and MLPs int8, the router float)."""
   if case.startswith("padded row"):
     monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
     monkeypatch.setattr(quant, "PAD_ROWS_WITH", "copy" if "copies" in case else "zeros")
@@ -136,6 +137,9 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
       (1, 1) if case.startswith("padded") else (2, 1))
   attention = "on" if "attention kernels" in case else "off"
   params = dkt.fused_target(TINY)
+  if "int8" in case:
+    params = gemma_mtp.quantize_target(gemma_mtp.Target(TINY, params)).params
+    assert quant.is_quantized(params["layers"][0]["moe"]["down"])
   run = lambda mode: _steps(TINY, params, mode, monkeypatch, batch=batch, positions=positions,
                             attention=attention)
   ref, ref_kv, ref_names = run("off")
