@@ -312,7 +312,7 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   moe = next((p["moe"] for p in params["layers"][:cfg.num_layers] if "moe" in p), None)
   routes = moe is not None and moe_kernels.choose(cfg, moe, b * t, cache is not None)
   # and each layer's end after its experts (and the next layer's norm) as one kernel more
-  finishes = routes and moe_kernels.finishes(cfg, params, b * t, cache is not None)
+  finishes = moe_kernels.finishes(cfg, params, b * t, cache is not None)
   xn = None   # the layer's normed input, from the previous layer's tail
   for i, p in enumerate(params["layers"][:cfg.num_layers]):
     kind = cfg.layer_types[i]
@@ -378,9 +378,9 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
 
 
 def _next_layer(params: dict, i: int, b: int, cfg: ModelConfig) -> dict:
-  """`ple_kernels.tail`'s arguments for the layer after i: its pre-attention norm weight and the
-  rows its first projection takes for b positions (two for one where `quant.einsum` would pad
-  it)."""
+  """`ple_kernels.tail`'s and `moe_kernels.tail`'s arguments for the layer after i: its
+  pre-attention norm weight and the rows its first projection takes for b positions (two for
+  one where `quant.einsum` would pad it)."""
   if i + 1 >= cfg.num_layers:
     return {}
   p = params["layers"][i + 1]
