@@ -601,6 +601,24 @@ case "${1:-}" in
         --out="$OUT/benchmark_h200.json" > "$OUT/benchmark_kernels.log" 2>&1
     tail -30 "$OUT/benchmark_kernels.log"
     ;;
+  kernels_bench_full)  # session 24, run CA: run BI's E4B and E2B again with verification,
+                     # drafter steps and predicted speedups, so that the record's ratios to one
+                     # decode step are measured against the step with the kernels (an H200 only)
+    nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200"; exit 3; }
+    cp "$BENCH" "$OUT/benchmark_h200.json"
+    timeout 560 python experiments/benchmark.py --update --deadline_s=520 \
+        --models=gemma4_e4b,gemma4_e2b --parts=copy,decode,verify,drafter,predict \
+        --out="$OUT/benchmark_h200.json" > "$OUT/benchmark_kernels_full.log" 2>&1
+    tail -40 "$OUT/benchmark_kernels_full.log"
+    ;;
+  verify_profile)    # session 24, run CC: E4B's decode step and 5-position verification
+                     # profiled in one process (run CA: 3.95 ms against 3.50, 1.13x; where the
+                     # verification's extra ~0.45 ms goes, kernel by kernel)
+    timeout 230 python experiments/step_probe.py --models=gemma4_e4b --verify_models=gemma4_e4b \
+        --variants=fused --profile_steps=2 --short=8 --long=32 --trace_dir=/tmp/trace_cc \
+        --out="$OUT/step_profile_verify_e4b_h200.json" > "$OUT/step_profile_verify.log" 2>&1
+    grep -hE " ms " "$OUT/step_profile_verify.log"
+    ;;
   drafter_final)     # session 16, run AV: COMBINE as kept (a combine kernel where an o program
                      # would take in a tile of partials): the kernels' tests compiled by Triton,
                      # the steps of the E2B / E4B assistants and of the GPU pair's drafter (1k and
