@@ -1,4 +1,5 @@
-r"""Markdown tables of the committed GPU records (what the README's GPU sections show).
+r"""Markdown tables of the committed GPU records (what the README's GPU section and
+experiments/RESULTS.md show).
 
   python experiments/tables.py    # the tables of experiments/results/*_h200*.json, and adaptive
                                   # against fixed draft lengths over every GPU-pair record

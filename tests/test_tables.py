@@ -1,5 +1,6 @@
-"""The README's adaptive-against-fixed summary and the kernel tables (attention, PLE, MoE
-router, verification; experiments/tables.py) on made-up and committed records."""
+"""The README's adaptive-against-fixed summary and experiments/RESULTS.md's kernel tables
+(attention, PLE, MoE router and finish, verification; experiments/tables.py) on made-up and
+committed records."""
 
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def test_attention_kernel_rows():
 
 
 def test_committed_attention_records_give_the_readme_figures():
-  """The README's attention-kernel figures come from the committed records (runs BA-BF)."""
+  """RESULTS.md's attention-kernel figures come from the committed records (runs BA-BF)."""
   tables = _tables()
   rows = tables.attention_kernel_rows(tables.step_probe_records())
   expect = {("gemma4_e4b", 1, 1024): (4.863, 4.558, -0.063),
@@ -136,7 +137,7 @@ def test_ple_kernel_rows():
 
 
 def test_committed_ple_records_give_the_readme_figures():
-  """The README's PLE-kernel figures come from the committed records: run BL (the kernels as
+  """RESULTS.md's PLE-kernel figures come from the committed records: run BL (the kernels as
   kept: decode steps with and without them, and with neither kind of kernel) and run BM
   (verification forwards of 2-4 positions)."""
   tables = _tables()
@@ -199,7 +200,7 @@ def test_verification_kernel_rows():
 
 
 def test_committed_verification_records_give_the_readme_figures():
-  """The README's verification figures (session 21, runs BO-BS) come from the committed
+  """RESULTS.md's verification figures (session 21, runs BO-BS) come from the committed
   records."""
   tables = _tables()
   rows = tables.verification_kernel_rows(tables.step_probe_records("step_probe_verify_*.json"))
@@ -242,7 +243,7 @@ def test_moe_finish_rows():
 
 
 def test_committed_finish_records_give_the_readme_figures():
-  """The README's MoE-finish figures come from the committed records: run BY's (the kernel as
+  """RESULTS.md's MoE-finish figures come from the committed records: run BY's (the kernel as
   kept) replace run BX's (a norm's reduction a chunk) in the table, which gives run BX's alone
   from its records."""
   tables = _tables()
@@ -258,7 +259,7 @@ def test_committed_finish_records_give_the_readme_figures():
 
 
 def test_committed_moe_records_give_the_readme_figures():
-  """The README's MoE-router figures (run BW) come from the committed records."""
+  """RESULTS.md's MoE-router figures (run BW) come from the committed records."""
   tables = _tables()
   rows = tables.moe_kernel_rows(tables.step_probe_records("step_probe_moe*.json"))
   expect = {(1, 1): (4.283, 4.093, -0.044), (1, 5): (6.166, 6.185, 0.003),
