@@ -619,6 +619,21 @@ case "${1:-}" in
         --out="$OUT/step_profile_verify_e4b_h200.json" > "$OUT/step_profile_verify.log" 2>&1
     grep -hE " ms " "$OUT/step_profile_verify.log"
     ;;
+  attention_own)     # session 24, run CD (not run yet): the forward's own tokens as a range of
+                     # their own in the attention kernels (decode_attention.OWN_RANGE) and 8 warps
+                     # for the several-positions kernel (POSITIONS_WARPS), against the library:
+                     # E4B's decode step and 5-position verification (run CC: owners' kernels
+                     # 4.2 / 9 us at one position, 10.4 / 28 at five), then the tests compiled
+                     # by Triton
+    timeout 300 python experiments/step_probe.py --models=gemma4_e4b --verify_models=gemma4_e4b \
+        --variants=fused,fused_attn_own,fused_attn_warps8,fused_attn_own_warps8 \
+        --profile_steps=0 --short=8 --long=32 --out="$OUT/step_probe_own_h200.json" \
+        > "$OUT/step_probe_own.log" 2>&1
+    grep -hE " ms " "$OUT/step_probe_own.log"
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/test_decode_attention.py \
+        -k "own or True" > "$OUT/attention_own_tests.log" 2>&1
+    tail -3 "$OUT/attention_own_tests.log"
+    ;;
   drafter_final)     # session 16, run AV: COMBINE as kept (a combine kernel where an o program
                      # would take in a tile of partials): the kernels' tests compiled by Triton,
                      # the steps of the E2B / E4B assistants and of the GPU pair's drafter (1k and

@@ -30,6 +30,11 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_attn_range1 / _range2 / _range4  fused, the attention kernel's programs reading about
               1 / 2 / 4 cache chunks each (`decode_attention.RANGE_CHUNKS`: 1 since session
               22, 2 before: runs BG and BU's `fused` entries are range2);
+  fused_attn_own  fused, the forward's own tokens as a range of their own in the attention
+              kernels (`decode_attention.OWN_RANGE`; session 24, not measured yet);
+  fused_attn_warps8  fused, the several-positions attention kernel with 8 warps a program
+              instead of 4 (`decode_attention.POSITIONS_WARPS`; session 24, not measured yet);
+  fused_attn_own_warps8  both;
   fused_ple_off   fused, the end of each PLE layer (E2B, E4B) through XLA's ops instead of
               `ple_kernels`' three kernels a layer (the default on one GPU since session 20;
               before it, the `fused` entries of the committed records are this);
@@ -106,6 +111,8 @@ _LIBRARY_ATTENTION = layers.attention
 _LIBRARY_PAD_ROWS = quant.PAD_ROWS_WITH
 _LIBRARY_ATTN_SWITCH = os.environ.get(decode_attention.ENV, "auto")
 _LIBRARY_RANGE_CHUNKS = decode_attention.RANGE_CHUNKS
+_LIBRARY_OWN_RANGE = decode_attention.OWN_RANGE
+_LIBRARY_POSITIONS_WARPS = decode_attention.POSITIONS_WARPS
 _LIBRARY_PLE_SWITCH = os.environ.get(ple_kernels.ENV, "auto")
 _LIBRARY_MOE_SWITCH = os.environ.get(moe_kernels.ENV, "auto")
 _LIBRARY_GATE_PARTS = ple_kernels.GATE_PARTS
@@ -139,6 +146,11 @@ def _set_variant(variant: str):
   decode_attention.RANGE_CHUNKS = {"fused_attn_range1": 1, "fused_attn_range2": 2,
                                    "fused_attn_range4": 4}.get(
       variant, _LIBRARY_RANGE_CHUNKS)
+  decode_attention.OWN_RANGE = _LIBRARY_OWN_RANGE or variant in ("fused_attn_own",
+                                                                 "fused_attn_own_warps8")
+  decode_attention.POSITIONS_WARPS = 8 if variant in ("fused_attn_warps8",
+                                                      "fused_attn_own_warps8") else (
+      _LIBRARY_POSITIONS_WARPS)
   ple_kernels.GATE_PARTS = _LIBRARY_GATE_PARTS * (2 if variant == "fused_ple_split2" else 1)
   # fused_ple_off: the end of a PLE layer through XLA's ops, not ple_kernels' kernels
   os.environ[ple_kernels.ENV] = {"fused_ple_off": "off", "fused_ple_on": "on",
@@ -197,7 +209,9 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
                ple_kernels=ple_kernels.choose(vcfg, params, case.batch, case.chunk, True, None),
                moe_kernels=any(moe_kernels.choose(vcfg, lp["moe"], case.batch * case.chunk,
                                                   True) for lp in params["layers"] if "moe" in lp),
-               moe_finish=moe_kernels.finishes(vcfg, params, case.batch * case.chunk, True))
+               moe_finish=moe_kernels.finishes(vcfg, params, case.batch * case.chunk, True),
+               attention_own_range=decode_attention.OWN_RANGE,
+               attention_positions_warps=decode_attention.POSITIONS_WARPS)
       if case.chunk == 1 and _HLO_DIR.value:
         path = pathlib.Path(_HLO_DIR.value) / f"{model}_{variant}.hlo.txt.gz"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,7 +262,7 @@ def model_entries(model: str) -> list[dict]:
 
 VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fused_cudnn",
             "fused_attn_off", "fused_attn_on", "fused_attn_range1", "fused_attn_range2",
-            "fused_attn_range4",
+            "fused_attn_range4", "fused_attn_own", "fused_attn_warps8", "fused_attn_own_warps8",
             "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_moe_off", "fused_moe_on",
             "fused_moe_finish_off", "fused_rms1", "fused_xla", "fused_all_on")
 

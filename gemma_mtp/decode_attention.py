@@ -20,7 +20,11 @@ softmax reductions, a convert, the value GEMM and the pad of the o projection's 
                                                                         grid (R * T, N, H / bc)
 
 The forward's own slots are masked out of the cache pass (its tokens join from their
-projection), so programs may read them before or after they are stored. The attention kernel
+projection), so programs may read them before or after they are stored. With OWN_RANGE (off by
+default: built in session 24, not measured yet) the forward's own tokens are a range of their
+own: program P of each head takes only them (and the first query head of each KV head stores
+them), the cache's P ranges skip them, and the rows kernel combines the P + 1 written partials
+(held in 2P slots, a power of two, the rest not read). The attention kernel
 reads row b of the q|k|v projection's padded two-row output itself (no slice kernel). KV-shared
 layers run the same kernel without the new tokens.
 
@@ -77,6 +81,18 @@ RANGE_CHUNKS = 1
 # without): E4B (8 heads) 2 / 3 / 5 / 9 / 16 positions -2.9% / -3.0% / -3.3% / -0.8% / +37%,
 # E2B (8) 2 / 5 / 9: -1.7% / -3.8% / +1.5%; 5 positions of 26B-A4B (16 heads) +1.3%, of 31B
 # (32) +4.4% (a program per query head reads its KV head's keys again for each of them).
+# The forward's own tokens (layers that own their K/V) as a cache range of their own: a program
+# a head takes only them and stores them, while the cache's ranges skip them, instead of range 0
+# taking both (its program then the longest). Run CC's profile (NOTES, an H100, E4B): the
+# owners' kernels take 4.2 (sliding) and 9 us (full) a call at one position against 3.4 and 8
+# for the KV-shared layers', and 10.4 and 28 us at 5 positions against 8 and 14.7. Off until
+# measured (step_probe variant `fused_attn_own`).
+OWN_RANGE = False
+# Warps a program of the several-positions kernel (None: drafter_kernels.NUM_WARPS, 4). Run CC:
+# a 5-position forward's full layers (512-wide heads) take 28 us a call where the decode step's
+# take 9; their [16, 512] query, key and accumulator blocks in float32 may not fit 4 warps'
+# registers. Unmeasured (step_probe variant `fused_attn_warps8`).
+POSITIONS_WARPS = None
 MAX_POSITIONS = 16        # (at most BLOCK_ROWS)
 AUTO_MAX_POSITIONS = 5
 AUTO_MAX_VERIFY_HEADS = 8
@@ -115,15 +131,21 @@ def auto_takes(cfg: ModelConfig, rows: int, tokens_per_row: int) -> bool:
       tokens_per_row <= AUTO_MAX_POSITIONS and cfg.num_heads <= AUTO_MAX_VERIFY_HEADS))
 
 
-def _combine_rows_kernel(o_ref, lse_ref, x_ref, *, rows, bc, zeros, rnd, block=None):
+def _combine_rows_kernel(o_ref, lse_ref, x_ref, *, rows, bc, zeros, rnd, block=None,
+                         written=None):
   """Columns [c * bc, (c + 1) * bc) of head n's output for row b from its ranges' partials;
   the padding rows b >= rows zero (`zeros`) or row rows - 1 again. `block` = (T, rows a block):
-  row b is position b % T of query block b // T (the partials' rows in blocks)."""
+  row b is position b % T of query block b // T (the partials' rows in blocks). `written`: the
+  ranges whose partials were written (the rest of the power-of-two count are not read)."""
   b, n, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   src = jnp.minimum(b, rows - 1)
   if block is not None:
     src = (src // block[0]) * block[1] + src % block[0]
-  x = dk._combined(lse_ref[src, n], o_ref[src, n, :, dk._columns(c, bc)], rnd)
+  lse, o = lse_ref[src, n], o_ref[src, n, :, dk._columns(c, bc)]
+  if written is not None:
+    keep = jnp.arange(lse.shape[0])[:, None] < written
+    lse, o = jnp.where(keep, lse, dk.F32_MIN), jnp.where(keep, o, 0.0)
+  x = dk._combined(lse, o, rnd)
   if zeros:
     x = jnp.where(b < rows, x, 0.0)
   x_ref[...] = x.astype(x_ref.dtype)
@@ -170,7 +192,7 @@ def _block_online(carry, keep, s, v):
 
 
 def _positions_kernel(*refs, positions, group, bs, per_split, slots, hd, eps, rnd, new_at,
-                      window):
+                      window, own=None):
   """`drafter_kernels._attn_kernel` for T = `positions` positions of row b: head n's T queries
   (q-normed and rotated here) as the rows of a [BLOCK_ROWS, hd] block (the rest zero) over cache
   chunks [p * per_split, (p + 1) * per_split), scores and values as tensor-core products, so
@@ -182,7 +204,9 @@ def _positions_kernel(*refs, positions, group, bs, per_split, slots, hd, eps, rn
   (slot [B, T],) out, lse, (k, v out)). With `new_at` = (k_at, v_at) the forward's own T tokens
   join range 0 under the causal (and sliding) mask: their keys k-normed and rotated, their
   values v-normed, and stored into their slots of k and v (aliased; valid masks those slots out
-  of the cache pass)."""
+  of the cache pass). With `own` (an int, with `new_at`) they are a range of their own instead:
+  programs p < own read the cache, program p == own only the T tokens and, for the first query
+  head of its KV head, stores them."""
   (q_ref, qn_ref, kn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, slot_ref, o_ref, lse_ref,
    kout_ref, vout_ref) = dk._attn_refs(refs, new_at)
   b, n, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -197,47 +221,86 @@ def _positions_kernel(*refs, positions, group, bs, per_split, slots, hd, eps, rn
     keep = (valid_ref[b, :, rows] != 0) & fresh[None, :]
     return keep, k_ref[b, rows, g, lo], k_ref[b, rows, g, hi], v_ref[b, rows, g, :]
 
-  def update(carry, chunk):
-    keep, k1, k2, v = chunk
-    return _block_online(carry, keep, _dot_t(q1, k1) + _dot_t(q2, k2), v)
+  def queries():   # the T raw queries of head n, the q-norm's weight halves
+    return ([(f32(q_ref[b, t, n, lo]), f32(q_ref[b, t, n, hi])) for t in ts],
+            f32(qn_ref[lo]), f32(qn_ref[hi]))
 
-  qs = [(f32(q_ref[b, t, n, lo]), f32(q_ref[b, t, n, hi])) for t in ts]
-  qn1, qn2 = f32(qn_ref[lo]), f32(qn_ref[hi])
-  if new_at is not None:
+  def tokens():    # the T raw keys and values, the k-norm's weight halves, their slots
     k_at, v_at = new_at
-    nks = [(f32(q_ref[b, t, k_at + g, lo]), f32(q_ref[b, t, k_at + g, hi])) for t in ts]
-    nvs = [f32(q_ref[b, t, v_at + g, :]) for t in ts]
-    kn1, kn2 = f32(kn_ref[lo]), f32(kn_ref[hi])
-    new_slots = [slot_ref[b, t] for t in ts]
-  rope = [(cos_ref[b, t, :], sin_ref[b, t, :]) for t in ts]
-  chunks = [load(i) for i in range(per_split)] if per_split <= dk.UNROLL else None
-  qs = [dk._rotated(*dk._head_normed(*q, qn1, qn2, hd, eps, rnd), *r, rnd)
-        for q, r in zip(qs, rope)]
-  q1, q2 = _rows([q[0] for q in qs], dtype), _rows([q[1] for q in qs], dtype)
-  carry = (jnp.full((BLOCK_ROWS,), dk.F32_MIN, F32), jnp.zeros((BLOCK_ROWS,), F32),
-           jnp.zeros((BLOCK_ROWS, hd), F32))
-  carry = dk._walk(carry, update, load, chunks, per_split)
-  if new_at is not None:                  # the forward's own tokens, in range 0
+    return ([(f32(q_ref[b, t, k_at + g, lo]), f32(q_ref[b, t, k_at + g, hi])) for t in ts],
+            [f32(q_ref[b, t, v_at + g, :]) for t in ts], f32(kn_ref[lo]), f32(kn_ref[hi]),
+            [slot_ref[b, t] for t in ts])
+
+  def query_block(raw, rope):   # the normed, rotated queries as two [BLOCK_ROWS, hd / 2] blocks
+    qs, qn1, qn2 = raw
+    qs = [dk._rotated(*dk._head_normed(*q, qn1, qn2, hd, eps, rnd), *r, rnd)
+          for q, r in zip(qs, rope)]
+    return _rows([q[0] for q in qs], dtype), _rows([q[1] for q in qs], dtype)
+
+  def cache_pass(carry, q1, q2, chunks):
+    def update(carry, chunk):
+      keep, k1, k2, v = chunk
+      return _block_online(carry, keep, _dot_t(q1, k1) + _dot_t(q2, k2), v)
+    return dk._walk(carry, update, load, chunks, per_split)
+
+  def join_tokens(carry, q1, q2, raw, rope, first):
+    """The T tokens under the causal (and sliding) mask, where `first`: (carry, their keys and
+    values as stored)."""
+    nks, nvs, kn1, kn2, _ = raw
     nks = [dk._rotated(*dk._head_normed(*k, kn1, kn2, hd, eps, rnd), *r, rnd)
            for k, r in zip(nks, rope)]
     nvs = [dk._value_normed(v, hd, eps, rnd) for v in nvs]
     row = jnp.arange(BLOCK_ROWS)[:, None]
     col = jnp.arange(BLOCK_ROWS)[None, :]
-    keep = (col <= row) & (col < positions) & (p == 0)
+    keep = (col <= row) & (col < positions) & first
     if window is not None:
       keep &= row - col < window
     s = (_dot_t(q1, _rows([k[0] for k in nks], dtype))
          + _dot_t(q2, _rows([k[1] for k in nks], dtype)))
-    carry = _block_online(carry, keep, s, _rows(nvs, dtype))
-    for (k1, k2), v, slot in zip(nks, nvs, new_slots):
+    return _block_online(carry, keep, s, _rows(nvs, dtype)), (nks, nvs)
+
+  def store_tokens(slots_, kv):
+    for (k1, k2), v, slot in zip(*kv, slots_):
       kout_ref[b, slot, g, lo] = k1.astype(kout_ref.dtype)
       kout_ref[b, slot, g, hi] = k2.astype(kout_ref.dtype)
       vout_ref[b, slot, g, :] = v.astype(vout_ref.dtype)
-  m, l, acc = carry
-  seen = l > 0
-  o_ref[b, :, n, p, :] = acc / jnp.where(seen, l, 1.0)[:, None]
-  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), dk.F32_MIN)
-  lse_ref[b, :, n, p, :] = jnp.broadcast_to(lse[:, None], (BLOCK_ROWS, dk.LSE))
+
+  def finish(carry):
+    m, l, acc = carry
+    seen = l > 0
+    o_ref[b, :, n, p, :] = acc / jnp.where(seen, l, 1.0)[:, None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), dk.F32_MIN)
+    lse_ref[b, :, n, p, :] = jnp.broadcast_to(lse[:, None], (BLOCK_ROWS, dk.LSE))
+
+  start = (jnp.full((BLOCK_ROWS,), dk.F32_MIN, F32), jnp.zeros((BLOCK_ROWS,), F32),
+           jnp.zeros((BLOCK_ROWS, hd), F32))
+  rope_of = lambda: [(cos_ref[b, t, :], sin_ref[b, t, :]) for t in ts]
+  if own is not None:
+    @pl.when(p < own)
+    def _cache():
+      raw_q, rope = queries(), rope_of()
+      chunks = [load(i) for i in range(per_split)] if per_split <= dk.UNROLL else None
+      finish(cache_pass(start, *query_block(raw_q, rope), chunks))
+
+    @pl.when(p == own)
+    def _tokens():
+      raw_q, raw, rope = queries(), tokens(), rope_of()
+      carry, kv = join_tokens(start, *query_block(raw_q, rope), raw, rope, True)
+      pl.when(n % group == 0)(lambda: store_tokens(raw[-1], kv))
+      finish(carry)
+    return
+
+  raw_q = queries()
+  if new_at is not None:
+    raw = tokens()
+  rope = rope_of()
+  chunks = [load(i) for i in range(per_split)] if per_split <= dk.UNROLL else None
+  q1, q2 = query_block(raw_q, rope)
+  carry = cache_pass(start, q1, q2, chunks)
+  if new_at is not None:                  # the forward's own tokens, in range 0
+    carry, kv = join_tokens(carry, q1, q2, raw, rope, p == 0)
+    store_tokens(raw[-1], kv)
+  finish(carry)
 
 
 class Step:
@@ -298,16 +361,20 @@ class Step:
     bs, chunks, splits = dk._chunking(slots, hd, RANGE_CHUNKS)
     cos, sin = self.rope[kind]
     per_split = -(-chunks // splits)
+    # OWN_RANGE: program `splits` of a head takes the forward's own tokens; its partials go
+    # into a power-of-two count of slots (the rows kernel's loads), the last ones not written
+    own = splits if OWN_RANGE and new_at is not None else None
+    ranges, parts = (splits, splits) if own is None else (splits + 1, 2 * splits)
     kw = dict(group=heads // kv_heads, bs=bs, per_split=per_split, slots=slots, hd=hd,
-              eps=cfg.rms_eps, rnd=rnd, new_at=new_at)
+              eps=cfg.rms_eps, rnd=rnd, new_at=new_at, own=own)
     if t == 1:   # one program a head and range writes its partial's block
       ins = [raw.reshape(raw.shape[0], -1, hd), q_norm]
-      outs = [((b, heads, splits, w), F32, (None, None, None, w),
+      outs = [((b, heads, parts, w), F32, (None, None, None, w),
                lambda i, j, s: (i, j, s, 0)) for w in (hd, dk.LSE)]
       kernel = functools.partial(dk._attn_kernel, **kw)
     else:        # ... stores its query block's partials by index
       ins = [raw[:b], q_norm]
-      outs = [((b, BLOCK_ROWS, heads, splits, w), F32, (b, BLOCK_ROWS, heads, splits, w),
+      outs = [((b, BLOCK_ROWS, heads, parts, w), F32, (b, BLOCK_ROWS, heads, parts, w),
                lambda *_: (0,) * 5) for w in (hd, dk.LSE)]
       kernel = functools.partial(_positions_kernel, positions=t, **kw,
                                  window=cfg.sliding_window if kind == "sliding" else None)
@@ -321,7 +388,8 @@ class Step:
       ins.append(self.slot[kind])
       outs += [(c.shape, c.dtype, c.shape, lambda *_: (0, 0, 0, 0)) for c in (k, v)]
       aliases = {at_k: 2, at_k + 1: 3}
-    res = dk._call(kernel, (b, heads, splits), ins, outs, "decode_attention", aliases=aliases)
+    res = dk._call(kernel, (b, heads, ranges), ins, outs, "decode_attention", aliases=aliases,
+                   num_warps=None if t == 1 else POSITIONS_WARPS)
     partials = [r.reshape((-1,) + r.shape[-3:]) for r in res[:2]]   # [B * (T or block), N, P, w]
     # the o projection's two-row input, where `quant.einsum` would pad it (float weights: an
     # int8 one may go through `matvec`'s one-row kernel instead)
@@ -329,10 +397,11 @@ class Step:
     if (rows == 1 and o_weight is not None and not quant.is_quantized(o_weight)
         and quant.pads_one_row(o_weight)):
       rows = 2
-    bc = matvec.pow2_divisor(hd, max(16, dk.TILE // splits))
+    bc = matvec.pow2_divisor(hd, max(16, dk.TILE // parts))
     (out,) = dk._call(functools.partial(_combine_rows_kernel, rows=b * t, bc=bc, rnd=rnd,
                                         zeros=quant.PAD_ROWS_WITH == "zeros",
-                                        block=None if t == 1 else (t, BLOCK_ROWS)),
+                                        block=None if t == 1 else (t, BLOCK_ROWS),
+                                        written=None if own is None else ranges),
                       (rows, heads, hd // bc), partials,
                       [((rows, heads, hd), self.dtype, (None, None, bc),
                         lambda i, j, c: (i, j, c))], "decode_attention_rows")

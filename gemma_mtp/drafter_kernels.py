@@ -226,16 +226,17 @@ def _interpret() -> bool:
   return jax.default_backend() != "gpu"
 
 
-def _call(kernel, grid, ins, outs, name, aliases=None):
+def _call(kernel, grid, ins, outs, name, aliases=None, num_warps=None):
   """pallas_call with every input a whole-array block; outs: [(shape, dtype, block, index_map)];
-  aliases: {input index: output index} updated in place."""
+  aliases: {input index: output index} updated in place; num_warps: Triton's warps a program
+  (default NUM_WARPS)."""
   whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   return pl.pallas_call(
       kernel, grid=grid, in_specs=[whole(a) for a in ins],
       out_specs=[pl.BlockSpec(block, index) for _, _, block, index in outs],
       out_shape=[jax.ShapeDtypeStruct(shape, dtype) for shape, dtype, _, _ in outs],
       input_output_aliases=aliases or {},
-      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=2),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=2),
       interpret=_interpret(), name=name)(*ins)
 
 
@@ -353,7 +354,7 @@ def _q_kernel(*refs, da, bn, eps, rnd, n_res):
   _store_chunks(z_ref, spans, z)
 
 
-def _attn_kernel(*refs, group, bs, per_split, slots, hd, eps, rnd, new_at=None):
+def _attn_kernel(*refs, group, bs, per_split, slots, hd, eps, rnd, new_at=None, own=None):
   """Head n (q-normed and rotated here) over cache chunks [p * per_split, (p + 1) * per_split):
   the normalised partial output [hd] and its log-sum-exp (F32_MIN where no slot is visible).
 
@@ -364,7 +365,10 @@ def _attn_kernel(*refs, group, bs, per_split, slots, hd, eps, rnd, new_at=None):
   k_at + g, k-normed and rotated) and value (head v_at + g, v-normed without weight), which are
   also stored into its slot of k and v (two more outputs, aliased to them: every program of KV
   head g stores the same values; valid masks that slot out of the cache pass, so whether a
-  program reads it before or after the store does not matter)."""
+  program reads it before or after the store does not matter). With `own` (an int, with
+  `new_at`), the token is a range of its own instead: programs p < own read the cache, program
+  p == own only the token (its partial one key) and, for the first query head of its KV head,
+  stores it."""
   (q_ref, qn_ref, kn_ref, cos_ref, sin_ref, k_ref, v_ref, valid_ref, slot_ref, o_ref, lse_ref,
    kout_ref, vout_ref) = _attn_refs(refs, new_at)
   b, n, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -377,30 +381,62 @@ def _attn_kernel(*refs, group, bs, per_split, slots, hd, eps, rnd, new_at=None):
     keep = (valid_ref[b, rows] != 0) & fresh
     return keep, k_ref[b, rows, g, lo], k_ref[b, rows, g, hi], v_ref[b, rows, g, :]
 
-  def update(carry, chunk):
-    keep, k1, k2, v = chunk
-    return _online(carry, keep, _scores(k1, k2, q1, q2), v)
+  def query():     # head n's raw query and its norm's weight halves
+    return _f32(q_ref[b, n, lo]), _f32(q_ref[b, n, hi]), _f32(qn_ref[lo]), _f32(qn_ref[hi])
 
-  q1, q2 = _f32(q_ref[b, n, lo]), _f32(q_ref[b, n, hi])
-  qn1, qn2 = _f32(qn_ref[lo]), _f32(qn_ref[hi])
-  if new_at is not None:
+  def token():     # the step's own raw key and value, the k-norm's weight halves, its slot
     k_at, v_at = new_at
-    nk1, nk2 = _f32(q_ref[b, k_at + g, lo]), _f32(q_ref[b, k_at + g, hi])
-    nv = _f32(q_ref[b, v_at + g, :])
-    kn1, kn2 = _f32(kn_ref[lo]), _f32(kn_ref[hi])
-    slot = slot_ref[b]
-  cos, sin = cos_ref[b, :], sin_ref[b, :]
-  chunks = [load(i) for i in range(per_split)] if per_split <= UNROLL else None
-  q1, q2 = _rotated(*_head_normed(q1, q2, qn1, qn2, hd, eps, rnd), cos, sin, rnd)
-  carry = _softmax_start(hd)
-  carry = _walk(carry, update, load, chunks, per_split)
-  if new_at is not None:                  # the step's own token, in range 0
+    return (_f32(q_ref[b, k_at + g, lo]), _f32(q_ref[b, k_at + g, hi]),
+            _f32(q_ref[b, v_at + g, :]), _f32(kn_ref[lo]), _f32(kn_ref[hi]), slot_ref[b])
+
+  def cache_pass(q, chunks):
+    def update(carry, chunk):
+      keep, k1, k2, v = chunk
+      return _online(carry, keep, _scores(k1, k2, *q), v)
+    return _walk(_softmax_start(hd), update, load, chunks, per_split)
+
+  def join_token(carry, q, raw, cos, sin, on):
+    nk1, nk2, nv, kn1, kn2, _ = raw
     nk1, nk2 = _rotated(*_head_normed(nk1, nk2, kn1, kn2, hd, eps, rnd), cos, sin, rnd)
     nv = _value_normed(nv, hd, eps, rnd)
-    carry = _join(carry, jnp.sum(nk1 * q1) + jnp.sum(nk2 * q2), nv, p == 0)
+    return _join(carry, jnp.sum(nk1 * q[0]) + jnp.sum(nk2 * q[1]), nv, on), (nk1, nk2, nv)
+
+  def store_token(slot, kv):
+    nk1, nk2, nv = kv
     kout_ref[b, slot, g, lo] = nk1.astype(kout_ref.dtype)
     kout_ref[b, slot, g, hi] = nk2.astype(kout_ref.dtype)
     vout_ref[b, slot, g, :] = nv.astype(vout_ref.dtype)
+
+  def rotated_query(raw_q, cos, sin):
+    q1, q2, qn1, qn2 = raw_q
+    return _rotated(*_head_normed(q1, q2, qn1, qn2, hd, eps, rnd), cos, sin, rnd)
+
+  if own is not None:
+    @pl.when(p < own)
+    def _cache():
+      raw_q, cos, sin = query(), cos_ref[b, :], sin_ref[b, :]
+      chunks = [load(i) for i in range(per_split)] if per_split <= UNROLL else None
+      o_ref[...], lse_ref[...] = _partial(cache_pass(rotated_query(raw_q, cos, sin), chunks))
+
+    @pl.when(p == own)
+    def _token():
+      raw_q, raw, cos, sin = query(), token(), cos_ref[b, :], sin_ref[b, :]
+      carry, kv = join_token(_softmax_start(hd), rotated_query(raw_q, cos, sin), raw, cos, sin,
+                             True)
+      pl.when(n % group == 0)(lambda: store_token(raw[-1], kv))
+      o_ref[...], lse_ref[...] = _partial(carry)
+    return
+
+  raw_q = query()
+  if new_at is not None:
+    raw = token()
+  cos, sin = cos_ref[b, :], sin_ref[b, :]
+  chunks = [load(i) for i in range(per_split)] if per_split <= UNROLL else None
+  q = rotated_query(raw_q, cos, sin)
+  carry = cache_pass(q, chunks)
+  if new_at is not None:                  # the step's own token, in range 0
+    carry, kv = join_token(carry, q, raw, cos, sin, p == 0)
+    store_token(raw[-1], kv)
   o_ref[...], lse_ref[...] = _partial(carry)
 
 
