@@ -243,7 +243,7 @@ case "${1:-}" in
                      # position_decay=when_judged beside the default, cold and warm; trained
                      # shorter (110 s + 55 s, 8 acceptance prompts) to fit what was left of the
                      # session's device time
-    gpu_pair_run gpu_pair_decay 10 --config.eval_prompts=8 --config.target_seconds=110 \
+    gpu_pair_run gpu_pair_decay 10 --config.eval_prompts=8 --config.target_seconds=100 \
         --config.drafter_seconds=55 \
         "--config.workload_rule_variants=('position_decay=when_judged',)"
     grep -E "workload|done in" "$OUT/reproduce.log" | cut -c1-200 | tail -31
@@ -633,6 +633,27 @@ case "${1:-}" in
     timeout 200 python -m pytest -q -p no:cacheprovider tests/test_decode_attention.py \
         -k "own or True" > "$OUT/attention_own_tests.log" 2>&1
     tail -3 "$OUT/attention_own_tests.log"
+    ;;
+  gpu_pair_fresh)    # session 24, run CE (not run yet): the GPU pair's "slow mode" (plain decoding
+                     # ~0.66 ms a token in runs AJ, AP, AX2, AX3, CB against ~0.53 in AM, AE, AO,
+                     # AX): the pair trained short, then its plain decoding and K = 8 rounds
+                     # timed in three fresh processes, the last with XLA's GEMM autotuning off
+                     # (a guess: the autotuner picks this small target's one-row GEMMs
+                     # differently from process to process)
+    timeout 270 python experiments/reproduce_gpu.py --config=configs/reproduce_gpu.py \
+        --config.out_dir=runs/gpu --config.full_eval=False --config.measure_speed=False \
+        "--config.conventions=('hf',)" --config.eval_prompts=8 --config.target_seconds=100 \
+        --config.drafter_seconds=50 > "$OUT/reproduce_fresh.log" 2>&1
+    tail -2 "$OUT/reproduce_fresh.log"
+    for i in 1 2 3; do
+      flags=""; [ "$i" = 3 ] && flags="--xla_gpu_autotune_level=0"
+      XLA_FLAGS="$flags" timeout 100 python experiments/evaluate.py \
+          --target=runs/gpu/demo/target --drafter=runs/gpu/demo/drafter \
+          --tokenizer=runs/gpu/demo/tokenizer.model --workload_prompts=6 --temperatures= \
+          --draft_lengths=8 --verify_costs=1 --calibrate --workload_repeats=3 \
+          --out="$OUT/evaluate_fresh${i}_h200.json" > "$OUT/evaluate_fresh$i.log" 2>&1
+      grep -hE "workload code (plain|K=8)" "$OUT/evaluate_fresh$i.log" | cut -c1-160
+    done
     ;;
   drafter_final)     # session 16, run AV: COMBINE as kept (a combine kernel where an o program
                      # would take in a tile of partials): the kernels' tests compiled by Triton,
