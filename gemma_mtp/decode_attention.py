@@ -243,16 +243,16 @@ def _positions_kernel(*refs, positions, group, bs, per_split, slots, hd, eps, rn
       return _block_online(carry, keep, _dot_t(q1, k1) + _dot_t(q2, k2), v)
     return dk._walk(carry, update, load, chunks, per_split)
 
-  def join_tokens(carry, q1, q2, raw, rope, first):
-    """The T tokens under the causal (and sliding) mask, where `first`: (carry, their keys and
-    values as stored)."""
+  def join_tokens(carry, q1, q2, raw, rope, own_range):
+    """The T tokens under the causal (and sliding) mask (in range 0, or in their own range):
+    (carry, their keys and values as stored)."""
     nks, nvs, kn1, kn2, _ = raw
     nks = [dk._rotated(*dk._head_normed(*k, kn1, kn2, hd, eps, rnd), *r, rnd)
            for k, r in zip(nks, rope)]
     nvs = [dk._value_normed(v, hd, eps, rnd) for v in nvs]
     row = jnp.arange(BLOCK_ROWS)[:, None]
     col = jnp.arange(BLOCK_ROWS)[None, :]
-    keep = (col <= row) & (col < positions) & first
+    keep = (col <= row) & (col < positions) & (True if own_range else p == 0)
     if window is not None:
       keep &= row - col < window
     s = (_dot_t(q1, _rows([k[0] for k in nks], dtype))
@@ -285,7 +285,7 @@ def _positions_kernel(*refs, positions, group, bs, per_split, slots, hd, eps, rn
     @pl.when(p == own)
     def _tokens():
       raw_q, raw, rope = queries(), tokens(), rope_of()
-      carry, kv = join_tokens(start, *query_block(raw_q, rope), raw, rope, True)
+      carry, kv = join_tokens(start, *query_block(raw_q, rope), raw, rope, own_range=True)
       pl.when(n % group == 0)(lambda: store_tokens(raw[-1], kv))
       finish(carry)
     return
@@ -298,7 +298,7 @@ def _positions_kernel(*refs, positions, group, bs, per_split, slots, hd, eps, rn
   q1, q2 = query_block(raw_q, rope)
   carry = cache_pass(start, q1, q2, chunks)
   if new_at is not None:                  # the forward's own tokens, in range 0
-    carry, kv = join_tokens(carry, q1, q2, raw, rope, p == 0)
+    carry, kv = join_tokens(carry, q1, q2, raw, rope, own_range=False)
     store_tokens(raw[-1], kv)
   finish(carry)
 

@@ -395,11 +395,14 @@ def _attn_kernel(*refs, group, bs, per_split, slots, hd, eps, rnd, new_at=None, 
       return _online(carry, keep, _scores(k1, k2, *q), v)
     return _walk(_softmax_start(hd), update, load, chunks, per_split)
 
-  def join_token(carry, q, raw, cos, sin, on):
+  def join_token(carry, q, raw, cos, sin, own_range):
+    """The token into the running softmax (in range 0, or in its own range): (carry, its key
+    halves and value as stored)."""
     nk1, nk2, nv, kn1, kn2, _ = raw
     nk1, nk2 = _rotated(*_head_normed(nk1, nk2, kn1, kn2, hd, eps, rnd), cos, sin, rnd)
     nv = _value_normed(nv, hd, eps, rnd)
-    return _join(carry, jnp.sum(nk1 * q[0]) + jnp.sum(nk2 * q[1]), nv, on), (nk1, nk2, nv)
+    return (_join(carry, jnp.sum(nk1 * q[0]) + jnp.sum(nk2 * q[1]), nv,
+                  True if own_range else p == 0), (nk1, nk2, nv))
 
   def store_token(slot, kv):
     nk1, nk2, nv = kv
@@ -422,7 +425,7 @@ def _attn_kernel(*refs, group, bs, per_split, slots, hd, eps, rnd, new_at=None, 
     def _token():
       raw_q, raw, cos, sin = query(), token(), cos_ref[b, :], sin_ref[b, :]
       carry, kv = join_token(_softmax_start(hd), rotated_query(raw_q, cos, sin), raw, cos, sin,
-                             True)
+                             own_range=True)
       pl.when(n % group == 0)(lambda: store_token(raw[-1], kv))
       o_ref[...], lse_ref[...] = _partial(carry)
     return
@@ -435,7 +438,7 @@ def _attn_kernel(*refs, group, bs, per_split, slots, hd, eps, rnd, new_at=None, 
   q = rotated_query(raw_q, cos, sin)
   carry = cache_pass(q, chunks)
   if new_at is not None:                  # the step's own token, in range 0
-    carry, kv = join_token(carry, q, raw, cos, sin, p == 0)
+    carry, kv = join_token(carry, q, raw, cos, sin, own_range=False)
     store_token(raw[-1], kv)
   o_ref[...], lse_ref[...] = _partial(carry)
 
