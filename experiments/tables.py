@@ -56,27 +56,32 @@ def cost_table(rec: dict) -> list[str]:
   return out
 
 
+def _decode_at(model: dict, batch: int = 1, context: int = 1024) -> dict:
+  return next(d for d in model["decode"] if d["batch"] == batch and d["context"] == context)
+
+
+def _ours_plain(rec: dict, name: str) -> float:
+  """Our plain tokens/s beside `transformers`' for `name`: the end-to-end run's where there is
+  one, else the decode loop's at batch 1, 1k context (prefill excluded)."""
+  e2e = rec.get("e2e", {}).get(name)
+  if e2e:
+    return e2e["plain"]["tokens_per_second"]
+  return 1e3 / _decode_at(rec["models"][name])["ms_per_step"]
+
+
 def side_by_side_table(rec: dict) -> list[str]:
   out = [_row("shape", "ours plain", "transformers plain", "ratio", "ours + random assistant K=4",
               "transformers + random assistant K=4"), _row(*["---"] * 6)]
   for name, hf in rec.get("hf", {}).items():
     e2e = rec.get("e2e", {}).get(name)
-    if e2e:
-      ours, how = e2e["plain"]["tokens_per_second"], ""
-      ours_a = f"{e2e['assistant_k4']['tokens_per_second']:.0f}"
-    else:   # the decode loop at batch 1, 1k context (prefill excluded)
-      ours = 1e3 / next(d["ms_per_step"] for d in rec["models"][name]["decode"]
-                        if d["batch"] == 1 and d["context"] == 1024)
-      how, ours_a = " (decode loop)", "-"
+    ours = _ours_plain(rec, name)
+    how, ours_a = ("", f"{e2e['assistant_k4']['tokens_per_second']:.0f}") if e2e else (
+        " (decode loop)", "-")
     out.append(_row(name.replace("gemma4_", ""), f"{ours:.0f}{how}",
                     f"{hf['plain']['tokens_per_second']:.1f}",
                     f"{ours / hf['plain']['tokens_per_second']:.1f}x", ours_a,
                     f"{hf['assistant_k4']['tokens_per_second']:.1f}"))
   return out
-
-
-def _decode_at(model: dict, batch: int = 1, context: int = 1024) -> dict:
-  return next(d for d in model["decode"] if d["batch"] == batch and d["context"] == context)
 
 
 def _status(values, ok) -> str:
@@ -135,12 +140,8 @@ def targets_table(bench: dict, pairs: dict[str, dict]) -> list[str]:
   row("a drafter step <= 3% of a target step (31B), <= 10% (E2B, E4B)",
       [f"{n.removeprefix('gemma4_').upper()} **{c:.1%}**" for n, c in costs.items()],
       [c / goals[n] for n, c in costs.items()], lambda v: v <= 1.0)
-  ratios = {}
-  for name, hf in bench.get("hf", {}).items():
-    e2e = bench.get("e2e", {}).get(name)
-    ours = (e2e["plain"]["tokens_per_second"] if e2e
-            else _decode_at(m[name])["tokens_per_second"])
-    ratios[name] = ours / hf["plain"]["tokens_per_second"]
+  ratios = {name: _ours_plain(bench, name) / hf["plain"]["tokens_per_second"]
+            for name, hf in bench.get("hf", {}).items()}
   row(">= 10x `transformers`' `generate`, plain, same weights and GPU",
       [f"{n.removeprefix('gemma4_').upper()} **{r:.1f}x**" for n, r in ratios.items()],
       list(ratios.values()), lambda v: v >= 10)
