@@ -619,8 +619,9 @@ case "${1:-}" in
         --out="$OUT/step_profile_verify_e4b_h200.json" > "$OUT/step_profile_verify.log" 2>&1
     grep -hE " ms " "$OUT/step_profile_verify.log"
     ;;
-  attention_own)     # session 24, run CD (not run yet): the forward's own tokens as a range of
-                     # their own in the attention kernels (decode_attention.OWN_RANGE) and 8 warps
+  attention_own)     # session 24, run CD (run in session 25, on an H100): the forward's own tokens
+                     # as a range of their own in the attention kernels (the variant
+                     # fused_attn_own; the library's then had none) and 8 warps
                      # for the several-positions kernel (POSITIONS_WARPS), against the library:
                      # E4B's decode step and 5-position verification (run CC: owners' kernels
                      # 4.2 / 9 us at one position, 10.4 / 28 at five), then the tests compiled
@@ -634,20 +635,22 @@ case "${1:-}" in
         -k "own or True" > "$OUT/attention_own_tests.log" 2>&1
     tail -3 "$OUT/attention_own_tests.log"
     ;;
-  gpu_pair_fresh)    # session 24, run CE (not run yet): the GPU pair's "slow mode" (plain decoding
+  gpu_pair_fresh)    # session 24, run CE: the GPU pair's "slow mode" (plain decoding
                      # ~0.66 ms a token in runs AJ, AP, AX2, AX3, CB against ~0.53 in AM, AE, AO,
                      # AX): the pair trained short, then its plain decoding and K = 8 rounds
                      # timed in three fresh processes, the last with XLA's GEMM autotuning off
                      # (a guess: the autotuner picks this small target's one-row GEMMs
-                     # differently from process to process)
-    timeout 270 python experiments/reproduce_gpu.py --config=configs/reproduce_gpu.py \
+                     # differently from process to process). Session 25's run CE was cut at
+                     # 270 s in the drafter's training (data, tokenizer, two calibrations and
+                     # compilations take ~125 s besides the budgets), so the budgets are shorter
+    timeout 300 python experiments/reproduce_gpu.py --config=configs/reproduce_gpu.py \
         --config.out_dir=runs/gpu --config.full_eval=False --config.measure_speed=False \
-        "--config.conventions=('hf',)" --config.eval_prompts=8 --config.target_seconds=100 \
-        --config.drafter_seconds=50 > "$OUT/reproduce_fresh.log" 2>&1
+        "--config.conventions=('hf',)" --config.eval_prompts=8 --config.target_seconds=70 \
+        --config.drafter_seconds=35 > "$OUT/reproduce_fresh.log" 2>&1
     tail -2 "$OUT/reproduce_fresh.log"
     for i in 1 2 3; do
       flags=""; [ "$i" = 3 ] && flags="--xla_gpu_autotune_level=0"
-      XLA_FLAGS="$flags" timeout 100 python experiments/evaluate.py \
+      XLA_FLAGS="$flags" timeout 90 python experiments/evaluate.py \
           --target=runs/gpu/demo/target --drafter=runs/gpu/demo/drafter \
           --tokenizer=runs/gpu/demo/tokenizer.model --workload_prompts=6 --temperatures= \
           --draft_lengths=8 --verify_costs=1 --calibrate --workload_repeats=3 \

@@ -31,10 +31,15 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
               1 / 2 / 4 cache chunks each (`decode_attention.RANGE_CHUNKS`: 1 since session
               22, 2 before: runs BG and BU's `fused` entries are range2);
   fused_attn_own  fused, the forward's own tokens as a range of their own in the attention
-              kernels (`decode_attention.OWN_RANGE`; session 24, not measured yet);
+              kernels at any positions a row, decode steps too
+              (`decode_attention.OWN_RANGE_MIN_POSITIONS` 1; session 24; runs CD, CF. Before
+              session 25 the library had none, so earlier `fused` entries are `fused_attn_no_own`,
+              and runs CD and CF's `fused_attn_own` entries are this variant);
+  fused_attn_no_own  fused, the forward's own tokens always in range 0 (the library before
+              session 25);
   fused_attn_warps8  fused, the several-positions attention kernel with 8 warps a program
-              instead of 4 (`decode_attention.POSITIONS_WARPS`; session 24, not measured yet);
-  fused_attn_own_warps8  both;
+              instead of 4 (`decode_attention.POSITIONS_WARPS`; run CD: slower);
+  fused_attn_own_warps8  both own-range and 8 warps;
   fused_ple_off   fused, the end of each PLE layer (E2B, E4B) through XLA's ops instead of
               `ple_kernels`' three kernels a layer (the default on one GPU since session 20;
               before it, the `fused` entries of the committed records are this);
@@ -111,7 +116,7 @@ _LIBRARY_ATTENTION = layers.attention
 _LIBRARY_PAD_ROWS = quant.PAD_ROWS_WITH
 _LIBRARY_ATTN_SWITCH = os.environ.get(decode_attention.ENV, "auto")
 _LIBRARY_RANGE_CHUNKS = decode_attention.RANGE_CHUNKS
-_LIBRARY_OWN_RANGE = decode_attention.OWN_RANGE
+_LIBRARY_OWN_RANGE = decode_attention.OWN_RANGE_MIN_POSITIONS
 _LIBRARY_POSITIONS_WARPS = decode_attention.POSITIONS_WARPS
 _LIBRARY_PLE_SWITCH = os.environ.get(ple_kernels.ENV, "auto")
 _LIBRARY_MOE_SWITCH = os.environ.get(moe_kernels.ENV, "auto")
@@ -146,8 +151,9 @@ def _set_variant(variant: str):
   decode_attention.RANGE_CHUNKS = {"fused_attn_range1": 1, "fused_attn_range2": 2,
                                    "fused_attn_range4": 4}.get(
       variant, _LIBRARY_RANGE_CHUNKS)
-  decode_attention.OWN_RANGE = _LIBRARY_OWN_RANGE or variant in ("fused_attn_own",
-                                                                 "fused_attn_own_warps8")
+  decode_attention.OWN_RANGE_MIN_POSITIONS = {"fused_attn_own": 1, "fused_attn_own_warps8": 1,
+                                              "fused_attn_no_own": None}.get(
+      variant, _LIBRARY_OWN_RANGE)
   decode_attention.POSITIONS_WARPS = 8 if variant in ("fused_attn_warps8",
                                                       "fused_attn_own_warps8") else (
       _LIBRARY_POSITIONS_WARPS)
@@ -210,7 +216,9 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
                moe_kernels=any(moe_kernels.choose(vcfg, lp["moe"], case.batch * case.chunk,
                                                   True) for lp in params["layers"] if "moe" in lp),
                moe_finish=moe_kernels.finishes(vcfg, params, case.batch * case.chunk, True),
-               attention_own_range=decode_attention.OWN_RANGE,
+               attention_own_range=decode_attention.choose(vcfg, case.batch, case.chunk, True,
+                                                           None)
+               and decode_attention.own_range(case.chunk),
                attention_positions_warps=decode_attention.POSITIONS_WARPS)
       if case.chunk == 1 and _HLO_DIR.value:
         path = pathlib.Path(_HLO_DIR.value) / f"{model}_{variant}.hlo.txt.gz"
@@ -262,7 +270,8 @@ def model_entries(model: str) -> list[dict]:
 
 VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fused_cudnn",
             "fused_attn_off", "fused_attn_on", "fused_attn_range1", "fused_attn_range2",
-            "fused_attn_range4", "fused_attn_own", "fused_attn_warps8", "fused_attn_own_warps8",
+            "fused_attn_range4", "fused_attn_own", "fused_attn_no_own",
+            "fused_attn_warps8", "fused_attn_own_warps8",
             "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_moe_off", "fused_moe_on",
             "fused_moe_finish_off", "fused_rms1", "fused_xla", "fused_all_on")
 

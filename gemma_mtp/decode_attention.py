@@ -20,19 +20,20 @@ softmax reductions, a convert, the value GEMM and the pad of the o projection's 
                                                                         grid (R * T, N, H / bc)
 
 The forward's own slots are masked out of the cache pass (its tokens join from their
-projection), so programs may read them before or after they are stored. With OWN_RANGE (off by
-default: built in session 24, not measured yet) the forward's own tokens are a range of their
+projection), so programs may read them before or after they are stored. In forwards of
+several positions a row (OWN_RANGE_MIN_POSITIONS) the forward's own tokens are a range of their
 own: program P of each head takes only them (and the first query head of each KV head stores
 them), the cache's P ranges skip them, and the rows kernel combines the P + 1 written partials
-(held in 2P slots, a power of two, the rest not read). The attention kernel
-reads row b of the q|k|v projection's padded two-row output itself (no slice kernel). KV-shared
-layers run the same kernel without the new tokens.
+(held in 2P slots, a power of two, the rest not read); decode steps keep them in range 0.
+The attention kernel reads row b of the q|k|v projection's padded two-row output itself (no
+slice kernel). KV-shared layers run the same kernel without the new tokens.
 
 Measured on an H100 (NOTES runs BA-BF; step time against the same step with the switch off, in
 the same process): batch 1, 1k context: E4B 4.86 -> 4.56 ms (1,198 -> 914 kernels a step),
 E2B 2.96 -> 2.76, 26B-A4B 4.63 -> 4.35, 31B 22.15 -> 21.91; 8k context: E4B -9.0%, E2B -1.6%,
 26B-A4B -4.9%, 31B a tie; batch 8: slower (E2B +4.3%), hence AUTO_MAX_BATCH. Verification
-forwards of 2-5 positions, E4B / E2B: -1.7% to -3.8%; 26B-A4B and 31B slower (AUTO_MAX_POSITIONS).
+forwards of 2-5 positions, E4B / E2B: -1.7% to -3.8%; 26B-A4B and 31B slower (AUTO_MAX_POSITIONS);
+the own tokens' range another -1.0% to -2.8% (batch 1) and -5% to -6% (batch 4, 5 positions).
 
 Where it runs: `choose` (the switch `enabled()`: GPU and one device, or
 GEMMA_MTP_ATTENTION_KERNELS=on; off switches it off; up to MAX_POSITIONS positions a row, a
@@ -81,17 +82,19 @@ RANGE_CHUNKS = 1
 # without): E4B (8 heads) 2 / 3 / 5 / 9 / 16 positions -2.9% / -3.0% / -3.3% / -0.8% / +37%,
 # E2B (8) 2 / 5 / 9: -1.7% / -3.8% / +1.5%; 5 positions of 26B-A4B (16 heads) +1.3%, of 31B
 # (32) +4.4% (a program per query head reads its KV head's keys again for each of them).
-# The forward's own tokens (layers that own their K/V) as a cache range of their own: a program
-# a head takes only them and stores them, while the cache's ranges skip them, instead of range 0
-# taking both (its program then the longest). Run CC's profile (NOTES, an H100, E4B): the
-# owners' kernels take 4.2 (sliding) and 9 us (full) a call at one position against 3.4 and 8
-# for the KV-shared layers', and 10.4 and 28 us at 5 positions against 8 and 14.7. Off until
-# measured (step_probe variant `fused_attn_own`).
-OWN_RANGE = False
-# Warps a program of the several-positions kernel (None: drafter_kernels.NUM_WARPS, 4). Run CC:
-# a 5-position forward's full layers (512-wide heads) take 28 us a call where the decode step's
-# take 9; their [16, 512] query, key and accumulator blocks in float32 may not fit 4 warps'
-# registers. Unmeasured (step_probe variant `fused_attn_warps8`).
+# The forward's own tokens (layers that own their K/V) as a cache range of their own in forwards
+# of at least this many positions a row (None: never, 1: decode steps too): a program a head
+# takes only them and stores them, while the cache's ranges skip them, instead of range 0
+# taking both (its program then the longest). Run CC's profile (an H100, E4B): the owners'
+# kernels take 10.4 (sliding) and 28 us (full) a call at 5 positions against 8 and 14.7 for the
+# KV-shared layers'. Measured (NOTES runs CD, CF; an H100, 1k context, against range 0 in the
+# same process): E4B batch 1, 2 / 3 / 5 positions -1.1% / -1.0% / -2.8% (and -1.8% in run CD),
+# batch 4, 5 positions: E4B -6.2%, E2B -5.1%; decode steps mixed (E4B batch 1 0.0% / -1.0%,
+# batch 4 -1.3%; E2B batch 1 -0.4%, batch 4 +1.9%), so they keep range 0.
+OWN_RANGE_MIN_POSITIONS: int | None = 2
+# Warps a program of the several-positions kernel (None: drafter_kernels.NUM_WARPS, 4). A guess
+# after run CC (the full layers' [16, 512] float32 blocks may not fit 4 warps' registers) that
+# run CD refuted: 8 warps made E4B's 5-position forward +5.7% slower (+3.4% with the own range).
 POSITIONS_WARPS = None
 MAX_POSITIONS = 16        # (at most BLOCK_ROWS)
 AUTO_MAX_POSITIONS = 5
@@ -111,6 +114,13 @@ def supported(cfg: ModelConfig) -> str | None:
   if bad:
     return f"head dims {bad} (half of a head must be a power of two >= 16)"
   return None
+
+
+def own_range(tokens_per_row: int) -> bool:
+  """Whether a forward of `tokens_per_row` positions a row takes its own tokens (layers that own
+  their K/V) as a range of their own (OWN_RANGE_MIN_POSITIONS)."""
+  least = OWN_RANGE_MIN_POSITIONS
+  return least is not None and tokens_per_row >= least
 
 
 def choose(cfg: ModelConfig, rows: int, tokens_per_row: int, has_cache: bool, tree) -> bool:
@@ -361,9 +371,9 @@ class Step:
     bs, chunks, splits = dk._chunking(slots, hd, RANGE_CHUNKS)
     cos, sin = self.rope[kind]
     per_split = -(-chunks // splits)
-    # OWN_RANGE: program `splits` of a head takes the forward's own tokens; its partials go
+    # the own range: program `splits` of a head takes the forward's own tokens; its partials go
     # into a power-of-two count of slots (the rows kernel's loads), the last ones not written
-    own = splits if OWN_RANGE and new_at is not None else None
+    own = splits if new_at is not None and own_range(t) else None
     ranges, parts = (splits, splits) if own is None else (splits + 1, 2 * splits)
     kw = dict(group=heads // kv_heads, bs=bs, per_split=per_split, slots=slots, hd=hd,
               eps=cfg.rms_eps, rnd=rnd, new_at=new_at, own=own)

@@ -48,14 +48,14 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
   two); the o projection's input
   given its padded second row by the rows kernel, as on GPUs (`quant.pad_one_row`), also with
   int8 weights (where the rows kernel leaves the padding to `quant.einsum`); one row; the step's
-  own token as a range of its own (`OWN_RANGE`: the rows kernel skips the unwritten partials),
-  with k_eq_v layers, looped ranges and one row."""
+  own token as a range of its own (`OWN_RANGE_MIN_POSITIONS` 1: the rows kernel skips the
+  unwritten partials), with k_eq_v layers, looped ranges and one row."""
   cfg = TINY.replace(k_eq_v=True) if "k_eq_v" in case else TINY
   monkeypatch.setattr(drafter_kernels, "SLOTS_PER_CHUNK", 4)
   if "looped" in case:
     monkeypatch.setattr(drafter_kernels, "UNROLL", 1)
   if case.startswith("own range"):
-    monkeypatch.setattr(decode_attention, "OWN_RANGE", True)
+    monkeypatch.setattr(decode_attention, "OWN_RANGE_MIN_POSITIONS", 1)
   assert decode_attention.RANGE_CHUNKS == 1
   if case == "two chunks a range":
     monkeypatch.setattr(decode_attention, "RANGE_CHUNKS", 2)
@@ -81,7 +81,7 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
 
 
 @pytest.mark.parametrize("case", ["three positions", "k_eq_v, ten positions, looped",
-                                  "own range, k_eq_v, ten positions, looped"])
+                                  "range 0, k_eq_v, ten positions, looped"])
 def test_verification_forwards_equal_xla_float32(monkeypatch, case):
   """Forwards of several positions a row through the cache, as a chain's verification (a head's
   positions one block of queries, each chunk of the cache read once for all of them; the
@@ -89,11 +89,13 @@ def test_verification_forwards_equal_xla_float32(monkeypatch, case):
   logits and caches in float32 over five forwards on two left-padded rows: three positions a
   row; ten with k_eq_v full layers and each program walking its chunks in a loop, more than
   the sliding window of 8, so that the window hides some of the forward's own tokens from its
-  later positions; the second also with the tokens as a range of their own (`OWN_RANGE`)."""
+  later positions. The forward's own tokens are a range of their own (the library's
+  `OWN_RANGE_MIN_POSITIONS`); the third case joins them to range 0 instead."""
   positions = 3 if case.endswith("three positions") else 10
   cfg = TINY.replace(k_eq_v=True) if "k_eq_v" in case else TINY
-  if case.startswith("own range"):
-    monkeypatch.setattr(decode_attention, "OWN_RANGE", True)
+  assert decode_attention.own_range(positions)
+  if case.startswith("range 0"):
+    monkeypatch.setattr(decode_attention, "OWN_RANGE_MIN_POSITIONS", None)
   assert positions <= decode_attention.MAX_POSITIONS
   monkeypatch.setattr(drafter_kernels, "SLOTS_PER_CHUNK", 4)
   if "looped" in case:
@@ -128,11 +130,11 @@ def test_bfloat16_as_accurate_as_xla(monkeypatch, positions, own):
   5.4% for verification forwards), and the first forward's
   greedy tokens are as good as XLA's (`decode_kernels.assert_greedy_as_good`: where float32's
   top two logits are clear of XLA's error, the same token; at near-ties, one XLA could have
-  picked). So too with the forward's own tokens as a range of their own (`OWN_RANGE`), which at
+  picked). So too with the forward's own tokens as a range of their own (`own`), which at
   5 positions picks another token than XLA's at a three-way near-tie of the tiny bf16 model
   (float32's top logit 0.14 above the next, XLA's logits off by up to ~0.2; neither path picks
   float32's token there)."""
-  monkeypatch.setattr(decode_attention, "OWN_RANGE", own)
+  monkeypatch.setattr(decode_attention, "OWN_RANGE_MIN_POSITIONS", 1 if own else None)
   steps = functools.partial(_steps, positions=positions)
   err, err_xla, got, ref, exact = dkt.bfloat16_errors(TINY, steps, monkeypatch)
   assert err <= 1.2 * err_xla, (err, err_xla)
@@ -182,8 +184,8 @@ def test_kernels_lower_for_the_gpu(monkeypatch, name, positions, own):
   """A decode step, and a 5-position verification forward, lower to Triton (exported for CUDA
   on the CPU): two kernels a layer, for the tiny model and the E4B and 31B shapes at a 1k-slot
   cache (the PLE kernels off); E4B's also with the forward's own tokens as a range of their own
-  (`OWN_RANGE`: the kernel's branches on the program's range)."""
-  monkeypatch.setattr(decode_attention, "OWN_RANGE", own)
+  (the kernel's branches on the program's range)."""
+  monkeypatch.setattr(decode_attention, "OWN_RANGE_MIN_POSITIONS", 1 if own else None)
   monkeypatch.setenv(decode_attention.ENV, "on")
   monkeypatch.setenv(ple_kernels.ENV, "off")
   kernels, layers = dkt.triton_kernels_lowered(TINY, name, monkeypatch, positions=positions)
