@@ -658,6 +658,26 @@ case "${1:-}" in
       grep -hE "workload code (plain|K=8)" "$OUT/evaluate_fresh$i.log" | cut -c1-160
     done
     ;;
+  moe_fold)          # session 25, run CG (not run yet): the routed experts' MLP as two kernel
+                     # calls with nothing between them (matvec.FOLD_EXPERT_FFN; run BZ's profile:
+                     # the broadcast of each token's row to its 8 experts and the gate|up parts'
+                     # sum with GELU * up take ~3.4 us a 26B-A4B layer on an H200), against the
+                     # library: 26B-A4B at batch 1 (decode profiled,
+                     # 5-position verification) and batch 8, then the tests compiled by Triton
+    timeout 260 python experiments/step_probe.py --models=gemma4_26b_a4b \
+        --verify_models=gemma4_26b_a4b --variants=fused,fused_moe_fold,fused_moe_fold_split1 \
+        --profile_steps=2 \
+        --short=8 --long=32 --trace_dir=/tmp/trace_cg \
+        --out="$OUT/step_profile_fold_moe_h200.json" > "$OUT/step_probe_fold.log" 2>&1
+    timeout 150 python experiments/step_probe.py --models=gemma4_26b_a4b --verify_models= \
+        --batch=8 --variants=fused,fused_moe_fold,fused_moe_fold_split1 --profile_steps=0 \
+        --short=8 --long=32 \
+        --out="$OUT/step_probe_fold_moe_b8_h200.json" >> "$OUT/step_probe_fold.log" 2>&1
+    grep -hE " ms " "$OUT/step_probe_fold.log"
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_moe_kernels.py -k folded \
+        > "$OUT/moe_fold_tests.log" 2>&1
+    tail -3 "$OUT/moe_fold_tests.log"
+    ;;
   drafter_final)     # session 16, run AV: COMBINE as kept (a combine kernel where an o program
                      # would take in a tile of partials): the kernels' tests compiled by Triton,
                      # the steps of the E2B / E4B assistants and of the GPU pair's drafter (1k and

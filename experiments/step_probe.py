@@ -58,6 +58,12 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_moe_finish_off  fused, the MoE layer's end after the experts through XLA's ops
               instead of `moe_kernels`' finish kernel (`moe_kernels.FINISH`; the default since
               session 23; before it, the `fused` entries of the committed records are this);
+  fused_moe_fold  fused, the routed experts' MLP as two kernel calls with nothing between
+              them (`matvec.FOLD_EXPERT_FFN`: the gate|up call reads each token's row once, the
+              down call adds gate|up's split-K parts and gates them in its loads; session 25,
+              not measured yet);
+  fused_moe_fold_split1  fused_moe_fold with the down call in one contraction part
+              (`matvec.FOLD_DOWN_SPLIT`: no sum kernel after it);
   fused_rms1      fused, every Pallas kernel's RMS norms as one block reduction each instead
               of one a chunk (`drafter_kernels.RMS_ONE_REDUCTION`);
   fused_xla       fused, none of these kernels (the library's step before session 19; the MoE
@@ -87,6 +93,7 @@ from gemma_mtp import config as config_lib
 from gemma_mtp import decode_attention
 from gemma_mtp import drafter_kernels
 from gemma_mtp import layers
+from gemma_mtp import matvec
 from gemma_mtp import model as model_lib
 from gemma_mtp import moe_kernels
 from gemma_mtp import params as params_lib
@@ -122,6 +129,8 @@ _LIBRARY_PLE_SWITCH = os.environ.get(ple_kernels.ENV, "auto")
 _LIBRARY_MOE_SWITCH = os.environ.get(moe_kernels.ENV, "auto")
 _LIBRARY_GATE_PARTS = ple_kernels.GATE_PARTS
 _LIBRARY_MOE_FINISH = moe_kernels.FINISH
+_LIBRARY_FOLD = matvec.FOLD_EXPERT_FFN
+_LIBRARY_FOLD_SPLIT = matvec.FOLD_DOWN_SPLIT
 _LIBRARY_RMS_ONE = drafter_kernels.RMS_ONE_REDUCTION
 _CUDNN_CALLS = {"cudnn": 0, "library": 0}
 
@@ -167,6 +176,8 @@ def _set_variant(variant: str):
                                  "fused_xla": "off", "fused_all_on": "on"}.get(
       variant, _LIBRARY_MOE_SWITCH)
   moe_kernels.FINISH = _LIBRARY_MOE_FINISH and variant != "fused_moe_finish_off"
+  matvec.FOLD_EXPERT_FFN = _LIBRARY_FOLD or variant in ("fused_moe_fold", "fused_moe_fold_split1")
+  matvec.FOLD_DOWN_SPLIT = 1 if variant == "fused_moe_fold_split1" else _LIBRARY_FOLD_SPLIT
   # fused_rms1: every kernel's norms as one block reduction (`drafter_kernels.RMS_ONE_REDUCTION`)
   drafter_kernels.RMS_ONE_REDUCTION = variant == "fused_rms1" or _LIBRARY_RMS_ONE
 
@@ -216,6 +227,7 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
                moe_kernels=any(moe_kernels.choose(vcfg, lp["moe"], case.batch * case.chunk,
                                                   True) for lp in params["layers"] if "moe" in lp),
                moe_finish=moe_kernels.finishes(vcfg, params, case.batch * case.chunk, True),
+               moe_fold=matvec.FOLD_EXPERT_FFN, moe_fold_down_split=matvec.FOLD_DOWN_SPLIT,
                attention_own_range=decode_attention.choose(vcfg, case.batch, case.chunk, True,
                                                            None)
                and decode_attention.own_range(case.chunk),
@@ -273,7 +285,8 @@ VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fu
             "fused_attn_range4", "fused_attn_own", "fused_attn_no_own",
             "fused_attn_warps8", "fused_attn_own_warps8",
             "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_moe_off", "fused_moe_on",
-            "fused_moe_finish_off", "fused_rms1", "fused_xla", "fused_all_on")
+            "fused_moe_finish_off", "fused_moe_fold",
+            "fused_moe_fold_split1", "fused_rms1", "fused_xla", "fused_all_on")
 
 
 def main(argv):

@@ -48,7 +48,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
 from gemma_mtp import drafter_kernels as dk
@@ -129,11 +128,6 @@ def _gate_kernel(x1_ref, d_ref, post_ref, w_ref, out_ref, *, rows, bn, eps, rnd)
   out_ref[...] = dk._matvec(x2, w)           # rounded once the parts are added
 
 
-def _gelu(x):
-  inner = np.float32(np.sqrt(2.0 / np.pi)) * (x + np.float32(0.044715) * x * x * x)
-  return 0.5 * x * (1.0 + jnp.tanh(inner))
-
-
 def _proj_kernel(gate_ref, ple_ref, w_ref, out_ref, *, bn, at, rnd):
   """Columns [c * bn, (c + 1) * bn) of gelu(gate) * ple @ W_proj; the layer's input is
   [at, at + P) of ple's row (every layer's inputs, [B, L * P])."""
@@ -144,7 +138,7 @@ def _proj_kernel(gate_ref, ple_ref, w_ref, out_ref, *, bn, at, rnd):
   gate = [rnd(sum(gate_ref[b, s, ds] for s in range(gate_ref.shape[1]))) for ds in spans]
   ple = [dk._f32(ple_ref[b, ds]) for ds in dk._spans(p, bk, at)]
   w = [w_ref[ds, dk._columns(c, bn)] for ds in spans]
-  g = [rnd(rnd(_gelu(gc)) * pc) for gc, pc in zip(gate, ple)]
+  g = [rnd(rnd(matvec.gelu_tanh(gc)) * pc) for gc, pc in zip(gate, ple)]
   out_ref[...] = rnd(dk._matvec(g, w))
 
 
