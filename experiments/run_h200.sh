@@ -659,24 +659,36 @@ case "${1:-}" in
     done
     ;;
   moe_fold)          # session 25, run CG (not run yet): the routed experts' MLP as two kernel
-                     # calls with nothing between them (matvec.FOLD_EXPERT_FFN; run BZ's profile:
-                     # the broadcast of each token's row to its 8 experts and the gate|up parts'
-                     # sum with GELU * up take ~3.4 us a 26B-A4B layer on an H200), against the
-                     # library: 26B-A4B at batch 1 (decode profiled,
-                     # 5-position verification) and batch 8, then the tests compiled by Triton
-    timeout 260 python experiments/step_probe.py --models=gemma4_26b_a4b \
-        --verify_models=gemma4_26b_a4b --variants=fused,fused_moe_fold,fused_moe_fold_split1 \
-        --profile_steps=2 \
-        --short=8 --long=32 --trace_dir=/tmp/trace_cg \
-        --out="$OUT/step_profile_fold_moe_h200.json" > "$OUT/step_probe_fold.log" 2>&1
-    timeout 150 python experiments/step_probe.py --models=gemma4_26b_a4b --verify_models= \
-        --batch=8 --variants=fused,fused_moe_fold,fused_moe_fold_split1 --profile_steps=0 \
-        --short=8 --long=32 \
+                     # calls with nothing between them (matvec.FOLD_EXPERT_FFN, also with the
+                     # down call in one part: FOLD_DOWN_SPLIT = 1; run BZ's profile: the
+                     # broadcast of each token's row to its 8 experts and the gate|up parts'
+                     # sum with GELU * up take ~3.4 us a 26B-A4B layer on an H200), and the step
+                     # from the o projection to the MLP's input as one kernel
+                     # (ple_kernels.ATTENTION_END: ~6.6 us of XLA kernels a layer), against the
+                     # library: 26B-A4B at batch 1 (and a 5-position verification) and batch 8
+    timeout 300 python experiments/step_probe.py --models=gemma4_26b_a4b \
+        --verify_models=gemma4_26b_a4b \
+        --variants=fused,fused_moe_fold,fused_moe_fold_split1,fused_attn_end --profile_steps=0 \
+        --short=8 --long=32 --out="$OUT/step_probe_fold_moe_h200.json" \
+        > "$OUT/step_probe_fold.log" 2>&1
+    timeout 200 python experiments/step_probe.py --models=gemma4_26b_a4b --verify_models= \
+        --batch=8 --variants=fused,fused_moe_fold,fused_moe_fold_split1,fused_attn_end \
+        --profile_steps=0 --short=8 --long=32 \
         --out="$OUT/step_probe_fold_moe_b8_h200.json" >> "$OUT/step_probe_fold.log" 2>&1
     grep -hE " ms " "$OUT/step_probe_fold.log"
-    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_moe_kernels.py -k folded \
-        > "$OUT/moe_fold_tests.log" 2>&1
-    tail -3 "$OUT/moe_fold_tests.log"
+    ;;
+  attention_end)     # session 25, run CH (not run yet): ple_kernels.ATTENTION_END in E4B and E2B
+                     # (run CC's profile: ~6.5 us of XLA kernels a layer between the o GEMM and
+                     # the gate|up GEMM on an H100) at batch 1, decode and 5-position
+                     # verification, then the tests of it and of run CG's fold compiled by Triton
+    timeout 280 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b \
+        --verify_models=gemma4_e4b,gemma4_e2b --variants=fused,fused_attn_end \
+        --profile_steps=0 --short=8 --long=32 --out="$OUT/step_probe_attn_end_h200.json" \
+        > "$OUT/step_probe_attn_end.log" 2>&1
+    grep -hE " ms " "$OUT/step_probe_attn_end.log"
+    timeout 280 python -m pytest -q -p no:cacheprovider tests/test_moe_kernels.py \
+        tests/test_ple_kernels.py -k "fold or end" > "$OUT/layer_folds_tests.log" 2>&1
+    tail -3 "$OUT/layer_folds_tests.log"
     ;;
   drafter_final)     # session 16, run AV: COMBINE as kept (a combine kernel where an o program
                      # would take in a tile of partials): the kernels' tests compiled by Triton,

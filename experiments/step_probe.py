@@ -64,6 +64,9 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
               not measured yet);
   fused_moe_fold_split1  fused_moe_fold with the down call in one contraction part
               (`matvec.FOLD_DOWN_SPLIT`: no sum kernel after it);
+  fused_attn_end  fused, where a layer ends with a tail kernel (PLE or MoE) the step from the o
+              projection to the MLP's input as one kernel too (`ple_kernels.ATTENTION_END`;
+              session 25, not measured yet);
   fused_rms1      fused, every Pallas kernel's RMS norms as one block reduction each instead
               of one a chunk (`drafter_kernels.RMS_ONE_REDUCTION`);
   fused_xla       fused, none of these kernels (the library's step before session 19; the MoE
@@ -130,6 +133,7 @@ _LIBRARY_MOE_SWITCH = os.environ.get(moe_kernels.ENV, "auto")
 _LIBRARY_GATE_PARTS = ple_kernels.GATE_PARTS
 _LIBRARY_MOE_FINISH = moe_kernels.FINISH
 _LIBRARY_FOLD = matvec.FOLD_EXPERT_FFN
+_LIBRARY_ATTENTION_END = ple_kernels.ATTENTION_END
 _LIBRARY_FOLD_SPLIT = matvec.FOLD_DOWN_SPLIT
 _LIBRARY_RMS_ONE = drafter_kernels.RMS_ONE_REDUCTION
 _CUDNN_CALLS = {"cudnn": 0, "library": 0}
@@ -178,6 +182,7 @@ def _set_variant(variant: str):
   moe_kernels.FINISH = _LIBRARY_MOE_FINISH and variant != "fused_moe_finish_off"
   matvec.FOLD_EXPERT_FFN = _LIBRARY_FOLD or variant in ("fused_moe_fold", "fused_moe_fold_split1")
   matvec.FOLD_DOWN_SPLIT = 1 if variant == "fused_moe_fold_split1" else _LIBRARY_FOLD_SPLIT
+  ple_kernels.ATTENTION_END = _LIBRARY_ATTENTION_END or variant == "fused_attn_end"
   # fused_rms1: every kernel's norms as one block reduction (`drafter_kernels.RMS_ONE_REDUCTION`)
   drafter_kernels.RMS_ONE_REDUCTION = variant == "fused_rms1" or _LIBRARY_RMS_ONE
 
@@ -228,6 +233,7 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
                                                   True) for lp in params["layers"] if "moe" in lp),
                moe_finish=moe_kernels.finishes(vcfg, params, case.batch * case.chunk, True),
                moe_fold=matvec.FOLD_EXPERT_FFN, moe_fold_down_split=matvec.FOLD_DOWN_SPLIT,
+               attention_end=ple_kernels.ATTENTION_END,
                attention_own_range=decode_attention.choose(vcfg, case.batch, case.chunk, True,
                                                            None)
                and decode_attention.own_range(case.chunk),
@@ -286,7 +292,7 @@ VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fu
             "fused_attn_warps8", "fused_attn_own_warps8",
             "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_moe_off", "fused_moe_on",
             "fused_moe_finish_off", "fused_moe_fold",
-            "fused_moe_fold_split1", "fused_rms1", "fused_xla", "fused_all_on")
+            "fused_moe_fold_split1", "fused_attn_end", "fused_rms1", "fused_xla", "fused_all_on")
 
 
 def main(argv):

@@ -232,13 +232,18 @@ def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig
   `attend` takes). `tail(p, x, d, ple) -> (x, next xn)`: the end of the layer as
   `ple_kernels.tail` (PLE layers) or `moe_kernels.tail` (MoE layers), from the residual after
   attention, the (shared) MLP's down projection's padded rows and `ple` as given (PLE: every
-  layer's inputs); the layer then returns its pair.
+  layer's inputs); the layer then returns its pair. With a tail and
+  `ple_kernels.ATTENTION_END` the step from the o projection to the MLP's input is one kernel
+  too (`ple_kernels.attention_end`).
   `router_kernels`: see `feed_forward`.
   """
   if xn is None:
     xn = layers.rms_norm(x, p["pre_attn_norm"], eps=cfg.rms_eps)
-  a = quant.einsum("BTNH,NHD->BTD", attend(xn), p["attn"]["o"])[:x.shape[0]]
-  x = x + layers.rms_norm(a, p["post_attn_norm"], eps=cfg.rms_eps)
+  a = quant.einsum("BTNH,NHD->BTD", attend(xn), p["attn"]["o"])
+  if tail is not None and ple_kernels.ATTENTION_END:
+    x, xn = ple_kernels.attention_end(x, a, p, cfg)   # (a's padded rows, xn's as the MLP's)
+    return tail(p, x, layers.mlp(xn, p["mlp"], padded_rows=True), ple)
+  x = x + layers.rms_norm(a[:x.shape[0]], p["post_attn_norm"], eps=cfg.rms_eps)
   if tail is not None:
     d = layers.mlp(layers.rms_norm(x, p["pre_ffw_norm"], eps=cfg.rms_eps), p["mlp"],
                    padded_rows=True)

@@ -65,6 +65,16 @@ AUTO_MAX_BATCH = 4
 # programs), the step 0.9% (E4B) and 1.3% (E2B); the step probe's variant fused_ple_split2
 # doubles it again.
 GATE_PARTS = 2
+# Where a layer ends with a tail kernel (`model.block`'s `tail`: these kernels, or
+# `moe_kernels.tail`), the step from the o projection's output to the MLP's input as one kernel
+# too (`attention_end`): the post-attention norm, the residual add and the pre-FFW norm,
+# written with the padded rows the gate|up projection takes. XLA runs it as 3-4 kernels after
+# the o GEMM (the padded rows' slice, two norms and the add, the gate|up input's pad): ~6.5 us
+# a layer (E4B on an H100, run CC's profile; 26B-A4B on an H200 ~6.6, run BZ's). Run BJ's
+# residual kernel of this kind took 2.6 us (its o projection was a kernel too, and slow; this
+# one keeps XLA's o GEMM). Built in session 25, not measured yet (step_probe variant
+# `fused_attn_end`).
+ATTENTION_END = False
 
 
 def enabled() -> bool:
@@ -156,6 +166,39 @@ def _finish_kernel(*refs, rows, eps, rnd, zeros, with_next):
   scalar = rnd(dk._f32(scalar_ref[0]))
   x = [rnd(rnd(a + c) * scalar) for a, c in zip(x2, dk._norm(p, w, n, eps, rnd))]
   store_layer_end(x, r, rows, spans, *outs, n=n, eps=eps, rnd=rnd, zeros=zeros)
+
+
+def _attention_end_kernel(*refs, rows, eps, rnd, zeros, with_next):
+  """Row r: x1 = x + norm(a) * w (the residual after attention), and (with_next) norm(x1) * the
+  MLP's pre-norm weight (`store_layer_end`)."""
+  (x_ref, a_ref, post_ref), outs = finish_refs(refs, 3, with_next)
+  r = pl.program_id(0)
+  src = jnp.minimum(r, rows - 1)
+  spans = _spans(x_ref.shape[1])
+  x1 = _x2(x_ref, a_ref, post_ref, src, spans, x_ref.shape[1], eps, rnd)
+  store_layer_end(x1, r, rows, spans, *outs, n=x_ref.shape[1], eps=eps, rnd=rnd, zeros=zeros)
+
+
+def attention_end(x, a, p: dict, cfg: ModelConfig):
+  """`model.block`'s step from the o projection to the MLP (ATTENTION_END): one kernel a
+  position for x + rms_norm(a) * post_attn_norm and its pre-FFW norm.
+
+  Args:
+    x: [B, T, D] the layer's input; a: [R, T, D] the o projection's output (R >= B rows at T = 1:
+      the rows past B `quant.einsum`'s padding, ignored).
+    p: the layer's parameters (post_attn_norm, pre_ffw_norm, mlp).
+  Returns:
+    (x1 [B, T, D] the residual after attention, the MLP's normed input: [B, T, D], or [2, 1, D]
+    with the padded row its gate|up projection takes, `rows_for`).
+  """
+  shape, dim = x.shape, x.shape[-1]
+  b = shape[0] * shape[1]
+  mlp = p["mlp"]
+  rows = rows_for(mlp["gate_up"] if "gate_up" in mlp else mlp["gate"], b)
+  return call_finish(functools.partial(_attention_end_kernel, eps=cfg.rms_eps,
+                                       rnd=dk._rounder(cfg.dtype)),
+                     [x.reshape(b, dim), a.reshape(-1, dim), p["post_attn_norm"]], shape,
+                     x.dtype, "attention_end", next_norm=p["pre_ffw_norm"], next_rows=rows)
 
 
 def finish_refs(refs, ins: int, with_next: bool):

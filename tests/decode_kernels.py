@@ -53,6 +53,16 @@ def fused_target(cfg, seed=0):
   return model_lib.fuse_projections(t.params, cfg)
 
 
+def random_norms(params, seed=0):
+  """`params` with each layer's [D] norm weights (`*_norm`, in place of their initial ones) drawn
+  as 1 + 0.3 * normal, a different vector each."""
+  rng = np.random.default_rng(seed)
+  draw = lambda w: jnp.asarray(1 + 0.3 * rng.normal(size=w.shape), w.dtype)
+  layers = [{k: draw(v) if k.endswith("_norm") else v for k, v in p.items()}
+            for p in params["layers"]]
+  return {**params, "layers": layers}
+
+
 def triton_kernels_lowered(cfg, name: str, monkeypatch, *, positions=1) -> tuple[int, int]:
   """(Triton kernels, layers) of a bf16 batch-1 forward of `positions` positions (one: a decode
   step) at a 1k-slot cache, exported for CUDA on the CPU (Triton's own compilation of that IR

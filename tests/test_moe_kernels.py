@@ -112,13 +112,15 @@ def _steps(cfg, params, mode, monkeypatch, *, batch=2, positions=1, attention="o
   env = {moe_kernels.ENV: mode, decode_attention.ENV: attention, ple_kernels.ENV: "off"}
   logits, kv, jaxpr = dkt.decode_steps(cfg, params, env, monkeypatch, batch=batch,
                                        positions=positions)
-  names = {n: jaxpr.count(f"name={n}") for n in ("moe_router", "moe_top_k", "moe_finish")}
+  names = {n: jaxpr.count(f"name={n}") for n in ("moe_router", "moe_top_k", "moe_finish",
+                                                  "attention_end")}
   return logits, kv, names
 
 
 @pytest.mark.parametrize("case", ["two rows", "padded row, copies, the attention kernels",
                                   "padded row, zeros", "verification, router only",
-                                  "two rows, router only", "two rows, int8 experts"])
+                                  "two rows, router only", "two rows, int8 experts",
+                                  "attention end, padded row, copies, the attention kernels"])
 def test_decode_steps_equal_xla_float32(monkeypatch, case):
   """Five forwards after a 13-token prompt (left-padded rows) through the whole model give XLA's
   logits and caches with the kernels on, in float32 (only the summation order differs): the
@@ -128,7 +130,13 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
   (`quant.pad_one_row`), with copies into the attention kernels (which take the padded input as
   it is) or with zeros into XLA's attention (which slices it); a chain's verification of three
   positions on two rows (24 pairs: the router kernels only); `moe_kernels.FINISH` off; the
-  int8-quantized target (`quantize_target`: the experts and MLPs int8, the router float)."""
+  int8-quantized target (`quantize_target`: the experts and MLPs int8, the router float); the
+  step from the o projection to the shared MLP's input as a kernel too
+  (`ple_kernels.ATTENTION_END`, with norm weights drawn apart), one row padded."""
+  attention_end = case.startswith("attention end")
+  if attention_end:
+    monkeypatch.setattr(ple_kernels, "ATTENTION_END", True)
+    case = case[len("attention end, "):]
   if case.startswith("padded row"):
     monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
     monkeypatch.setattr(quant, "PAD_ROWS_WITH", "copy" if "copies" in case else "zeros")
@@ -138,6 +146,8 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
       (1, 1) if case.startswith("padded") else (2, 1))
   attention = "on" if "attention kernels" in case else "off"
   params = dkt.fused_target(TINY)
+  if attention_end:
+    params = dkt.random_norms(params)
   if "int8" in case:
     params = gemma_mtp.quantize_target(gemma_mtp.Target(TINY, params)).params
     assert quant.is_quantized(params["layers"][0]["moe"]["down"])
@@ -149,7 +159,7 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
   finish = 0 if "router only" in case else TINY.num_layers
   assert set(ref_names.values()) == {0}
   assert names == {"moe_router": TINY.num_layers, "moe_top_k": TINY.num_layers,
-                   "moe_finish": finish}, names
+                   "moe_finish": finish, "attention_end": finish if attention_end else 0}, names
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
   for a, b in zip(kv, ref_kv):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
@@ -310,17 +320,20 @@ def test_folded_experts_decode_steps_equal_xla_float32(monkeypatch):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
-def test_folded_experts_lower_for_the_gpu(monkeypatch):
-  """A 26B-A4B-shaped bf16 decode step with the experts' folded MLP lowers to Triton (exported
-  for CUDA on the CPU): the same kernels a layer as the two plain expert calls (the gated loads
-  of 11 gate|up parts, 64-row chunks of the 704-wide experts)."""
-  monkeypatch.setenv(decode_attention.ENV, "off")
-  monkeypatch.setenv(matvec.ENV, "on")
+def test_folds_lower_for_the_gpu(monkeypatch):
+  """A 26B-A4B-shaped bf16 decode step lowers to Triton (exported for CUDA on the CPU) with the
+  experts' folded MLP (`matvec.FOLD_EXPERT_FFN`: the gated loads of 11 gate|up parts, 64-row
+  chunks of the 704-wide experts) and the step from the o projection to the MLP's input as a
+  kernel (`ple_kernels.ATTENTION_END`): one kernel a layer more than without them (the
+  attention end; the fold keeps the experts' two calls)."""
+  for env in (matvec.ENV, moe_kernels.ENV, decode_attention.ENV):
+    monkeypatch.setenv(env, "on")
   monkeypatch.setattr(matvec, "_interpret", lambda: False)
   counts = []
-  for fold in (False, True):
-    monkeypatch.setattr(matvec, "FOLD_EXPERT_FFN", fold)
+  for on in (False, True):
+    monkeypatch.setattr(matvec, "FOLD_EXPERT_FFN", on)
+    monkeypatch.setattr(ple_kernels, "ATTENTION_END", on)
     counts.append(dkt.triton_kernels_lowered(TINY, "gemma4_26b_a4b", monkeypatch))
   (plain, layers_plain), (folded, layers_folded) = counts
-  assert layers_folded == layers_plain and folded == plain
+  assert layers_folded == layers_plain and folded - plain == layers_plain, counts
   assert plain >= 2 * layers_plain                     # the experts' two calls a layer at least

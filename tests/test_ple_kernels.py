@@ -25,20 +25,24 @@ TINY = config_lib.tiny(embed_dim=96, head_dim=32, global_head_dim=64, num_kv_sha
 _target = dkt.fused_target
 
 
-def _steps(cfg, params, mode, monkeypatch, *, batch=2, attention="on", positions=1):
+def _steps(cfg, params, mode, monkeypatch, *, batch=2, attention="on", positions=1, ends=None):
   """`decode_kernels.decode_steps` with the PLE kernels switched `mode` (and the attention
   kernels `attention`): the logits, the last cache's buffers, and the step program's Pallas
-  kernels by name."""
+  kernels by name (`ends`, a list: the count of `attention_end` kernels appended)."""
   logits, kv, jaxpr = dkt.decode_steps(
       cfg, params, {ple_kernels.ENV: mode, decode_attention.ENV: attention}, monkeypatch,
       batch=batch, positions=positions)
   names = {n: jaxpr.count(f"name={n}") for n in ("ple_gate", "ple_proj", "ple_finish")}
+  if ends is not None:
+    ends.append(jaxpr.count("name=attention_end"))
   return logits, kv, names
 
 
 @pytest.mark.parametrize("case", ["verification, two rows", "padded rows",
                                   "padded rows, copies, the attention kernels",
-                                  "one row, one gate part, checkpoint layout"])
+                                  "one row, one gate part, checkpoint layout",
+                                  "attention end, verification, two rows",
+                                  "attention end, padded rows, copies, the attention kernels"])
 def test_decode_steps_equal_xla_float32(monkeypatch, case):
   """In float32 only the summation order differs: five forwards after a 13-token prompt
   (left-padded rows, KV-shared layers) give XLA's logits and caches, with three kernels a layer.
@@ -47,25 +51,34 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
   one row whose next projections' inputs the finish kernel pads to two rows, as on GPUs
   (`quant.pad_one_row`), with zeros, or with copies of the row into the attention kernels,
   which take the padded input as it is; one row, no padding, the PLE gate in one contraction
-  part instead of two, in the checkpoint layout (q, k, v separate)."""
+  part instead of two, in the checkpoint layout (q, k, v separate); and with the step from the
+  o projection to the MLP's input as a kernel too (`ATTENTION_END`), on two rows of three
+  positions and on one row padded for the MLP's projections."""
+  attention_end = case.startswith("attention end")
+  if attention_end:
+    monkeypatch.setattr(ple_kernels, "ATTENTION_END", True)
   if case.endswith("checkpoint layout"):
     monkeypatch.setattr(ple_kernels, "GATE_PARTS", 1)
     assert ple_kernels._gate_split(96, 32)[0] == 1
-  if case.startswith("padded rows"):
+  if "padded rows" in case:
     monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
   if "copies" in case:
     monkeypatch.setattr(quant, "PAD_ROWS_WITH", "copy")
   params = (gemma_mtp.random_target(TINY).params if case.endswith("checkpoint layout")
             else _target(TINY))
-  verification = case.startswith("verification")
+  if attention_end:   # norm weights apart (they start as ones), so a swapped norm shows
+    params = dkt.random_norms(params)
+  verification = "verification" in case
   batch, positions = (2, 3) if verification else (1, 1)
   attention = "on" if "attention kernels" in case else "off"
   ref, ref_kv, ref_names = _steps(TINY, params, "off", monkeypatch, batch=batch,
                                   attention=attention, positions=positions)
+  ends = []
   got, kv, names = _steps(TINY, params, "on", monkeypatch, batch=batch, attention=attention,
-                          positions=positions)
+                          positions=positions, ends=ends)
   assert set(ref_names.values()) == {0}
   assert set(names.values()) == {TINY.num_layers}, names
+  assert ends == [TINY.num_layers if attention_end else 0], ends
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
   for a, b in zip(kv, ref_kv):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
@@ -83,12 +96,14 @@ def test_no_pads_between_layers(monkeypatch):
   assert pads["off"] - pads["on"] == 3 * TINY.num_layers - 1, pads
 
 
-def test_bfloat16_as_accurate_as_xla(monkeypatch):
+@pytest.mark.parametrize("attention_end", [False, True], ids=["tails", "attention end"])
+def test_bfloat16_as_accurate_as_xla(monkeypatch, attention_end):
   """In bfloat16 the kernels round where the model rounds (XLA fuses elementwise ops and may
   round less). Measured against float32 arithmetic on the same bf16 weights, the kernels' five
   steps are about as accurate as XLA's (mean relative error of the logits at most 1.2x XLA's;
   measured here: 4.9% against 5.1%), and the first step's greedy tokens are as good as XLA's
-  (`decode_kernels.assert_greedy_as_good`)."""
+  (`decode_kernels.assert_greedy_as_good`); so too with `ATTENTION_END`."""
+  monkeypatch.setattr(ple_kernels, "ATTENTION_END", attention_end)
   err, err_xla, got, ref, exact = dkt.bfloat16_errors(TINY, _steps, monkeypatch)
   assert err <= 1.2 * err_xla, (err, err_xla)
   dkt.assert_greedy_as_good(got[0], ref[0], exact[0])
