@@ -119,8 +119,7 @@ def _steps(cfg, params, mode, monkeypatch, *, batch=2, positions=1, attention="o
 
 @pytest.mark.parametrize("case", ["two rows", "padded row, copies, the attention kernels",
                                   "padded row, zeros", "verification, router only",
-                                  "two rows, router only", "two rows, int8 experts",
-                                  "attention end, padded row, copies, the attention kernels"])
+                                  "two rows, router only", "two rows, int8 experts"])
 def test_decode_steps_equal_xla_float32(monkeypatch, case):
   """Five forwards after a 13-token prompt (left-padded rows) through the whole model give XLA's
   logits and caches with the kernels on, in float32 (only the summation order differs): the
@@ -130,13 +129,8 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
   (`quant.pad_one_row`), with copies into the attention kernels (which take the padded input as
   it is) or with zeros into XLA's attention (which slices it); a chain's verification of three
   positions on two rows (24 pairs: the router kernels only); `moe_kernels.FINISH` off; the
-  int8-quantized target (`quantize_target`: the experts and MLPs int8, the router float); the
-  step from the o projection to the shared MLP's input as a kernel too
-  (`ple_kernels.ATTENTION_END`, with norm weights drawn apart), one row padded."""
-  attention_end = case.startswith("attention end")
-  if attention_end:
-    monkeypatch.setattr(ple_kernels, "ATTENTION_END", True)
-    case = case[len("attention end, "):]
+  int8-quantized target (`quantize_target`: the experts and MLPs int8, the router float).
+  (`ple_kernels.ATTENTION_END` in these layers: `test_folded_experts_decode_steps_equal_xla`.)"""
   if case.startswith("padded row"):
     monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
     monkeypatch.setattr(quant, "PAD_ROWS_WITH", "copy" if "copies" in case else "zeros")
@@ -146,8 +140,6 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
       (1, 1) if case.startswith("padded") else (2, 1))
   attention = "on" if "attention kernels" in case else "off"
   params = dkt.fused_target(TINY)
-  if attention_end:
-    params = dkt.random_norms(params)
   if "int8" in case:
     params = gemma_mtp.quantize_target(gemma_mtp.Target(TINY, params)).params
     assert quant.is_quantized(params["layers"][0]["moe"]["down"])
@@ -159,7 +151,7 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
   finish = 0 if "router only" in case else TINY.num_layers
   assert set(ref_names.values()) == {0}
   assert names == {"moe_router": TINY.num_layers, "moe_top_k": TINY.num_layers,
-                   "moe_finish": finish, "attention_end": finish if attention_end else 0}, names
+                   "moe_finish": finish, "attention_end": 0}, names
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
   for a, b in zip(kv, ref_kv):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
@@ -301,20 +293,30 @@ def test_folded_expert_ffn_bfloat16_rounds_as_the_two_calls(monkeypatch):
   assert np.abs(got - two_calls).max() <= 0.05 * np.abs(ref).max()
 
 
-def test_folded_experts_decode_steps_equal_xla_float32(monkeypatch):
-  """The whole model's five decode steps (two rows) with the router and finish kernels and the
-  experts' folded MLP give XLA's logits and caches in float32 (experts 32 wide: the down call's
-  contraction needs a tiling)."""
+@pytest.mark.parametrize("case", ["two rows", "attention end, padded row, copies"])
+def test_folded_experts_decode_steps_equal_xla_float32(monkeypatch, case):
+  """The whole model's five decode steps with the router and finish kernels and the experts'
+  folded MLP give XLA's logits and caches in float32 (experts 32 wide: the down call's
+  contraction needs a tiling): on two rows; and on one row padded for the next projections
+  (copies), with the step from the o projection to the shared MLP's input as a kernel too
+  (`ple_kernels.ATTENTION_END`; norm weights drawn apart, so a swapped norm shows)."""
   cfg = TINY.replace(expert_dim=32)
   params = dkt.fused_target(cfg)
-  ref, ref_kv, _ = _steps(cfg, params, "off", monkeypatch)
+  batch, attention_end = (2, False) if case == "two rows" else (1, True)
+  if attention_end:
+    params = dkt.random_norms(params)
+    monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
+    monkeypatch.setattr(quant, "PAD_ROWS_WITH", "copy")
+  ref, ref_kv, _ = _steps(cfg, params, "off", monkeypatch, batch=batch)
   monkeypatch.setenv(matvec.ENV, "on")
   monkeypatch.setattr(matvec, "FOLD_EXPERT_FFN", True)
+  monkeypatch.setattr(ple_kernels, "ATTENTION_END", attention_end)
   folded = []
   expert_ffn = matvec.expert_ffn
   monkeypatch.setattr(matvec, "expert_ffn", lambda *a: folded.append(1) or expert_ffn(*a))
-  got, kv, names = _steps(cfg, params, "on", monkeypatch)
+  got, kv, names = _steps(cfg, params, "on", monkeypatch, batch=batch)
   assert len(folded) == cfg.num_layers and names["moe_finish"] == cfg.num_layers
+  assert names["attention_end"] == (cfg.num_layers if attention_end else 0), names
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
   for a, b in zip(kv, ref_kv):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
