@@ -643,6 +643,8 @@ case "${1:-}" in
                      # differently from process to process). Session 25's run CE was cut at
                      # 270 s in the drafter's training (data, tokenizer, two calibrations and
                      # compilations take ~125 s besides the budgets), so the budgets are shorter
+                     # (session 26's run CE2, NOTES: both autotuned processes fast, 0.54 ms;
+                     # autotuning off 1.25 ms: not the slow mode)
     timeout 300 python experiments/reproduce_gpu.py --config=configs/reproduce_gpu.py \
         --config.out_dir=runs/gpu --config.full_eval=False --config.measure_speed=False \
         "--config.conventions=('hf',)" --config.eval_prompts=8 --config.target_seconds=70 \
@@ -658,36 +660,34 @@ case "${1:-}" in
       grep -hE "workload code (plain|K=8)" "$OUT/evaluate_fresh$i.log" | cut -c1-160
     done
     ;;
-  moe_fold)          # session 25, run CG (not run yet): the routed experts' MLP as two kernel
-                     # calls with nothing between them (matvec.FOLD_EXPERT_FFN, also with the
-                     # down call in one part: FOLD_DOWN_SPLIT = 1; run BZ's profile: the
-                     # broadcast of each token's row to its 8 experts and the gate|up parts'
-                     # sum with GELU * up take ~3.4 us a 26B-A4B layer on an H200), and the step
+  moe_fold)          # session 25, run CG (session 26, on an H100; NOTES): the routed experts'
+                     # MLP as two kernel calls (matvec.FOLD_EXPERT_FFN) measured +6.4% at batch 1
+                     # and removed, so its variants are gone; this mode now measures the step
                      # from the o projection to the MLP's input as one kernel
-                     # (ple_kernels.ATTENTION_END: ~6.6 us of XLA kernels a layer), against the
-                     # library: 26B-A4B at batch 1 (and a 5-position verification) and batch 8
+                     # (ple_kernels.ATTENTION_END, the library's since run CG, CH and CH2)
+                     # against XLA's ops: 26B-A4B at batch 1 (and a 5-position verification)
+                     # and batch 8
     timeout 300 python experiments/step_probe.py --models=gemma4_26b_a4b \
-        --verify_models=gemma4_26b_a4b \
-        --variants=fused,fused_moe_fold,fused_moe_fold_split1,fused_attn_end --profile_steps=0 \
+        --verify_models=gemma4_26b_a4b --variants=fused_no_attn_end,fused --profile_steps=0 \
         --short=8 --long=32 --out="$OUT/step_probe_fold_moe_h200.json" \
         > "$OUT/step_probe_fold.log" 2>&1
     timeout 200 python experiments/step_probe.py --models=gemma4_26b_a4b --verify_models= \
-        --batch=8 --variants=fused,fused_moe_fold,fused_moe_fold_split1,fused_attn_end \
-        --profile_steps=0 --short=8 --long=32 \
+        --batch=8 --variants=fused_no_attn_end,fused --profile_steps=0 --short=8 --long=32 \
         --out="$OUT/step_probe_fold_moe_b8_h200.json" >> "$OUT/step_probe_fold.log" 2>&1
     grep -hE " ms " "$OUT/step_probe_fold.log"
     ;;
-  attention_end)     # session 25, run CH (not run yet): ple_kernels.ATTENTION_END in E4B and E2B
-                     # (run CC's profile: ~6.5 us of XLA kernels a layer between the o GEMM and
-                     # the gate|up GEMM on an H100) at batch 1, decode and 5-position
-                     # verification, then the tests of it and of run CG's fold compiled by Triton
+  attention_end)     # session 25, run CH (session 26, on an H100; NOTES): ple_kernels.ATTENTION_END
+                     # in E4B and E2B (run CC's profile: ~6.5 us of XLA kernels a layer between
+                     # the o GEMM and the gate|up GEMM on an H100) at batch 1, decode and
+                     # 5-position verification, against XLA's ops, then its tests compiled by
+                     # Triton
     timeout 280 python experiments/step_probe.py --models=gemma4_e4b,gemma4_e2b \
-        --verify_models=gemma4_e4b,gemma4_e2b --variants=fused,fused_attn_end \
+        --verify_models=gemma4_e4b,gemma4_e2b --variants=fused_no_attn_end,fused \
         --profile_steps=0 --short=8 --long=32 --out="$OUT/step_probe_attn_end_h200.json" \
         > "$OUT/step_probe_attn_end.log" 2>&1
     grep -hE " ms " "$OUT/step_probe_attn_end.log"
     timeout 280 python -m pytest -q -p no:cacheprovider tests/test_moe_kernels.py \
-        tests/test_ple_kernels.py -k "fold or end" > "$OUT/layer_folds_tests.log" 2>&1
+        tests/test_ple_kernels.py -k "end or lower" > "$OUT/layer_folds_tests.log" 2>&1
     tail -3 "$OUT/layer_folds_tests.log"
     ;;
   drafter_final)     # session 16, run AV: COMBINE as kept (a combine kernel where an o program

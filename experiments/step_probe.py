@@ -46,7 +46,9 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_ple_on    fused, those kernels at any batch;
   fused_ple_split2  fused, the PLE gate kernel's contraction in twice as many parts as the
               library's (`ple_kernels.GATE_PARTS`; in run BJ's record: 2 parts against 1);
-  (runs BJ and BK's `fused` entries and their variants fused_ple_xla_o, fused_o32 and
+  (run CG's fused_moe_fold and fused_moe_fold_split1 measured the routed experts' MLP as two
+  kernel calls with nothing between them, removed after it as slower on 26B-A4B, NOTES;
+  runs BJ and BK's `fused` entries and their variants fused_ple_xla_o, fused_o32 and
   fused_o128 measured the PLE layers' o projection and the norms after it as two kernels more,
   removed after them as slower on E4B, NOTES; their `fused_ple_xla_o` is the library's step
   since);
@@ -58,15 +60,11 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_moe_finish_off  fused, the MoE layer's end after the experts through XLA's ops
               instead of `moe_kernels`' finish kernel (`moe_kernels.FINISH`; the default since
               session 23; before it, the `fused` entries of the committed records are this);
-  fused_moe_fold  fused, the routed experts' MLP as two kernel calls with nothing between
-              them (`matvec.FOLD_EXPERT_FFN`: the gate|up call reads each token's row once, the
-              down call adds gate|up's split-K parts and gates them in its loads; session 25,
-              not measured yet);
-  fused_moe_fold_split1  fused_moe_fold with the down call in one contraction part
-              (`matvec.FOLD_DOWN_SPLIT`: no sum kernel after it);
   fused_attn_end  fused, where a layer ends with a tail kernel (PLE or MoE) the step from the o
               projection to the MLP's input as one kernel too (`ple_kernels.ATTENTION_END`;
-              session 25, not measured yet);
+              session 25; the library's since session 26, after runs CG, CH and CH2: until then
+              the `fused` entries are `fused_no_attn_end`);
+  fused_no_attn_end  fused, that step through XLA's ops (the library before session 26);
   fused_rms1      fused, every Pallas kernel's RMS norms as one block reduction each instead
               of one a chunk (`drafter_kernels.RMS_ONE_REDUCTION`);
   fused_xla       fused, none of these kernels (the library's step before session 19; the MoE
@@ -96,7 +94,6 @@ from gemma_mtp import config as config_lib
 from gemma_mtp import decode_attention
 from gemma_mtp import drafter_kernels
 from gemma_mtp import layers
-from gemma_mtp import matvec
 from gemma_mtp import model as model_lib
 from gemma_mtp import moe_kernels
 from gemma_mtp import params as params_lib
@@ -132,9 +129,7 @@ _LIBRARY_PLE_SWITCH = os.environ.get(ple_kernels.ENV, "auto")
 _LIBRARY_MOE_SWITCH = os.environ.get(moe_kernels.ENV, "auto")
 _LIBRARY_GATE_PARTS = ple_kernels.GATE_PARTS
 _LIBRARY_MOE_FINISH = moe_kernels.FINISH
-_LIBRARY_FOLD = matvec.FOLD_EXPERT_FFN
 _LIBRARY_ATTENTION_END = ple_kernels.ATTENTION_END
-_LIBRARY_FOLD_SPLIT = matvec.FOLD_DOWN_SPLIT
 _LIBRARY_RMS_ONE = drafter_kernels.RMS_ONE_REDUCTION
 _CUDNN_CALLS = {"cudnn": 0, "library": 0}
 
@@ -180,9 +175,8 @@ def _set_variant(variant: str):
                                  "fused_xla": "off", "fused_all_on": "on"}.get(
       variant, _LIBRARY_MOE_SWITCH)
   moe_kernels.FINISH = _LIBRARY_MOE_FINISH and variant != "fused_moe_finish_off"
-  matvec.FOLD_EXPERT_FFN = _LIBRARY_FOLD or variant in ("fused_moe_fold", "fused_moe_fold_split1")
-  matvec.FOLD_DOWN_SPLIT = 1 if variant == "fused_moe_fold_split1" else _LIBRARY_FOLD_SPLIT
-  ple_kernels.ATTENTION_END = _LIBRARY_ATTENTION_END or variant == "fused_attn_end"
+  ple_kernels.ATTENTION_END = (_LIBRARY_ATTENTION_END or variant == "fused_attn_end") and (
+      variant != "fused_no_attn_end")
   # fused_rms1: every kernel's norms as one block reduction (`drafter_kernels.RMS_ONE_REDUCTION`)
   drafter_kernels.RMS_ONE_REDUCTION = variant == "fused_rms1" or _LIBRARY_RMS_ONE
 
@@ -232,7 +226,6 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
                moe_kernels=any(moe_kernels.choose(vcfg, lp["moe"], case.batch * case.chunk,
                                                   True) for lp in params["layers"] if "moe" in lp),
                moe_finish=moe_kernels.finishes(vcfg, params, case.batch * case.chunk, True),
-               moe_fold=matvec.FOLD_EXPERT_FFN, moe_fold_down_split=matvec.FOLD_DOWN_SPLIT,
                attention_end=ple_kernels.ATTENTION_END,
                attention_own_range=decode_attention.choose(vcfg, case.batch, case.chunk, True,
                                                            None)
@@ -291,8 +284,8 @@ VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fu
             "fused_attn_range4", "fused_attn_own", "fused_attn_no_own",
             "fused_attn_warps8", "fused_attn_own_warps8",
             "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_moe_off", "fused_moe_on",
-            "fused_moe_finish_off", "fused_moe_fold",
-            "fused_moe_fold_split1", "fused_attn_end", "fused_rms1", "fused_xla", "fused_all_on")
+            "fused_moe_finish_off", "fused_attn_end", "fused_no_attn_end", "fused_rms1",
+            "fused_xla", "fused_all_on")
 
 
 def main(argv):

@@ -135,8 +135,6 @@ def expert_outputs(x: jax.Array, experts: jax.Array, p: dict) -> jax.Array:
   Returns:
     [M, k, D] each pair's down projection (unweighted).
   """
-  if matvec.folds(x, p["gate_up"], p["down"]):        # (GPUs, FOLD_EXPERT_FFN) two kernels
-    return matvec.expert_ffn(x, p["gate_up"], p["down"], experts)
   x_dim = p["down"].shape[1]
   gate_up = quant.expert_matmul(x, p["gate_up"], experts)                   # [M, k, 2X]
   h = gelu(gate_up[..., :x_dim]) * gate_up[..., x_dim:]

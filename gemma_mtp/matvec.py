@@ -22,14 +22,11 @@ XLA's GEMM (E4B's MLP 2.7 vs 2.9 TB/s; the E4B step 4.78 vs 4.13 ms), nor for in
 several rows (31B, 5 positions: 18.7 vs 14.7 ms), so `quant` uses it only for one-row int8
 matmuls of large weights and `layers` for routed experts.
 
-`expert_ffn` (with FOLD_EXPERT_FFN, off until measured) runs a token's experts' whole MLP as
-these two calls with nothing between them: the gate|up call reads each token's row once for its
-k experts (no broadcast copy of the row), and the down call adds the gate|up call's split-K
-parts and applies gelu(gate) * up in its own loads (no reduction or GELU kernel between). On an
-H200 (run BZ's profile, `results/step_profile_finish2_moe_h200.json`) the two XLA kernels this
-removes (the row's broadcast to its 8 experts, the parts' sum with GELU * up) take ~3.4 us of
-each 26B-A4B layer at batch 1 (~0.1 ms of a 3.41 ms step); the down call's parts are still
-added by XLA (1.4 us), as before.
+A fold of a token's experts' whole MLP into these two calls with nothing between them (the
+gate|up call reading each token's row once for its k experts, the down call adding gate|up's
+split-K parts and applying gelu(gate) * up in its loads) was built in session 25 and removed
+after run CG measured it slower on an H100: 26B-A4B's batch-1 step +6.4%, batch 8 +2.7%
+(NOTES).
 
 Where they run: `enabled()` (GPU, one device, not switched off with GEMMA_MTP_KERNELS=off) and
 `block_config` finds a tiling (column and contraction sizes with power-of-two divisors of at
@@ -57,13 +54,6 @@ TARGET_PROGRAMS = 512    # enough thread blocks for a few waves over an H200's 1
 # fast (E4B's q projection [2560, 2048]: 7.6 vs 7.3 us; experiments/results/kernel_probe_h200.json).
 MIN_INT8_SIZE = 16 << 20
 ENV = "GEMMA_MTP_KERNELS"  # auto (default): GPU and one device; on; off
-# `layers.expert_outputs` through `expert_ffn` where `folds` says. Built in session 25, not
-# measured yet (step_probe variant `fused_moe_fold`).
-FOLD_EXPERT_FFN = False
-# The folded down call's contraction split (None: `block_config`'s, 11 parts at 26B-A4B's batch
-# 1, added by XLA after it; 1: one part, 176 programs each reading a whole 704-row slab, and no
-# sum kernel). Unmeasured (step_probe variant `fused_moe_fold_split1`).
-FOLD_DOWN_SPLIT = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,30 +121,17 @@ def gelu_tanh(x):
   return 0.5 * x * (1.0 + jnp.tanh(inner))
 
 
-def _kernel(idx_ref, x_ref, w_ref, o_ref, *, cfg: BlockConfig, steps: int, rows: int,
-            share: int = 1, gated=None):
+def _kernel(idx_ref, x_ref, w_ref, o_ref, *, cfg: BlockConfig, steps: int, rows: int):
   """One program: rows of group g times columns [n * block_n, +block_n) of weight idx[g], over
-  the contraction range of split s, into o_ref [rows, block_n] (float32 partial sums).
-
-  `share`: groups g read x's row group g // share (a token's k experts, one row). `gated` =
-  (half, rnd): x_ref holds another call's split-K parts [S, G, rows, 2 * half] of gate|up, and
-  the input is rnd(rnd(gelu(rnd(sum of gate's parts))) * rnd(sum of up's parts))."""
+  the contraction range of split s, into o_ref [rows, block_n] (float32 partial sums)."""
   g, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   e = idx_ref[g]
   cols = pl.ds(pl.multiple_of(n * cfg.block_n, cfg.block_n), cfg.block_n)
   start = s * (steps * cfg.block_k)
 
-  def inputs(at):
-    if gated is None:
-      return x_ref[g // share, :, pl.ds(at, cfg.block_k)]
-    half, rnd = gated
-    summed = lambda a: rnd(sum(x_ref[j, g, :, pl.ds(a, cfg.block_k)]
-                               for j in range(x_ref.shape[0])))
-    return rnd(rnd(gelu_tanh(summed(at))) * summed(at + half))
-
   def chunk(i):
-    at = pl.multiple_of(start + i * cfg.block_k, cfg.block_k)
-    return inputs(at), w_ref[e, pl.ds(at, cfg.block_k), cols]
+    kk = pl.ds(pl.multiple_of(start + i * cfg.block_k, cfg.block_k), cfg.block_k)
+    return x_ref[g, :, kk], w_ref[e, kk, cols]
 
   if rows == 1:
     def body(i, acc):
@@ -170,14 +147,12 @@ def _kernel(idx_ref, x_ref, w_ref, o_ref, *, cfg: BlockConfig, steps: int, rows:
 
 
 def _call(x: jax.Array, w: jax.Array, idx: jax.Array, cfg: BlockConfig,
-          interpret: bool, *, share: int = 1, gated=None, keep_parts: bool = False) -> jax.Array:
-  """x [G / share, R, K], w [E, K, N], idx [G] -> [G, R, N] float32 (R is 1 or MAX_ROWS); with
-  `keep_parts` the split-K parts [S, G, R, N] unsummed. `gated` (see `_kernel`): x is [S', G, R, 2K]
-  parts."""
-  rows, k = x.shape[-2], w.shape[1]
-  g, n = idx.shape[0], w.shape[-1]
+          interpret: bool) -> jax.Array:
+  """x [G, R, K], w [E, K, N], idx [G] -> [G, R, N] float32 (R is 1 or MAX_ROWS)."""
+  g, rows, k = x.shape
+  n = w.shape[-1]
   steps = k // (cfg.split_k * cfg.block_k)
-  kernel = functools.partial(_kernel, cfg=cfg, steps=steps, rows=rows, share=share, gated=gated)
+  kernel = functools.partial(_kernel, cfg=cfg, steps=steps, rows=rows)
   whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   parts = pl.pallas_call(
       kernel,
@@ -189,8 +164,6 @@ def _call(x: jax.Array, w: jax.Array, idx: jax.Array, cfg: BlockConfig,
       interpret=interpret,
       name="few_row_matmul",
   )(idx, x, w)
-  if keep_parts:
-    return parts
   return parts[0] if cfg.split_k == 1 else jnp.sum(parts, axis=0)
 
 
@@ -230,43 +203,6 @@ def gathered_matmul(x: jax.Array, w: jax.Array, idx: jax.Array, scale: jax.Array
   idx = idx.astype(jnp.int32)
   y = _call(x[:, None], w, idx, cfg, _interpret())[:, 0]
   return y if scale is None else y * jnp.take(scale.astype(F32), idx, axis=0)
-
-
-def folds(x: jax.Array, gate_up, down) -> bool:
-  """Whether `layers.expert_outputs` runs as `expert_ffn`: FOLD_EXPERT_FFN, the kernels enabled,
-  float expert weights of x's dtype (bf16 or float32) and tilings for both matmuls."""
-  if not (FOLD_EXPERT_FFN and enabled() and x.ndim == 2):
-    return False
-  weights = (gate_up, down)
-  if any(not isinstance(w, jax.Array) or w.dtype != x.dtype for w in weights):
-    return False    # int8 (a QArray) or another dtype: the two calls of `quant.expert_matmul`
-  if x.dtype not in (jnp.bfloat16, jnp.float32):
-    return False
-  (_, d, two_x), (_, half, n) = gate_up.shape, down.shape
-  return (two_x == 2 * half and n == d and block_config(1, d, two_x) is not None
-          and block_config(1, half, n) is not None)
-
-
-def expert_ffn(x: jax.Array, gate_up: jax.Array, down: jax.Array,
-               experts: jax.Array) -> jax.Array:
-  """Token m's k experts' MLP: (gelu(x[m] @ gate_up[e][:, :X]) * x[m] @ gate_up[e][:, X:]) @
-  down[e] for e = experts[m, j] -> [M, k, D] in x's dtype, rounded where `layers.expert_outputs`
-  rounds (gate|up's output, the GELU, its product with up, the down projection's output).
-
-  Two kernel calls and nothing between them: gate|up reads each token's row once for its k
-  experts and keeps its split-K parts; down adds them and gates them as it loads its input.
-  """
-  m, k = experts.shape
-  (_, d, two_x), half = gate_up.shape, down.shape[1]
-  idx = experts.reshape(-1).astype(jnp.int32)
-  up_cfg = _require_config(m * k, d, two_x, gate_up.dtype.itemsize)
-  down_cfg = _require_config(m * k, half, down.shape[2], down.dtype.itemsize)
-  if FOLD_DOWN_SPLIT is not None:
-    down_cfg = dataclasses.replace(down_cfg, split_k=FOLD_DOWN_SPLIT)
-  parts = _call(x[:, None], gate_up, idx, up_cfg, _interpret(), share=k, keep_parts=True)
-  rnd = (lambda v: v) if x.dtype == F32 else (lambda v: v.astype(x.dtype).astype(F32))
-  y = _call(parts, down, idx, down_cfg, _interpret(), gated=(half, rnd))
-  return y[:, 0].reshape(m, k, -1).astype(x.dtype)
 
 
 def _require_config(groups, k, n, itemsize) -> BlockConfig:

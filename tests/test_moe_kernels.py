@@ -14,7 +14,6 @@ import gemma_mtp
 from gemma_mtp import config as config_lib
 from gemma_mtp import decode_attention
 from gemma_mtp import layers
-from gemma_mtp import matvec
 from gemma_mtp import moe_kernels
 from gemma_mtp import ple_kernels
 from gemma_mtp import quant
@@ -124,13 +123,14 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
   """Five forwards after a 13-token prompt (left-padded rows) through the whole model give XLA's
   logits and caches with the kernels on, in float32 (only the summation order differs): the
   router's two kernels a layer, and the layer's end as one more where the forward's (token,
-  expert) pairs are at most the experts. Cases: decode steps of two rows (8 pairs); one row
-  whose next layer's input the finish kernel pads to two rows, as on GPUs
+  expert) pairs are at most the experts, with the step from the o projection to the MLP's
+  input as another there (`ple_kernels.ATTENTION_END`). Cases: decode steps of two rows (8
+  pairs); one row whose next layer's input the finish kernel pads to two rows, as on GPUs
   (`quant.pad_one_row`), with copies into the attention kernels (which take the padded input as
   it is) or with zeros into XLA's attention (which slices it); a chain's verification of three
   positions on two rows (24 pairs: the router kernels only); `moe_kernels.FINISH` off; the
   int8-quantized target (`quantize_target`: the experts and MLPs int8, the router float).
-  (`ple_kernels.ATTENTION_END` in these layers: `test_folded_experts_decode_steps_equal_xla`.)"""
+  The layers' norm weights are drawn apart (they start as ones), so a swapped norm shows."""
   if case.startswith("padded row"):
     monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
     monkeypatch.setattr(quant, "PAD_ROWS_WITH", "copy" if "copies" in case else "zeros")
@@ -139,7 +139,7 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
   batch, positions = (2, 3) if case.startswith("verification") else (
       (1, 1) if case.startswith("padded") else (2, 1))
   attention = "on" if "attention kernels" in case else "off"
-  params = dkt.fused_target(TINY)
+  params = dkt.random_norms(dkt.fused_target(TINY))
   if "int8" in case:
     params = gemma_mtp.quantize_target(gemma_mtp.Target(TINY, params)).params
     assert quant.is_quantized(params["layers"][0]["moe"]["down"])
@@ -151,7 +151,7 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
   finish = 0 if "router only" in case else TINY.num_layers
   assert set(ref_names.values()) == {0}
   assert names == {"moe_router": TINY.num_layers, "moe_top_k": TINY.num_layers,
-                   "moe_finish": finish, "attention_end": 0}, names
+                   "moe_finish": finish, "attention_end": finish}, names
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
   for a, b in zip(kv, ref_kv):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
@@ -194,15 +194,16 @@ def test_finishes(monkeypatch):
 
 
 def test_kernels_lower_for_the_gpu(monkeypatch):
-  """A 26B-A4B-shaped bf16 decode step lowers to Triton (exported for CUDA on the CPU): three
-  kernels a layer more with the MoE kernels on than off (the router's two, the layer's end)."""
+  """A 26B-A4B-shaped bf16 decode step lowers to Triton (exported for CUDA on the CPU): four
+  kernels a layer more with the MoE kernels on than off (the router's two, the layer's end, and
+  the step from the o projection to the MLP's input: `ple_kernels.ATTENTION_END`)."""
   monkeypatch.setenv(decode_attention.ENV, "off")
   counts = []
   for mode in ("off", "on"):
     monkeypatch.setenv(moe_kernels.ENV, mode)
     counts.append(dkt.triton_kernels_lowered(TINY, "gemma4_26b_a4b", monkeypatch))
   (off, layers_off), (on, layers_on) = counts
-  assert layers_on == layers_off and on - off == 3 * layers_on
+  assert layers_on == layers_off and on - off == 4 * layers_on
 
 
 def test_generate_with_kernels_equals_xla(monkeypatch):
@@ -228,114 +229,3 @@ def test_generate_with_kernels_equals_xla(monkeypatch):
   for tokens in spec:
     np.testing.assert_array_equal(tokens, on)
 
-
-def _expert_inputs(dtype, *, tokens=3, experts=5, d=512, half=256, k=2, seed=0):
-  """x [tokens, d], gate_up [E, d, 2 * half], down [E, half, d], each token's k experts (all
-  different, so a wrong row or expert shows)."""
-  rng = np.random.default_rng(seed)
-  f = lambda *shape: jnp.asarray(rng.normal(size=shape) * shape[-2] ** -0.5, dtype)
-  idx = jnp.asarray([[(2 * m + j) % experts for j in range(k)] for m in range(tokens)], jnp.int32)
-  return f(tokens, d) * d ** 0.5, f(experts, d, 2 * half), f(experts, half, d), idx
-
-
-def _expert_reference(x, gate_up, down, idx):
-  """The experts' MLP in float64 numpy from the same values."""
-  x, gate_up, down = (np.asarray(a, np.float64) for a in (x, gate_up, down))
-  idx = np.asarray(idx)
-  half = down.shape[1]
-  gu = np.einsum("md,mkdn->mkn", x, gate_up[idx])
-  g, u = gu[..., :half], gu[..., half:]
-  h = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3))) * u
-  return np.einsum("mkx,mkxd->mkd", h, down[idx])
-
-
-@pytest.mark.parametrize("down_split", [None, 1])
-def test_folded_expert_ffn_equals_float32_reference(monkeypatch, down_split):
-  """`matvec.expert_ffn` (FOLD_EXPERT_FFN): the gate|up call reads each token's row once for its
-  k experts and keeps its split-K parts (4 here), the down call adds them and gates them in its
-  loads (its own contraction in 2 parts, or in one: FOLD_DOWN_SPLIT); in float32 it gives the
-  experts' MLP up to summation order, through `layers.expert_outputs` as the switch says (an
-  int8 model keeps the two plain calls)."""
-  monkeypatch.setenv(matvec.ENV, "on")
-  monkeypatch.setattr(matvec, "FOLD_DOWN_SPLIT", down_split)
-  x, gate_up, down, idx = _expert_inputs(jnp.float32)
-  assert matvec.block_config(idx.size, 512, 512).split_k == 4
-  assert matvec.block_config(idx.size, 256, 512).split_k == 2
-  ref = _expert_reference(x, gate_up, down, idx)
-  p = {"gate_up": gate_up, "down": down}
-  assert not matvec.folds(x, gate_up, down)
-  monkeypatch.setattr(matvec, "FOLD_EXPERT_FFN", True)
-  assert matvec.folds(x, gate_up, down)
-  got = layers.expert_outputs(x, idx, p)
-  assert got.shape == ref.shape and got.dtype == jnp.float32
-  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
-  q = quant.quantize(gate_up, (1,))
-  assert not matvec.folds(x, q, down) and not matvec.folds(x.astype(jnp.bfloat16), gate_up, down)
-  assert not matvec.folds(x, gate_up[..., :96], down[:, :48])         # no tiling for 48 rows
-
-
-def test_folded_expert_ffn_bfloat16_rounds_as_the_two_calls(monkeypatch):
-  """In bfloat16 the folded path rounds where `layers.expert_outputs`' two kernel calls and XLA's
-  GELU round (gate|up's output, the GELU, its product with up, the output): against float64
-  arithmetic on the same values it is as accurate as they are (at most 1.2x their error, and
-  within a few bf16 steps of them)."""
-  monkeypatch.setenv(matvec.ENV, "on")
-  x, gate_up, down, idx = _expert_inputs(jnp.bfloat16, seed=1)
-  p = {"gate_up": gate_up, "down": down}
-  ref = _expert_reference(x, gate_up, down, idx)
-  two_calls = np.asarray(layers.expert_outputs(x, idx, p), np.float64)
-  monkeypatch.setattr(matvec, "FOLD_EXPERT_FFN", True)
-  got = layers.expert_outputs(x, idx, p)
-  assert got.dtype == jnp.bfloat16
-  got = np.asarray(got, np.float64)
-  err = lambda a: float(np.abs(a - ref).mean() / np.abs(ref).mean())
-  assert err(got) <= 1.2 * err(two_calls), (err(got), err(two_calls))
-  assert np.abs(got - two_calls).max() <= 0.05 * np.abs(ref).max()
-
-
-@pytest.mark.parametrize("case", ["two rows", "attention end, padded row, copies"])
-def test_folded_experts_decode_steps_equal_xla_float32(monkeypatch, case):
-  """The whole model's five decode steps with the router and finish kernels and the experts'
-  folded MLP give XLA's logits and caches in float32 (experts 32 wide: the down call's
-  contraction needs a tiling): on two rows; and on one row padded for the next projections
-  (copies), with the step from the o projection to the shared MLP's input as a kernel too
-  (`ple_kernels.ATTENTION_END`; norm weights drawn apart, so a swapped norm shows)."""
-  cfg = TINY.replace(expert_dim=32)
-  params = dkt.fused_target(cfg)
-  batch, attention_end = (2, False) if case == "two rows" else (1, True)
-  if attention_end:
-    params = dkt.random_norms(params)
-    monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
-    monkeypatch.setattr(quant, "PAD_ROWS_WITH", "copy")
-  ref, ref_kv, _ = _steps(cfg, params, "off", monkeypatch, batch=batch)
-  monkeypatch.setenv(matvec.ENV, "on")
-  monkeypatch.setattr(matvec, "FOLD_EXPERT_FFN", True)
-  monkeypatch.setattr(ple_kernels, "ATTENTION_END", attention_end)
-  folded = []
-  expert_ffn = matvec.expert_ffn
-  monkeypatch.setattr(matvec, "expert_ffn", lambda *a: folded.append(1) or expert_ffn(*a))
-  got, kv, names = _steps(cfg, params, "on", monkeypatch, batch=batch)
-  assert len(folded) == cfg.num_layers and names["moe_finish"] == cfg.num_layers
-  assert names["attention_end"] == (cfg.num_layers if attention_end else 0), names
-  np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
-  for a, b in zip(kv, ref_kv):
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
-
-
-def test_folds_lower_for_the_gpu(monkeypatch):
-  """A 26B-A4B-shaped bf16 decode step lowers to Triton (exported for CUDA on the CPU) with the
-  experts' folded MLP (`matvec.FOLD_EXPERT_FFN`: the gated loads of 11 gate|up parts, 64-row
-  chunks of the 704-wide experts) and the step from the o projection to the MLP's input as a
-  kernel (`ple_kernels.ATTENTION_END`): one kernel a layer more than without them (the
-  attention end; the fold keeps the experts' two calls)."""
-  for env in (matvec.ENV, moe_kernels.ENV, decode_attention.ENV):
-    monkeypatch.setenv(env, "on")
-  monkeypatch.setattr(matvec, "_interpret", lambda: False)
-  counts = []
-  for on in (False, True):
-    monkeypatch.setattr(matvec, "FOLD_EXPERT_FFN", on)
-    monkeypatch.setattr(ple_kernels, "ATTENTION_END", on)
-    counts.append(dkt.triton_kernels_lowered(TINY, "gemma4_26b_a4b", monkeypatch))
-  (plain, layers_plain), (folded, layers_folded) = counts
-  assert layers_folded == layers_plain and folded - plain == layers_plain, counts
-  assert plain >= 2 * layers_plain                     # the experts' two calls a layer at least

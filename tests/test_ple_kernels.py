@@ -25,16 +25,15 @@ TINY = config_lib.tiny(embed_dim=96, head_dim=32, global_head_dim=64, num_kv_sha
 _target = dkt.fused_target
 
 
-def _steps(cfg, params, mode, monkeypatch, *, batch=2, attention="on", positions=1, ends=None):
+def _steps(cfg, params, mode, monkeypatch, *, batch=2, attention="on", positions=1):
   """`decode_kernels.decode_steps` with the PLE kernels switched `mode` (and the attention
   kernels `attention`): the logits, the last cache's buffers, and the step program's Pallas
-  kernels by name (`ends`, a list: the count of `attention_end` kernels appended)."""
+  kernels by name."""
   logits, kv, jaxpr = dkt.decode_steps(
       cfg, params, {ple_kernels.ENV: mode, decode_attention.ENV: attention}, monkeypatch,
       batch=batch, positions=positions)
-  names = {n: jaxpr.count(f"name={n}") for n in ("ple_gate", "ple_proj", "ple_finish")}
-  if ends is not None:
-    ends.append(jaxpr.count("name=attention_end"))
+  names = {n: jaxpr.count(f"name={n}")
+           for n in ("ple_gate", "ple_proj", "ple_finish", "attention_end")}
   return logits, kv, names
 
 
@@ -55,8 +54,7 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
   o projection to the MLP's input as a kernel too (`ATTENTION_END`), on two rows of three
   positions and on one row padded for the MLP's projections."""
   attention_end = case.startswith("attention end")
-  if attention_end:
-    monkeypatch.setattr(ple_kernels, "ATTENTION_END", True)
+  monkeypatch.setattr(ple_kernels, "ATTENTION_END", attention_end)
   if case.endswith("checkpoint layout"):
     monkeypatch.setattr(ple_kernels, "GATE_PARTS", 1)
     assert ple_kernels._gate_split(96, 32)[0] == 1
@@ -73,27 +71,31 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
   attention = "on" if "attention kernels" in case else "off"
   ref, ref_kv, ref_names = _steps(TINY, params, "off", monkeypatch, batch=batch,
                                   attention=attention, positions=positions)
-  ends = []
   got, kv, names = _steps(TINY, params, "on", monkeypatch, batch=batch, attention=attention,
-                          positions=positions, ends=ends)
+                          positions=positions)
   assert set(ref_names.values()) == {0}
-  assert set(names.values()) == {TINY.num_layers}, names
-  assert ends == [TINY.num_layers if attention_end else 0], ends
+  layers = TINY.num_layers
+  assert names == {"ple_gate": layers, "ple_proj": layers, "ple_finish": layers,
+                   "attention_end": layers if attention_end else 0}, names
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
   for a, b in zip(kv, ref_kv):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
 
 
-def test_no_pads_between_layers(monkeypatch):
+@pytest.mark.parametrize("attention_end", [False, True], ids=["tails", "attention end"])
+def test_no_pads_between_layers(monkeypatch, attention_end):
   """Where one-row matmuls are padded to two rows, the finish kernel writes the next layer's
   q|k|v input with its second row, and the PLE gate and projection GEMMs are kernels: the
   traced step pads three one-row inputs fewer a layer (the gate's, the projection's, the next
   q|k|v input) than XLA's, bar the first layer's (the attention kernels on in both, which take the
-  padded input; XLA's attention would slice and pad it again)."""
+  padded input; XLA's attention would slice and pad it again). With `ATTENTION_END` two fewer
+  again: the MLP's gate|up input comes padded, so its down projection's input has two rows too."""
   monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
+  monkeypatch.setattr(ple_kernels, "ATTENTION_END", attention_end)
   monkeypatch.setenv(decode_attention.ENV, "on")
   pads = dkt.traced_pads(TINY, _target(TINY), ple_kernels.ENV, monkeypatch)
-  assert pads["off"] - pads["on"] == 3 * TINY.num_layers - 1, pads
+  fewer = (5 if attention_end else 3) * TINY.num_layers - 1
+  assert pads["off"] - pads["on"] == fewer, pads
 
 
 @pytest.mark.parametrize("attention_end", [False, True], ids=["tails", "attention end"])
@@ -147,12 +149,13 @@ def test_choose(monkeypatch):
 
 @pytest.mark.parametrize("name", ["tiny", "gemma4_e4b", "gemma4_e2b"])
 def test_kernels_lower_for_the_gpu(monkeypatch, name):
-  """A decode step lowers to Triton (exported for CUDA on the CPU): three kernels a layer (the
-  attention kernels off), for the tiny model and the E4B and E2B shapes."""
+  """A decode step lowers to Triton (exported for CUDA on the CPU): four kernels a layer (the
+  PLE kernels' three and the attention end; the attention kernels off), for the tiny model and
+  the E4B and E2B shapes."""
   monkeypatch.setenv(ple_kernels.ENV, "on")
   monkeypatch.setenv(decode_attention.ENV, "off")
   kernels, layers = dkt.triton_kernels_lowered(TINY, name, monkeypatch)
-  assert kernels == 3 * layers
+  assert kernels == 4 * layers
 
 
 def test_generate_with_kernels_equals_xla(monkeypatch):
