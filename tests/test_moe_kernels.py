@@ -228,4 +228,3 @@ def test_generate_with_kernels_equals_xla(monkeypatch):
   np.testing.assert_array_equal(on, off)
   for tokens in spec:
     np.testing.assert_array_equal(tokens, on)
-
