@@ -570,8 +570,7 @@ def _up_kernel(z_ref, a_ref, pa_ref, pf_ref, wg_ref, wu_ref, g_ref, z1_ref, *, d
   z1 = [rnd(zc + ac) for zc, ac in zip(z, _norm(a, pa, da, eps, rnd))]
   xn = _norm(z1, pf, da, eps, rnd)
   gate, up = rnd(_matvec(xn, wg)), rnd(_matvec(xn, wu))
-  inner = np.float32(np.sqrt(2.0 / np.pi)) * (gate + np.float32(0.044715) * gate * gate * gate)
-  g_ref[...] = rnd(rnd(0.5 * gate * (1.0 + jnp.tanh(inner))) * up)
+  g_ref[...] = rnd(rnd(matvec.gelu_tanh(gate)) * up)
   _store_chunks(z1_ref, spans, z1)
 
 

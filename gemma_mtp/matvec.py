@@ -116,7 +116,8 @@ def block_config(groups: int, k: int, n: int, *, itemsize: int = 2,
 
 
 def gelu_tanh(x):
-  """tanh-approximated GELU (`layers.gelu`) of a float32 value inside a kernel."""
+  """tanh-approximated GELU (`layers.gelu`) of a float32 value inside a kernel (the drafter and
+  PLE kernels)."""
   inner = np.float32(np.sqrt(2.0 / np.pi)) * (x + np.float32(0.044715) * x * x * x)
   return 0.5 * x * (1.0 + jnp.tanh(inner))
 
