@@ -62,6 +62,9 @@
 #   bash experiments/run_h200.sh ple_kernels4      # one H200: the PLE kernels as kept (BL)
 #   bash experiments/run_h200.sh ple_verify        # one H200: PLE kernels in verification (BM)
 #   bash experiments/run_h200.sh kernels_bench     # one H200: benchmark decode, all kernels (BI)
+#   bash experiments/run_h200.sh kernels_bench_all # one H200: E4B, E2B, 26B-A4B, all parts (CJ)
+#   bash experiments/run_h200.sh gpu_pair_full     # one GPU: the pair on full budgets (CK), then
+#   bash experiments/run_h200.sh gpu_pair_full_eval  # its speeds in fresh processes (CK2)
 #   bash experiments/run_h200.sh verify_attention  # one GPU: attention kernels in verification (BO)
 #   bash experiments/run_h200.sh verify_ple        # one GPU: E4B verification, PLE kernels (BP)
 #   bash experiments/run_h200.sh verify_others     # one GPU: 31B, 26B-A4B, E2B verification (BQ-BS)
@@ -712,6 +715,38 @@ case "${1:-}" in
         --out="$OUT/benchmark_drafters_final_h200.json" > "$OUT/benchmark_drafters.log" 2>&1
     grep -E "drafter:" "$OUT/benchmark_drafters.log" | tail -4
     ;;
+  kernels_bench_all)  # session 27, run CJ: the H200 record's E4B, E2B and 26B-A4B figures
+                     # (decode, verification, drafter steps, predictions) with the attention end
+                     # (ple_kernels.ATTENTION_END, session 26) in one command (an H200 only)
+    nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 || { echo "not an H200"; exit 3; }
+    cp "$BENCH" "$OUT/benchmark_h200.json"
+    timeout 585 python experiments/benchmark.py --update --deadline_s=545 \
+        --models=gemma4_e4b,gemma4_e2b,gemma4_26b_a4b --parts=copy,decode,verify,drafter,predict \
+        --out="$OUT/benchmark_h200.json" > "$OUT/benchmark_kernels_all.log" 2>&1
+    grep -E "ms/step|drafter:|copy band|deadline" "$OUT/benchmark_kernels_all.log" | cut -c1-200
+    ;;
+  gpu_pair_full)     # session 27, run CK: the GPU pair trained on run AM's full budgets (150 s
+                     # target, 75 s drafter) at this library, acceptance on 16 held-out prompts;
+                     # its speeds are timed in fresh processes by gpu_pair_full_eval (the slow
+                     # mode of plain decoding has been seen only in processes that trained first)
+    timeout 590 python experiments/reproduce_gpu.py --config=configs/reproduce_gpu.py \
+        --config.out_dir=runs/gpu --config.full_eval=False --config.measure_speed=False \
+        "--config.conventions=('hf',)" --config.eval_prompts=16 > "$OUT/reproduce_full.log" 2>&1
+    cp runs/gpu/reproduce.json "$OUT/reproduce_full_h200.json"
+    grep -E "done in|acceptance|tokens per" "$OUT/reproduce_full.log" | cut -c1-200 | tail -12
+    ;;
+  gpu_pair_full_eval)  # session 27, run CK2: run CK's pair (runs/gpu/demo, kept on the machine)
+                     # timed in two fresh processes: plain, K = 4 and 8, adaptive, on held-out
+                     # code, prose and the mixed workload, batch 1 greedy, calibrated, 3 passes
+    for i in 1 2; do
+      timeout 270 python experiments/evaluate.py \
+          --target=runs/gpu/demo/target --drafter=runs/gpu/demo/drafter \
+          --tokenizer=runs/gpu/demo/tokenizer.model --workload_prompts=10 --temperatures= \
+          --draft_lengths=4,8 --verify_costs=1,1 --calibrate --workload_repeats=3 \
+          --out="$OUT/evaluate_full${i}_h200.json" > "$OUT/evaluate_full$i.log" 2>&1
+      grep -hE "workload (code|prose|mixed)" "$OUT/evaluate_full$i.log" | cut -c1-160
+    done
+    ;;
   *)
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
          "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts |" \
@@ -723,7 +758,7 @@ case "${1:-}" in
          "decode_attention3 | decode_attention_big | decode_attention_ranges | ranges_batch4 |" \
          "moe_router |" \
          "decode_attention_bench | ple_kernels | ple_kernels2 | ple_kernels3 | ple_kernels4 |" \
-         "ple_verify | kernels_bench" >&2
+         "ple_verify | kernels_bench | kernels_bench_all | gpu_pair_full | gpu_pair_full_eval" >&2
     exit 2
     ;;
 esac
