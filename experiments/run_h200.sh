@@ -101,6 +101,18 @@ gpu_pair_run() {
       > "$OUT/reproduce_${name}_h200_metrics.jsonl"
 }
 
+# gpu_pair_fresh_eval I SECONDS: the GPU pair in runs/gpu/demo timed by a fresh evaluate.py:
+# plain, K = 4 and 8, adaptive, on held-out code, prose and the mixed workload, batch 1 greedy,
+# 8 prompts, calibrated round costs, 3 passes; record $OUT/evaluate_fullI_h200.json, log alike.
+gpu_pair_fresh_eval() {
+  timeout "$2" python experiments/evaluate.py \
+      --target=runs/gpu/demo/target --drafter=runs/gpu/demo/drafter \
+      --tokenizer=runs/gpu/demo/tokenizer.model --workload_prompts=8 --temperatures= \
+      --draft_lengths=4,8 --verify_costs=1,1 --calibrate --workload_repeats=3 \
+      --out="$OUT/evaluate_full$1_h200.json" > "$OUT/evaluate_full$1.log" 2>&1
+  grep -hE "workload (code|prose|mixed)" "$OUT/evaluate_full$1.log" | cut -c1-160
+}
+
 case "${1:-}" in
   train_and_bench)
     (CUDA_VISIBLE_DEVICES=0 timeout 575 python experiments/reproduce_gpu.py \
@@ -726,26 +738,21 @@ case "${1:-}" in
     grep -E "ms/step|drafter:|copy band|deadline" "$OUT/benchmark_kernels_all.log" | cut -c1-200
     ;;
   gpu_pair_full)     # session 27, run CK: the GPU pair trained on run AM's full budgets (150 s
-                     # target, 75 s drafter) at this library, acceptance on 16 held-out prompts;
-                     # its speeds are timed in fresh processes by gpu_pair_full_eval (the slow
-                     # mode of plain decoding has been seen only in processes that trained first)
-    timeout 590 python experiments/reproduce_gpu.py --config=configs/reproduce_gpu.py \
+                     # target, 75 s drafter) at this library, acceptance on 8 held-out prompts,
+                     # then its speeds timed in a fresh process (the slow mode of plain decoding
+                     # has been seen only in processes that trained first); gpu_pair_full_eval
+                     # times it again in more fresh processes
+    timeout 410 python experiments/reproduce_gpu.py --config=configs/reproduce_gpu.py \
         --config.out_dir=runs/gpu --config.full_eval=False --config.measure_speed=False \
-        "--config.conventions=('hf',)" --config.eval_prompts=16 > "$OUT/reproduce_full.log" 2>&1
+        "--config.conventions=('hf',)" --config.eval_prompts=8 > "$OUT/reproduce_full.log" 2>&1
     cp runs/gpu/reproduce.json "$OUT/reproduce_full_h200.json"
-    grep -E "done in|acceptance|tokens per" "$OUT/reproduce_full.log" | cut -c1-200 | tail -12
+    grep -E "done in|acceptance" "$OUT/reproduce_full.log" | cut -c1-200 | tail -6
+    gpu_pair_fresh_eval 1 175
     ;;
   gpu_pair_full_eval)  # session 27, run CK2: run CK's pair (runs/gpu/demo, kept on the machine)
-                     # timed in two fresh processes: plain, K = 4 and 8, adaptive, on held-out
-                     # code, prose and the mixed workload, batch 1 greedy, calibrated, 3 passes
-    for i in 1 2; do
-      timeout 270 python experiments/evaluate.py \
-          --target=runs/gpu/demo/target --drafter=runs/gpu/demo/drafter \
-          --tokenizer=runs/gpu/demo/tokenizer.model --workload_prompts=10 --temperatures= \
-          --draft_lengths=4,8 --verify_costs=1,1 --calibrate --workload_repeats=3 \
-          --out="$OUT/evaluate_full${i}_h200.json" > "$OUT/evaluate_full$i.log" 2>&1
-      grep -hE "workload (code|prose|mixed)" "$OUT/evaluate_full$i.log" | cut -c1-160
-    done
+                     # timed in two more fresh processes
+    gpu_pair_fresh_eval 2 270
+    gpu_pair_fresh_eval 3 270
     ;;
   *)
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \
