@@ -24,7 +24,6 @@ timed next to the best fixed chain length (batch 1 and 8).
 """
 
 import dataclasses
-import sysconfig
 
 from absl import app
 from absl import flags

@@ -103,14 +103,14 @@ gpu_pair_run() {
 
 # gpu_pair_fresh_eval I SECONDS: the GPU pair in runs/gpu/demo timed by a fresh evaluate.py:
 # plain, K = 4 and 8, adaptive, on held-out code, prose and the mixed workload, batch 1 greedy,
-# 8 prompts, calibrated round costs, 3 passes; record $OUT/evaluate_fullI_h200.json, log alike.
+# 8 prompts, calibrated round costs, 3 passes; record $OUT/evaluate_gpu_pair_freshI_h200.json.
 gpu_pair_fresh_eval() {
   timeout "$2" python experiments/evaluate.py \
       --target=runs/gpu/demo/target --drafter=runs/gpu/demo/drafter \
       --tokenizer=runs/gpu/demo/tokenizer.model --workload_prompts=8 --temperatures= \
       --draft_lengths=4,8 --verify_costs=1,1 --calibrate --workload_repeats=3 \
-      --out="$OUT/evaluate_full$1_h200.json" > "$OUT/evaluate_full$1.log" 2>&1
-  grep -hE "workload (code|prose|mixed)" "$OUT/evaluate_full$1.log" | cut -c1-160
+      --out="$OUT/evaluate_gpu_pair_fresh$1_h200.json" > "$OUT/evaluate_gpu_pair_fresh$1.log" 2>&1
+  grep -hE "workload (code|prose|mixed)" "$OUT/evaluate_gpu_pair_fresh$1.log" | cut -c1-160
 }
 
 case "${1:-}" in
@@ -746,15 +746,15 @@ case "${1:-}" in
     timeout 500 python experiments/reproduce_gpu.py --config=configs/reproduce_gpu.py \
         --config.out_dir=runs/gpu --config.full_eval=False --config.measure_speed=False \
         "--config.conventions=('hf',)" --config.eval_prompts=8 > "$OUT/reproduce_full.log" 2>&1
-    cp runs/gpu/reproduce.json "$OUT/reproduce_full_h200.json"
+    cp runs/gpu/reproduce.json "$OUT/reproduce_gpu_pair_full_h200.json"
     grep -E "done in|acceptance" "$OUT/reproduce_full.log" | cut -c1-200 | tail -6
     left=$((588 - SECONDS))                  # what is left of one 10-minute command
     if [ "$left" -gt 90 ]; then gpu_pair_fresh_eval 1 "$left"; else echo "no time to time it"; fi
     ;;
   gpu_pair_full_eval)  # session 27, run CK2: run CK's pair (runs/gpu/demo, kept on the machine)
                      # timed in two more fresh processes
-    gpu_pair_fresh_eval 2 270
-    gpu_pair_fresh_eval 3 270
+    gpu_pair_fresh_eval 2 140
+    gpu_pair_fresh_eval 3 140
     ;;
   *)
     echo "usage: $0 train_and_bench | tp_hf_domain | variants_and_bench | fused_one_gpu |" \

@@ -372,10 +372,14 @@ def adaptive_table(records: dict[str, dict], workload: str = "mixed") -> list[st
 
 
 def gpu_pair_records() -> dict[str, dict]:
-  """The committed GPU-pair records with interleaved workload passes, in time order."""
+  """The committed GPU-pair records with interleaved workload passes, in time order: those of
+  `reproduce_gpu.py` and those of `evaluate.py` timing a trained pair in a process of its own
+  (`evaluate_gpu_pair_*`: its workloads read as a reproduction's 'hf' evaluation)."""
   recs = {}
   for path in sorted(RESULTS.glob("*gpu*.json")):
     rec = json.loads(path.read_text())
+    if "workloads" in rec:
+      rec = {**rec, "evaluation": {"hf": {"workloads": rec["workloads"]}}}
     ev = rec.get("evaluation", {})
     w = ev.get("hf", {}).get("workloads", []) if isinstance(ev, dict) else []
     if w and "seconds_runs" in w[0]:

@@ -16,7 +16,6 @@ buffers, since attention reads every slot) divided by the latency. One JSON reco
 
 from __future__ import annotations
 
-import math
 import pathlib
 import time
 

@@ -214,14 +214,14 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
   their acceptance estimator from one prompt to the next within a pass
   (`api.generate(adaptive_state=)`), as a serving loop would; each pass starts from the prior.
   Their costs are `draft_cost` / `verify_costs` (`metrics.spec_config`), or with `calibrate` the
-  round costs measured in the loop by calibration passes (`repeats`, the median) of plain
-  decoding and every fixed K over the first workload, before any timed pass (`round_costs`: what
-  a round of each K costs relative to a plain decoding step, everything in the round included;
-  `costs` carries the calibration's median seconds), and with chain buckets only also
-  'adaptive, warm': the same rule, each pass starting from the estimator that the longest
-  fixed K's last calibration pass left, where 'adaptive' starts from the prior, so that the
-  first prompt of a pass does not pay for the rule's warm-up (run AM: code's first prompt took
-  30 rounds adaptive against K = 8's 20). The timed passes of the adaptive
+  round costs measured in the loop by calibration passes (one untimed, then `repeats`, the
+  fastest) of plain decoding and every fixed K over the first workload, before any timed pass
+  (`round_costs`: what a round of each K costs relative to a plain decoding step, everything in
+  the round included; `costs` carries the calibration's fastest seconds), and with chain
+  buckets only also 'adaptive, warm': the same rule, each pass starting from the estimator that
+  the longest fixed K's last calibration pass left, where 'adaptive' starts from the prior, so
+  that the first prompt of a pass does not pay for the rule's warm-up (run AM: code's first
+  prompt took 30 rounds adaptive against K = 8's 20). The timed passes of the adaptive
   configurations are then interleaved with the fixed ones like any other (NOTES run AC: run
   after all the fixed passes of a workload, right after their compilation, they were sometimes
   20% slower).
@@ -316,12 +316,17 @@ def evaluate_workloads(target, drafter, workloads: dict[str, Sequence[Sequence[i
   if adaptive is None:   # calibration passes of plain and fixed K over the first workload
     wname, prompts = next(iter(workloads.items()))
     chains = {cname: c for cname, c in fixed.items() if cname == "plain" or cname[:2] == "K="}
+    # One untimed pass each first: right after compilation, passes can run slow (NOTES run AC).
+    for c in chains.values():
+      _timed_pass(target, prompts, c, kw)
     done = {cname: [] for cname in chains}
     for _ in range(repeats):
       for cname, c in chains.items():
         done[cname].append(_timed_pass(target, prompts, c, kw))
+    # Each configuration's fastest pass: timing noise only adds (NOTES run CK: one process's
+    # calibration put a round of K=8 at 2.54 plain steps, its timed passes at 2.26).
     calibration = [_workload_entry(wname, cname, {**runs[0], "seconds_runs": [
-        r["seconds"] for r in runs]}) for cname, runs in done.items()]
+        min(r["seconds"] for r in runs)]}) for cname, runs in done.items()]
     adaptive = adaptive_configs(0.0, round_costs(calibration, buckets))
     # 'adaptive, warm': the rule's estimator starts each pass where the longest fixed K's last
     # calibration prompt left it (a fixed-K run counts its rounds and keeps the prior's bucket,

@@ -15,7 +15,6 @@ from gemma_mtp import config as config_lib
 from gemma_mtp import decoding
 from gemma_mtp import drafter as drafter_lib
 from gemma_mtp import kv_cache
-from gemma_mtp import model as model_lib
 from gemma_mtp import sampling
 from gemma_mtp import speculative
 from tests.test_sampling import FALSE_ALARM, chi2_pvalue
@@ -205,12 +204,13 @@ def test_workloads_with_per_call_adaptivity_and_calibrated_costs(monkeypatch):
   configuration emits every token, and each reports the median of its three passes ('mixed' of
   one workload: the same passes)."""
   from gemma_mtp import pipeline  # pylint: disable=g-import-not-at-top
-  order, timed_pass = [], pipeline._timed_pass   # pylint: disable=protected-access
+  order, passes, timed_pass = [], [], pipeline._timed_pass   # pylint: disable=protected-access
 
   def recording(target, prompts, config, kw):
     spec = config.get("spec_config")
     order.append("A" if "per_call" in config or (spec and spec.adaptive) else "F")
-    return timed_pass(target, prompts, config, kw)
+    passes.append(timed_pass(target, prompts, config, kw))
+    return passes[-1]
 
   monkeypatch.setattr(pipeline, "_timed_pass", recording)
   target, drafter = agreeing_pair(TARGET, residual_scale=0.0)
@@ -218,9 +218,9 @@ def test_workloads_with_per_call_adaptivity_and_calibrated_costs(monkeypatch):
                                      max_new_tokens=24, calibrate=True, per_call=True, repeats=3,
                                      dispatches=("loops", "switch"),
                                      rule_variants=("position_decay=when_judged",))
-  # Calibration (plain, K=1, K=2; three times), then the timed passes, all nine configurations
-  # in turn, three times.
-  assert "".join(order) == "FFF" * 3 + "FFFAAAAAA" * 3
+  # Calibration (plain, K=1, K=2; once untimed, then three times), then the timed passes, all
+  # nine configurations in turn, three times.
+  assert "".join(order) == "FFF" * 4 + "FFFAAAAAA" * 3
   configs = ["plain", "K=1", "K=2", "adaptive", "adaptive, dispatch=switch",
              "adaptive, position_decay=when_judged", "adaptive per call", "adaptive, warm",
              "adaptive, warm, position_decay=when_judged"]
@@ -236,7 +236,16 @@ def test_workloads_with_per_call_adaptivity_and_calibrated_costs(monkeypatch):
   assert all(runs["mixed", c] == runs["code", c] for c in configs)
   costs = next(e["costs"] for e in work if e["config"] == "adaptive per call")
   assert costs["calibrated"] and costs["draft_cost"] == 0.0
-  assert set(costs["calibration_seconds"]) == {"plain", "K=1", "K=2"}
+  # The calibration's costs come from each configuration's fastest timed pass (not the untimed
+  # first ones).
+  fastest = {c: min(p["seconds"] for p in passes[3 + i:12:3])
+             for i, c in enumerate(("plain", "K=1", "K=2"))}
+  assert costs["calibration_seconds"] == fastest
+  forwards = {c: passes[i]["forwards"] for i, c in enumerate(("plain", "K=1", "K=2"))}
+  step = fastest["plain"] / forwards["plain"]
+  want = {1: max(1.0, fastest["K=1"] / forwards["K=1"] / step)}
+  want[2] = max(want[1], fastest["K=2"] / forwards["K=2"] / step)
+  assert costs["verify_costs"] == pytest.approx(want)
   assert 1.0 <= costs["verify_costs"][1] <= costs["verify_costs"][2]
   # Drafts always accepted: a prompt run at K takes ceil(23 / (K + 1)) rounds (the first of its
   # 24 tokens comes from the prefill). Per call, each bucket's rounds are whole prompts.
@@ -259,6 +268,26 @@ def test_workloads_with_per_call_adaptivity_and_calibrated_costs(monkeypatch):
       assert e["seconds_at_fixed_rounds"] == pytest.approx(want)
     else:
       assert "seconds_at_fixed_rounds" not in e
+
+
+def test_draft_cost_times_the_drafter_over_more_steps(monkeypatch):
+  """`bench.draft_cost`: the drafter's slope runs `drafter_long` steps (its steps are several
+  times shorter than the target's, and 16 of them are within a GPU's timing jitter), and the
+  ratio is the drafter's step over the target's."""
+  from gemma_mtp import bench  # pylint: disable=g-import-not-at-top
+  target, drafter = agreeing_pair(TARGET, residual_scale=0.0)
+  calls = []
+
+  def slope(run, *, short, long, repeats):
+    calls.append((short, long, repeats))
+    run(short)   # each loop still runs (compiles and executes) at its short length
+    return {"per_step_s": 0.004 if len(calls) == 1 else 0.001}
+
+  monkeypatch.setattr(bench, "slope_seconds", slope)
+  cost = bench.draft_cost(target.params, target.config, drafter.params, drafter.config,
+                          context=64)
+  assert calls == [(4, 20, 5), (4, 100, 5)]   # target, then drafter
+  assert cost == {"target_step_s": 0.004, "drafter_step_s": 0.001, "ratio": 0.25}
 
 
 def test_rule_variants_parse_as_their_fields_type():

@@ -64,10 +64,14 @@ def test_adaptive_against_the_best_fixed_length():
 
 
 def test_committed_gpu_pair_records_summarize():
-  """Every committed GPU-pair record with interleaved passes has a row, in time order."""
+  """Every committed GPU-pair record with interleaved passes has a row, in time order: the
+  reproductions' and `evaluate.py`'s (a trained pair timed in a process of its own)."""
   tables = _tables()
   records = tables.gpu_pair_records()
   assert "reproduce_gpu_pair_decay_rep2_h100" in records
+  assert "evaluate_gpu_pair_fresh3_h100" in records and "reproduce_gpu_h200" not in records
+  fresh = tables.adaptive_vs_fixed(records["evaluate_gpu_pair_fresh3_h100"])
+  assert fresh["best_fixed"] == "K=8" and fresh["adaptive"]["adaptive"]["gain"] < -0.05
   times = [r["environment"]["time_utc"] for r in records.values()]
   assert times == sorted(times)
   lines = tables.adaptive_table(records)
