@@ -737,6 +737,25 @@ case "${1:-}" in
         --out="$OUT/benchmark_h200.json" > "$OUT/benchmark_kernels_all.log" 2>&1
     grep -E "ms/step|drafter:|copy band|deadline" "$OUT/benchmark_kernels_all.log" | cut -c1-200
     ;;
+  kernels_bench_other)  # session 28, run CM (on an H100): the figures of kernels_bench_all in a
+                     # record of their own on any card, then 31B's batch-1 decode and
+                     # 5-position verification, then 26B-A4B's and E4B's batch-1 figures in a
+                     # second process with 5 repeats (run CM, sent as three commands of
+                     # 331, 36 and 96 s, predates bench.forward_ids)
+    G=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+    case "$G" in *H200*) C=h200;; *) C=h100;; esac
+    timeout 380 python experiments/benchmark.py --deadline_s=350 \
+        --models=gemma4_e4b,gemma4_e2b,gemma4_26b_a4b --parts=copy,decode,verify,drafter,predict \
+        --out="$OUT/benchmark_kernels_all_$C.json" > "$OUT/benchmark_kernels_all_$C.log" 2>&1
+    timeout 100 python experiments/benchmark.py --deadline_s=80 --models=gemma4_31b --batches=1 \
+        --contexts=1024 --verify_k=4 --verify_models=gemma4_31b --parts=copy,decode,verify \
+        --out="$OUT/benchmark_31b_$C.json" > "$OUT/benchmark_31b_$C.log" 2>&1
+    timeout 110 python experiments/benchmark.py --deadline_s=90 --repeats=5 \
+        --models=gemma4_26b_a4b,gemma4_e4b --batches=1 --contexts=1024 --verify_k=4 \
+        --verify_models=gemma4_e4b --parts=copy,decode,verify \
+        --out="$OUT/benchmark_b1_repeat_$C.json" > "$OUT/benchmark_b1_repeat_$C.log" 2>&1
+    grep -hE "ms/step|drafter:|copy band|deadline" "$OUT"/benchmark_*_$C.log | cut -c1-200
+    ;;
   gpu_pair_full)     # session 27, run CK: the GPU pair trained on run AM's full budgets (150 s
                      # target, 75 s drafter) at this library, acceptance on 8 held-out prompts,
                      # then its speeds timed in a fresh process (the slow mode of plain decoding
@@ -761,7 +780,7 @@ case "${1:-}" in
          "paired_probe | adaptive_cmdbuf | switch_root | conditional_cmdbuf | unrolled_drafts |" \
          "dispatch_compare | gpu_pair | loop_graphs | pair_layouts | drafter_kernels |" \
          "gpu_pair_kernels | gpu_pair_warm | gpu_pair_k16 | gpu_pair_steps8 | gpu_pair_steps8_eq |" \
-         "gpu_pair_decay | drafter_warps |" \
+         "gpu_pair_decay | drafter_warps | kernels_bench_other |" \
          "released_drafters | kernels_first | drafter_options | drafter_options2 |" \
          "drafter_options3 | drafter_final | drafter_warps_probe | drafter_warps8_probe | decode_attention | decode_attention2 |" \
          "decode_attention3 | decode_attention_big | decode_attention_ranges | ranges_batch4 |" \

@@ -129,19 +129,35 @@ def synthetic_cache(cfg: ModelConfig, batch: int, max_len: int, chunk: int = 1):
   return kvc.init_cache(cfg, batch, max_len, max_chunk=chunk)
 
 
+def forward_ids(tokens: jax.Array, chunk: int, vocab: int) -> jax.Array:
+  """The (B, chunk) token ids of one timed forward: `tokens` (B,) made distinct across rows and
+  positions (row r, position j: tokens[r] + r * chunk + j, mod `vocab`).
+
+  A MoE layer routes equal ids alike: B rows of one token read k experts a layer where real
+  decoding of B sequences reads ~`expected_experts_read(cfg, B)` distinct ones, the bytes the
+  record counts. Records made before session 28 fed one token to every row and position: their
+  decode entries lack `distinct_ids`, and their 26B-A4B figures above one position a step
+  overstate the bandwidth (batch 8 read 8 experts a layer, not the ~52 counted).
+  """
+  b = tokens.shape[0]
+  offsets = jnp.arange(b * chunk, dtype=jnp.int32).reshape(b, chunk)
+  return (tokens[:, None] + offsets) % vocab
+
+
 @functools.partial(jax.jit, static_argnames=("config", "chunk"), donate_argnums=(1,))
 def decode_loop(params, cache, tokens, length, steps, *, config: ModelConfig, chunk: int = 1):
   """`steps` target forwards of `chunk` positions per row starting at cache index `length`.
 
   Each forward commits one position (plain decoding: chunk = 1; a verification of K drafts that
-  all get rejected: chunk = K + 1) and feeds back its greedy token. Returns (cache, tokens).
+  all get rejected: chunk = K + 1) and feeds back its greedy token, spread by `forward_ids` to
+  distinct ids in every row and position. Returns (cache, tokens).
   """
   b = tokens.shape[0]
   cache = cache.replace(length=jnp.full((b,), length, jnp.int32))
 
   def body(_, carry):
     cache, tok = carry
-    res = model_lib.forward(params, jnp.broadcast_to(tok[:, None], (b, chunk)), config=config,
+    res = model_lib.forward(params, forward_ids(tok, chunk, config.vocab_size), config=config,
                             cache=cache)
     nxt = jnp.argmax(res.logits[:, -1], axis=-1).astype(jnp.int32)
     return res.cache.replace(length=cache.length + 1), nxt
@@ -493,7 +509,7 @@ def summarize_decode(cfg: ModelConfig, case: DecodeCase, timing: dict, copy_gb_p
       "tokens_per_second": case.batch / per_step if case.chunk == 1 else None,
       "weight_bytes": w["total"], "kv_bytes": kv, "bytes_per_step": read,
       "achieved_gb_per_s": gbs, "bandwidth_fraction": gbs / copy_gb_per_s,
-      "timing": timing,
+      "timing": timing, "distinct_ids": True,   # forward_ids: rows and positions route apart
   }
   if w["experts_all"]:
     entry["expert_bytes_routed"] = w["experts_routed"]

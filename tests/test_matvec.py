@@ -168,3 +168,32 @@ def test_expected_experts_read_counts_distinct_experts():
   assert bench.expected_experts_read(cfg, 1) == pytest.approx(8)
   # 8 tokens: fewer distinct experts than the 64 pairs (some are shared).
   assert 8 * 8 * 0.8 < bench.expected_experts_read(cfg, 8) < 64
+
+
+def test_benchmark_forwards_route_rows_and_positions_apart(monkeypatch):
+  """The benchmark's timed forwards feed distinct ids, so a MoE layer reads experts for every row
+  and position as real decoding does (one repeated id would route all of them to k experts and
+  read far fewer bytes than the record counts)."""
+  from gemma_mtp import bench, layers  # pylint: disable=g-import-not-at-top
+  ids = bench.forward_ids(jnp.ones((8,), jnp.int32), 5, 1000)
+  assert ids.shape == (8, 5) and len(np.unique(np.asarray(ids))) == 40
+  assert int(bench.forward_ids(jnp.array([999], jnp.int32), 2, 1000)[0, 1]) == 0   # mod vocab
+
+
+  cfg = config_lib.tiny(num_experts=16, num_experts_per_token=2, expert_dim=32,
+                        layer_types=config_lib.pattern(2, 2))
+  params = bench.random_params(params_lib.param_specs(cfg), cfg, jax.random.PRNGKey(0))
+  routed, real = [], layers.route
+  def spy(x, p, **kw):
+    weights, experts = real(x, p, **kw)
+    jax.debug.callback(lambda e: routed.append(np.asarray(e)), experts)
+    return weights, experts
+  monkeypatch.setattr(layers, "route", spy)
+  batch, chunk = 4, 2
+  cache = bench.synthetic_cache(cfg, batch, 16, chunk)
+  bench.decode_loop(params, cache, jnp.ones((batch,), jnp.int32), jnp.int32(4), jnp.int32(1),
+                    config=cfg, chunk=chunk)
+  jax.effects_barrier()
+  assert routed and all(e.shape == (batch * chunk, 2) for e in routed)
+  # 8 tokens over 16 experts, 2 each: ~10 distinct expected under uniform routing; 2 if alike.
+  assert all(len(np.unique(e)) > 4 for e in routed), [np.unique(e) for e in routed]
