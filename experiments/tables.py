@@ -48,10 +48,11 @@ def decode_table(rec: dict) -> list[str]:
   return out + ([""] + notes if notes else [])
 
 
-ROWS_ALIKE_NOTE = ("\u2020 timed with one token in every row (before `bench.forward_ids`, "
-                   "session 28): every row routed to the same 8 experts a layer, not the ~52 "
-                   "(batch 8) or ~112 (batch 32) distinct ones whose bytes are counted, so the "
-                   "fraction overstates the step's bandwidth")
+ROWS_ALIKE_NOTE = ("\u2020 timed with one token id in every row and position (before "
+                   "`bench.forward_ids`, session 28): every token routed to the same 8 experts a "
+                   "layer, where real decoding reads ~52 distinct ones at batch 8 (~112 at 32), "
+                   "so these steps read fewer expert bytes than decoding does and their "
+                   "bandwidth fractions overstate it")
 
 
 def _rows_alike(d: dict) -> bool:
@@ -291,18 +292,21 @@ def kernel_table(rec: dict) -> list[str]:
   """Decode with the Pallas kernels off and on (kernel_probe record, its 'decode' part)."""
   out = [_row("shape", "case", "XLA ms / step", "kernels ms / step", "speedup",
               "kernels + gathered experts to batch 16 ms / step"), _row(*["---"] * 6)]
+  alike = False
   for name, entries in rec["decode"].items():
     by = {}
     for e in entries:
       if "ms_per_step" in e:
         case = f"batch {e['batch']}" + (f", {e['positions_per_forward']} positions"
                                         if e["positions_per_forward"] > 1 else "")
+        case += "\u2020" if _rows_alike(e) else ""
+        alike = alike or _rows_alike(e)
         by.setdefault(case, {})[e["variant"]] = e["ms_per_step"]
     for case, v in by.items():
       gather = f"{v['on_gather']:.2f}" if "on_gather" in v else "-"
       out.append(_row(name.replace("gemma4_", ""), case, f"{v['off']:.2f}", f"{v['on']:.2f}",
                       f"{v['off'] / v['on']:.2f}x", gather))
-  return out
+  return out + (["", ROWS_ALIKE_NOTE] if alike else [])
 
 
 def tp_table(rec: dict) -> list[str]:
@@ -556,13 +560,14 @@ def ple_kernel_rows(records: dict[str, dict], *, against_xla: bool = False) -> d
 def _switch_rows(records: dict[str, dict], side_of) -> dict[tuple, dict]:
   """{case: {off, on, change}} from the records' entries that `side_of(variant, batch, env,
   positions, entry=the entry)` calls 'off' or 'on' (the first of each side a case in a record; later records
-  replace a case)."""
+  replace a case); `alike`: True where a MoE case was timed with one token in every row and
+  position (`_rows_alike`)."""
   rows = {}
   for rec in records.values():
     for model, entries in rec.items():
       if not isinstance(entries, list):
         continue
-      ms = {}
+      ms, alike = {}, set()
       for e in entries:
         if "ms_per_step" in e:
           case = (model, e["batch"], e["context"], e["positions_per_forward"])
@@ -570,9 +575,12 @@ def _switch_rows(records: dict[str, dict], side_of) -> dict[tuple, dict]:
                          entry=e)
           if side and side not in ms.get(case, {}):
             ms.setdefault(case, {})[side] = e["ms_per_step"]
+          if _rows_alike(e):
+            alike.add(case)
       for case, m in ms.items():
         if "off" in m and "on" in m:
-          rows[case] = {**m, "change": m["on"] / m["off"] - 1}
+          rows[case] = {**m, "change": m["on"] / m["off"] - 1,
+                        **({"alike": True} if case in alike else {})}
   return rows
 
 
@@ -581,9 +589,9 @@ def _off_on_table(rows: dict[tuple, dict], off_name: str) -> list[str]:
   out = [_row("model", "batch", "context", "positions", off_name, "the kernels", "change"),
          _row(*["---"] * 7)]
   for (model, b, ctx, t), m in sorted(rows.items()):
-    out.append(_row(model, b, ctx, t, f"{m['off']:.3f} ms", f"{m['on']:.3f} ms",
-                    f"{m['change']:+.1%}"))
-  return out
+    out.append(_row(model + ("\u2020" if m.get("alike") else ""), b, ctx, t,
+                    f"{m['off']:.3f} ms", f"{m['on']:.3f} ms", f"{m['change']:+.1%}"))
+  return out + (["", ROWS_ALIKE_NOTE] if any(m.get("alike") for m in rows.values()) else [])
 
 
 def attention_kernel_table(records: dict[str, dict]) -> list[str]:
@@ -666,9 +674,9 @@ def verification_kernel_table(records: dict[str, dict]) -> list[str]:
       side = lambda n: "on" if decode_attention.auto_takes(
           config_lib.PRESETS[model](), b, n) else "off"
       ratio = f"{m[side(t)] / one[side(1)]:.3f} ({side(t)} / {side(1)})"
-    out.append(_row(model, b, ctx, t, f"{m['off']:.3f} ms", f"{m['on']:.3f} ms",
-                    f"{m['change']:+.1%}", ratio))
-  return out
+    out.append(_row(model + ("\u2020" if m.get("alike") else ""), b, ctx, t,
+                    f"{m['off']:.3f} ms", f"{m['on']:.3f} ms", f"{m['change']:+.1%}", ratio))
+  return out + (["", ROWS_ALIKE_NOTE] if any(m.get("alike") for m in rows.values()) else [])
 
 
 def moe_kernel_rows(records: dict[str, dict]) -> dict[tuple, dict]:

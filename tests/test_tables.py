@@ -336,6 +336,30 @@ def test_moe_kernel_rows():
   assert table[2] == "| m | 1 | 1024 | 1 | 4.400 ms | 4.000 ms | -9.1% |" and len(table) == 4
 
 
+def test_off_on_and_kernel_tables_mark_moe_rows_timed_alike():
+  """A MoE case of several tokens a step timed with one token id everywhere gets a dagger and
+  the note; one token a step, or entries with `distinct_ids`, do not."""
+  tables = _tables()
+  rec = _probe("2026-12-06T16:30:00", [("fused_moe_on", 1, 4.0), ("fused_moe_off", 1, 4.4),
+                                       ("fused_moe_on", 8, 7.0), ("fused_moe_off", 8, 7.7),
+                                       ("fused_moe_on", 2, 5.0), ("fused_moe_off", 2, 5.5)])
+  for e in rec["m"]:
+    e["expert_bytes_routed"] = 1.0
+    e["distinct_ids"] = e["batch"] == 2
+  rows = tables.moe_kernel_rows({"r": rec})
+  assert [k[1] for k, m in rows.items() if m.get("alike")] == [8]
+  table = tables.moe_kernel_table({"r": rec})
+  assert table[4].startswith("| m\u2020 | 8 |") and table[2].startswith("| m | 1 |")
+  assert table[-1] == tables.ROWS_ALIKE_NOTE
+  probe = {"decode": {"gemma4_26b_a4b": [
+      {"variant": v, "batch": b, "positions_per_forward": t, "ms_per_step": ms,
+       "expert_bytes_routed": 1.0} for v, b, t, ms in
+      [("off", 1, 1, 5.4), ("on", 1, 1, 4.0), ("off", 8, 1, 16.1), ("on", 8, 1, 7.25)]]}}
+  lines = tables.kernel_table(probe)
+  assert lines[2].startswith("| 26b_a4b | batch 1 |")
+  assert lines[3].startswith("| 26b_a4b | batch 8\u2020 |") and lines[-1] == tables.ROWS_ALIKE_NOTE
+
+
 def test_moe_finish_rows():
   """`fused_moe_finish_off` (the router's kernels only) against the entries that recorded
   running the finish kernel; the router's own variants are not this table's."""
