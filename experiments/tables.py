@@ -49,10 +49,10 @@ def decode_table(rec: dict) -> list[str]:
 
 
 ROWS_ALIKE_NOTE = ("\u2020 timed with one token id in every row and position (before "
-                   "`bench.forward_ids`, session 28): every token routed to the same 8 experts a "
-                   "layer, where real decoding reads ~52 distinct ones at batch 8 (~112 at 32), "
-                   "so these steps read fewer expert bytes than decoding does and their "
-                   "bandwidth fractions overstate it")
+                   "`bench.forward_ids`, session 28): every row routed to the same 8 experts a "
+                   "layer (the positions of a verification nearly so), where real decoding reads "
+                   "~52 distinct ones at batch 8 (~112 at 32), so these steps read fewer expert "
+                   "bytes than decoding does and their bandwidth fractions overstate it")
 
 
 def _rows_alike(d: dict) -> bool:
