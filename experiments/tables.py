@@ -123,11 +123,12 @@ def _pair_cell(name: str, rec: dict, workload: str = "code") -> tuple[str, float
           best["speedup"])
 
 
-# Benchmark records of the current kernels beside the H200 record (session 28, run CM, on an
-# H100): E4B, E2B and 26B-A4B with every part; 31B's batch-1 decode and 5-position verification;
-# 26B-A4B's and E4B's batch-1 figures again in a second process with 5 repeats
+# Benchmark records of the current kernels beside the H200 record (session 28, on an H100): run
+# CM's E4B, E2B and 26B-A4B with every part, 31B's batch-1 decode and 5-position verification,
+# and 26B-A4B's and E4B's batch-1 figures again in a second process with 5 repeats; run CN's
+# 26B-A4B decode with distinct ids (`bench.forward_ids`)
 OTHER_BENCH_RECORDS = ("benchmark_kernels_all_h100", "benchmark_31b_h100",
-                       "benchmark_b1_repeat_h100")
+                       "benchmark_b1_repeat_h100", "benchmark_26b_distinct_h100")
 
 
 def other_bench_records(names=OTHER_BENCH_RECORDS) -> dict[str, dict]:
@@ -713,6 +714,10 @@ def main():
       ("Decode (benchmark_h200.json)", decode_table, "benchmark_h200.json"),
       ("Decode on an H100 with the current kernels (benchmark_kernels_all_h100.json)",
        decode_table, "benchmark_kernels_all_h100.json"),
+      ("26B-A4B on an H100 with distinct ids in every row (benchmark_26b_distinct_h100.json)",
+       decode_table, "benchmark_26b_distinct_h100.json"),
+      ("... and at 8k context (benchmark_26b_distinct8k_h100.json)", decode_table,
+       "benchmark_26b_distinct8k_h100.json"),
       ("Verification and drafter cost relative to one decode step", cost_table,
        "benchmark_h200.json"),
       ("Side by side with transformers", side_by_side_table, "benchmark_h200.json"),

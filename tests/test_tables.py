@@ -177,6 +177,7 @@ def test_committed_records_against_the_targets():
   assert "21.49 ms = **98%** (benchmark_31b_h100)" in more[2]
   assert "3.91 ms = **68%** (benchmark_kernels_all_h100)" in more[5]
   assert "3.94 ms = **68%** (benchmark_b1_repeat_h100)" in more[5]
+  assert "3.93 ms = **68%** (benchmark_26b_distinct_h100)" in more[5]
   assert "31B **1.085x** (benchmark_31b_h100)" in more[6]
   assert "E4B **1.114x** (benchmark_kernels_all_h100)" in more[6]
   assert "E2B **4.0%** (benchmark_kernels_all_h100)" in more[7]
