@@ -74,8 +74,9 @@ def cost_table(rec: dict) -> list[str]:
   return out
 
 
-def _decode_at(model: dict, batch: int = 1, context: int = 1024) -> dict:
-  return next(d for d in model["decode"] if d["batch"] == batch and d["context"] == context)
+def _decode_at(model: dict, batch: int = 1, context: int = 1024) -> dict | None:
+  return next((d for d in model.get("decode", [])
+               if d["batch"] == batch and d["context"] == context), None)
 
 
 def _ours_plain(rec: dict, name: str) -> float:
@@ -156,7 +157,7 @@ def _verify5(model: dict):
 
 
 def _fraction_b1(model: dict):
-  d = next((d for d in model.get("decode", []) if d["batch"] == 1 and d["context"] == 1024), None)
+  d = _decode_at(model)
   return None if d is None else (
       d["bandwidth_fraction"], f"{d['ms_per_step']:.2f} ms = **{d['bandwidth_fraction']:.0%}**")
 
