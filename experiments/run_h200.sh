@@ -741,13 +741,15 @@ case "${1:-}" in
                      # record of their own on any card, then 31B's batch-1 decode and
                      # 5-position verification, then 26B-A4B's and E4B's batch-1 figures in a
                      # second process with 5 repeats (run CM, sent as three commands of
-                     # 331, 36 and 96 s, predates bench.forward_ids)
+                     # 331, 36 and 96 s, predates bench.forward_ids). An optional second
+                     # argument tags the records' names (session 29, run CP: ple5)
     G=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
     case "$G" in *H200*) C=h200;; *) C=h100;; esac
+    C="${2:+$2_}$C"
     timeout 380 python experiments/benchmark.py --deadline_s=350 \
         --models=gemma4_e4b,gemma4_e2b,gemma4_26b_a4b --parts=copy,decode,verify,drafter,predict \
         --out="$OUT/benchmark_kernels_all_$C.json" > "$OUT/benchmark_kernels_all_$C.log" 2>&1
-    timeout 100 python experiments/benchmark.py --deadline_s=80 --models=gemma4_31b --batches=1 \
+    timeout 90 python experiments/benchmark.py --deadline_s=75 --models=gemma4_31b --batches=1 \
         --contexts=1024 --verify_k=4 --verify_models=gemma4_31b --parts=copy,decode,verify \
         --out="$OUT/benchmark_31b_$C.json" > "$OUT/benchmark_31b_$C.log" 2>&1
     timeout 110 python experiments/benchmark.py --deadline_s=90 --repeats=5 \

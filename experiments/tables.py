@@ -503,12 +503,18 @@ def attention_kernel_rows(records: dict[str, dict]) -> dict[tuple, dict]:
 
 def _tokens_side(kind: str, limit):
   """A side function (see `_switch_rows`): `fused_{kind}_off` is 'off'; `fused_{kind}_on`, or
-  `fused` at most `limit()` tokens (rows x positions, the automatic switch's), 'on'."""
-  def side(variant: str, batch: int, env: dict, positions: int = 1, **_) -> str | None:
+  `fused` where the automatic switch took the kernels, 'on'. That is the entry's recorded
+  `{kind}_kernels` (the step probe's, session 21 on), else at most `limit()` tokens (rows x
+  positions: the rule before session 29, which took one row of 5 positions too for PLE)."""
+  def side(variant: str, batch: int, env: dict, positions: int = 1, *,
+           entry: dict | None = None) -> str | None:
     del env
     if variant == f"fused_{kind}_off":
       return "off"
-    if variant == f"fused_{kind}_on" or (variant == "fused" and batch * positions <= limit()):
+    took = (entry or {}).get(f"{kind}_kernels")
+    if took is None:
+      took = batch * positions <= limit()
+    if variant == f"fused_{kind}_on" or (variant == "fused" and took):
       return "on"
     return None
   return side

@@ -34,9 +34,9 @@ down projection, fused before into the slice and the norm, stays a kernel of its
 Where they run: `choose` (the switch `enabled()`: GPU and one device, or
 GEMMA_MTP_PLE_KERNELS=on; off switches them off; a forward through a cache without a tree; a
 model with per-layer inputs, no MoE, float PLE weights, widths multiples of 16; under the
-automatic switch at most AUTO_MAX_BATCH positions in all, each of whose programs read the two
-PLE weights again). Off the GPU
-the kernels run in Pallas's interpreter, which is how the tests compare them with XLA's path.
+automatic switch at most AUTO_MAX_BATCH positions in all, or one row of at most
+AUTO_MAX_POSITIONS, each of whose programs read the two PLE weights again). Off the GPU the
+kernels run in Pallas's interpreter, which is how the tests compare them with XLA's path.
 Values: float32 inside, rounded to the model's dtype wherever `model.block` rounds (each norm,
 GEMM output, residual add, the GELU and its product), so float32 agrees with XLA up to
 summation order and bfloat16 is as close to float32 arithmetic as XLA's path is, not bit-equal.
@@ -59,6 +59,12 @@ ENV = "GEMMA_MTP_PLE_KERNELS"
 # The automatic switch takes batches up to this (every row's programs read the PLE weights
 # again; measured to batch 4, NOTES run BL, as `decode_attention`'s limit).
 AUTO_MAX_BATCH = 4
+# ... and at batch 1 forwards of up to this many positions (a chain's verification of up to 4
+# drafts). Measured on an H100 (NOTES run CO; 1k context, =on against the automatic switch at
+# 4, same process, two passes): E4B 5 positions -2.3% / -2.1%, 9 positions +2.1% / +1.1%; E2B
+# 5 positions -4.2%. At 5 positions the attention end (ATTENTION_END) comes with them; run BP
+# measured 5 positions at -0.4% before it and the attention kernels' own range.
+AUTO_MAX_POSITIONS = 5
 # The gate kernel's contraction parts: `drafter_kernels`' split times this (a power of two).
 # Measured on an H100 (NOTES run BJ): 2 took the gate kernel from 4.0 to 3.0 us (E4B, 64 -> 128
 # programs), the step 0.9% (E4B) and 1.3% (E2B); the step probe's variant fused_ple_split2
@@ -102,11 +108,17 @@ def choose(cfg: ModelConfig, params: dict, rows: int, tokens_per_row: int, has_c
            tree) -> bool:
   """Whether `model.run_layers` ends its layers with these kernels: a forward through the cache
   without a tree (a decode step, or a chain's verification), each of whose rows x positions is
-  a row of the kernels; under the automatic switch only up to AUTO_MAX_BATCH of those, =on at
-  any number."""
+  a row of the kernels; under the automatic switch only up to AUTO_MAX_BATCH of those, or one
+  row of up to AUTO_MAX_POSITIONS; =on at any number."""
   if not (enabled() and has_cache and tree is None and supported(cfg, params) is None):
     return False
-  return matvec.switch_mode(ENV) == "on" or rows * tokens_per_row <= AUTO_MAX_BATCH
+  return matvec.switch_mode(ENV) == "on" or auto_takes(rows, tokens_per_row)
+
+
+def auto_takes(rows: int, tokens_per_row: int) -> bool:
+  """The automatic switch's rule for a forward the kernels can run (see `choose`)."""
+  return rows * tokens_per_row <= AUTO_MAX_BATCH or (
+      rows == 1 and tokens_per_row <= AUTO_MAX_POSITIONS)
 
 
 def _spans(n: int) -> list:

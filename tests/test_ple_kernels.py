@@ -114,8 +114,8 @@ def test_bfloat16_as_accurate_as_xla(monkeypatch, attention_end):
 def test_choose(monkeypatch):
   """The kernels take forwards through a cache without a tree (decode steps and chains'
   verification), in models with per-layer inputs, no MoE and float PLE weights (E2B and E4B,
-  not 31B or 26B-A4B); the automatic switch only up to AUTO_MAX_BATCH positions in all and only
-  on one GPU, =on at any number, =off never."""
+  not 31B or 26B-A4B); the automatic switch only up to AUTO_MAX_BATCH positions in all (or
+  AUTO_MAX_POSITIONS in one row) and only on one GPU, =on at any number, =off never."""
   shapes = lambda cfg: jax.eval_shape(lambda: params_lib.init_params(cfg, jax.random.PRNGKey(0)))
   for name in ("gemma4_e2b", "gemma4_e4b"):
     cfg = config_lib.preset(name)
@@ -141,8 +141,11 @@ def test_choose(monkeypatch):
   monkeypatch.setattr(jax, "device_count", lambda: 1)
   assert ple_kernels.choose(TINY, params, ple_kernels.AUTO_MAX_BATCH, 1, True, None)
   assert ple_kernels.choose(TINY, params, 1, ple_kernels.AUTO_MAX_BATCH, True, None)
+  assert ple_kernels.choose(TINY, params, 1, 5, True, None)         # verifying 4 drafts
+  assert not ple_kernels.choose(TINY, params, 1, ple_kernels.AUTO_MAX_POSITIONS + 1, True, None)
   assert not ple_kernels.choose(TINY, params, big, 1, True, None)
   assert not ple_kernels.choose(TINY, params, 2, 3, True, None)     # 6 positions
+  assert not ple_kernels.choose(TINY, params, 2, 5, True, None)     # 10 positions
   monkeypatch.setattr(jax, "device_count", lambda: 2)                # sharded: XLA's path
   assert not ple_kernels.choose(TINY, params, 1, 1, True, None)
 
