@@ -60,6 +60,8 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_moe_finish_off  fused, the MoE layer's end after the experts through XLA's ops
               instead of `moe_kernels`' finish kernel (`moe_kernels.FINISH`; the default since
               session 23; before it, the `fused` entries of the committed records are this);
+  fused_moe_shared_rows  fused, a token's routed experts reading its row in place instead of a
+              copy of it per (token, expert) pair (`matvec.SHARED_ROWS`; session 29);
   fused_attn_end  fused, where a layer ends with a tail kernel (PLE or MoE) the step from the o
               projection to the MLP's input as one kernel too (`ple_kernels.ATTENTION_END`;
               session 25; the library's since session 26, after runs CG, CH and CH2: until then
@@ -94,6 +96,7 @@ from gemma_mtp import config as config_lib
 from gemma_mtp import decode_attention
 from gemma_mtp import drafter_kernels
 from gemma_mtp import layers
+from gemma_mtp import matvec
 from gemma_mtp import model as model_lib
 from gemma_mtp import moe_kernels
 from gemma_mtp import params as params_lib
@@ -131,6 +134,7 @@ _LIBRARY_GATE_PARTS = ple_kernels.GATE_PARTS
 _LIBRARY_MOE_FINISH = moe_kernels.FINISH
 _LIBRARY_ATTENTION_END = ple_kernels.ATTENTION_END
 _LIBRARY_RMS_ONE = drafter_kernels.RMS_ONE_REDUCTION
+_LIBRARY_SHARED_ROWS = matvec.SHARED_ROWS
 _CUDNN_CALLS = {"cudnn": 0, "library": 0}
 
 
@@ -175,6 +179,7 @@ def _set_variant(variant: str):
                                  "fused_xla": "off", "fused_all_on": "on"}.get(
       variant, _LIBRARY_MOE_SWITCH)
   moe_kernels.FINISH = _LIBRARY_MOE_FINISH and variant != "fused_moe_finish_off"
+  matvec.SHARED_ROWS = _LIBRARY_SHARED_ROWS or variant == "fused_moe_shared_rows"
   ple_kernels.ATTENTION_END = (_LIBRARY_ATTENTION_END or variant == "fused_attn_end") and (
       variant != "fused_no_attn_end")
   # fused_rms1: every kernel's norms as one block reduction (`drafter_kernels.RMS_ONE_REDUCTION`)
@@ -226,6 +231,7 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
                moe_kernels=any(moe_kernels.choose(vcfg, lp["moe"], case.batch * case.chunk,
                                                   True) for lp in params["layers"] if "moe" in lp),
                moe_finish=moe_kernels.finishes(vcfg, params, case.batch * case.chunk, True),
+               moe_shared_rows=matvec.SHARED_ROWS,
                attention_end=ple_kernels.ATTENTION_END,
                attention_own_range=decode_attention.choose(vcfg, case.batch, case.chunk, True,
                                                            None)
@@ -284,7 +290,8 @@ VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fu
             "fused_attn_range4", "fused_attn_own", "fused_attn_no_own",
             "fused_attn_warps8", "fused_attn_own_warps8",
             "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_moe_off", "fused_moe_on",
-            "fused_moe_finish_off", "fused_attn_end", "fused_no_attn_end", "fused_rms1",
+            "fused_moe_finish_off", "fused_moe_shared_rows", "fused_attn_end",
+            "fused_no_attn_end", "fused_rms1",
             "fused_xla", "fused_all_on")
 
 

@@ -504,16 +504,16 @@ def attention_kernel_rows(records: dict[str, dict]) -> dict[tuple, dict]:
 def _tokens_side(kind: str, limit):
   """A side function (see `_switch_rows`): `fused_{kind}_off` is 'off'; `fused_{kind}_on`, or
   `fused` where the automatic switch took the kernels, 'on'. That is the entry's recorded
-  `{kind}_kernels` (the step probe's, session 21 on), else at most `limit()` tokens (rows x
-  positions: the rule before session 29, which took one row of 5 positions too for PLE)."""
+  `{kind}_kernels` (the step probe's, session 21 on; `fused` is 'off' where it records False),
+  else at most `limit()` tokens (rows x positions: the rule before session 29, which took one
+  row of 5 positions too for PLE)."""
   def side(variant: str, batch: int, env: dict, positions: int = 1, *,
            entry: dict | None = None) -> str | None:
     del env
-    if variant == f"fused_{kind}_off":
+    recorded = (entry or {}).get(f"{kind}_kernels")
+    if variant == f"fused_{kind}_off" or (variant == "fused" and recorded is False):
       return "off"
-    took = (entry or {}).get(f"{kind}_kernels")
-    if took is None:
-      took = batch * positions <= limit()
+    took = batch * positions <= limit() if recorded is None else recorded
     if variant == f"fused_{kind}_on" or (variant == "fused" and took):
       return "on"
     return None
@@ -609,9 +609,10 @@ def attention_kernel_table(records: dict[str, dict]) -> list[str]:
 
 
 def ple_kernel_table(records: dict[str, dict]) -> list[str]:
-  """Each case of `ple_kernel_rows` (positions > 1: a verification forward, where the attention
-  kernels do not run): the step with the attention kernels only, with the PLE kernels too, and
-  (where the record has it) with neither."""
+  """Each case of `ple_kernel_rows` (positions > 1: a verification forward, whose attention
+  kernels run as their switch takes them: up to 5 positions since session 21): the step with
+  the attention kernels only, with the PLE kernels too, and (where the record has it) with
+  neither."""
   both = ple_kernel_rows(records, against_xla=True)
   out = [_row("model", "batch", "context", "positions", "attention kernels only",
               "and the PLE kernels", "change", "neither (XLA)", "both against neither"),

@@ -61,7 +61,7 @@ ENV = "GEMMA_MTP_PLE_KERNELS"
 AUTO_MAX_BATCH = 4
 # ... and at batch 1 forwards of up to this many positions (a chain's verification of up to 4
 # drafts). Measured on an H100 (NOTES run CO; 1k context, =on against the automatic switch at
-# 4, same process, two passes): E4B 5 positions -2.3% / -2.1%, 9 positions +2.1% / +1.1%; E2B
+# 4, same process, two passes): E4B 5 positions -2.4% / -2.1%, 9 positions +2.1% / +1.1%; E2B
 # 5 positions -4.2%. At 5 positions the attention end (ATTENTION_END) comes with them; run BP
 # measured 5 positions at -0.4% before it and the attention kernels' own range.
 AUTO_MAX_POSITIONS = 5

@@ -387,17 +387,23 @@ def expert_matmul(x: jax.Array, w: QArray | jax.Array, experts: jax.Array) -> ja
 
   x is [M, D] (the same row for a token's k experts) or [M, k, D] (one row per pair). With
   `matvec.enabled()` and bf16 activations the chosen experts are read in place by
-  `matvec.gathered_matmul`; otherwise their weights are gathered ([M, k, D, N]) and contracted.
+  `matvec.gathered_matmul` (an [M, D] x copied to a row per pair first, unless
+  `matvec.SHARED_ROWS`); otherwise their weights are gathered ([M, k, D, N]) and contracted.
   """
   m, k = experts.shape
   values = w.q if is_quantized(w) else w
   cfg = matvec.block_config(m * k, w.shape[1], w.shape[2], itemsize=values.dtype.itemsize)
   if (matvec.enabled() and cfg is not None and x.dtype == jnp.bfloat16
       and values.dtype in (jnp.bfloat16, jnp.int8)):
-    rows = jnp.broadcast_to(x[:, None], (m, k, x.shape[-1])) if x.ndim == 2 else x
     scale = jnp.squeeze(w.scale, axis=1) if is_quantized(w) else None
-    y = matvec.gathered_matmul(rows.reshape(m * k, -1), values, experts.reshape(-1), scale,
-                               cfg=cfg)
+    if x.ndim == 2 and matvec.SHARED_ROWS:       # each pair reads its token's row in place
+      rows, rows_of = x, jnp.arange(m * k, dtype=jnp.int32) // k
+    else:
+      rows = (jnp.broadcast_to(x[:, None], (m, k, x.shape[-1])) if x.ndim == 2
+              else x).reshape(m * k, -1)
+      rows_of = None
+    y = matvec.gathered_matmul(rows, values, experts.reshape(-1), scale, cfg=cfg,
+                               rows_of=rows_of)
     return y.reshape(m, k, -1).astype(jnp.result_type(x.dtype, jnp.dtype(w.dtype)))
   spec = "MD,MkDF->MkF" if x.ndim == 2 else "MkD,MkDF->MkF"
   return einsum(spec, x, take(w, experts))

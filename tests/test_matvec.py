@@ -69,6 +69,41 @@ def test_gathered_matmul_reads_each_rows_expert():
   assert _rel(y[:1], jnp.dot(x[:1].astype(jnp.float32), experts[0].astype(jnp.float32))) > 0.5
 
 
+def test_gathered_matmul_reads_shared_rows_in_place():
+  """`rows_of`: pair p reads row rows_of[p] of x, as if x were copied to a row per pair; a
+  mismatch of rows and experts without it is refused."""
+  experts = _rand(0, (5, 128, 64))
+  idx = jnp.array([3, 0, 3, 4, 1, 1])
+  x = _rand(1, (3, 128))
+  rows_of = jnp.array([0, 0, 1, 1, 2, 2])
+  cfg = matvec.BlockConfig(32, 32, 2)
+  y = matvec.gathered_matmul(x, experts, idx, cfg=cfg, rows_of=rows_of)
+  copied = matvec.gathered_matmul(x[rows_of], experts, idx, cfg=cfg)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(copied))
+  # Pairs 2 and 3 (rows 1) against pair 2 on row 0: the row index is honoured.
+  wrong = matvec.gathered_matmul(x, experts, idx, cfg=cfg, rows_of=jnp.zeros((6,), jnp.int32))
+  assert _rel(wrong[2:4], y[2:4]) > 0.5
+  with pytest.raises(ValueError, match="rows_of"):
+    matvec.gathered_matmul(x, experts, idx, cfg=cfg)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_gathered_matmul_lowers_to_triton(monkeypatch, shared):
+  """The routed experts' kernel lowers to Triton for CUDA (exported on the CPU), with a row per
+  pair and with shared rows (`rows_of`: x's row read at an index loaded in the kernel)."""
+  monkeypatch.setattr(matvec, "_interpret", lambda: False)
+  experts = jax.ShapeDtypeStruct((16, 256, 128), BF16)
+  x = jax.ShapeDtypeStruct((2 if shared else 8, 256), BF16)
+  idx = jax.ShapeDtypeStruct((8,), jnp.int32)
+  rows_of = jnp.arange(8, dtype=jnp.int32) // 4 if shared else None
+  fn = jax.jit(lambda x, w, i: matvec.gathered_matmul(x, w, i, rows_of=rows_of))
+  exported = jax.export.export(
+      fn, platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+          x, experts, idx)
+  assert exported.mlir_module().count("xla.gpu.triton") == 1
+
+
 def test_block_config_tiles_the_contraction_exactly():
   for groups, k, n in [(1, 2560, 2048), (1, 10240, 2560), (8, 2816, 1408), (1, 5376, 21504),
                        (64, 704, 2816)]:
@@ -130,7 +165,8 @@ def _count_calls(monkeypatch, name: str) -> list:
 
 @pytest.mark.parametrize("moe", [False, True])
 def test_bf16_model_forward_with_kernels_matches_xla(kernels_on, monkeypatch, moe):
-  """int8 dense weights and routed experts (bf16 and int8) go through the kernels."""
+  """int8 dense weights and routed experts (bf16 and int8) go through the kernels (the experts
+  also with a token's row shared by its pairs, `matvec.SHARED_ROWS`)."""
   kw = dict(num_experts=8, num_experts_per_token=2, expert_dim=64) if moe else {}
   cfg = config_lib.tiny(dtype="bfloat16", param_dtype="bfloat16", **kw)
   params = params_lib.init_params(cfg, jax.random.PRNGKey(0))
@@ -143,6 +179,11 @@ def test_bf16_model_forward_with_kernels_matches_xla(kernels_on, monkeypatch, mo
 
   y, ref = logits(params, "on"), logits(params, "off")
   assert not dense and len(routed) == (2 * cfg.num_layers if moe else 0)
+  if moe:   # a token's row read in place by its experts (matvec.SHARED_ROWS): the same logits
+    monkeypatch.setattr(matvec, "SHARED_ROWS", True)
+    np.testing.assert_array_equal(np.asarray(logits(params, "on")), np.asarray(y))
+    monkeypatch.setattr(matvec, "SHARED_ROWS", False)
+    routed.clear()
   assert _rel(y, ref) < 2e-2
   assert jnp.argmax(y[0, -1]) == jnp.argmax(ref[0, -1])
   qparams = quant.quantize_params(params, cfg)
@@ -152,6 +193,28 @@ def test_bf16_model_forward_with_kernels_matches_xla(kernels_on, monkeypatch, mo
   assert len(routed) == (2 * cfg.num_layers if moe else 0)
   assert _rel(yq, refq) < 2e-2
   assert jnp.argmax(yq[0, -1]) == jnp.argmax(refq[0, -1])
+
+
+@pytest.mark.parametrize("x_dim", [2, 3])
+def test_expert_matmul_with_shared_rows_equals_a_row_per_pair(kernels_on, monkeypatch, x_dim):
+  """`matvec.SHARED_ROWS` reads a token's row in place for its k experts ([M, D] x) and gives
+  the broadcast path's values bit for bit; [M, k, D] x (the down projection's input) keeps a
+  row per pair either way. Both through the kernel, bf16 and int8 experts."""
+  w = _rand(0, (8, 64, 32))
+  experts = jnp.array([[3, 5], [0, 3], [7, 1]])
+  x = _rand(1, (3, 64) if x_dim == 2 else (3, 2, 64))
+  calls = _count_calls(monkeypatch, "gathered_matmul")
+  for weights in (w, quant.quantize(w, (1,))):
+    out = {}
+    for shared in (False, True):
+      monkeypatch.setattr(matvec, "SHARED_ROWS", shared)
+      out[shared] = np.asarray(quant.expert_matmul(x, weights, experts).astype(jnp.float32))
+    np.testing.assert_array_equal(out[True], out[False])
+    monkeypatch.setenv(matvec.ENV, "off")
+    ref = np.asarray(quant.expert_matmul(x, weights, experts).astype(jnp.float32))
+    monkeypatch.setenv(matvec.ENV, "on")
+    assert _rel(out[True], ref) < 1e-2
+  assert len(calls) == 4
 
 
 def test_gathered_expert_path_reaches_one_pair_per_expert_with_the_kernel(monkeypatch):
