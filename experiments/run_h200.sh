@@ -63,6 +63,7 @@
 #   bash experiments/run_h200.sh ple_verify        # one H200: PLE kernels in verification (BM)
 #   bash experiments/run_h200.sh kernels_bench     # one H200: benchmark decode, all kernels (BI)
 #   bash experiments/run_h200.sh kernels_bench_all # one H200: E4B, E2B, 26B-A4B, all parts (CJ)
+#   bash experiments/run_h200.sh moe_shared_rows   # one GPU: routed experts on shared rows (CQ)
 #   bash experiments/run_h200.sh gpu_pair_full     # one GPU: the pair on full budgets (CK), then
 #   bash experiments/run_h200.sh gpu_pair_full_eval  # its speeds in fresh processes (CK2)
 #   bash experiments/run_h200.sh verify_attention  # one GPU: attention kernels in verification (BO)
@@ -758,6 +759,25 @@ case "${1:-}" in
         --out="$OUT/benchmark_b1_repeat_$C.json" > "$OUT/benchmark_b1_repeat_$C.log" 2>&1
     grep -hE "ms/step|drafter:|copy band|deadline" "$OUT"/benchmark_*_$C.log | cut -c1-200
     ;;
+  moe_shared_rows)   # session 29, run CQ (not run yet): matvec.SHARED_ROWS (a token's routed
+                     # experts read its row in place, without XLA's broadcast kernel: 1.25 us
+                     # a layer in run CO's profile) against the library: 26B-A4B batch 1
+                     # (decode, 5 positions; two passes of the variant around the library's)
+                     # and batch 8, then its tests compiled by Triton
+    G=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+    case "$G" in *H200*) C=h200;; *) C=h100;; esac
+    timeout 280 python experiments/step_probe.py --models=gemma4_26b_a4b \
+        --verify_models=gemma4_26b_a4b --profile_steps=0 --short=8 --long=32 \
+        --variants=fused_moe_shared_rows,fused,fused_moe_shared_rows \
+        --out="$OUT/step_probe_shared_rows_$C.json" > "$OUT/step_probe_shared_rows.log" 2>&1
+    timeout 130 python experiments/step_probe.py --models=gemma4_26b_a4b --verify_models= \
+        --batch=8 --variants=fused,fused_moe_shared_rows --profile_steps=0 --short=8 --long=32 \
+        --out="$OUT/step_probe_shared_rows_b8_$C.json" > "$OUT/step_probe_shared_rows_b8.log" 2>&1
+    grep -hE " ms " "$OUT"/step_probe_shared_rows*.log
+    timeout 120 python -m pytest -q -p no:cacheprovider tests/test_matvec.py \
+        -k "shared or gathered or bf16_model" > "$OUT/shared_rows_tests.log" 2>&1
+    tail -3 "$OUT/shared_rows_tests.log"
+    ;;
   gpu_pair_full)     # session 27, run CK: the GPU pair trained on run AM's full budgets (150 s
                      # target, 75 s drafter) at this library, acceptance on 8 held-out prompts,
                      # then its speeds timed in a fresh process (the slow mode of plain decoding
@@ -788,7 +808,8 @@ case "${1:-}" in
          "decode_attention3 | decode_attention_big | decode_attention_ranges | ranges_batch4 |" \
          "moe_router |" \
          "decode_attention_bench | ple_kernels | ple_kernels2 | ple_kernels3 | ple_kernels4 |" \
-         "ple_verify | kernels_bench | kernels_bench_all | gpu_pair_full | gpu_pair_full_eval" >&2
+         "ple_verify | kernels_bench | kernels_bench_all |" \
+         "moe_shared_rows | gpu_pair_full | gpu_pair_full_eval" >&2
     exit 2
     ;;
 esac
