@@ -68,6 +68,12 @@ def triton_kernels_lowered(cfg, name: str, monkeypatch, *, positions=1) -> tuple
   step) at a 1k-slot cache, exported for CUDA on the CPU (Triton's own compilation of that IR
   needs a GPU); `name` a preset, cut to two layers of each kind (enough to lower), or "tiny"
   for `cfg`."""
+  module, layers = lowered_for_cuda(cfg, name, monkeypatch, positions=positions)
+  return module.count("xla.gpu.triton"), layers
+
+
+def lowered_for_cuda(cfg, name: str, monkeypatch, *, positions=1) -> tuple[str, int]:
+  """(StableHLO text, layers) of `triton_kernels_lowered`'s forward."""
   monkeypatch.setattr(drafter_kernels, "_interpret", lambda: False)
   if name != "tiny":
     cfg = config_lib.preset(name)
@@ -82,7 +88,7 @@ def triton_kernels_lowered(cfg, name: str, monkeypatch, *, positions=1) -> tuple
                                              config=cfg, cache=c).logits), platforms=["cuda"],
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
           params, cache)
-  return exported.mlir_module().count("xla.gpu.triton"), cfg.num_layers
+  return exported.mlir_module(), cfg.num_layers
 
 
 def generate_off_and_on(cfg, env: str, monkeypatch, traced: list, *,

@@ -4,6 +4,8 @@ Off the GPU the kernels run in Pallas's interpreter; on a GPU the same tests run
 Triton kernels.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ import gemma_mtp
 from gemma_mtp import config as config_lib
 from gemma_mtp import decode_attention
 from gemma_mtp import layers
+from gemma_mtp import matvec
 from gemma_mtp import moe_kernels
 from gemma_mtp import ple_kernels
 from gemma_mtp import quant
@@ -204,6 +207,26 @@ def test_kernels_lower_for_the_gpu(monkeypatch):
     counts.append(dkt.triton_kernels_lowered(TINY, "gemma4_26b_a4b", monkeypatch))
   (off, layers_off), (on, layers_on) = counts
   assert layers_on == layers_off and on - off == 4 * layers_on
+
+
+def test_shared_rows_lower_without_a_row_per_pair(monkeypatch):
+  """With `matvec.SHARED_ROWS` a 26B-A4B-shaped bf16 decode step (MoE and expert kernels on,
+  exported for CUDA on the CPU) has no [1, k, D] copy of the experts' input a layer, and the
+  same Triton kernels; without it, one such broadcast a layer."""
+  monkeypatch.setenv(decode_attention.ENV, "off")
+  monkeypatch.setenv(moe_kernels.ENV, "on")
+  monkeypatch.setenv(matvec.ENV, "on")
+  monkeypatch.setattr(matvec, "_interpret", lambda: False)
+  cfg = config_lib.preset("gemma4_26b_a4b")
+  copy = re.compile(r"broadcast_in_dim[^\n]*-> tensor<1x%dx%dxbf16>"
+                    % (cfg.num_experts_per_token, cfg.embed_dim))
+  found = {}
+  for shared in (False, True):
+    monkeypatch.setattr(matvec, "SHARED_ROWS", shared)
+    module, layers = dkt.lowered_for_cuda(TINY, "gemma4_26b_a4b", monkeypatch)
+    found[shared] = (len(copy.findall(module)), module.count("xla.gpu.triton"))
+  assert found[False] == (layers, 6 * layers)     # router 2, experts 2, finish, attention end
+  assert found[True] == (0, 6 * layers)
 
 
 def test_generate_with_kernels_equals_xla(monkeypatch):
