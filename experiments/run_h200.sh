@@ -63,6 +63,7 @@
 #   bash experiments/run_h200.sh ple_verify        # one H200: PLE kernels in verification (BM)
 #   bash experiments/run_h200.sh kernels_bench     # one H200: benchmark decode, all kernels (BI)
 #   bash experiments/run_h200.sh kernels_bench_all # one H200: E4B, E2B, 26B-A4B, all parts (CJ)
+#   bash experiments/run_h200.sh ple_verify5       # one GPU: PLE kernels at 5 positions (CO)
 #   bash experiments/run_h200.sh moe_shared_rows   # one GPU: routed experts on shared rows (CQ)
 #   bash experiments/run_h200.sh gpu_pair_full     # one GPU: the pair on full budgets (CK), then
 #   bash experiments/run_h200.sh gpu_pair_full_eval  # its speeds in fresh processes (CK2)
@@ -759,6 +760,24 @@ case "${1:-}" in
         --out="$OUT/benchmark_b1_repeat_$C.json" > "$OUT/benchmark_b1_repeat_$C.log" 2>&1
     grep -hE "ms/step|drafter:|copy band|deadline" "$OUT"/benchmark_*_$C.log | cut -c1-200
     ;;
+  ple_verify5)       # session 29, run CO (on an H100; sent ad hoc, this is it): the PLE kernels
+                     # (and with them the attention end) at 5 and 9 positions against the
+                     # library then (PLE kernels up to 4 positions), E4B in two passes and E2B,
+                     # then 26B-A4B's batch-1 step profiled
+    G=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+    case "$G" in *H200*) C=h200;; *) C=h100;; esac
+    P="python experiments/step_probe.py --profile_steps=0 --short=8 --long=32"
+    timeout 270 $P --models=gemma4_e4b --verify_models=gemma4_e4b --verify_positions=5,9 \
+        --variants=fused,fused_ple_on,fused,fused_ple_on --out="$OUT/step_probe_ple5_e4b_$C.json" \
+        > "$OUT/step_probe_ple5_e4b_$C.log" 2>&1
+    timeout 120 $P --models=gemma4_e2b --verify_models=gemma4_e2b --verify_positions=5 \
+        --variants=fused_ple_on,fused --out="$OUT/step_probe_ple5_e2b_$C.json" \
+        > "$OUT/step_probe_ple5_e2b_$C.log" 2>&1
+    timeout 170 python experiments/step_probe.py --models=gemma4_26b_a4b --verify_models= \
+        --variants=fused --profile_steps=4 --short=8 --long=32 --trace_dir=/tmp/tr \
+        --out="$OUT/step_profile_26b_$C.json" > "$OUT/step_profile_26b_$C.log" 2>&1
+    grep -hE " ms " "$OUT"/step_probe_ple5_*_$C.log "$OUT/step_profile_26b_$C.log"
+    ;;
   moe_shared_rows)   # session 29, run CQ (not run yet): matvec.SHARED_ROWS (a token's routed
                      # experts read its row in place, without XLA's broadcast kernel: 1.25 us
                      # a layer in run CO's profile) against the library: 26B-A4B batch 1
@@ -809,7 +828,7 @@ case "${1:-}" in
          "moe_router |" \
          "decode_attention_bench | ple_kernels | ple_kernels2 | ple_kernels3 | ple_kernels4 |" \
          "ple_verify | kernels_bench | kernels_bench_all |" \
-         "moe_shared_rows | gpu_pair_full | gpu_pair_full_eval" >&2
+         "ple_verify5 | moe_shared_rows | gpu_pair_full | gpu_pair_full_eval" >&2
     exit 2
     ;;
 esac
