@@ -54,8 +54,8 @@ TARGET_PROGRAMS = 512    # enough thread blocks for a few waves over an H200's 1
 # fast (E4B's q projection [2560, 2048]: 7.6 vs 7.3 us; experiments/results/kernel_probe_h200.json).
 MIN_INT8_SIZE = 16 << 20
 # Routed experts on a token's one row (`quant.expert_matmul` with x [M, D]): True passes the
-# kernel x itself and each (token, expert) pair's row index (`gathered_matmul`'s rows_of);
-# False broadcasts x to a row per pair first, an XLA kernel of its own (26B-A4B on an H100:
+# kernel x itself, pair p reading row p // k (`gathered_matmul`'s per_row = k, a static
+# division in the kernel); False broadcasts x to a row per pair first, an XLA kernel of its own (26B-A4B on an H100:
 # 1.25 us a layer, 30 a step, NOTES run CO's profile). Built in session 29, not yet measured
 # on a GPU (step_probe variant fused_moe_shared_rows), so off.
 SHARED_ROWS = False
@@ -128,11 +128,14 @@ def gelu_tanh(x):
   return 0.5 * x * (1.0 + jnp.tanh(inner))
 
 
-def _kernel(idx_ref, src_ref, x_ref, w_ref, o_ref, *, cfg: BlockConfig, steps: int, rows: int):
-  """One program: rows src[g] of x times columns [n * block_n, +block_n) of weight idx[g],
-  over the contraction range of split s, into o_ref [rows, block_n] (float32 partial sums)."""
+def _kernel(idx_ref, x_ref, w_ref, o_ref, *, cfg: BlockConfig, steps: int, rows: int,
+            per_row: int):
+  """One program: rows g // per_row of x times columns [n * block_n, +block_n) of weight
+  idx[g], over the contraction range of split s, into o_ref [rows, block_n] (float32 partial
+  sums)."""
   g, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  e, src = idx_ref[g], src_ref[g]
+  e = idx_ref[g]
+  src = g if per_row == 1 else g // per_row
   cols = pl.ds(pl.multiple_of(n * cfg.block_n, cfg.block_n), cfg.block_n)
   start = s * (steps * cfg.block_k)
 
@@ -154,26 +157,25 @@ def _kernel(idx_ref, src_ref, x_ref, w_ref, o_ref, *, cfg: BlockConfig, steps: i
 
 
 def _call(x: jax.Array, w: jax.Array, idx: jax.Array, cfg: BlockConfig,
-          interpret: bool, src: jax.Array | None = None) -> jax.Array:
-  """x [S, R, K], w [E, K, N], idx [G], src [G] (default arange: S = G) -> [G, R, N] float32:
-  group g is x[src[g]] times w[idx[g]] (R is 1 or MAX_ROWS)."""
+          interpret: bool, per_row: int = 1) -> jax.Array:
+  """x [G / per_row, R, K], w [E, K, N], idx [G] -> [G, R, N] float32: group g is
+  x[g // per_row] times w[idx[g]] (R is 1 or MAX_ROWS)."""
   _, rows, k = x.shape
   g = idx.shape[0]
-  src = jnp.arange(g, dtype=jnp.int32) if src is None else src.astype(jnp.int32)
   n = w.shape[-1]
   steps = k // (cfg.split_k * cfg.block_k)
-  kernel = functools.partial(_kernel, cfg=cfg, steps=steps, rows=rows)
+  kernel = functools.partial(_kernel, cfg=cfg, steps=steps, rows=rows, per_row=per_row)
   whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   parts = pl.pallas_call(
       kernel,
       grid=(g, n // cfg.block_n, cfg.split_k),
-      in_specs=[whole(idx), whole(src), whole(x), whole(w)],
+      in_specs=[whole(idx), whole(x), whole(w)],
       out_specs=pl.BlockSpec((None, None, rows, cfg.block_n), lambda gi, ni, si: (si, gi, 0, ni)),
       out_shape=jax.ShapeDtypeStruct((cfg.split_k, g, rows, n), F32),
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=interpret,
       name="few_row_matmul",
-  )(idx, src, x, w)
+  )(idx, x, w)
   return parts[0] if cfg.split_k == 1 else jnp.sum(parts, axis=0)
 
 
@@ -205,18 +207,18 @@ def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *,
 
 
 def gathered_matmul(x: jax.Array, w: jax.Array, idx: jax.Array, scale: jax.Array | None = None,
-                    *, cfg: BlockConfig | None = None,
-                    rows_of: jax.Array | None = None) -> jax.Array:
-  """Row p of x [P, K] times expert idx[p] of w [E, K, N] -> [P, N] float32, reading only the
-  experts named in idx (int8 w: per-(expert, column) `scale` [E, N]). With `rows_of` [P], pair
-  p reads row rows_of[p] of x [M, K] instead (a token's k experts on its one row, without a
-  copy of the row per pair)."""
+                    *, cfg: BlockConfig | None = None, per_row: int = 1) -> jax.Array:
+  """Row p // per_row of x [P / per_row, K] times expert idx[p] of w [E, K, N] -> [P, N]
+  float32, reading only the experts named in idx (int8 w: per-(expert, column) `scale`
+  [E, N]). per_row > 1: a token's per_row experts read its one row in place, without a copy of
+  the row per pair."""
   p, k = idx.shape[0], x.shape[1]
-  if rows_of is None and x.shape[0] != p:
-    raise ValueError(f"gathered_matmul: {x.shape[0]} rows for {p} experts (pass rows_of)")
+  if x.shape[0] * per_row != p:
+    raise ValueError(f"gathered_matmul: {x.shape[0]} rows x {per_row} experts a row for {p} "
+                     "experts")
   cfg = cfg or _require_config(p, k, w.shape[2], w.dtype.itemsize)
   idx = idx.astype(jnp.int32)
-  y = _call(x[:, None], w, idx, cfg, _interpret(), src=rows_of)[:, 0]
+  y = _call(x[:, None], w, idx, cfg, _interpret(), per_row=per_row)[:, 0]
   return y if scale is None else y * jnp.take(scale.astype(F32), idx, axis=0)
 
 

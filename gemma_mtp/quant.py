@@ -397,13 +397,13 @@ def expert_matmul(x: jax.Array, w: QArray | jax.Array, experts: jax.Array) -> ja
       and values.dtype in (jnp.bfloat16, jnp.int8)):
     scale = jnp.squeeze(w.scale, axis=1) if is_quantized(w) else None
     if x.ndim == 2 and matvec.SHARED_ROWS:       # each pair reads its token's row in place
-      rows, rows_of = x, jnp.arange(m * k, dtype=jnp.int32) // k
+      rows, per_row = x, k
     else:
       rows = (jnp.broadcast_to(x[:, None], (m, k, x.shape[-1])) if x.ndim == 2
               else x).reshape(m * k, -1)
-      rows_of = None
+      per_row = 1
     y = matvec.gathered_matmul(rows, values, experts.reshape(-1), scale, cfg=cfg,
-                               rows_of=rows_of)
+                               per_row=per_row)
     return y.reshape(m, k, -1).astype(jnp.result_type(x.dtype, jnp.dtype(w.dtype)))
   spec = "MD,MkDF->MkF" if x.ndim == 2 else "MkD,MkDF->MkF"
   return einsum(spec, x, take(w, experts))

@@ -70,38 +70,37 @@ def test_gathered_matmul_reads_each_rows_expert():
 
 
 def test_gathered_matmul_reads_shared_rows_in_place():
-  """`rows_of`: pair p reads row rows_of[p] of x, as if x were copied to a row per pair; a
-  mismatch of rows and experts without it is refused."""
+  """`per_row`: pair p reads row p // per_row of x, as if x were copied to a row per pair; rows
+  that do not match the experts are refused."""
   experts = _rand(0, (5, 128, 64))
   idx = jnp.array([3, 0, 3, 4, 1, 1])
   x = _rand(1, (3, 128))
-  rows_of = jnp.array([0, 0, 1, 1, 2, 2])
   cfg = matvec.BlockConfig(32, 32, 2)
-  y = matvec.gathered_matmul(x, experts, idx, cfg=cfg, rows_of=rows_of)
-  copied = matvec.gathered_matmul(x[rows_of], experts, idx, cfg=cfg)
+  y = matvec.gathered_matmul(x, experts, idx, cfg=cfg, per_row=2)
+  copied = matvec.gathered_matmul(x[jnp.array([0, 0, 1, 1, 2, 2])], experts, idx, cfg=cfg)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(copied))
-  # Pairs 2 and 3 (rows 1) against pair 2 on row 0: the row index is honoured.
-  wrong = matvec.gathered_matmul(x, experts, idx, cfg=cfg, rows_of=jnp.zeros((6,), jnp.int32))
-  assert _rel(wrong[2:4], y[2:4]) > 0.5
-  with pytest.raises(ValueError, match="rows_of"):
+  # Pairs 2 and 3 read row 1: against row 0 they differ.
+  first = matvec.gathered_matmul(jnp.repeat(x[:1], 6, axis=0), experts, idx, cfg=cfg)
+  assert _rel(first[2:4], y[2:4]) > 0.5
+  with pytest.raises(ValueError, match="experts a row"):
     matvec.gathered_matmul(x, experts, idx, cfg=cfg)
 
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_gathered_matmul_lowers_to_triton(monkeypatch, shared):
   """The routed experts' kernel lowers to Triton for CUDA (exported on the CPU), with a row per
-  pair and with shared rows (`rows_of`: x's row read at an index loaded in the kernel)."""
+  pair and with a row per token read by its 4 pairs (`per_row`) and nothing else around it."""
   monkeypatch.setattr(matvec, "_interpret", lambda: False)
   experts = jax.ShapeDtypeStruct((16, 256, 128), BF16)
   x = jax.ShapeDtypeStruct((2 if shared else 8, 256), BF16)
   idx = jax.ShapeDtypeStruct((8,), jnp.int32)
-  rows_of = jnp.arange(8, dtype=jnp.int32) // 4 if shared else None
-  fn = jax.jit(lambda x, w, i: matvec.gathered_matmul(x, w, i, rows_of=rows_of))
+  fn = jax.jit(lambda x, w, i: matvec.gathered_matmul(x, w, i, per_row=4 if shared else 1))
   exported = jax.export.export(
       fn, platforms=["cuda"],
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
           x, experts, idx)
-  assert exported.mlir_module().count("xla.gpu.triton") == 1
+  module = exported.mlir_module()
+  assert module.count("xla.gpu.triton") == 1 and "iota" not in module
 
 
 def test_block_config_tiles_the_contraction_exactly():
