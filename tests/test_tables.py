@@ -248,8 +248,8 @@ def test_ple_kernel_rows():
 
 def test_committed_ple_records_give_the_readme_figures():
   """RESULTS.md's PLE-kernel figures come from the committed records: run BL (the kernels as
-  kept: decode steps with and without them, and with neither kind of kernel) and run BM
-  (verification forwards of 2-4 positions)."""
+  kept: decode steps with and without them, and with neither kind of kernel), run BM
+  (verification forwards of 2-4 positions) and run CO (5 and 9 positions, session 29)."""
   tables = _tables()
   records = tables.step_probe_records("step_probe_ple*.json")
   bl = {k: records[k] for k in ("step_probe_ple4_h100", "step_probe_ple4_b4_h100")}
@@ -269,6 +269,17 @@ def test_committed_ple_records_give_the_readme_figures():
     got = bm[("gemma4_e4b", 1, 1024, t)]
     assert (round(got["off"], 3), round(got["on"], 3), round(got["change"], 3)) == (
         off, on, change), t
+  # run CO (session 29): the library's `fused` entries record the kernels off at 5 and 9
+  # positions, so they are the "off" side against `fused_ple_on` (first pass of each)
+  co = tables.ple_kernel_rows({k: records[k] for k in ("step_probe_ple5_e4b_h100",
+                                                       "step_probe_ple5_e2b_h100")})
+  for (model, t), (off, on, change) in {("gemma4_e4b", 5): (4.730, 4.619, -0.024),
+                                        ("gemma4_e4b", 9): (5.077, 5.185, 0.021),
+                                        ("gemma4_e2b", 5): (2.857, 2.737, -0.042)}.items():
+    got = co[(model, 1, 1024, t)]
+    assert (round(got["off"], 3), round(got["on"], 3), round(got["change"], 3)) == (
+        off, on, change), (model, t)
+  assert ("gemma4_e4b", 1, 1024, 1) not in co      # decode: the kernels on in both variants
   # the merged table (every case, the latest record's) shows XLA's side only beside its record
   table = tables.ple_kernel_table(records)
   assert "| gemma4_e4b | 1 | 1024 | 1 | 4.548 ms | 4.310 ms | -5.2% | - | - |" in table
