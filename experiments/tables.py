@@ -505,8 +505,8 @@ def _tokens_side(kind: str, limit):
   """A side function (see `_switch_rows`): `fused_{kind}_off` is 'off'; `fused_{kind}_on`, or
   `fused` where the automatic switch took the kernels, 'on'. That is the entry's recorded
   `{kind}_kernels` (the step probe's, session 21 on; `fused` is 'off' where it records False),
-  else at most `limit()` tokens (rows x positions: the rule before session 29, which took one
-  row of 5 positions too for PLE)."""
+  else at most `limit()` tokens (rows x positions: the automatic switch's rule when records
+  had no such key; since session 29 the PLE switch also takes one row of 5 positions)."""
   def side(variant: str, batch: int, env: dict, positions: int = 1, *,
            entry: dict | None = None) -> str | None:
     del env
