@@ -747,7 +747,7 @@ case "${1:-}" in
                      # argument tags the records' names (session 29, run CP: ple5)
     G=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
     case "$G" in *H200*) C=h200;; *) C=h100;; esac
-    C="${2:+$2_}$C"
+    C="${2:+${2}_}$C"
     timeout 380 python experiments/benchmark.py --deadline_s=350 \
         --models=gemma4_e4b,gemma4_e2b,gemma4_26b_a4b --parts=copy,decode,verify,drafter,predict \
         --out="$OUT/benchmark_kernels_all_$C.json" > "$OUT/benchmark_kernels_all_$C.log" 2>&1

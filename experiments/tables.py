@@ -592,14 +592,24 @@ def _switch_rows(records: dict[str, dict], side_of) -> dict[tuple, dict]:
   return rows
 
 
+def _alike_name(model: str, m: dict) -> str:
+  """A `_switch_rows` row's model name, with a dagger where its case was timed rows alike."""
+  return model + ("\u2020" if m.get("alike") else "")
+
+
+def _alike_note(rows: dict[tuple, dict]) -> list[str]:
+  """The lines closing a table of `_switch_rows` rows: ROWS_ALIKE_NOTE where a row has a dagger."""
+  return ["", ROWS_ALIKE_NOTE] if any(m.get("alike") for m in rows.values()) else []
+
+
 def _off_on_table(rows: dict[tuple, dict], off_name: str) -> list[str]:
   """One row a case (model, batch, context, positions) of {off, on, change}."""
   out = [_row("model", "batch", "context", "positions", off_name, "the kernels", "change"),
          _row(*["---"] * 7)]
   for (model, b, ctx, t), m in sorted(rows.items()):
-    out.append(_row(model + ("\u2020" if m.get("alike") else ""), b, ctx, t,
+    out.append(_row(_alike_name(model, m), b, ctx, t,
                     f"{m['off']:.3f} ms", f"{m['on']:.3f} ms", f"{m['change']:+.1%}"))
-  return out + (["", ROWS_ALIKE_NOTE] if any(m.get("alike") for m in rows.values()) else [])
+  return out + _alike_note(rows)
 
 
 def attention_kernel_table(records: dict[str, dict]) -> list[str]:
@@ -683,9 +693,9 @@ def verification_kernel_table(records: dict[str, dict]) -> list[str]:
       side = lambda n: "on" if decode_attention.auto_takes(
           config_lib.PRESETS[model](), b, n) else "off"
       ratio = f"{m[side(t)] / one[side(1)]:.3f} ({side(t)} / {side(1)})"
-    out.append(_row(model + ("\u2020" if m.get("alike") else ""), b, ctx, t,
+    out.append(_row(_alike_name(model, m), b, ctx, t,
                     f"{m['off']:.3f} ms", f"{m['on']:.3f} ms", f"{m['change']:+.1%}", ratio))
-  return out + (["", ROWS_ALIKE_NOTE] if any(m.get("alike") for m in rows.values()) else [])
+  return out + _alike_note(rows)
 
 
 def moe_kernel_rows(records: dict[str, dict]) -> dict[tuple, dict]:
