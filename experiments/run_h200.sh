@@ -65,6 +65,7 @@
 #   bash experiments/run_h200.sh kernels_bench_all # one H200: E4B, E2B, 26B-A4B, all parts (CJ)
 #   bash experiments/run_h200.sh ple_verify5       # one GPU: PLE kernels at 5 positions (CO)
 #   bash experiments/run_h200.sh moe_shared_rows   # one GPU: routed experts on shared rows (CQ)
+#   bash experiments/run_h200.sh moe_shared        # one GPU: CQ and the shared MLP as experts (CR)
 #   bash experiments/run_h200.sh gpu_pair_full     # one GPU: the pair on full budgets (CK), then
 #   bash experiments/run_h200.sh gpu_pair_full_eval  # its speeds in fresh processes (CK2)
 #   bash experiments/run_h200.sh verify_attention  # one GPU: attention kernels in verification (BO)
@@ -796,6 +797,27 @@ case "${1:-}" in
     timeout 120 python -m pytest -q -p no:cacheprovider tests/test_matvec.py \
         -k "shared or gathered or bf16_model" > "$OUT/shared_rows_tests.log" 2>&1
     tail -3 "$OUT/shared_rows_tests.log"
+    ;;
+  moe_shared)        # session 30, run CR: run CQ's matvec.SHARED_ROWS and moe_kernels.SHARED_MLP
+                     # (the shared MLP as three more groups of the experts' two kernel calls),
+                     # each and both, against the library: 26B-A4B batch 1 (decode, 5
+                     # positions; the library first and last) and batch 8 (where only the
+                     # rows apply), then their tests compiled by Triton
+    G=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+    case "$G" in *H200*) C=h200;; *) C=h100;; esac
+    timeout 300 python experiments/step_probe.py --models=gemma4_26b_a4b \
+        --verify_models=gemma4_26b_a4b --profile_steps=0 --short=8 --long=32 \
+        --variants=fused,fused_moe_shared_mlp,fused_moe_shared_rows,fused_moe_shared_both,fused \
+        --out="$OUT/step_probe_moe_shared_$C.json" > "$OUT/step_probe_moe_shared.log" 2>&1
+    grep -hE " ms |Error|error" "$OUT/step_probe_moe_shared.log" | cut -c1-200
+    timeout 100 python experiments/step_probe.py --models=gemma4_26b_a4b --verify_models= \
+        --batch=8 --variants=fused,fused_moe_shared_rows --profile_steps=0 --short=8 --long=32 \
+        --out="$OUT/step_probe_moe_shared_b8_$C.json" > "$OUT/step_probe_moe_shared_b8.log" 2>&1
+    grep -hE " ms " "$OUT/step_probe_moe_shared_b8.log"
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_matvec.py \
+        tests/test_moe_kernels.py -k "shared or gathered or dense_chunks or bf16_model" \
+        > "$OUT/moe_shared_tests.log" 2>&1
+    tail -3 "$OUT/moe_shared_tests.log"
     ;;
   gpu_pair_full)     # session 27, run CK: the GPU pair trained on run AM's full budgets (150 s
                      # target, 75 s drafter) at this library, acceptance on 8 held-out prompts,

@@ -62,6 +62,10 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
               session 23; before it, the `fused` entries of the committed records are this);
   fused_moe_shared_rows  fused, a token's routed experts reading its row in place instead of a
               copy of it per (token, expert) pair (`matvec.SHARED_ROWS`; session 29);
+  fused_moe_shared_mlp  fused, the shared MLP as three more groups of the routed experts' two
+              kernel calls where the layer ends with the finish kernel
+              (`moe_kernels.SHARED_MLP`; session 30);
+  fused_moe_shared_both  fused_moe_shared_rows and fused_moe_shared_mlp together;
   fused_attn_end  fused, where a layer ends with a tail kernel (PLE or MoE) the step from the o
               projection to the MLP's input as one kernel too (`ple_kernels.ATTENTION_END`;
               session 25; the library's since session 26, after runs CG, CH and CH2: until then
@@ -135,6 +139,7 @@ _LIBRARY_MOE_FINISH = moe_kernels.FINISH
 _LIBRARY_ATTENTION_END = ple_kernels.ATTENTION_END
 _LIBRARY_RMS_ONE = drafter_kernels.RMS_ONE_REDUCTION
 _LIBRARY_SHARED_ROWS = matvec.SHARED_ROWS
+_LIBRARY_SHARED_MLP = moe_kernels.SHARED_MLP
 _CUDNN_CALLS = {"cudnn": 0, "library": 0}
 
 
@@ -179,7 +184,10 @@ def _set_variant(variant: str):
                                  "fused_xla": "off", "fused_all_on": "on"}.get(
       variant, _LIBRARY_MOE_SWITCH)
   moe_kernels.FINISH = _LIBRARY_MOE_FINISH and variant != "fused_moe_finish_off"
-  matvec.SHARED_ROWS = _LIBRARY_SHARED_ROWS or variant == "fused_moe_shared_rows"
+  matvec.SHARED_ROWS = _LIBRARY_SHARED_ROWS or variant in ("fused_moe_shared_rows",
+                                                           "fused_moe_shared_both")
+  moe_kernels.SHARED_MLP = _LIBRARY_SHARED_MLP or variant in ("fused_moe_shared_mlp",
+                                                             "fused_moe_shared_both")
   ple_kernels.ATTENTION_END = (_LIBRARY_ATTENTION_END or variant == "fused_attn_end") and (
       variant != "fused_no_attn_end")
   # fused_rms1: every kernel's norms as one block reduction (`drafter_kernels.RMS_ONE_REDUCTION`)
@@ -232,6 +240,8 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
                                                   True) for lp in params["layers"] if "moe" in lp),
                moe_finish=moe_kernels.finishes(vcfg, params, case.batch * case.chunk, True),
                moe_shared_rows=matvec.SHARED_ROWS,
+               moe_shared_mlp=moe_kernels.finishes(vcfg, params, case.batch * case.chunk, True)
+               and moe_kernels.folds_mlp(vcfg, params, case.batch * case.chunk),
                attention_end=ple_kernels.ATTENTION_END,
                attention_own_range=decode_attention.choose(vcfg, case.batch, case.chunk, True,
                                                            None)
@@ -290,7 +300,8 @@ VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fu
             "fused_attn_range4", "fused_attn_own", "fused_attn_no_own",
             "fused_attn_warps8", "fused_attn_own_warps8",
             "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_moe_off", "fused_moe_on",
-            "fused_moe_finish_off", "fused_moe_shared_rows", "fused_attn_end",
+            "fused_moe_finish_off", "fused_moe_shared_rows", "fused_moe_shared_mlp",
+            "fused_moe_shared_both", "fused_attn_end",
             "fused_no_attn_end", "fused_rms1",
             "fused_xla", "fused_all_on")
 

@@ -128,6 +128,15 @@ def gelu_tanh(x):
   return 0.5 * x * (1.0 + jnp.tanh(inner))
 
 
+def _row_times_slab(chunk, steps: int, cfg: BlockConfig) -> jax.Array:
+  """One row times a [steps * block_k, block_n] slab of weights, summed in float32 over the
+  chunks `chunk(i) -> (x [block_k], w [block_k, block_n])`."""
+  def body(i, acc):
+    xk, wk = chunk(i)
+    return acc + jnp.sum(xk.astype(F32).reshape(cfg.block_k, 1) * wk.astype(F32), axis=0)
+  return jax.lax.fori_loop(0, steps, body, jnp.zeros((cfg.block_n,), F32))
+
+
 def _kernel(idx_ref, x_ref, w_ref, o_ref, *, cfg: BlockConfig, steps: int, rows: int,
             per_row: int):
   """One program: rows g // per_row of x times columns [n * block_n, +block_n) of weight
@@ -144,11 +153,7 @@ def _kernel(idx_ref, x_ref, w_ref, o_ref, *, cfg: BlockConfig, steps: int, rows:
     return x_ref[src, :, kk], w_ref[e, kk, cols]
 
   if rows == 1:
-    def body(i, acc):
-      xk, wk = chunk(i)
-      return acc + jnp.sum(xk.astype(F32).reshape(cfg.block_k, 1) * wk.astype(F32), axis=0)
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((cfg.block_n,), F32))
-    o_ref[...] = acc.reshape(1, cfg.block_n)
+    o_ref[...] = _row_times_slab(chunk, steps, cfg).reshape(1, cfg.block_n)
   else:
     def body(i, acc):
       xk, wk = chunk(i)
@@ -165,18 +170,103 @@ def _call(x: jax.Array, w: jax.Array, idx: jax.Array, cfg: BlockConfig,
   n = w.shape[-1]
   steps = k // (cfg.split_k * cfg.block_k)
   kernel = functools.partial(_kernel, cfg=cfg, steps=steps, rows=rows, per_row=per_row)
+  return _split_sum(kernel, (g, n // cfg.block_n, cfg.split_k), [idx, x, w], (g, rows, n), cfg,
+                    interpret)
+
+
+def _split_sum(kernel, grid, ins, shape, cfg: BlockConfig, interpret: bool) -> jax.Array:
+  """The few-row matmul kernel over `grid` (groups, column blocks, split), each input read
+  whole, its float32 output `shape` [G, R, N] summed over the contraction's split."""
+  g, rows, n = shape
   whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
   parts = pl.pallas_call(
       kernel,
-      grid=(g, n // cfg.block_n, cfg.split_k),
-      in_specs=[whole(idx), whole(x), whole(w)],
+      grid=grid,
+      in_specs=[whole(a) for a in ins],
       out_specs=pl.BlockSpec((None, None, rows, cfg.block_n), lambda gi, ni, si: (si, gi, 0, ni)),
       out_shape=jax.ShapeDtypeStruct((cfg.split_k, g, rows, n), F32),
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=interpret,
       name="few_row_matmul",
-  )(idx, x, w)
+  )(*ins)
   return parts[0] if cfg.split_k == 1 else jnp.sum(parts, axis=0)
+
+
+def _with_dense_kernel(idx_ref, x_ref, w_ref, *refs, cfg: BlockConfig, steps: int, k: int,
+                       chunks: int, chunk_axis: int):
+  """One program of `with_dense_chunks`: group g is slot j = g % (k + chunks) of token
+  t = g // (k + chunks); j < k: token t's j-th expert idx[t * k + j] of w, else chunk j - k of
+  the dense weight dw (its rows, chunk_axis 0, or its columns, chunk_axis 1)."""
+  if len(refs) == 3:
+    dx_ref, dw_ref, o_ref = refs
+  else:
+    (dw_ref, o_ref), dx_ref = refs, None
+  g, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  t, j = g // (k + chunks), g % (k + chunks)
+  kc = w_ref.shape[1]
+  start = s * (steps * cfg.block_k)
+  col0 = pl.multiple_of(n * cfg.block_n, cfg.block_n)
+  ks = lambda i, at=0: pl.ds(pl.multiple_of(at + start + i * cfg.block_k, cfg.block_k),
+                             cfg.block_k)
+  row = lambda ref, i, r: ref[r, ks(i)]
+  own = (lambda i: row(x_ref, i, t)) if dx_ref is not None else (lambda i: row(x_ref, i, g))
+  dense_row = (lambda i: row(dx_ref, i, t)) if dx_ref is not None else own
+
+  def routed():
+    e = idx_ref[t * k + jnp.minimum(j, k - 1)]
+    return _row_times_slab(lambda i: (own(i), w_ref[e, ks(i), pl.ds(col0, cfg.block_n)]),
+                           steps, cfg)
+
+  def dense():
+    c = j - k
+    if chunk_axis == 0:     # rows [c * K, (c + 1) * K) of dw [chunks * K, N]
+      load = lambda i: dw_ref[ks(i, c * kc), pl.ds(col0, cfg.block_n)]
+    else:                   # columns [c * N, (c + 1) * N) of dw [K, chunks * N]
+      n_all = dw_ref.shape[1] // chunks
+      load = lambda i: dw_ref[ks(i), pl.ds(pl.multiple_of(c * n_all + col0, cfg.block_n),
+                                           cfg.block_n)]
+    return _row_times_slab(lambda i: (dense_row(i), load(i)), steps, cfg)
+
+  o_ref[...] = jax.lax.cond(j < k, routed, dense).reshape(1, cfg.block_n)
+
+
+def with_dense_chunks(x: jax.Array, w: jax.Array, idx: jax.Array, dense_w: jax.Array, *,
+                      chunks: int, chunk_axis: int, dense_x: jax.Array | None = None,
+                      cfg: BlockConfig | None = None) -> jax.Array:
+  """Each token's k routed experts and the `chunks` chunks of a dense weight in one kernel call
+  (MoE layers whose shared MLP is `chunks` experts wide: 26B-A4B's 2112 = 3 x 704).
+
+  Args:
+    x: the experts' rows: [M, K] (a token's row, read by its k experts; then `dense_x` [M, K]
+      (rows past M ignored: a padded GEMM input) is the row its dense chunks read) or
+      [M * (k + chunks), K] (a row a group, token-major,
+      its k experts' first: then the dense chunks read their own rows, and dense_x is None).
+    w: [E, K, N] the experts; idx: [M, k] each token's experts.
+    dense_w: [chunks * K, N] (chunk_axis 0: chunk c its rows c * K ...) or [K, chunks * N]
+      (chunk_axis 1: its columns c * N ...), float as w.
+  Returns:
+    [M, k + chunks, N] float32: token t's k experts' products, then its dense chunks'.
+  """
+  m, k = idx.shape
+  kdim, n = w.shape[1], w.shape[2]
+  if dense_w.shape != ((chunks * kdim, n) if chunk_axis == 0 else (kdim, chunks * n)):
+    raise ValueError(f"with_dense_chunks: a dense weight {dense_w.shape} is not {chunks} chunks "
+                     f"of [{kdim}, {n}] along axis {chunk_axis}")
+  rows = m if dense_x is not None else m * (k + chunks)
+  if x.shape != (rows, kdim) or (dense_x is not None and (dense_x.shape[0] < m
+                                                          or dense_x.shape[1] != kdim)):
+    dense = None if dense_x is None else dense_x.shape
+    raise ValueError(f"with_dense_chunks: rows {x.shape} (dense rows {dense}) for {m} tokens of "
+                     f"{k} experts and {chunks} chunks")
+  groups = m * (k + chunks)
+  cfg = cfg or _require_config(groups, kdim, n, w.dtype.itemsize)
+  steps = kdim // (cfg.split_k * cfg.block_k)
+  kernel = functools.partial(_with_dense_kernel, cfg=cfg, steps=steps, k=k, chunks=chunks,
+                             chunk_axis=chunk_axis)
+  ins = [idx.reshape(-1).astype(jnp.int32), x, w] + ([] if dense_x is None else [dense_x])
+  y = _split_sum(kernel, (groups, n // cfg.block_n, cfg.split_k), ins + [dense_w],
+                 (groups, 1, n), cfg, _interpret())
+  return y.reshape(m, k + chunks, n)
 
 
 def _interpret() -> bool:
@@ -231,4 +321,4 @@ def _require_config(groups, k, n, itemsize) -> BlockConfig:
 
 
 __all__ = ["BlockConfig", "switch_mode", "switch", "enabled", "pow2_divisor", "block_config", "matmul",
-           "gathered_matmul", "MAX_ROWS", "ENV"]
+           "gathered_matmul", "with_dense_chunks", "MAX_ROWS", "ENV"]

@@ -223,7 +223,8 @@ def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig, *, router_kernels: boo
 
 
 def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig, *,
-          xn: jax.Array | None = None, tail=None, router_kernels: bool = False):
+          xn: jax.Array | None = None, tail=None, tail_mlp: bool = False,
+          router_kernels: bool = False):
   """One decoder layer: x [B, T, D] -> x.
 
   `attend(xn) -> [R, T, N, H]` does the layer's attention (R = B, or more where rows padded for
@@ -234,20 +235,21 @@ def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig
   attention, the (shared) MLP's down projection's padded rows and `ple` as given (PLE: every
   layer's inputs); the layer then returns its pair. With a tail and
   `ple_kernels.ATTENTION_END` the step from the o projection to the MLP's input is one kernel
-  too (`ple_kernels.attention_end`).
+  too (`ple_kernels.attention_end`). `tail_mlp`: the tail runs the (shared) MLP too, and
+  takes its normed input in place of its down projection (`moe_kernels.folds_mlp`).
   `router_kernels`: see `feed_forward`.
   """
+  mlp = (lambda xn: xn) if tail_mlp else functools.partial(layers.mlp, p=p["mlp"],
+                                                           padded_rows=True)
   if xn is None:
     xn = layers.rms_norm(x, p["pre_attn_norm"], eps=cfg.rms_eps)
   a = quant.einsum("BTNH,NHD->BTD", attend(xn), p["attn"]["o"])
   if tail is not None and ple_kernels.ATTENTION_END:
     x, xn = ple_kernels.attention_end(x, a, p, cfg)   # (a's padded rows, xn's as the MLP's)
-    return tail(p, x, layers.mlp(xn, p["mlp"], padded_rows=True), ple)
+    return tail(p, x, mlp(xn), ple)
   x = x + layers.rms_norm(a[:x.shape[0]], p["post_attn_norm"], eps=cfg.rms_eps)
   if tail is not None:
-    d = layers.mlp(layers.rms_norm(x, p["pre_ffw_norm"], eps=cfg.rms_eps), p["mlp"],
-                   padded_rows=True)
-    return tail(p, x, d, ple)
+    return tail(p, x, mlp(layers.rms_norm(x, p["pre_ffw_norm"], eps=cfg.rms_eps)), ple)
   x = x + feed_forward(p, x, cfg, router_kernels=router_kernels)
   if ple is not None:
     g = layers.gelu(quant.einsum("BTD,DP->BTP", x, p["ple"]["gate"])) * ple
@@ -318,6 +320,8 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   routes = moe is not None and moe_kernels.choose(cfg, moe, b * t, cache is not None)
   # and each layer's end after its experts (and the next layer's norm) as one kernel more
   finishes = moe_kernels.finishes(cfg, params, b * t, cache is not None)
+  # with the shared MLP as more groups of the experts' kernel calls
+  folds = finishes and moe_kernels.folds_mlp(cfg, params, b * t)
   xn = None   # the layer's normed input, from the previous layer's tail
   for i, p in enumerate(params["layers"][:cfg.num_layers]):
     kind = cfg.layer_types[i]
@@ -372,8 +376,9 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
                                **_next_layer(params, i, b * t, cfg))
       x, xn = block(p, x, attend, ple, cfg, xn=xn, tail=tail)
     elif finishes:
-      tail = functools.partial(moe_kernels.tail, cfg=cfg, **_next_layer(params, i, b * t, cfg))
-      x, xn = block(p, x, attend, None, cfg, xn=xn, tail=tail)
+      tail = functools.partial(moe_kernels.tail, cfg=cfg, mlp_input=folds,
+                               **_next_layer(params, i, b * t, cfg))
+      x, xn = block(p, x, attend, None, cfg, xn=xn, tail=tail, tail_mlp=folds)
     else:
       x = block(p, x, attend, None if ple is None else ple[:, :, i], cfg, router_kernels=routes)
 

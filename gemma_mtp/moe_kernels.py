@@ -67,6 +67,13 @@ AUTO_MAX_ROWS = 8
 # router kernels alone): batch 1 -2.7%, a 5-position verification -0.4%, batch 8 +0.2%.
 FINISH = True
 FINISH_MAX_TOKENS = 5
+# Where the layer's end is `tail` and the shared (dense) MLP is C experts wide (26B-A4B: 2112 =
+# 3 x 704), the shared MLP runs as C more groups of the experts' two kernel calls
+# (`matvec.with_dense_chunks`), instead of XLA's GEMMs of its own: its gate|up as C column
+# chunks on the pre-FFW-normed row, GELU x up with the experts', its down projection as C row
+# chunks whose float32 products the finish kernel adds. Built in session 30, not yet measured on
+# a GPU (step_probe variant fused_moe_shared_mlp), so off.
+SHARED_MLP = False
 
 
 def enabled() -> bool:
@@ -179,24 +186,54 @@ def finishes(cfg: ModelConfig, params: dict, tokens: int, has_cache: bool) -> bo
   return auto_ok and tokens * cfg.num_experts_per_token <= cfg.num_experts
 
 
-def _finish_kernel(*refs, rows, k, eps, rnd, zeros, with_next):
+def folds_mlp(cfg: ModelConfig, params: dict, tokens: int) -> bool:
+  """Whether `tail` (chosen by `finishes`) runs the shared MLP too: SHARED_MLP, the expert
+  kernels on (`matvec.enabled()`), float weights in the fused layout (`gate_up`), a shared
+  width of C experts' widths and tilings for the experts' two calls with C groups a token more."""
+  p = params["layers"][0]
+  mlp, moe = p["mlp"], p["moe"]
+  if not (SHARED_MLP and matvec.enabled() and "gate_up" in mlp):
+    return False
+  weights = (mlp["gate_up"], mlp["down"], moe["gate_up"], moe["down"])
+  if any(quant.is_quantized(w) or w.dtype != weights[0].dtype for w in weights):
+    return False
+  d, width = moe["down"].shape[2], moe["down"].shape[1]
+  if cfg.mlp_dim % width:
+    return False
+  groups = tokens * (cfg.num_experts_per_token + cfg.mlp_dim // width)
+  return (matvec.block_config(groups, d, 2 * width) is not None
+          and matvec.block_config(groups, width, d) is not None)
+
+
+def _finish_kernel(*refs, rows, k, eps, rnd, zeros, with_next, chunks):
   """Row r: the layer's output from the residual after attention x1, the shared MLP's down
   projection d, and the k experts' down projections and weights; with_next the next layer's
-  normed input (`ple_kernels.store_layer_end`)."""
-  ins, outs = ple_kernels.finish_refs(refs, 8, with_next)
-  x1_ref, d_ref, e_ref, w_ref, dense_ref, post_ref, ffw_ref, scalar_ref = ins
+  normed input (`ple_kernels.store_layer_end`). chunks > 0 (`folds_mlp`): no d; the experts'
+  outputs [M, k + chunks, D] are float32, the k experts' rounded as their GEMM's output, and the
+  shared MLP's down projection the sum of the chunks' (rounded once)."""
+  ins, outs = ple_kernels.finish_refs(refs, 7 if chunks else 8, with_next)
+  if chunks:
+    (x1_ref, e_ref, w_ref, dense_ref, post_ref, ffw_ref, scalar_ref), d_ref = ins, None
+  else:
+    x1_ref, d_ref, e_ref, w_ref, dense_ref, post_ref, ffw_ref, scalar_ref = ins
   r = pl.program_id(0)
   src = jnp.minimum(r, rows - 1)
   n = x1_ref.shape[1]
   spans = dk._spans(n, dk._rows_per_chunk(n, 1))
   load = lambda ref: [dk._f32(ref[ds]) for ds in spans]
   norm = functools.partial(dk._norm, n=n, eps=eps, rnd=rnd, one_reduction=True)
+  out = (lambda j, ds: rnd(e_ref[src, j, ds])) if chunks else (
+      lambda j, ds: dk._f32(e_ref[src, j, ds]))
   mix = [0.0] * len(spans)
   for j in range(k):
     wj = w_ref[src, j]
-    mix = [m + wj * dk._f32(e_ref[src, j, ds]) for m, ds in zip(mix, spans)]
+    mix = [m + wj * out(j, ds) for m, ds in zip(mix, spans)]
   experts = norm([rnd(m) for m in mix], load(post_ref))
-  dense = norm([dk._f32(d_ref[src, ds]) for ds in spans], load(dense_ref))
+  if chunks:
+    d = [rnd(sum(e_ref[src, k + c, ds] for c in range(chunks))) for ds in spans]
+  else:
+    d = [dk._f32(d_ref[src, ds]) for ds in spans]
+  dense = norm(d, load(dense_ref))
   ffw = norm([rnd(a + c) for a, c in zip(dense, experts)], load(ffw_ref))
   scalar = rnd(dk._f32(scalar_ref[0]))
   x = [rnd(rnd(dk._f32(x1_ref[src, ds]) + f) * scalar) for ds, f in zip(spans, ffw)]
@@ -204,7 +241,30 @@ def _finish_kernel(*refs, rows, k, eps, rnd, zeros, with_next):
                               one_reduction=True)
 
 
-def tail(p: dict, x1, d, ple, cfg: ModelConfig, *, next_norm=None, next_rows: int = 0):
+def _experts_and_mlp(xn, experts, moe: dict, xs, mlp: dict) -> jax.Array:
+  """`layers.expert_outputs` with the shared MLP `mlp` as C more groups of its two kernel calls
+  (`folds_mlp`): xn [M, D] the experts' input, xs [R >= M, D] the shared
+  MLP's (rows past M ignored).
+
+  Returns:
+    [M, k + C, D] float32: each token's k experts' down projections, then its shared MLP's C
+    chunks' (their sum the shared MLP's down projection).
+  """
+  m, k = experts.shape
+  width = moe["down"].shape[1]
+  chunks = mlp["down"].shape[0] // width
+  gate_up = matvec.with_dense_chunks(xn, moe["gate_up"], experts, mlp["gate_up"], chunks=chunks,
+                                     chunk_axis=1, dense_x=xs).astype(xn.dtype)
+  routed = layers.gelu(gate_up[:, :k, :width]) * gate_up[:, :k, width:]        # [M, k, X]
+  dense = gate_up[:, k:].reshape(m, 2, chunks * width)       # the columns of [gate | up]
+  dense = (layers.gelu(dense[:, 0]) * dense[:, 1]).reshape(m, chunks, width)  # [M, C, X]
+  h = jnp.concatenate([routed, dense], axis=1).reshape(m * (k + chunks), width)
+  return matvec.with_dense_chunks(h, moe["down"], experts, mlp["down"], chunks=chunks,
+                                  chunk_axis=0)
+
+
+def tail(p: dict, x1, d, ple, cfg: ModelConfig, *, next_norm=None, next_rows: int = 0,
+         mlp_input: bool = False):
   """The end of MoE layer p after its shared MLP (`model.block`'s `tail`, chosen by `finishes`):
   the router kernels, the experts per (token, expert) pair, then one kernel a position for the
   rest of `model.feed_forward` and `model.block` (the experts' weighted sum and post-norm, the
@@ -212,8 +272,9 @@ def tail(p: dict, x1, d, ple, cfg: ModelConfig, *, next_norm=None, next_rows: in
   the next layer's pre-attention norm, padded as `ple_kernels.tail`'s.
 
   Args:
-    p: the layer's parameters (moe, post_ffw_norm, layer_scalar).
-    x1: [B, T, D] the residual after attention; d: [R, T, D] the shared MLP's down projection
+    p: the layer's parameters (moe, post_ffw_norm, layer_scalar; with mlp_input mlp).
+    x1: [B, T, D] the residual after attention; d: [R, T, D] the shared MLP's down projection,
+      or with mlp_input (`folds_mlp`) its normed input, which the experts' calls then take
       (R >= B rows at T = 1: the rows past B `quant.einsum`'s padding, ignored).
     ple: None (no per-layer inputs in the MoE models).
     next_norm, next_rows: as `ple_kernels.tail`'s.
@@ -225,10 +286,15 @@ def tail(p: dict, x1, d, ple, cfg: ModelConfig, *, next_norm=None, next_rows: in
   shape, dim = x1.shape, x1.shape[-1]
   x = x1.reshape(-1, dim)
   weights, experts, xn = route(x, moe, cfg)
-  outs = layers.expert_outputs(xn, experts, moe)
+  if mlp_input:
+    outs = _experts_and_mlp(xn, experts, moe, d.reshape(-1, dim), p["mlp"])
+    chunks, dense = outs.shape[1] - experts.shape[1], []
+  else:
+    outs = layers.expert_outputs(xn, experts, moe)
+    chunks, dense = 0, [d.reshape(-1, dim)]
   kernel = functools.partial(_finish_kernel, k=cfg.num_experts_per_token, eps=cfg.rms_eps,
-                             rnd=dk._rounder(x1.dtype))
-  ins = [x, d.reshape(-1, dim), outs, weights, moe["dense_post_norm"], moe["post_norm"],
+                             rnd=dk._rounder(x1.dtype), chunks=chunks)
+  ins = [x, *dense, outs, weights, moe["dense_post_norm"], moe["post_norm"],
          p["post_ffw_norm"], p["layer_scalar"]]
   return ple_kernels.call_finish(kernel, ins, shape, x1.dtype, "moe_finish",
                                  next_norm=next_norm, next_rows=next_rows)

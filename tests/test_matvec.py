@@ -86,6 +86,38 @@ def test_gathered_matmul_reads_shared_rows_in_place():
     matvec.gathered_matmul(x, experts, idx, cfg=cfg)
 
 
+@pytest.mark.parametrize("chunk_axis", [0, 1])
+def test_with_dense_chunks_runs_experts_and_a_dense_weight(chunk_axis):
+  """Token t's k experts, then the 3 chunks of a dense weight (its columns, as a gate|up's, on
+  a row of their own; or its rows, as a down projection's, a row a group) in one call: each
+  group equals its own product; shapes that do not match are refused."""
+  m, k, c = 2, 2, 3
+  experts, idx = _rand(0, (5, 128, 64)), jnp.array([[3, 0], [4, 3]])
+  cfg = matvec.BlockConfig(32, 32, 2)
+  f32 = lambda a: np.asarray(a, np.float32)
+  if chunk_axis == 1:
+    x, dense_x, dense = _rand(1, (m, 128)), _rand(2, (m + 1, 128)), _rand(3, (128, c * 64))
+    xs = np.repeat(f32(x)[:, None], k, axis=1)
+    want = f32(dense_x[:m]) @ f32(dense)                         # [M, C * N]: the chunks' columns
+  else:
+    x, dense_x, dense = _rand(1, (m * (k + c), 128)), None, _rand(3, (c * 128, 64))
+    xs = f32(x).reshape(m, k + c, 128)[:, :k]
+    rows = f32(x).reshape(m, k + c, 128)[:, k:]
+    want = np.einsum("mck,ckn->mcn", rows, f32(dense).reshape(c, 128, 64))
+  y = matvec.with_dense_chunks(x, experts, idx, dense, chunks=c, chunk_axis=chunk_axis,
+                               dense_x=dense_x, cfg=cfg)
+  assert y.shape == (m, k + c, 64)
+  routed = np.einsum("mjk,mjkn->mjn", xs, f32(experts)[np.asarray(idx)])
+  assert _rel(y[:, :k], routed) < 1e-5
+  assert _rel(y[:, k:].reshape(want.shape), want) < 1e-5
+  with pytest.raises(ValueError, match="chunks of"):
+    matvec.with_dense_chunks(x, experts, idx, dense[:-32], chunks=c, chunk_axis=chunk_axis,
+                             dense_x=dense_x, cfg=cfg)
+  with pytest.raises(ValueError, match="rows"):
+    matvec.with_dense_chunks(x[:-1], experts, idx, dense, chunks=c, chunk_axis=chunk_axis,
+                             dense_x=dense_x, cfg=cfg)
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_gathered_matmul_lowers_to_triton(monkeypatch, shared):
   """The routed experts' kernel lowers to Triton for CUDA (exported on the CPU), with a row per

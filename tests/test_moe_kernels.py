@@ -229,6 +229,55 @@ def test_shared_rows_lower_without_a_row_per_pair(monkeypatch):
   assert found[True] == (0, 6 * layers)
 
 
+# TINY with 32-wide experts (the expert kernels' smallest tiling) and a shared MLP of three of
+# their widths, as 26B-A4B's 2112 = 3 x 704 (`moe_kernels.folds_mlp`).
+FOLD = TINY.replace(expert_dim=32, mlp_dim=96)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_shared_mlp_as_more_expert_groups(monkeypatch, batch):
+  """`moe_kernels.SHARED_MLP`: the shared MLP as three more groups of the experts' two kernel
+  calls gives XLA's logits and caches in float32 over five decode steps (one row, padded as on
+  GPUs, and two rows), and does run there (no GEMM on the shared MLP's weights is left in the
+  step); without the expert kernels (`matvec`), the layer keeps its own MLP."""
+  monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
+  monkeypatch.setenv(matvec.ENV, "on")
+  params = dkt.random_norms(dkt.fused_target(FOLD))
+  ref, ref_kv, _ = _steps(FOLD, params, "off", monkeypatch, batch=batch)
+  monkeypatch.setattr(moe_kernels, "SHARED_MLP", True)
+  assert moe_kernels.folds_mlp(FOLD, params, batch)
+  got, kv, names = _steps(FOLD, params, "on", monkeypatch, batch=batch)
+  assert names["moe_finish"] == FOLD.num_layers
+  np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+  for a, b in zip(kv, ref_kv):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+  monkeypatch.setenv(matvec.ENV, "off")
+  assert not moe_kernels.folds_mlp(FOLD, params, batch)
+  assert not moe_kernels.folds_mlp(TINY, dkt.fused_target(TINY), batch)  # 16-wide experts
+  monkeypatch.setenv(matvec.ENV, "on")
+  assert not moe_kernels.folds_mlp(FOLD, gemma_mtp.random_target(FOLD).params, batch)  # unfused
+
+
+def test_shared_mlp_folds_its_weights_into_the_expert_kernels(monkeypatch):
+  """With `moe_kernels.SHARED_MLP` a 26B-A4B-shaped bf16 decode step (exported for CUDA on the
+  CPU) runs the same Triton kernels a layer and no dot_general on the shared MLP's weights
+  ([2816, 4224] gate|up, [2112, 2816] down); without it, two a layer."""
+  monkeypatch.setenv(decode_attention.ENV, "off")
+  monkeypatch.setenv(moe_kernels.ENV, "on")
+  monkeypatch.setenv(matvec.ENV, "on")
+  monkeypatch.setattr(matvec, "_interpret", lambda: False)
+  cfg = config_lib.preset("gemma4_26b_a4b")
+  gemm = re.compile(r"dot_general[^\n]*tensor<(%d|%d)x(%d|%d)xbf16>" % (
+      cfg.embed_dim, cfg.mlp_dim, 2 * cfg.mlp_dim, cfg.embed_dim))
+  found = {}
+  for fold in (False, True):
+    monkeypatch.setattr(moe_kernels, "SHARED_MLP", fold)
+    module, layers = dkt.lowered_for_cuda(TINY, "gemma4_26b_a4b", monkeypatch)
+    found[fold] = (len(gemm.findall(module)), module.count("xla.gpu.triton"))
+  assert found[False] == (2 * layers, 6 * layers)
+  assert found[True] == (0, 6 * layers)
+
+
 def test_generate_with_kernels_equals_xla(monkeypatch):
   """Plain greedy decoding (the decode loop) emits the same tokens with the MoE kernels as
   without, in float32, on two ragged prompts; speculative decoding through them still emits
