@@ -72,8 +72,11 @@ FINISH_MAX_TOKENS = 5
 # (`matvec.with_dense_chunks`), instead of XLA's GEMMs of its own: its gate|up as C column
 # chunks on the pre-FFW-normed row, GELU x up with the experts', its down projection as C row
 # chunks whose float32 products the finish kernel adds. Built in session 30, not yet measured on
-# a GPU (step_probe variant fused_moe_shared_mlp), so off.
+# a GPU (step_probe variant fused_moe_shared_mlp), so off. Each token's chunks read the
+# shared MLP's weights again (XLA's GEMM reads them once for all rows), so only forwards of up
+# to SHARED_MLP_MAX_TOKENS tokens: batch-1 decode steps.
 SHARED_MLP = False
+SHARED_MLP_MAX_TOKENS = 1
 
 
 def enabled() -> bool:
@@ -187,12 +190,14 @@ def finishes(cfg: ModelConfig, params: dict, tokens: int, has_cache: bool) -> bo
 
 
 def folds_mlp(cfg: ModelConfig, params: dict, tokens: int) -> bool:
-  """Whether `tail` (chosen by `finishes`) runs the shared MLP too: SHARED_MLP, the expert
-  kernels on (`matvec.enabled()`), float weights in the fused layout (`gate_up`), a shared
-  width of C experts' widths and tilings for the experts' two calls with C groups a token more."""
+  """Whether `tail` (chosen by `finishes`) runs the shared MLP too: SHARED_MLP, at most
+  SHARED_MLP_MAX_TOKENS tokens, the expert kernels on (`matvec.enabled()`), float weights in
+  the fused layout (`gate_up`), a shared width of C experts' widths and tilings for the
+  experts' two calls with C groups a token more."""
   p = params["layers"][0]
   mlp, moe = p["mlp"], p["moe"]
-  if not (SHARED_MLP and matvec.enabled() and "gate_up" in mlp):
+  if not (SHARED_MLP and tokens <= SHARED_MLP_MAX_TOKENS and matvec.enabled()
+          and "gate_up" in mlp):
     return False
   weights = (mlp["gate_up"], mlp["down"], moe["gate_up"], moe["down"])
   if any(quant.is_quantized(w) or w.dtype != weights[0].dtype for w in weights):

@@ -238,24 +238,31 @@ FOLD = TINY.replace(expert_dim=32, mlp_dim=96)
 def test_shared_mlp_as_more_expert_groups(monkeypatch, batch):
   """`moe_kernels.SHARED_MLP`: the shared MLP as three more groups of the experts' two kernel
   calls gives XLA's logits and caches in float32 over five decode steps (one row, padded as on
-  GPUs, and two rows), and does run there (no GEMM on the shared MLP's weights is left in the
-  step); without the expert kernels (`matvec`), the layer keeps its own MLP."""
+  GPUs; and two rows, past SHARED_MLP_MAX_TOKENS, so raised for the test); without the expert
+  kernels (`matvec`), past the token limit, with experts too narrow or weights unfused, the
+  layer keeps its own MLP."""
   monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
   monkeypatch.setenv(matvec.ENV, "on")
   params = dkt.random_norms(dkt.fused_target(FOLD))
   ref, ref_kv, _ = _steps(FOLD, params, "off", monkeypatch, batch=batch)
   monkeypatch.setattr(moe_kernels, "SHARED_MLP", True)
+  assert moe_kernels.folds_mlp(FOLD, params, 1) and not moe_kernels.folds_mlp(FOLD, params, 2)
+  monkeypatch.setattr(moe_kernels, "SHARED_MLP_MAX_TOKENS", batch)
   assert moe_kernels.folds_mlp(FOLD, params, batch)
+  folded = []                      # the layers traced with the fold
+  fold = moe_kernels._experts_and_mlp
+  monkeypatch.setattr(moe_kernels, "_experts_and_mlp",
+                      lambda *a: folded.append(a[0].shape) or fold(*a))
   got, kv, names = _steps(FOLD, params, "on", monkeypatch, batch=batch)
   assert names["moe_finish"] == FOLD.num_layers
+  assert folded and set(folded) == {(batch, FOLD.embed_dim)}
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
   for a, b in zip(kv, ref_kv):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+  assert not moe_kernels.folds_mlp(TINY, dkt.fused_target(TINY), batch)  # 16-wide experts
+  assert not moe_kernels.folds_mlp(FOLD, gemma_mtp.random_target(FOLD).params, batch)  # unfused
   monkeypatch.setenv(matvec.ENV, "off")
   assert not moe_kernels.folds_mlp(FOLD, params, batch)
-  assert not moe_kernels.folds_mlp(TINY, dkt.fused_target(TINY), batch)  # 16-wide experts
-  monkeypatch.setenv(matvec.ENV, "on")
-  assert not moe_kernels.folds_mlp(FOLD, gemma_mtp.random_target(FOLD).params, batch)  # unfused
 
 
 def test_shared_mlp_folds_its_weights_into_the_expert_kernels(monkeypatch):
