@@ -64,7 +64,9 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
               copy of it per (token, expert) pair (`matvec.SHARED_ROWS`; session 29);
   fused_moe_shared_mlp  fused, the shared MLP as three more groups of the routed experts' two
               kernel calls where the layer ends with the finish kernel
-              (`moe_kernels.SHARED_MLP`; session 30);
+              (`moe_kernels.SHARED_MLP`; session 30; the library's since run CR);
+  fused_moe_shared_mlp_off  fused, the shared MLP through XLA's GEMMs (the library before
+              session 30: until then the `fused` entries are this);
   fused_moe_shared_both  fused_moe_shared_rows and fused_moe_shared_mlp together;
   fused_attn_end  fused, where a layer ends with a tail kernel (PLE or MoE) the step from the o
               projection to the MLP's input as one kernel too (`ple_kernels.ATTENTION_END`;
@@ -186,8 +188,8 @@ def _set_variant(variant: str):
   moe_kernels.FINISH = _LIBRARY_MOE_FINISH and variant != "fused_moe_finish_off"
   matvec.SHARED_ROWS = _LIBRARY_SHARED_ROWS or variant in ("fused_moe_shared_rows",
                                                            "fused_moe_shared_both")
-  moe_kernels.SHARED_MLP = _LIBRARY_SHARED_MLP or variant in ("fused_moe_shared_mlp",
-                                                             "fused_moe_shared_both")
+  moe_kernels.SHARED_MLP = (_LIBRARY_SHARED_MLP or variant in (
+      "fused_moe_shared_mlp", "fused_moe_shared_both")) and variant != "fused_moe_shared_mlp_off"
   ple_kernels.ATTENTION_END = (_LIBRARY_ATTENTION_END or variant == "fused_attn_end") and (
       variant != "fused_no_attn_end")
   # fused_rms1: every kernel's norms as one block reduction (`drafter_kernels.RMS_ONE_REDUCTION`)
@@ -301,7 +303,7 @@ VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fu
             "fused_attn_warps8", "fused_attn_own_warps8",
             "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_moe_off", "fused_moe_on",
             "fused_moe_finish_off", "fused_moe_shared_rows", "fused_moe_shared_mlp",
-            "fused_moe_shared_both", "fused_attn_end",
+            "fused_moe_shared_mlp_off", "fused_moe_shared_both", "fused_attn_end",
             "fused_no_attn_end", "fused_rms1",
             "fused_xla", "fused_all_on")
 

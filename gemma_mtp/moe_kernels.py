@@ -23,7 +23,9 @@ their sum's post-FFW norm, the residual add and the layer scalar, and writes the
 normed input padded as its q|k|v projection takes it (`ple_kernels.call_finish`), each norm
 one block reduction (run BX's form, one a 256-wide chunk, took 7.5 us against XLA's ~6 kernels'
 8.3). Measured on an H100 (NOTES run BY; against the router kernels alone): batch 1 -2.7%, a
-5-position verification -0.4%, batch 8 +0.2%.
+5-position verification -0.4%, batch 8 +0.2%. In a batch-1 decode step the shared MLP runs
+as three more groups of the experts' two kernel calls (`SHARED_MLP`, `folds_mlp`,
+`matvec.with_dense_chunks`; run CR: -2.4%).
 
 Values: float32 inside, rounded to the model's dtype where `layers.route` rounds (the norm, each
 scale, the router logits), so in float32 the experts equal XLA's and the weights agree up to
@@ -71,11 +73,11 @@ FINISH_MAX_TOKENS = 5
 # 3 x 704), the shared MLP runs as C more groups of the experts' two kernel calls
 # (`matvec.with_dense_chunks`), instead of XLA's GEMMs of its own: its gate|up as C column
 # chunks on the pre-FFW-normed row, GELU x up with the experts', its down projection as C row
-# chunks whose float32 products the finish kernel adds. Built in session 30, not yet measured on
-# a GPU (step_probe variant fused_moe_shared_mlp), so off. Each token's chunks read the
-# shared MLP's weights again (XLA's GEMM reads them once for all rows), so only forwards of up
-# to SHARED_MLP_MAX_TOKENS tokens: batch-1 decode steps.
-SHARED_MLP = False
+# chunks whose float32 products the finish kernel adds. Measured on an H100 (NOTES run CR,
+# 26B-A4B, 1k context, against the library before): batch-1 decode 3.973 -> 3.879 ms (-2.4%).
+# Each token's chunks read the shared MLP's weights again (XLA's GEMM reads them once for all
+# rows), so only forwards of up to SHARED_MLP_MAX_TOKENS tokens: batch-1 decode steps.
+SHARED_MLP = True
 SHARED_MLP_MAX_TOKENS = 1
 
 
