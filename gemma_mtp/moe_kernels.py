@@ -204,10 +204,10 @@ def folds_mlp(cfg: ModelConfig, params: dict, tokens: int) -> bool:
   weights = (mlp["gate_up"], mlp["down"], moe["gate_up"], moe["down"])
   if any(quant.is_quantized(w) or w.dtype != weights[0].dtype for w in weights):
     return False
-  d, width = moe["down"].shape[2], moe["down"].shape[1]
-  if cfg.mlp_dim % width:
+  d, width, hidden = moe["down"].shape[2], moe["down"].shape[1], mlp["down"].shape[0]
+  if hidden % width:
     return False
-  groups = tokens * (cfg.num_experts_per_token + cfg.mlp_dim // width)
+  groups = tokens * (cfg.num_experts_per_token + hidden // width)
   return (matvec.block_config(groups, d, 2 * width) is not None
           and matvec.block_config(groups, width, d) is not None)
 

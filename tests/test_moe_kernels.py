@@ -209,25 +209,32 @@ def test_kernels_lower_for_the_gpu(monkeypatch):
   assert layers_on == layers_off and on - off == 4 * layers_on
 
 
-def test_shared_rows_lower_without_a_row_per_pair(monkeypatch):
-  """With `matvec.SHARED_ROWS` a 26B-A4B-shaped bf16 decode step (MoE and expert kernels on,
-  exported for CUDA on the CPU) has no [1, k, D] copy of the experts' input a layer, and the
-  same Triton kernels; without it, one such broadcast a layer."""
+def test_shared_rows_and_mlp_lower_without_their_xla_kernels(monkeypatch):
+  """A 26B-A4B-shaped bf16 decode step (MoE and expert kernels on, exported for CUDA on the CPU)
+  runs the same 6 Triton kernels a layer (router 2, experts 2, finish, attention end) with
+  either switch: without them, one [1, k, D] broadcast of the experts' input a layer and two
+  GEMMs on the shared MLP's weights ([2816, 4224] gate|up, [2112, 2816] down); with
+  `matvec.SHARED_ROWS` no broadcast, and with `moe_kernels.SHARED_MLP` neither (its calls take
+  the experts' input [M, D] as it is) nor the GEMMs."""
   monkeypatch.setenv(decode_attention.ENV, "off")
   monkeypatch.setenv(moe_kernels.ENV, "on")
   monkeypatch.setenv(matvec.ENV, "on")
   monkeypatch.setattr(matvec, "_interpret", lambda: False)
-  monkeypatch.setattr(moe_kernels, "SHARED_MLP", False)  # (its experts read x [M, D] as it is)
   cfg = config_lib.preset("gemma4_26b_a4b")
   copy = re.compile(r"broadcast_in_dim[^\n]*-> tensor<1x%dx%dxbf16>"
                     % (cfg.num_experts_per_token, cfg.embed_dim))
+  gemm = re.compile(r"dot_general[^\n]*tensor<(%d|%d)x(%d|%d)xbf16>" % (
+      cfg.embed_dim, cfg.mlp_dim, 2 * cfg.mlp_dim, cfg.embed_dim))
   found = {}
-  for shared in (False, True):
-    monkeypatch.setattr(matvec, "SHARED_ROWS", shared)
+  for rows, mlp in ((False, False), (True, False), (False, True)):
+    monkeypatch.setattr(matvec, "SHARED_ROWS", rows)
+    monkeypatch.setattr(moe_kernels, "SHARED_MLP", mlp)
     module, layers = dkt.lowered_for_cuda(TINY, "gemma4_26b_a4b", monkeypatch)
-    found[shared] = (len(copy.findall(module)), module.count("xla.gpu.triton"))
-  assert found[False] == (layers, 6 * layers)     # router 2, experts 2, finish, attention end
-  assert found[True] == (0, 6 * layers)
+    found[rows, mlp] = (len(copy.findall(module)), len(gemm.findall(module)),
+                        module.count("xla.gpu.triton"))
+  assert found[False, False] == (layers, 2 * layers, 6 * layers)
+  assert found[True, False] == (0, 2 * layers, 6 * layers)
+  assert found[False, True] == (0, 0, 6 * layers)
 
 
 # TINY with 32-wide experts (the expert kernels' smallest tiling) and a shared MLP of three of
@@ -264,26 +271,6 @@ def test_shared_mlp_as_more_expert_groups(monkeypatch, batch):
   assert not moe_kernels.folds_mlp(FOLD, gemma_mtp.random_target(FOLD).params, batch)  # unfused
   monkeypatch.setenv(matvec.ENV, "off")
   assert not moe_kernels.folds_mlp(FOLD, params, batch)
-
-
-def test_shared_mlp_folds_its_weights_into_the_expert_kernels(monkeypatch):
-  """With `moe_kernels.SHARED_MLP` a 26B-A4B-shaped bf16 decode step (exported for CUDA on the
-  CPU) runs the same Triton kernels a layer and no dot_general on the shared MLP's weights
-  ([2816, 4224] gate|up, [2112, 2816] down); without it, two a layer."""
-  monkeypatch.setenv(decode_attention.ENV, "off")
-  monkeypatch.setenv(moe_kernels.ENV, "on")
-  monkeypatch.setenv(matvec.ENV, "on")
-  monkeypatch.setattr(matvec, "_interpret", lambda: False)
-  cfg = config_lib.preset("gemma4_26b_a4b")
-  gemm = re.compile(r"dot_general[^\n]*tensor<(%d|%d)x(%d|%d)xbf16>" % (
-      cfg.embed_dim, cfg.mlp_dim, 2 * cfg.mlp_dim, cfg.embed_dim))
-  found = {}
-  for fold in (False, True):
-    monkeypatch.setattr(moe_kernels, "SHARED_MLP", fold)
-    module, layers = dkt.lowered_for_cuda(TINY, "gemma4_26b_a4b", monkeypatch)
-    found[fold] = (len(gemm.findall(module)), module.count("xla.gpu.triton"))
-  assert found[False] == (2 * layers, 6 * layers)
-  assert found[True] == (0, 6 * layers)
 
 
 def test_generate_with_kernels_equals_xla(monkeypatch):
