@@ -129,7 +129,10 @@ def _pair_cell(name: str, rec: dict, workload: str = "code") -> tuple[str, float
 # and 26B-A4B's and E4B's batch-1 figures again in a second process with 5 repeats; run CN's
 # 26B-A4B decode with distinct ids (`bench.forward_ids`)
 OTHER_BENCH_RECORDS = ("benchmark_kernels_all_h100", "benchmark_31b_h100",
-                       "benchmark_b1_repeat_h100", "benchmark_26b_distinct_h100")
+                       "benchmark_b1_repeat_h100", "benchmark_26b_distinct_h100",
+                       "benchmark_kernels_all_s31_h100", "benchmark_b1_repeat_s31_h100",
+                       "benchmark_26b_all_s31_h100", "benchmark_e4b_b1_s31_h100",
+                       "benchmark_31b_s31_h100")
 
 
 def other_bench_records(names=OTHER_BENCH_RECORDS) -> dict[str, dict]:

@@ -41,6 +41,7 @@ GPU the kernels run in Pallas's interpreter, which is how the tests compare them
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -79,6 +80,18 @@ FINISH_MAX_TOKENS = 5
 # rows), so only forwards of up to SHARED_MLP_MAX_TOKENS tokens: batch-1 decode steps.
 SHARED_MLP = True
 SHARED_MLP_MAX_TOKENS = 1
+# The contraction splits of the fold's two calls (gate|up, down): None takes
+# `matvec.block_config`'s, which at one 26B-A4B row splits both 11 ways (1331 and 2662
+# programs) and leaves the partial sums (0.7 and 1.4 MB of float32) to XLA kernels of their
+# own (the GELU x up fusion, a reduction before the finish kernel: ~2.5 and ~1.8 us a layer on
+# an H100, experiments/results/step_profile_26b_s31_h100.json). A split must divide the
+# contraction's block_k chunks (gate|up 2816 / 128 = 22, down 704 / 64 = 11).
+FOLD_SPLITS: tuple[int | None, int | None] = (None, None)
+# The top-k kernel's k experts by rank (each expert's count of experts scoring more, or as much
+# at a lower index; slot j takes rank j: two reductions over [E, E] and [k, E]) instead of k
+# rounds of a max and its first index (2k reductions in turn). The same experts, order and
+# weights either way.
+TOP_K_RANKS = False
 
 
 def enabled() -> bool:
@@ -124,8 +137,20 @@ def _logits_kernel(x_ref, scale_ref, w_ref, out_ref, *, rows, bn, eps, c, rnd):
   out_ref[...] = dk._matvec(r, w)            # rounded once the parts are added
 
 
+def _top_k_by_rank(probs, escale, iota, slot):
+  """(probabilities, experts, expert scales) [k] of the k best of `probs` [E], ties to the lower
+  index (`TOP_K_RANKS`): expert i's rank is the count of experts scoring more, or as much at a
+  lower index; slot j holds the one expert of rank j."""
+  p_i, p_j = probs[:, None], probs[None, :]
+  beats = (p_j > p_i) | ((p_j == p_i) & (iota[None, :] < iota[:, None]))
+  rank = jnp.sum(beats.astype(jnp.int32), axis=1)                        # [E]
+  at = rank[None, :] == slot[:, None]                                    # [k, E]: one each
+  pick = lambda v, zero: jnp.sum(jnp.where(at, v[None, :], zero), axis=1)
+  return pick(probs, 0.0), pick(iota, 0), pick(escale, 0.0)
+
+
 def _top_k_kernel(parts_ref, expert_scale_ref, x_ref, pre_ref, w_ref, e_ref, xn_ref, *, k, eps,
-                  rnd):
+                  rnd, ranks):
   """Token m's top-k experts and weights from the logits' parts, and its experts' input."""
   m = pl.program_id(0)
   n, num = x_ref.shape[1], parts_ref.shape[2]
@@ -138,14 +163,18 @@ def _top_k_kernel(parts_ref, expert_scale_ref, x_ref, pre_ref, w_ref, e_ref, xn_
   probs = e / jnp.sum(e)
   iota = jax.lax.broadcasted_iota(jnp.int32, (num,), 0)
   slot = jax.lax.broadcasted_iota(jnp.int32, (k,), 0)
-  weights, experts, scales = jnp.zeros((k,), F32), jnp.zeros((k,), jnp.int32), jnp.zeros((k,), F32)
-  for j in range(k):
-    top = jnp.max(probs)
-    at = jnp.min(jnp.where(probs == top, iota, num))
-    weights = jnp.where(slot == j, top, weights)
-    experts = jnp.where(slot == j, at, experts)
-    scales = jnp.where(slot == j, jnp.sum(jnp.where(iota == at, escale, 0.0)), scales)
-    probs = jnp.where(iota == at, -1.0, probs)
+  if ranks:
+    weights, experts, scales = _top_k_by_rank(probs, escale, iota, slot)
+  else:
+    weights, experts = jnp.zeros((k,), F32), jnp.zeros((k,), jnp.int32)
+    scales = jnp.zeros((k,), F32)
+    for j in range(k):
+      top = jnp.max(probs)
+      at = jnp.min(jnp.where(probs == top, iota, num))
+      weights = jnp.where(slot == j, top, weights)
+      experts = jnp.where(slot == j, at, experts)
+      scales = jnp.where(slot == j, jnp.sum(jnp.where(iota == at, escale, 0.0)), scales)
+      probs = jnp.where(iota == at, -1.0, probs)
   w_ref[...] = weights / jnp.sum(weights) * scales
   e_ref[...] = experts
   dk._store_chunks(xn_ref, spans, dk._norm(x, pre, n, eps, rnd))
@@ -174,7 +203,8 @@ def route(x: jax.Array, p: dict, cfg: ModelConfig):
   outs = [((m, k), F32, (None, k), lambda i: (i, 0)),
           ((m, k), jnp.int32, (None, k), lambda i: (i, 0)),
           ((m, d), x.dtype, (None, d), lambda i: (i, 0))]
-  return tuple(dk._call(functools.partial(_top_k_kernel, k=k, eps=cfg.rms_eps, rnd=rnd),
+  return tuple(dk._call(functools.partial(_top_k_kernel, k=k, eps=cfg.rms_eps, rnd=rnd,
+                                          ranks=TOP_K_RANKS),
                         (m,), [logits, p["expert_scale"], x, p["pre_norm"]], outs, "moe_top_k"))
 
 
@@ -260,14 +290,28 @@ def _experts_and_mlp(xn, experts, moe: dict, xs, mlp: dict) -> jax.Array:
   m, k = experts.shape
   width = moe["down"].shape[1]
   chunks = mlp["down"].shape[0] // width
+  tilings = [_fold_tiling(m * (k + chunks), w.shape[1], w.shape[2], split)
+             for w, split in zip((moe["gate_up"], moe["down"]), FOLD_SPLITS)]
   gate_up = matvec.with_dense_chunks(xn, moe["gate_up"], experts, mlp["gate_up"], chunks=chunks,
-                                     chunk_axis=1, dense_x=xs).astype(xn.dtype)
+                                     chunk_axis=1, dense_x=xs, cfg=tilings[0]).astype(xn.dtype)
   routed = layers.gelu(gate_up[:, :k, :width]) * gate_up[:, :k, width:]        # [M, k, X]
   dense = gate_up[:, k:].reshape(m, 2, chunks * width)       # the columns of [gate | up]
   dense = (layers.gelu(dense[:, 0]) * dense[:, 1]).reshape(m, chunks, width)  # [M, C, X]
   h = jnp.concatenate([routed, dense], axis=1).reshape(m * (k + chunks), width)
   return matvec.with_dense_chunks(h, moe["down"], experts, mlp["down"], chunks=chunks,
-                                  chunk_axis=0)
+                                  chunk_axis=0, cfg=tilings[1])
+
+
+def _fold_tiling(groups: int, kdim: int, n: int, split: int | None) -> matvec.BlockConfig:
+  """`matvec.block_config`'s tiling of one fold call, its contraction split `split` ways
+  (`FOLD_SPLITS`; None: as block_config splits it)."""
+  cfg = matvec.block_config(groups, kdim, n)
+  if split is None:
+    return cfg
+  if (kdim // cfg.block_k) % split:
+    raise ValueError(f"moe_kernels.FOLD_SPLITS: {split} does not divide the "
+                     f"{kdim // cfg.block_k} chunks of a {kdim}-long contraction")
+  return dataclasses.replace(cfg, split_k=split)
 
 
 def tail(p: dict, x1, d, ple, cfg: ModelConfig, *, next_norm=None, next_rows: int = 0,

@@ -45,9 +45,12 @@ def _both(cfg, p, x):
                                                             for a in got]
 
 
-def test_route_equals_xla_float32():
+@pytest.mark.parametrize("ranks", [False, True])
+def test_route_equals_xla_float32(monkeypatch, ranks):
   """In float32: the same experts in the same order, and the weights and the experts' input up
-  to summation order, on 5 tokens (two parts of the router's contraction, 2 column tiles)."""
+  to summation order, on 5 tokens (two parts of the router's contraction, 2 column tiles); the
+  top k by k rounds of a max and by rank (`TOP_K_RANKS`)."""
+  monkeypatch.setattr(moe_kernels, "TOP_K_RANKS", ranks)
   p = _moe_params(TINY, jnp.float32)
   x = jnp.asarray(np.random.default_rng(1).normal(size=(5, TINY.embed_dim)) * 3, jnp.float32)
   (w, e, xn), (w2, e2, xn2) = _both(TINY, p, x)
@@ -57,9 +60,11 @@ def test_route_equals_xla_float32():
   assert len(set(map(tuple, e.tolist()))) == 5           # the tokens route differently
 
 
-def test_ties_go_to_the_lower_index():
+@pytest.mark.parametrize("ranks", [False, True])
+def test_ties_go_to_the_lower_index(monkeypatch, ranks):
   """Experts 3 and 9 score the same and highest, the other 14 the same (zero): both pick 3, 9
-  and then 0, 1, as `lax.top_k` does."""
+  and then 0, 1, as `lax.top_k` does (by rounds of a max and by rank)."""
+  monkeypatch.setattr(moe_kernels, "TOP_K_RANKS", ranks)
   p = _moe_params(TINY, jnp.float32)
   v = np.random.default_rng(2).normal(size=TINY.embed_dim)
   router = np.zeros((TINY.embed_dim, TINY.num_experts))
@@ -209,6 +214,25 @@ def test_kernels_lower_for_the_gpu(monkeypatch):
   assert layers_on == layers_off and on - off == 4 * layers_on
 
 
+def test_top_k_by_rank_lowers_for_the_gpu(monkeypatch):
+  """The router's two kernels on 26B-A4B's shapes (128 experts, top 8, bf16) with the top k by
+  rank (`TOP_K_RANKS`: [128, 128] and [8, 128] reductions) lower to Triton (exported for CUDA
+  on the CPU)."""
+  monkeypatch.setattr(moe_kernels, "TOP_K_RANKS", True)
+  monkeypatch.setattr(moe_kernels.dk, "_interpret", lambda: False)
+  cfg = config_lib.preset("gemma4_26b_a4b")
+  d, e = cfg.embed_dim, cfg.num_experts
+  arg = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  p = {"router": arg(d, e), "router_scale": arg(d), "expert_scale": arg(e), "pre_norm": arg(d)}
+  exported = jax.export.export(
+      jax.jit(lambda x, p: moe_kernels.route(x, p, cfg)), platforms=["cuda"],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+          arg(1, d), p)
+  module = exported.mlir_module()
+  assert module.count("xla.gpu.triton") == 2
+  assert re.search(r"tensor<1x%dxi32>" % cfg.num_experts_per_token, module)
+
+
 def test_shared_rows_and_mlp_lower_without_their_xla_kernels(monkeypatch):
   """A 26B-A4B-shaped bf16 decode step (MoE and expert kernels on, exported for CUDA on the CPU)
   runs the same 6 Triton kernels a layer (router 2, experts 2, finish, attention end) with
@@ -242,14 +266,21 @@ def test_shared_rows_and_mlp_lower_without_their_xla_kernels(monkeypatch):
 FOLD = TINY.replace(expert_dim=32, mlp_dim=96)
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_shared_mlp_as_more_expert_groups(monkeypatch, batch):
+@pytest.mark.parametrize("batch, splits", [(1, (None, None)), (2, (1, None))])
+def test_shared_mlp_as_more_expert_groups(monkeypatch, batch, splits):
   """`moe_kernels.SHARED_MLP`: the shared MLP as three more groups of the experts' two kernel
   calls gives XLA's logits and caches in float32 over five decode steps (one row, padded as on
-  GPUs; and two rows, past SHARED_MLP_MAX_TOKENS, so raised for the test); without the expert
-  kernels (`matvec`), past the token limit, with experts too narrow or weights unfused, the
-  layer keeps its own MLP."""
+  GPUs; and two rows, past SHARED_MLP_MAX_TOKENS, so raised for the test, gate|up's contraction
+  in one range instead of block_config's 3: `FOLD_SPLITS`); without the expert kernels
+  (`matvec`), past the token limit, with experts too narrow or weights unfused, the layer keeps
+  its own MLP; a split that does not divide the contraction's chunks is refused."""
   monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
+  monkeypatch.setattr(moe_kernels, "FOLD_SPLITS", splits)
+  tiled = []                       # the fold calls' contraction splits
+  with_dense = matvec.with_dense_chunks
+  monkeypatch.setattr(matvec, "with_dense_chunks",
+                      lambda *a, cfg, **kw: tiled.append(cfg.split_k) or with_dense(*a, cfg=cfg,
+                                                                                   **kw))
   monkeypatch.setenv(matvec.ENV, "on")
   params = dkt.random_norms(dkt.fused_target(FOLD))
   ref, ref_kv, _ = _steps(FOLD, params, "off", monkeypatch, batch=batch)
@@ -264,6 +295,7 @@ def test_shared_mlp_as_more_expert_groups(monkeypatch, batch):
   got, kv, names = _steps(FOLD, params, "on", monkeypatch, batch=batch)
   assert names["moe_finish"] == FOLD.num_layers
   assert folded and set(folded) == {(batch, FOLD.embed_dim)}
+  assert set(tiled[0::2]) == {splits[0] or 3} and set(tiled[1::2]) == {1}
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
   for a, b in zip(kv, ref_kv):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
@@ -271,6 +303,8 @@ def test_shared_mlp_as_more_expert_groups(monkeypatch, batch):
   assert not moe_kernels.folds_mlp(FOLD, gemma_mtp.random_target(FOLD).params, batch)  # unfused
   monkeypatch.setenv(matvec.ENV, "off")
   assert not moe_kernels.folds_mlp(FOLD, params, batch)
+  with pytest.raises(ValueError, match="FOLD_SPLITS: 2 does not divide the 3 chunks"):
+    moe_kernels._fold_tiling(7, 96, 64, 2)
 
 
 def test_shared_mlp_in_bfloat16_as_accurate_as_its_own_gemms(monkeypatch):
