@@ -66,7 +66,7 @@
 #   bash experiments/run_h200.sh ple_verify5       # one GPU: PLE kernels at 5 positions (CO)
 #   bash experiments/run_h200.sh moe_shared_rows   # one GPU: routed experts on shared rows (CQ)
 #   bash experiments/run_h200.sh moe_shared        # one GPU: CQ and the shared MLP as experts (CR)
-#   bash experiments/run_h200.sh fold_splits       # one GPU: the fold's splits, top k by rank (CS)
+#   bash experiments/run_h200.sh fold_splits       # one GPU: the top k by rank (CS)
 #   bash experiments/run_h200.sh gpu_pair_full     # one GPU: the pair on full budgets (CK), then
 #   bash experiments/run_h200.sh gpu_pair_full_eval  # its speeds in fresh processes (CK2)
 #   bash experiments/run_h200.sh verify_attention  # one GPU: attention kernels in verification (BO)
@@ -824,14 +824,15 @@ case "${1:-}" in
     tail -3 "$OUT/moe_shared_tests.log"
     ;;
   fold_splits)       # session 31, run CS (on an H100): the shared-MLP fold's contraction splits
-                     # (moe_kernels.FOLD_SPLITS) and the router's top k by rank
-                     # (moe_kernels.TOP_K_RANKS) against the library (first and last):
-                     # 26B-A4B batch-1 decode; then their tests compiled by Triton
+                     # (then moe_kernels.FOLD_SPLITS: variants fused_fold_down1,
+                     # fused_fold_split1, fused_fold_split2_1, all slower, so removed with
+                     # their variants) and the router's top k by rank (moe_kernels.TOP_K_RANKS,
+                     # a tie) against the library (first and last): 26B-A4B batch-1 decode;
+                     # then the tests compiled by Triton. This mode now runs what remains
     G=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
     case "$G" in *H200*) C=h200;; *) C=h100;; esac
-    timeout 420 python experiments/step_probe.py --models=gemma4_26b_a4b --verify_models= \
-        --profile_steps=0 --short=8 --long=32 \
-        --variants=fused,fused_fold_down1,fused_fold_split1,fused_fold_split2_1,fused_top_k_ranks,fused \
+    timeout 250 python experiments/step_probe.py --models=gemma4_26b_a4b --verify_models= \
+        --profile_steps=0 --short=8 --long=32 --variants=fused,fused_top_k_ranks,fused \
         --out="$OUT/step_probe_fold_splits_$C.json" > "$OUT/step_probe_fold_splits_$C.log" 2>&1
     grep -hE " ms |Error|error" "$OUT/step_probe_fold_splits_$C.log" | cut -c1-200
     timeout 150 python -m pytest -q -p no:cacheprovider tests/test_moe_kernels.py \

@@ -46,7 +46,10 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_ple_on    fused, those kernels at any batch;
   fused_ple_split2  fused, the PLE gate kernel's contraction in twice as many parts as the
               library's (`ple_kernels.GATE_PARTS`; in run BJ's record: 2 parts against 1);
-  (run CG's fused_moe_fold and fused_moe_fold_split1 measured the routed experts' MLP as two
+  (run CS's fused_fold_down1, fused_fold_split1 and fused_fold_split2_1 split the shared-MLP
+  fold's contractions (gate|up, down) (block_config's, 1), (1, 1) and (2, 1) ways instead of
+  block_config's (11, 11), each slower on 26B-A4B, so their switch was removed, NOTES;
+  run CG's fused_moe_fold and fused_moe_fold_split1 measured the routed experts' MLP as two
   kernel calls with nothing between them, removed after it as slower on 26B-A4B, NOTES;
   runs BJ and BK's `fused` entries and their variants fused_ple_xla_o, fused_o32 and
   fused_o128 measured the PLE layers' o projection and the norms after it as two kernels more,
@@ -68,11 +71,8 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_moe_shared_mlp_off  fused, the shared MLP through XLA's GEMMs (the library before
               session 30: until then the `fused` entries are this);
   fused_moe_shared_both  fused_moe_shared_rows and fused_moe_shared_mlp together;
-  fused_fold_down1, fused_fold_split1, fused_fold_split2_1  fused, the shared-MLP fold's
-              contractions split (gate|up, down) = (block_config's, 1), (1, 1), (2, 1) ways
-              instead of block_config's (11, 11) at one 26B-A4B row: no XLA kernels adding
-              partial sums (`moe_kernels.FOLD_SPLITS`; session 31);
-  fused_top_k_ranks  fused, the router's top k by rank (`moe_kernels.TOP_K_RANKS`; session 31);
+  fused_top_k_ranks  fused, the router's top k by rank (`moe_kernels.TOP_K_RANKS`; session 31;
+              run CS: a tie);
   fused_attn_end  fused, where a layer ends with a tail kernel (PLE or MoE) the step from the o
               projection to the MLP's input as one kernel too (`ple_kernels.ATTENTION_END`;
               session 25; the library's since session 26, after runs CG, CH and CH2: until then
@@ -147,7 +147,6 @@ _LIBRARY_ATTENTION_END = ple_kernels.ATTENTION_END
 _LIBRARY_RMS_ONE = drafter_kernels.RMS_ONE_REDUCTION
 _LIBRARY_SHARED_ROWS = matvec.SHARED_ROWS
 _LIBRARY_SHARED_MLP = moe_kernels.SHARED_MLP
-_LIBRARY_FOLD_SPLITS = moe_kernels.FOLD_SPLITS
 _LIBRARY_TOP_K_RANKS = moe_kernels.TOP_K_RANKS
 _CUDNN_CALLS = {"cudnn": 0, "library": 0}
 
@@ -197,8 +196,6 @@ def _set_variant(variant: str):
                                                            "fused_moe_shared_both")
   moe_kernels.SHARED_MLP = (_LIBRARY_SHARED_MLP or variant in (
       "fused_moe_shared_mlp", "fused_moe_shared_both")) and variant != "fused_moe_shared_mlp_off"
-  moe_kernels.FOLD_SPLITS = {"fused_fold_down1": (None, 1), "fused_fold_split1": (1, 1),
-                             "fused_fold_split2_1": (2, 1)}.get(variant, _LIBRARY_FOLD_SPLITS)
   moe_kernels.TOP_K_RANKS = variant == "fused_top_k_ranks" or _LIBRARY_TOP_K_RANKS
   ple_kernels.ATTENTION_END = (_LIBRARY_ATTENTION_END or variant == "fused_attn_end") and (
       variant != "fused_no_attn_end")
@@ -254,7 +251,6 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
                moe_shared_rows=matvec.SHARED_ROWS,
                moe_shared_mlp=moe_kernels.finishes(vcfg, params, case.batch * case.chunk, True)
                and moe_kernels.folds_mlp(vcfg, params, case.batch * case.chunk),
-               moe_fold_splits=list(moe_kernels.FOLD_SPLITS),
                moe_top_k_ranks=moe_kernels.TOP_K_RANKS,
                attention_end=ple_kernels.ATTENTION_END,
                attention_own_range=decode_attention.choose(vcfg, case.batch, case.chunk, True,
@@ -315,8 +311,8 @@ VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fu
             "fused_attn_warps8", "fused_attn_own_warps8",
             "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_moe_off", "fused_moe_on",
             "fused_moe_finish_off", "fused_moe_shared_rows", "fused_moe_shared_mlp",
-            "fused_moe_shared_mlp_off", "fused_moe_shared_both", "fused_fold_down1",
-            "fused_fold_split1", "fused_fold_split2_1", "fused_top_k_ranks", "fused_attn_end",
+            "fused_moe_shared_mlp_off", "fused_moe_shared_both", "fused_top_k_ranks",
+            "fused_attn_end",
             "fused_no_attn_end", "fused_rms1",
             "fused_xla", "fused_all_on")
 

@@ -11,8 +11,8 @@ two:
   logits:  part s of rnd(rnd(rnd(norm(x)) * router_scale) * D^-1/2) @ router, the norm's scale
            from all of x                                                   grid (M, E / bn, S)
   top_k:   the parts added and rounded as the GEMM's output; softmax; k rounds of (max, its
-           first index, masked); the k weights renormalized and scaled per expert; and the
-           experts' input rms_norm(x) * pre_norm                                     grid (M,)
+           first index, masked) (or by rank: `TOP_K_RANKS`, off); the k weights renormalized
+           and scaled per expert; and the experts' input rms_norm(x) * pre_norm      grid (M,)
 
 Measured on an H100 (NOTES run BW): 26B-A4B's batch-1 step 4.283 -> 4.093 ms (-4.4%), batch 8
 7.823 -> 7.613 (-2.7%); its 5-position verification the same (6.166 / 6.185).
@@ -25,7 +25,9 @@ one block reduction (run BX's form, one a 256-wide chunk, took 7.5 us against XL
 8.3). Measured on an H100 (NOTES run BY; against the router kernels alone): batch 1 -2.7%, a
 5-position verification -0.4%, batch 8 +0.2%. In a batch-1 decode step the shared MLP runs
 as three more groups of the experts' two kernel calls (`SHARED_MLP`, `folds_mlp`,
-`matvec.with_dense_chunks`; run CR: -2.4%).
+`matvec.with_dense_chunks`; run CR: -2.4%). Its two calls keep `matvec.block_config`'s
+contraction splits (11 each at one 26B-A4B row, their partial sums added by XLA kernels of their
+own): run CS measured fewer (down 1, gate|up 1 or 2) slower, +1.8% to +13.2% a step.
 
 Values: float32 inside, rounded to the model's dtype where `layers.route` rounds (the norm, each
 scale, the router logits), so in float32 the experts equal XLA's and the weights agree up to
@@ -41,7 +43,6 @@ GPU the kernels run in Pallas's interpreter, which is how the tests compare them
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -80,17 +81,11 @@ FINISH_MAX_TOKENS = 5
 # rows), so only forwards of up to SHARED_MLP_MAX_TOKENS tokens: batch-1 decode steps.
 SHARED_MLP = True
 SHARED_MLP_MAX_TOKENS = 1
-# The contraction splits of the fold's two calls (gate|up, down): None takes
-# `matvec.block_config`'s, which at one 26B-A4B row splits both 11 ways (1331 and 2662
-# programs) and leaves the partial sums (0.7 and 1.4 MB of float32) to XLA kernels of their
-# own (the GELU x up fusion, a reduction before the finish kernel: ~2.5 and ~1.8 us a layer on
-# an H100, experiments/results/step_profile_26b_s31_h100.json). A split must divide the
-# contraction's block_k chunks (gate|up 2816 / 128 = 22, down 704 / 64 = 11).
-FOLD_SPLITS: tuple[int | None, int | None] = (None, None)
 # The top-k kernel's k experts by rank (each expert's count of experts scoring more, or as much
 # at a lower index; slot j takes rank j: two reductions over [E, E] and [k, E]) instead of k
 # rounds of a max and its first index (2k reductions in turn). The same experts, order and
-# weights either way.
+# weights either way. Measured on an H100 (NOTES run CS, 26B-A4B batch-1 decode): 3.890 ms
+# against the library's 3.900 and 3.849 in the same process, a tie, so off.
 TOP_K_RANKS = False
 
 
@@ -137,6 +132,22 @@ def _logits_kernel(x_ref, scale_ref, w_ref, out_ref, *, rows, bn, eps, c, rnd):
   out_ref[...] = dk._matvec(r, w)            # rounded once the parts are added
 
 
+def _top_k_by_rounds(probs, escale, iota, slot):
+  """(probabilities, experts, expert scales) [k] of the k best of `probs` [E], ties to the lower
+  index: k rounds of the best's value and first index, masked after."""
+  k, num = slot.shape[0], probs.shape[0]
+  weights, experts = jnp.zeros((k,), F32), jnp.zeros((k,), jnp.int32)
+  scales = jnp.zeros((k,), F32)
+  for j in range(k):
+    top = jnp.max(probs)
+    at = jnp.min(jnp.where(probs == top, iota, num))
+    weights = jnp.where(slot == j, top, weights)
+    experts = jnp.where(slot == j, at, experts)
+    scales = jnp.where(slot == j, jnp.sum(jnp.where(iota == at, escale, 0.0)), scales)
+    probs = jnp.where(iota == at, -1.0, probs)
+  return weights, experts, scales
+
+
 def _top_k_by_rank(probs, escale, iota, slot):
   """(probabilities, experts, expert scales) [k] of the k best of `probs` [E], ties to the lower
   index (`TOP_K_RANKS`): expert i's rank is the count of experts scoring more, or as much at a
@@ -163,18 +174,8 @@ def _top_k_kernel(parts_ref, expert_scale_ref, x_ref, pre_ref, w_ref, e_ref, xn_
   probs = e / jnp.sum(e)
   iota = jax.lax.broadcasted_iota(jnp.int32, (num,), 0)
   slot = jax.lax.broadcasted_iota(jnp.int32, (k,), 0)
-  if ranks:
-    weights, experts, scales = _top_k_by_rank(probs, escale, iota, slot)
-  else:
-    weights, experts = jnp.zeros((k,), F32), jnp.zeros((k,), jnp.int32)
-    scales = jnp.zeros((k,), F32)
-    for j in range(k):
-      top = jnp.max(probs)
-      at = jnp.min(jnp.where(probs == top, iota, num))
-      weights = jnp.where(slot == j, top, weights)
-      experts = jnp.where(slot == j, at, experts)
-      scales = jnp.where(slot == j, jnp.sum(jnp.where(iota == at, escale, 0.0)), scales)
-      probs = jnp.where(iota == at, -1.0, probs)
+  top_k = _top_k_by_rank if ranks else _top_k_by_rounds
+  weights, experts, scales = top_k(probs, escale, iota, slot)
   w_ref[...] = weights / jnp.sum(weights) * scales
   e_ref[...] = experts
   dk._store_chunks(xn_ref, spans, dk._norm(x, pre, n, eps, rnd))
@@ -290,28 +291,14 @@ def _experts_and_mlp(xn, experts, moe: dict, xs, mlp: dict) -> jax.Array:
   m, k = experts.shape
   width = moe["down"].shape[1]
   chunks = mlp["down"].shape[0] // width
-  tilings = [_fold_tiling(m * (k + chunks), w.shape[1], w.shape[2], split)
-             for w, split in zip((moe["gate_up"], moe["down"]), FOLD_SPLITS)]
   gate_up = matvec.with_dense_chunks(xn, moe["gate_up"], experts, mlp["gate_up"], chunks=chunks,
-                                     chunk_axis=1, dense_x=xs, cfg=tilings[0]).astype(xn.dtype)
+                                     chunk_axis=1, dense_x=xs).astype(xn.dtype)
   routed = layers.gelu(gate_up[:, :k, :width]) * gate_up[:, :k, width:]        # [M, k, X]
   dense = gate_up[:, k:].reshape(m, 2, chunks * width)       # the columns of [gate | up]
   dense = (layers.gelu(dense[:, 0]) * dense[:, 1]).reshape(m, chunks, width)  # [M, C, X]
   h = jnp.concatenate([routed, dense], axis=1).reshape(m * (k + chunks), width)
   return matvec.with_dense_chunks(h, moe["down"], experts, mlp["down"], chunks=chunks,
-                                  chunk_axis=0, cfg=tilings[1])
-
-
-def _fold_tiling(groups: int, kdim: int, n: int, split: int | None) -> matvec.BlockConfig:
-  """`matvec.block_config`'s tiling of one fold call, its contraction split `split` ways
-  (`FOLD_SPLITS`; None: as block_config splits it)."""
-  cfg = matvec.block_config(groups, kdim, n)
-  if split is None:
-    return cfg
-  if (kdim // cfg.block_k) % split:
-    raise ValueError(f"moe_kernels.FOLD_SPLITS: {split} does not divide the "
-                     f"{kdim // cfg.block_k} chunks of a {kdim}-long contraction")
-  return dataclasses.replace(cfg, split_k=split)
+                                  chunk_axis=0)
 
 
 def tail(p: dict, x1, d, ple, cfg: ModelConfig, *, next_norm=None, next_rows: int = 0,

@@ -266,21 +266,14 @@ def test_shared_rows_and_mlp_lower_without_their_xla_kernels(monkeypatch):
 FOLD = TINY.replace(expert_dim=32, mlp_dim=96)
 
 
-@pytest.mark.parametrize("batch, splits", [(1, (None, None)), (2, (1, None))])
-def test_shared_mlp_as_more_expert_groups(monkeypatch, batch, splits):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_shared_mlp_as_more_expert_groups(monkeypatch, batch):
   """`moe_kernels.SHARED_MLP`: the shared MLP as three more groups of the experts' two kernel
   calls gives XLA's logits and caches in float32 over five decode steps (one row, padded as on
-  GPUs; and two rows, past SHARED_MLP_MAX_TOKENS, so raised for the test, gate|up's contraction
-  in one range instead of block_config's 3: `FOLD_SPLITS`); without the expert kernels
-  (`matvec`), past the token limit, with experts too narrow or weights unfused, the layer keeps
-  its own MLP; a split that does not divide the contraction's chunks is refused."""
+  GPUs; and two rows, past SHARED_MLP_MAX_TOKENS, so raised for the test); without the expert
+  kernels (`matvec`), past the token limit, with experts too narrow or weights unfused, the
+  layer keeps its own MLP."""
   monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
-  monkeypatch.setattr(moe_kernels, "FOLD_SPLITS", splits)
-  tiled = []                       # the fold calls' contraction splits
-  with_dense = matvec.with_dense_chunks
-  monkeypatch.setattr(matvec, "with_dense_chunks",
-                      lambda *a, cfg, **kw: tiled.append(cfg.split_k) or with_dense(*a, cfg=cfg,
-                                                                                   **kw))
   monkeypatch.setenv(matvec.ENV, "on")
   params = dkt.random_norms(dkt.fused_target(FOLD))
   ref, ref_kv, _ = _steps(FOLD, params, "off", monkeypatch, batch=batch)
@@ -295,7 +288,6 @@ def test_shared_mlp_as_more_expert_groups(monkeypatch, batch, splits):
   got, kv, names = _steps(FOLD, params, "on", monkeypatch, batch=batch)
   assert names["moe_finish"] == FOLD.num_layers
   assert folded and set(folded) == {(batch, FOLD.embed_dim)}
-  assert set(tiled[0::2]) == {splits[0] or 3} and set(tiled[1::2]) == {1}
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
   for a, b in zip(kv, ref_kv):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
@@ -303,8 +295,6 @@ def test_shared_mlp_as_more_expert_groups(monkeypatch, batch, splits):
   assert not moe_kernels.folds_mlp(FOLD, gemma_mtp.random_target(FOLD).params, batch)  # unfused
   monkeypatch.setenv(matvec.ENV, "off")
   assert not moe_kernels.folds_mlp(FOLD, params, batch)
-  with pytest.raises(ValueError, match="FOLD_SPLITS: 2 does not divide the 3 chunks"):
-    moe_kernels._fold_tiling(7, 96, 64, 2)
 
 
 def test_shared_mlp_in_bfloat16_as_accurate_as_its_own_gemms(monkeypatch):
