@@ -249,8 +249,8 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
                                                   True) for lp in params["layers"] if "moe" in lp),
                moe_finish=moe_kernels.finishes(vcfg, params, case.batch * case.chunk, True),
                moe_shared_rows=matvec.SHARED_ROWS,
-               moe_shared_mlp=moe_kernels.finishes(vcfg, params, case.batch * case.chunk, True)
-               and moe_kernels.folds_mlp(vcfg, params, case.batch * case.chunk),
+               moe_shared_mlp=moe_kernels.folds_mlp(vcfg, params, case.batch * case.chunk,
+                                                    True),
                moe_top_k_ranks=moe_kernels.TOP_K_RANKS,
                attention_end=ple_kernels.ATTENTION_END,
                attention_own_range=decode_attention.choose(vcfg, case.batch, case.chunk, True,

@@ -321,7 +321,7 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
   # and each layer's end after its experts (and the next layer's norm) as one kernel more
   finishes = moe_kernels.finishes(cfg, params, b * t, cache is not None)
   # with the shared MLP as more groups of the experts' kernel calls
-  folds = finishes and moe_kernels.folds_mlp(cfg, params, b * t)
+  folds = moe_kernels.folds_mlp(cfg, params, b * t, cache is not None)
   xn = None   # the layer's normed input, from the previous layer's tail
   for i, p in enumerate(params["layers"][:cfg.num_layers]):
     kind = cfg.layer_types[i]

@@ -222,15 +222,17 @@ def finishes(cfg: ModelConfig, params: dict, tokens: int, has_cache: bool) -> bo
   return auto_ok and tokens * cfg.num_experts_per_token <= cfg.num_experts
 
 
-def folds_mlp(cfg: ModelConfig, params: dict, tokens: int) -> bool:
-  """Whether `tail` (chosen by `finishes`) runs the shared MLP too: SHARED_MLP, at most
-  SHARED_MLP_MAX_TOKENS tokens, the expert kernels on (`matvec.enabled()`), float weights in
-  the fused layout (`gate_up`), a shared width of C experts' widths and tilings for the
-  experts' two calls with C groups a token more."""
+def folds_mlp(cfg: ModelConfig, params: dict, tokens: int, has_cache: bool) -> bool:
+  """Whether `model.run_layers` ends each layer with `tail` (`finishes`) running the shared MLP
+  too: SHARED_MLP, at most SHARED_MLP_MAX_TOKENS tokens, the expert kernels on
+  (`matvec.enabled()`), float weights in the fused layout (`gate_up`), a shared width of C
+  experts' widths and tilings for the experts' two calls with C groups a token more."""
+  if not (SHARED_MLP and tokens <= SHARED_MLP_MAX_TOKENS and matvec.enabled()
+          and finishes(cfg, params, tokens, has_cache)):
+    return False
   p = params["layers"][0]
   mlp, moe = p["mlp"], p["moe"]
-  if not (SHARED_MLP and tokens <= SHARED_MLP_MAX_TOKENS and matvec.enabled()
-          and "gate_up" in mlp):
+  if "gate_up" not in mlp:
     return False
   weights = (mlp["gate_up"], mlp["down"], moe["gate_up"], moe["down"])
   if any(quant.is_quantized(w) or w.dtype != weights[0].dtype for w in weights):

@@ -261,6 +261,16 @@ def test_shared_rows_and_mlp_lower_without_their_xla_kernels(monkeypatch):
   assert found[False, True] == (0, 0, 6 * layers)
 
 
+def _spy_on_fold(monkeypatch, what) -> list:
+  """`what(xn)` of each call of the fold (`moe_kernels._experts_and_mlp`) traced from now on, xn
+  its experts' input."""
+  seen = []
+  fold = moe_kernels._experts_and_mlp
+  monkeypatch.setattr(moe_kernels, "_experts_and_mlp",
+                      lambda xn, *a: seen.append(what(xn)) or fold(xn, *a))
+  return seen
+
+
 # TINY with 32-wide experts (the expert kernels' smallest tiling) and a shared MLP of three of
 # their widths, as 26B-A4B's 2112 = 3 x 704 (`moe_kernels.folds_mlp`).
 FOLD = TINY.replace(expert_dim=32, mlp_dim=96)
@@ -271,30 +281,33 @@ def test_shared_mlp_as_more_expert_groups(monkeypatch, batch):
   """`moe_kernels.SHARED_MLP`: the shared MLP as three more groups of the experts' two kernel
   calls gives XLA's logits and caches in float32 over five decode steps (one row, padded as on
   GPUs; and two rows, past SHARED_MLP_MAX_TOKENS, so raised for the test); without the expert
-  kernels (`matvec`), past the token limit, with experts too narrow or weights unfused, the
-  layer keeps its own MLP."""
+  kernels (`matvec`) or the layer's end as a kernel (`finishes`: the MoE kernels off, no
+  cache), past the token limit, with experts too narrow or weights unfused, the layer keeps its
+  own MLP."""
   monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
   monkeypatch.setenv(matvec.ENV, "on")
   params = dkt.random_norms(dkt.fused_target(FOLD))
   ref, ref_kv, _ = _steps(FOLD, params, "off", monkeypatch, batch=batch)
   monkeypatch.setattr(moe_kernels, "SHARED_MLP", True)
-  assert moe_kernels.folds_mlp(FOLD, params, 1) and not moe_kernels.folds_mlp(FOLD, params, 2)
+  assert not moe_kernels.folds_mlp(FOLD, params, 1, True)        # the MoE kernels off
+  monkeypatch.setenv(moe_kernels.ENV, "on")
+  assert moe_kernels.folds_mlp(FOLD, params, 1, True)
+  assert not moe_kernels.folds_mlp(FOLD, params, 2, True)
+  assert not moe_kernels.folds_mlp(FOLD, params, 1, False)       # no cache: no finish kernel
   monkeypatch.setattr(moe_kernels, "SHARED_MLP_MAX_TOKENS", batch)
-  assert moe_kernels.folds_mlp(FOLD, params, batch)
-  folded = []                      # the layers traced with the fold
-  fold = moe_kernels._experts_and_mlp
-  monkeypatch.setattr(moe_kernels, "_experts_and_mlp",
-                      lambda *a: folded.append(a[0].shape) or fold(*a))
+  assert moe_kernels.folds_mlp(FOLD, params, batch, True)
+  folded = _spy_on_fold(monkeypatch, lambda xn: xn.shape)   # the layers traced with the fold
   got, kv, names = _steps(FOLD, params, "on", monkeypatch, batch=batch)
   assert names["moe_finish"] == FOLD.num_layers
   assert folded and set(folded) == {(batch, FOLD.embed_dim)}
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
   for a, b in zip(kv, ref_kv):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
-  assert not moe_kernels.folds_mlp(TINY, dkt.fused_target(TINY), batch)  # 16-wide experts
-  assert not moe_kernels.folds_mlp(FOLD, gemma_mtp.random_target(FOLD).params, batch)  # unfused
+  assert not moe_kernels.folds_mlp(TINY, dkt.fused_target(TINY), batch, True)  # 16-wide experts
+  unfused = gemma_mtp.random_target(FOLD).params
+  assert not moe_kernels.folds_mlp(FOLD, unfused, batch, True)
   monkeypatch.setenv(matvec.ENV, "off")
-  assert not moe_kernels.folds_mlp(FOLD, params, batch)
+  assert not moe_kernels.folds_mlp(FOLD, params, batch, True)
 
 
 def test_shared_mlp_in_bfloat16_as_accurate_as_its_own_gemms(monkeypatch):
@@ -307,10 +320,7 @@ def test_shared_mlp_in_bfloat16_as_accurate_as_its_own_gemms(monkeypatch):
   monkeypatch.setattr(moe_kernels, "SHARED_MLP_MAX_TOKENS", 2)
   cfg = FOLD.replace(dtype="bfloat16", param_dtype="bfloat16")
   params = dkt.fused_target(cfg)
-  folded = []
-  fold = moe_kernels._experts_and_mlp
-  monkeypatch.setattr(moe_kernels, "_experts_and_mlp",
-                      lambda *a: folded.append(a[0].dtype) or fold(*a))
+  folded = _spy_on_fold(monkeypatch, lambda xn: xn.dtype)
   logits = {}
   for on in (False, True):
     monkeypatch.setattr(moe_kernels, "SHARED_MLP", on)
