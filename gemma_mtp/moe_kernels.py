@@ -82,10 +82,10 @@ FINISH_MAX_TOKENS = 5
 SHARED_MLP = True
 SHARED_MLP_MAX_TOKENS = 1
 # The top-k kernel's k experts by rank (each expert's count of experts scoring more, or as much
-# at a lower index; slot j takes rank j: two reductions over [E, E] and [k, E]) instead of k
-# rounds of a max and its first index (2k reductions in turn). The same experts, order and
-# weights either way. Measured on an H100 (NOTES run CS, 26B-A4B batch-1 decode): 3.890 ms
-# against the library's 3.900 and 3.849 in the same process, a tie, so off.
+# at a lower index; slot j takes rank j: one reduction over [E, E], three over [k, E]) instead
+# of k rounds of a max, its first index and its scale (3k reductions in turn). The same
+# experts, order and weights either way. Measured on an H100 (NOTES run CS, 26B-A4B batch-1
+# decode): 3.890 ms against the library's 3.900 and 3.849 in the same process, a tie, so off.
 TOP_K_RANKS = False
 
 
