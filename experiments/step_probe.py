@@ -73,6 +73,9 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_moe_shared_both  fused_moe_shared_rows and fused_moe_shared_mlp together;
   fused_top_k_ranks  fused, the router's top k by rank (`moe_kernels.TOP_K_RANKS`; session 31;
               run CS: a tie);
+  fused_moe_router_end  fused, the step from the o projection to the MLP's input and the
+              router's logits as one kernel where the MoE layer ends with the finish kernel
+              (`moe_kernels.ROUTER_END`; session 32);
   fused_attn_end  fused, where a layer ends with a tail kernel (PLE or MoE) the step from the o
               projection to the MLP's input as one kernel too (`ple_kernels.ATTENTION_END`;
               session 25; the library's since session 26, after runs CG, CH and CH2: until then
@@ -148,6 +151,7 @@ _LIBRARY_RMS_ONE = drafter_kernels.RMS_ONE_REDUCTION
 _LIBRARY_SHARED_ROWS = matvec.SHARED_ROWS
 _LIBRARY_SHARED_MLP = moe_kernels.SHARED_MLP
 _LIBRARY_TOP_K_RANKS = moe_kernels.TOP_K_RANKS
+_LIBRARY_ROUTER_END = moe_kernels.ROUTER_END
 _CUDNN_CALLS = {"cudnn": 0, "library": 0}
 
 
@@ -197,6 +201,7 @@ def _set_variant(variant: str):
   moe_kernels.SHARED_MLP = (_LIBRARY_SHARED_MLP or variant in (
       "fused_moe_shared_mlp", "fused_moe_shared_both")) and variant != "fused_moe_shared_mlp_off"
   moe_kernels.TOP_K_RANKS = variant == "fused_top_k_ranks" or _LIBRARY_TOP_K_RANKS
+  moe_kernels.ROUTER_END = variant == "fused_moe_router_end" or _LIBRARY_ROUTER_END
   ple_kernels.ATTENTION_END = (_LIBRARY_ATTENTION_END or variant == "fused_attn_end") and (
       variant != "fused_no_attn_end")
   # fused_rms1: every kernel's norms as one block reduction (`drafter_kernels.RMS_ONE_REDUCTION`)
@@ -252,6 +257,8 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
                moe_shared_mlp=moe_kernels.folds_mlp(vcfg, params, case.batch * case.chunk,
                                                     True),
                moe_top_k_ranks=moe_kernels.TOP_K_RANKS,
+               moe_router_end=moe_kernels.ROUTER_END and ple_kernels.ATTENTION_END
+               and moe_kernels.finishes(vcfg, params, case.batch * case.chunk, True),
                attention_end=ple_kernels.ATTENTION_END,
                attention_own_range=decode_attention.choose(vcfg, case.batch, case.chunk, True,
                                                            None)
@@ -312,7 +319,7 @@ VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fu
             "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_moe_off", "fused_moe_on",
             "fused_moe_finish_off", "fused_moe_shared_rows", "fused_moe_shared_mlp",
             "fused_moe_shared_mlp_off", "fused_moe_shared_both", "fused_top_k_ranks",
-            "fused_attn_end",
+            "fused_moe_router_end", "fused_attn_end",
             "fused_no_attn_end", "fused_rms1",
             "fused_xla", "fused_all_on")
 

@@ -224,7 +224,7 @@ def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig, *, router_kernels: boo
 
 def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig, *,
           xn: jax.Array | None = None, tail=None, tail_mlp: bool = False,
-          router_kernels: bool = False):
+          router_kernels: bool = False, attention_end=None):
   """One decoder layer: x [B, T, D] -> x.
 
   `attend(xn) -> [R, T, N, H]` does the layer's attention (R = B, or more where rows padded for
@@ -235,9 +235,10 @@ def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig
   attention, the (shared) MLP's down projection's padded rows and `ple` as given (PLE: every
   layer's inputs); the layer then returns its pair. With a tail and
   `ple_kernels.ATTENTION_END` the step from the o projection to the MLP's input is one kernel
-  too (`ple_kernels.attention_end`). `tail_mlp`: the tail runs the (shared) MLP too, and
-  takes its normed input in place of its down projection (`moe_kernels.folds_mlp`).
-  `router_kernels`: see `feed_forward`.
+  too (`ple_kernels.attention_end`), or `attention_end(x, a, p, cfg) -> (x, xn, tail's keyword
+  arguments)` where given (`moe_kernels.attention_end`: with the router's logits). `tail_mlp`:
+  the tail runs the (shared) MLP too, and takes its normed input in place of its down
+  projection (`moe_kernels.folds_mlp`). `router_kernels`: see `feed_forward`.
   """
   mlp = (lambda xn: xn) if tail_mlp else functools.partial(layers.mlp, p=p["mlp"],
                                                            padded_rows=True)
@@ -245,8 +246,11 @@ def block(p: dict, x: jax.Array, attend, ple: jax.Array | None, cfg: ModelConfig
     xn = layers.rms_norm(x, p["pre_attn_norm"], eps=cfg.rms_eps)
   a = quant.einsum("BTNH,NHD->BTD", attend(xn), p["attn"]["o"])
   if tail is not None and ple_kernels.ATTENTION_END:
-    x, xn = ple_kernels.attention_end(x, a, p, cfg)   # (a's padded rows, xn's as the MLP's)
-    return tail(p, x, mlp(xn), ple)
+    if attention_end is None:
+      x, xn = ple_kernels.attention_end(x, a, p, cfg)   # (a's padded rows, xn's as the MLP's)
+      return tail(p, x, mlp(xn), ple)
+    x, xn, more = attention_end(x, a, p, cfg)
+    return tail(p, x, mlp(xn), ple, **more)
   x = x + layers.rms_norm(a[:x.shape[0]], p["post_attn_norm"], eps=cfg.rms_eps)
   if tail is not None:
     return tail(p, x, mlp(layers.rms_norm(x, p["pre_ffw_norm"], eps=cfg.rms_eps)), ple)
@@ -378,7 +382,8 @@ def run_layers(params: dict, tokens: jax.Array, *, config: ModelConfig,
     elif finishes:
       tail = functools.partial(moe_kernels.tail, cfg=cfg, mlp_input=folds,
                                **_next_layer(params, i, b * t, cfg))
-      x, xn = block(p, x, attend, None, cfg, xn=xn, tail=tail, tail_mlp=folds)
+      x, xn = block(p, x, attend, None, cfg, xn=xn, tail=tail, tail_mlp=folds,
+                    attention_end=moe_kernels.attention_end if moe_kernels.ROUTER_END else None)
     else:
       x = block(p, x, attend, None if ple is None else ple[:, :, i], cfg, router_kernels=routes)
 

@@ -87,6 +87,15 @@ SHARED_MLP_MAX_TOKENS = 1
 # experts, order and weights either way. Measured on an H100 (NOTES run CS, 26B-A4B batch-1
 # decode): 3.890 ms against the library's 3.900 and 3.849 in the same process, a tie, so off.
 TOP_K_RANKS = False
+# Where the layer's end is `tail` and the step from the o projection to the MLP's input is a
+# kernel (`ple_kernels.ATTENTION_END`), that step and the router's logits as one kernel
+# (`attention_end`): each of the logits kernel's programs computes the residual after attention
+# (x + norm(o) * post_attn_norm) itself, the first of a row also stores it and its pre-FFW norm,
+# so the layer has one kernel fewer (26B-A4B on an H100: the attention end 3.4 us a layer, NOTES
+# run CP's profile; each of the 32 logits programs then also reads o's and the norm's rows,
+# 11 KB). Built in session 32, not yet measured on a GPU (step_probe variant
+# fused_moe_router_end), so off.
+ROUTER_END = False
 
 
 def enabled() -> bool:
@@ -181,6 +190,15 @@ def _top_k_kernel(parts_ref, expert_scale_ref, x_ref, pre_ref, w_ref, e_ref, xn_
   dk._store_chunks(xn_ref, spans, dk._norm(x, pre, n, eps, rnd))
 
 
+def _logits_tiling(cfg: ModelConfig, dtype) -> tuple[int, int, float]:
+  """(columns a program bn, contraction parts S, the router's scale D^-1/2 rounded as
+  `layers.route` rounds it) of the logits kernel."""
+  d, e = cfg.embed_dim, cfg.num_experts
+  bn = dk._cols(e, d)
+  c = float(np.asarray(d ** -0.5, jnp.dtype(dtype)).astype(np.float32))
+  return bn, dk._split(d // 16, 16 * bn), c
+
+
 def route(x: jax.Array, p: dict, cfg: ModelConfig):
   """`layers.route(x, p)` and `rms_norm(x, p['pre_norm'])` as the two kernels.
 
@@ -192,21 +210,90 @@ def route(x: jax.Array, p: dict, cfg: ModelConfig):
   """
   rnd = dk._rounder(x.dtype)
   m, d = x.shape
-  k, e = cfg.num_experts_per_token, cfg.num_experts
-  c = float(np.asarray(d ** -0.5, jnp.dtype(x.dtype)).astype(np.float32))   # as route rounds it
-  bn = dk._cols(e, d)
-  parts = dk._split(d // 16, 16 * bn)
-  rows = d // parts
+  bn, parts, c = _logits_tiling(cfg, x.dtype)
+  e = cfg.num_experts
   (logits,) = dk._call(
-      functools.partial(_logits_kernel, rows=rows, bn=bn, eps=cfg.rms_eps, c=c, rnd=rnd),
+      functools.partial(_logits_kernel, rows=d // parts, bn=bn, eps=cfg.rms_eps, c=c, rnd=rnd),
       (m, e // bn, parts), [x, p["router_scale"], p["router"]], [dk._parts(m, parts, e, bn)],
       "moe_router")
+  return top_k(logits, x, p, cfg)
+
+
+def top_k(logits: jax.Array, x: jax.Array, p: dict, cfg: ModelConfig):
+  """`route`'s second kernel: from the logits' parts [M, S, E] (float32) and x [M, D], the
+  weights, experts and experts' input as `route` returns them."""
+  rnd = dk._rounder(x.dtype)
+  m, d = x.shape
+  k = cfg.num_experts_per_token
   outs = [((m, k), F32, (None, k), lambda i: (i, 0)),
           ((m, k), jnp.int32, (None, k), lambda i: (i, 0)),
           ((m, d), x.dtype, (None, d), lambda i: (i, 0))]
   return tuple(dk._call(functools.partial(_top_k_kernel, k=k, eps=cfg.rms_eps, rnd=rnd,
                                           ranks=TOP_K_RANKS),
                         (m,), [logits, p["expert_scale"], x, p["pre_norm"]], outs, "moe_top_k"))
+
+
+def _end_logits_kernel(x_ref, a_ref, post_ref, scale_ref, w_ref, next_ref, logits_ref, x1_ref,
+                       xn_ref, *, rows, part_rows, bn, eps, c, rnd, zeros):
+  """Program (r, col, s) (`attention_end`): row src = min(r, rows - 1)'s residual after
+  attention x1 = x + norm(a) * post (all of it: the router's norm takes its scale from all of
+  x1), then part s of its router logits (as `_logits_kernel`); program (r, 0, 0) also stores x1
+  and its pre-FFW norm (`ple_kernels.store_layer_end`: rows r >= rows the padding)."""
+  r, col, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  src = jnp.minimum(r, rows - 1)
+  n = x_ref.shape[1]
+  spans = dk._spans(n, dk._rows_per_chunk(n, 1))
+  a = [dk._f32(a_ref[src, ds]) for ds in spans]
+  a_scale = dk._inv_rms(a, n, eps)
+  # x1's elements at ds (a's there: ac), as `ple_kernels._x2` computes them
+  x1_at = lambda ds, ac: rnd(dk._f32(x_ref[src, ds]) + rnd(ac * a_scale * dk._f32(post_ref[ds])))
+  x1 = [x1_at(ds, ac) for ds, ac in zip(spans, a)]
+
+  @pl.when(r < rows)
+  def _logits():
+    part = dk._spans(part_rows, dk._rows_per_chunk(part_rows, bn), s * part_rows)
+    x1_part = [x1_at(ds, dk._f32(a_ref[src, ds])) for ds in part]
+    inv = dk._inv_rms(x1, n, eps)
+    w = [w_ref[ds, dk._columns(col, bn)] for ds in part]
+    scaled = [rnd(rnd(rnd(xc * inv) * rnd(dk._f32(scale_ref[ds]))) * c)
+              for xc, ds in zip(x1_part, part)]
+    logits_ref[...] = dk._matvec(scaled, w)
+
+  @pl.when((col == 0) & (s == 0))
+  def _store():
+    ple_kernels.store_layer_end(x1, r, rows, spans, next_ref, x1_ref, xn_ref, n=n, eps=eps,
+                                rnd=rnd, zeros=zeros)
+
+
+def attention_end(x, a, p: dict, cfg: ModelConfig):
+  """`ple_kernels.attention_end` and the MoE router's logits as one kernel (ROUTER_END; grid
+  (R, E / bn, S) of the logits kernel, R the MLP input's rows).
+
+  Args:
+    x: [B, T, D] the layer's input; a: [R', T, D] the o projection's output (rows past B
+      ignored); p: the layer's parameters (post_attn_norm, pre_ffw_norm, mlp, moe).
+  Returns:
+    (x1 [B, T, D] the residual after attention, the MLP's normed input as
+    `ple_kernels.attention_end`'s, {'logits': [B * T, S, E] float32 parts} for `tail`).
+  """
+  shape, dim = x.shape, x.shape[-1]
+  b = shape[0] * shape[1]
+  mlp, moe = p["mlp"], p["moe"]
+  rows = ple_kernels.rows_for(mlp["gate_up"] if "gate_up" in mlp else mlp["gate"], b)
+  bn, parts, c = _logits_tiling(cfg, x.dtype)
+  e = cfg.num_experts
+  last = lambda i: jnp.minimum(i, b - 1)
+  outs = [((b, parts, e), F32, (None, None, bn), lambda i, j, s: (last(i), s, j)),
+          ((b, dim), x.dtype, (None, dim), lambda i, *_: (last(i), 0)),
+          ((rows, dim), x.dtype, (None, dim), lambda i, *_: (i, 0))]
+  kernel = functools.partial(_end_logits_kernel, rows=b, part_rows=dim // parts, bn=bn,
+                             eps=cfg.rms_eps, c=c, rnd=dk._rounder(x.dtype),
+                             zeros=quant.PAD_ROWS_WITH == "zeros")
+  logits, x1, xn = dk._call(
+      kernel, (rows, e // bn, parts),
+      [x.reshape(b, dim), a.reshape(-1, dim), p["post_attn_norm"], moe["router_scale"],
+       moe["router"], p["pre_ffw_norm"]], outs, "moe_router_end")
+  return x1.reshape(shape), (xn.reshape(shape) if rows == b else xn[:, None]), {"logits": logits}
 
 
 def finishes(cfg: ModelConfig, params: dict, tokens: int, has_cache: bool) -> bool:
@@ -304,7 +391,7 @@ def _experts_and_mlp(xn, experts, moe: dict, xs, mlp: dict) -> jax.Array:
 
 
 def tail(p: dict, x1, d, ple, cfg: ModelConfig, *, next_norm=None, next_rows: int = 0,
-         mlp_input: bool = False):
+         mlp_input: bool = False, logits=None):
   """The end of MoE layer p after its shared MLP (`model.block`'s `tail`, chosen by `finishes`):
   the router kernels, the experts per (token, expert) pair, then one kernel a position for the
   rest of `model.feed_forward` and `model.block` (the experts' weighted sum and post-norm, the
@@ -318,6 +405,8 @@ def tail(p: dict, x1, d, ple, cfg: ModelConfig, *, next_norm=None, next_rows: in
       (R >= B rows at T = 1: the rows past B `quant.einsum`'s padding, ignored).
     ple: None (no per-layer inputs in the MoE models).
     next_norm, next_rows: as `ple_kernels.tail`'s.
+    logits: the router's logits' parts from `attention_end` (ROUTER_END), or None (the router's
+      first kernel here).
   Returns:
     (x [B, T, D] the layer's output, the next layer's normed input or None).
   """
@@ -325,7 +414,7 @@ def tail(p: dict, x1, d, ple, cfg: ModelConfig, *, next_norm=None, next_rows: in
   moe = p["moe"]
   shape, dim = x1.shape, x1.shape[-1]
   x = x1.reshape(-1, dim)
-  weights, experts, xn = route(x, moe, cfg)
+  weights, experts, xn = route(x, moe, cfg) if logits is None else top_k(logits, x, moe, cfg)
   if mlp_input:
     outs = _experts_and_mlp(xn, experts, moe, d.reshape(-1, dim), p["mlp"])
     chunks, dense = outs.shape[1] - experts.shape[1], []

@@ -89,6 +89,41 @@ def test_route_bfloat16_as_xla():
   np.testing.assert_allclose(xn2, xn, rtol=2 ** -7)
 
 
+@pytest.mark.parametrize("case", ["float32, two rows", "float32, one row padded with zeros",
+                                  "bfloat16, one row padded with copies", "bfloat16, 5 rows"])
+def test_router_end_equals_attention_end_and_route(monkeypatch, case):
+  """`attention_end` (ROUTER_END: the attention end and the router's logits in one kernel)
+  gives what `ple_kernels.attention_end` then `route` give, bit for bit: the residual after
+  attention, the MLP's normed input (with the padding row its GEMM takes, zeros or a copy), and
+  through `top_k` the same weights, experts and experts' input. a carries a padded row past
+  the B real ones, which both ignore."""
+  dtype = jnp.bfloat16 if case.startswith("bfloat16") else jnp.float32
+  cfg = TINY.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
+  monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
+  monkeypatch.setattr(quant, "PAD_ROWS_WITH", "copy" if "copies" in case else "zeros")
+  b = {"two": 2, "one": 1, "5": 5}[case.split(", ")[1].split()[0]]
+  rng = np.random.default_rng(4)
+  d = cfg.embed_dim
+  f = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, dtype)
+  p = {"moe": _moe_params(cfg, dtype), "post_attn_norm": f(d, scale=0.3) + 1,
+       "pre_ffw_norm": f(d, scale=0.3) + 1, "mlp": {"gate_up": f(d, 2 * cfg.mlp_dim)}}
+  x, a = f(b, 1, d, scale=3), f(b + 1, 1, d, scale=2)
+  x1, xs = ple_kernels.attention_end(x, a, p, cfg)
+  want = route_out = moe_kernels.route(x1.reshape(b, d), p["moe"], cfg)
+  got_x1, got_xs, more = moe_kernels.attention_end(x, a, p, cfg)
+  assert xs.shape == got_xs.shape == ((2, 1, d) if b == 1 else (b, 1, d))
+  np.testing.assert_array_equal(np.asarray(got_x1, np.float32), np.asarray(x1, np.float32))
+  np.testing.assert_array_equal(np.asarray(got_xs, np.float32), np.asarray(xs, np.float32))
+  got = moe_kernels.top_k(more["logits"], got_x1.reshape(b, d), p["moe"], cfg)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+  assert len(set(map(tuple, np.asarray(route_out[1]).tolist()))) == b   # the rows route apart
+  if b == 1:   # the padding row: zeros, or the real row again
+    pad = np.asarray(got_xs[1], np.float32)
+    np.testing.assert_array_equal(pad, 0 * pad if "zeros" in case
+                                  else np.asarray(got_xs[0], np.float32))
+
+
 def test_choose(monkeypatch):
   """The switch: off on the CPU (auto), on with =on; the 26B-A4B router taken through a cache
   (not in training forwards: no gradient), the automatic switch up to AUTO_MAX_ROWS tokens;
@@ -119,14 +154,15 @@ def _steps(cfg, params, mode, monkeypatch, *, batch=2, positions=1, attention="o
   env = {moe_kernels.ENV: mode, decode_attention.ENV: attention, ple_kernels.ENV: "off"}
   logits, kv, jaxpr = dkt.decode_steps(cfg, params, env, monkeypatch, batch=batch,
                                        positions=positions)
-  names = {n: jaxpr.count(f"name={n}") for n in ("moe_router", "moe_top_k", "moe_finish",
-                                                  "attention_end")}
+  names = {n: len(re.findall(rf"name={n}\b", jaxpr))
+           for n in ("moe_router", "moe_top_k", "moe_finish", "attention_end", "moe_router_end")}
   return logits, kv, names
 
 
 @pytest.mark.parametrize("case", ["two rows", "padded row, copies, the attention kernels",
                                   "padded row, zeros", "verification, router only",
-                                  "two rows, router only", "two rows, int8 experts"])
+                                  "two rows, router only", "two rows, int8 experts",
+                                  "padded row, copies, the attention kernels, the router end"])
 def test_decode_steps_equal_xla_float32(monkeypatch, case):
   """Five forwards after a 13-token prompt (left-padded rows) through the whole model give XLA's
   logits and caches with the kernels on, in float32 (only the summation order differs): the
@@ -137,13 +173,16 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
   (`quant.pad_one_row`), with copies into the attention kernels (which take the padded input as
   it is) or with zeros into XLA's attention (which slices it); a chain's verification of three
   positions on two rows (24 pairs: the router kernels only); `moe_kernels.FINISH` off; the
-  int8-quantized target (`quantize_target`: the experts and MLPs int8, the router float).
+  int8-quantized target (`quantize_target`: the experts and MLPs int8, the router float); the
+  attention end and the router's logits as one kernel (`moe_kernels.ROUTER_END`).
   The layers' norm weights are drawn apart (they start as ones), so a swapped norm shows."""
   if case.startswith("padded row"):
     monkeypatch.setattr(quant, "PAD_ONE_ROW_BACKENDS", (jax.default_backend(),))
     monkeypatch.setattr(quant, "PAD_ROWS_WITH", "copy" if "copies" in case else "zeros")
   if case == "two rows, router only":
     monkeypatch.setattr(moe_kernels, "FINISH", False)
+  router_end = case.endswith("the router end")
+  monkeypatch.setattr(moe_kernels, "ROUTER_END", router_end)
   batch, positions = (2, 3) if case.startswith("verification") else (
       (1, 1) if case.startswith("padded") else (2, 1))
   attention = "on" if "attention kernels" in case else "off"
@@ -158,8 +197,10 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
   # the step's layers (the prefill, a forward without a cache, is XLA's either way)
   finish = 0 if "router only" in case else TINY.num_layers
   assert set(ref_names.values()) == {0}
-  assert names == {"moe_router": TINY.num_layers, "moe_top_k": TINY.num_layers,
-                   "moe_finish": finish, "attention_end": finish}, names
+  ends = 0 if router_end else finish      # the attention end with the router's logits, or not
+  assert names == {"moe_router": TINY.num_layers - (finish - ends), "moe_top_k": TINY.num_layers,
+                   "moe_finish": finish, "attention_end": ends,
+                   "moe_router_end": finish - ends}, names
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
   for a, b in zip(kv, ref_kv):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
@@ -239,7 +280,8 @@ def test_shared_rows_and_mlp_lower_without_their_xla_kernels(monkeypatch):
   either switch: without them, one [1, k, D] broadcast of the experts' input a layer and two
   GEMMs on the shared MLP's weights ([2816, 4224] gate|up, [2112, 2816] down); with
   `matvec.SHARED_ROWS` no broadcast, and with `moe_kernels.SHARED_MLP` neither (its calls take
-  the experts' input [M, D] as it is) nor the GEMMs."""
+  the experts' input [M, D] as it is) nor the GEMMs; with `moe_kernels.ROUTER_END` too, 5
+  kernels a layer (the attention end and the router's logits one)."""
   monkeypatch.setenv(decode_attention.ENV, "off")
   monkeypatch.setenv(moe_kernels.ENV, "on")
   monkeypatch.setenv(matvec.ENV, "on")
@@ -250,15 +292,18 @@ def test_shared_rows_and_mlp_lower_without_their_xla_kernels(monkeypatch):
   gemm = re.compile(r"dot_general[^\n]*tensor<(%d|%d)x(%d|%d)xbf16>" % (
       cfg.embed_dim, cfg.mlp_dim, 2 * cfg.mlp_dim, cfg.embed_dim))
   found = {}
-  for rows, mlp in ((False, False), (True, False), (False, True)):
+  for rows, mlp, end in ((False, False, False), (True, False, False), (False, True, False),
+                         (False, True, True)):
     monkeypatch.setattr(matvec, "SHARED_ROWS", rows)
     monkeypatch.setattr(moe_kernels, "SHARED_MLP", mlp)
+    monkeypatch.setattr(moe_kernels, "ROUTER_END", end)
     module, layers = dkt.lowered_for_cuda(TINY, "gemma4_26b_a4b", monkeypatch)
-    found[rows, mlp] = (len(copy.findall(module)), len(gemm.findall(module)),
-                        module.count("xla.gpu.triton"))
-  assert found[False, False] == (layers, 2 * layers, 6 * layers)
-  assert found[True, False] == (0, 2 * layers, 6 * layers)
-  assert found[False, True] == (0, 0, 6 * layers)
+    found[rows, mlp, end] = (len(copy.findall(module)), len(gemm.findall(module)),
+                             module.count("xla.gpu.triton"))
+  assert found[False, False, False] == (layers, 2 * layers, 6 * layers)
+  assert found[True, False, False] == (0, 2 * layers, 6 * layers)
+  assert found[False, True, False] == (0, 0, 6 * layers)
+  assert found[False, True, True] == (0, 0, 5 * layers)
 
 
 def _spy_on_fold(monkeypatch, what) -> list:
