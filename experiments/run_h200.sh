@@ -67,7 +67,7 @@
 #   bash experiments/run_h200.sh moe_shared_rows   # one GPU: routed experts on shared rows (CQ)
 #   bash experiments/run_h200.sh moe_shared        # one GPU: CQ and the shared MLP as experts (CR)
 #   bash experiments/run_h200.sh fold_splits       # one GPU: the top k by rank (CS)
-#   bash experiments/run_h200.sh router_end        # one GPU: attention end + router logits (CT)
+#   bash experiments/run_h200.sh short_kernels     # one GPU: ROUTER_END, BLOCK_NORMS (CT)
 #   bash experiments/run_h200.sh gpu_pair_full     # one GPU: the pair on full budgets (CK), then
 #   bash experiments/run_h200.sh gpu_pair_full_eval  # its speeds in fresh processes (CK2)
 #   bash experiments/run_h200.sh verify_attention  # one GPU: attention kernels in verification (BO)
@@ -840,21 +840,28 @@ case "${1:-}" in
         -k "route_equals or ties or more_expert_groups" > "$OUT/fold_splits_tests_$C.log" 2>&1
     tail -3 "$OUT/fold_splits_tests_$C.log"
     ;;
-  router_end)        # session 32, run CT: the attention end and the router's logits as one
-                     # kernel (moe_kernels.ROUTER_END, variant fused_moe_router_end) against the
-                     # library (first and last): 26B-A4B batch-1 decode and 5-position
-                     # verification; then its tests compiled by Triton
+  short_kernels)     # session 32, run CT: two switches against the library (first and last):
+                     # the attention end and the router's logits as one kernel
+                     # (moe_kernels.ROUTER_END, variant fused_moe_router_end), 26B-A4B
+                     # batch-1 decode; the several-positions attention kernel's norms as rows
+                     # of a block (decode_attention.BLOCK_NORMS, fused_attn_block_norms), E4B
+                     # batch-1 decode and 5-position verification; then their tests compiled
+                     # by Triton
     G=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
     case "$G" in *H200*) C=h200;; *) C=h100;; esac
-    timeout 420 python experiments/step_probe.py --models=gemma4_26b_a4b \
-        --verify_models=gemma4_26b_a4b --verify_positions=5 --profile_steps=0 --short=8 \
-        --long=32 --variants=fused,fused_moe_router_end,fused \
+    P="python experiments/step_probe.py --profile_steps=0 --short=8 --long=32"
+    timeout 230 $P --models=gemma4_26b_a4b --verify_models= \
+        --variants=fused,fused_moe_router_end,fused \
         --out="$OUT/step_probe_router_end_$C.json" > "$OUT/step_probe_router_end_$C.log" 2>&1
-    grep -hE " ms |Error|error" "$OUT/step_probe_router_end_$C.log" | cut -c1-200
-    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_moe_kernels.py \
-        -k "router_end or (decode_steps and router and end)" \
-        > "$OUT/router_end_tests_$C.log" 2>&1
-    tail -3 "$OUT/router_end_tests_$C.log"
+    timeout 230 $P --models=gemma4_e4b --verify_models=gemma4_e4b --verify_positions=5 \
+        --variants=fused,fused_attn_block_norms,fused \
+        --out="$OUT/step_probe_block_norms_$C.json" > "$OUT/step_probe_block_norms_$C.log" 2>&1
+    grep -hE " ms |Error|error" "$OUT"/step_probe_{router_end,block_norms}_$C.log | cut -c1-200
+    timeout 120 python -m pytest -q -p no:cacheprovider tests/test_moe_kernels.py \
+        tests/test_decode_attention.py -k "router_end or (decode_steps and router and end) or \
+        (verification_forwards and block) or (bfloat16 and True-True)" \
+        > "$OUT/short_kernels_tests_$C.log" 2>&1
+    tail -3 "$OUT/short_kernels_tests_$C.log"
     ;;
   gpu_pair_full)     # session 27, run CK: the GPU pair trained on run AM's full budgets (150 s
                      # target, 75 s drafter) at this library, acceptance on 8 held-out prompts,
@@ -887,7 +894,7 @@ case "${1:-}" in
          "moe_router |" \
          "decode_attention_bench | ple_kernels | ple_kernels2 | ple_kernels3 | ple_kernels4 |" \
          "ple_verify | kernels_bench | kernels_bench_all |" \
-         "ple_verify5 | moe_shared_rows | moe_shared | fold_splits | router_end | gpu_pair_full |" \
+         "ple_verify5 | moe_shared_rows | moe_shared | fold_splits | short_kernels | gpu_pair_full |" \
          "gpu_pair_full_eval" >&2
     exit 2
     ;;

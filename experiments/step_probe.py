@@ -73,6 +73,8 @@ For each model (random bf16 weights, batch 1, context 1k) and each parameter lay
   fused_moe_shared_both  fused_moe_shared_rows and fused_moe_shared_mlp together;
   fused_top_k_ranks  fused, the router's top k by rank (`moe_kernels.TOP_K_RANKS`; session 31;
               run CS: a tie);
+  fused_attn_block_norms  fused, the several-positions attention kernel's norms as rows of a
+              block (`decode_attention.BLOCK_NORMS`; session 32);
   fused_moe_router_end  fused, the step from the o projection to the MLP's input and the
               router's logits as one kernel where the MoE layer ends with the finish kernel
               (`moe_kernels.ROUTER_END`; session 32);
@@ -152,6 +154,7 @@ _LIBRARY_SHARED_ROWS = matvec.SHARED_ROWS
 _LIBRARY_SHARED_MLP = moe_kernels.SHARED_MLP
 _LIBRARY_TOP_K_RANKS = moe_kernels.TOP_K_RANKS
 _LIBRARY_ROUTER_END = moe_kernels.ROUTER_END
+_LIBRARY_BLOCK_NORMS = decode_attention.BLOCK_NORMS
 _CUDNN_CALLS = {"cudnn": 0, "library": 0}
 
 
@@ -202,6 +205,7 @@ def _set_variant(variant: str):
       "fused_moe_shared_mlp", "fused_moe_shared_both")) and variant != "fused_moe_shared_mlp_off"
   moe_kernels.TOP_K_RANKS = variant == "fused_top_k_ranks" or _LIBRARY_TOP_K_RANKS
   moe_kernels.ROUTER_END = variant == "fused_moe_router_end" or _LIBRARY_ROUTER_END
+  decode_attention.BLOCK_NORMS = variant == "fused_attn_block_norms" or _LIBRARY_BLOCK_NORMS
   ple_kernels.ATTENTION_END = (_LIBRARY_ATTENTION_END or variant == "fused_attn_end") and (
       variant != "fused_no_attn_end")
   # fused_rms1: every kernel's norms as one block reduction (`drafter_kernels.RMS_ONE_REDUCTION`)
@@ -263,7 +267,9 @@ def _measure(model: str, variant: str, cfg, params) -> list[dict]:
                attention_own_range=decode_attention.choose(vcfg, case.batch, case.chunk, True,
                                                            None)
                and decode_attention.own_range(case.chunk),
-               attention_positions_warps=decode_attention.POSITIONS_WARPS)
+               attention_positions_warps=decode_attention.POSITIONS_WARPS,
+               attention_block_norms=decode_attention.BLOCK_NORMS and case.chunk > 1
+               and decode_attention.choose(vcfg, case.batch, case.chunk, True, None))
       if case.chunk == 1 and _HLO_DIR.value:
         path = pathlib.Path(_HLO_DIR.value) / f"{model}_{variant}.hlo.txt.gz"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -319,7 +325,7 @@ VARIANTS = ("checkpoint", "fused", "fused_pad", "fused_copy", "fused_nopad", "fu
             "fused_ple_off", "fused_ple_on", "fused_ple_split2", "fused_moe_off", "fused_moe_on",
             "fused_moe_finish_off", "fused_moe_shared_rows", "fused_moe_shared_mlp",
             "fused_moe_shared_mlp_off", "fused_moe_shared_both", "fused_top_k_ranks",
-            "fused_moe_router_end", "fused_attn_end",
+            "fused_moe_router_end", "fused_attn_block_norms", "fused_attn_end",
             "fused_no_attn_end", "fused_rms1",
             "fused_xla", "fused_all_on")
 

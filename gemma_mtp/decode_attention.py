@@ -96,6 +96,14 @@ OWN_RANGE_MIN_POSITIONS: int | None = 2
 # after run CC (the full layers' [16, 512] float32 blocks may not fit 4 warps' registers) that
 # run CD refuted: 8 warps made E4B's 5-position forward +5.7% slower (+3.4% with the own range).
 POSITIONS_WARPS = None
+# The several-positions kernel's q-, k- and v-norms as row-wise reductions over a block of the T
+# positions (one a norm's half) instead of one block reduction a position and half (q: 2T, k:
+# 2T, v: T in the program that takes the forward's own tokens); the tokens' keys and values
+# then leave the block for their stores as masked sums (exact). Each block reduction waits on
+# all of the program's warps: run CC's profile put E4B's programs at 8.0-10.4 us at 5 positions
+# against 3.4-4.2 at one. Built in session 32, not yet measured on a GPU (step_probe variant
+# fused_attn_block_norms), so off.
+BLOCK_NORMS = False
 MAX_POSITIONS = 16        # (at most BLOCK_ROWS)
 AUTO_MAX_POSITIONS = 5
 AUTO_MAX_VERIFY_HEADS = 8
@@ -188,6 +196,19 @@ def _rows(vectors, dtype):
   return out.astype(dtype)
 
 
+def _block_normed(x1, x2, w1, w2, hd: int, eps: float, rnd):
+  """`drafter_kernels._head_normed` of each row of the halves x1, x2 [BLOCK_ROWS, hd / 2], one
+  row-wise reduction a half."""
+  scale = jax.lax.rsqrt((jnp.sum(x1 * x1, axis=1) + jnp.sum(x2 * x2, axis=1)) / hd + eps)
+  return rnd(x1 * scale[:, None] * w1[None, :]), rnd(x2 * scale[:, None] * w2[None, :])
+
+
+def _block_value_normed(v, hd: int, eps: float, rnd):
+  """`drafter_kernels._value_normed` of each row of v [BLOCK_ROWS, hd]: one row-wise
+  reduction."""
+  return rnd(v * jax.lax.rsqrt(jnp.sum(v * v, axis=1) / hd + eps)[:, None])
+
+
 def _block_online(carry, keep, s, v):
   """A chunk into the running softmaxes of a block of rows (m, l [rows], acc [rows, hd]): scores
   s [rows, bs] where `keep`, values v [bs, hd] (the weights rounded to v's dtype for the value
@@ -241,11 +262,34 @@ def _positions_kernel(*refs, positions, group, bs, per_split, slots, hd, eps, rn
             [f32(q_ref[b, t, v_at + g, :]) for t in ts], f32(kn_ref[lo]), f32(kn_ref[hi]),
             [slot_ref[b, t] for t in ts])
 
+  def rope_block(rope):         # cos, sin as [BLOCK_ROWS, hd / 2] float32 blocks
+    return tuple(_rows([r[i] for r in rope], F32) for i in (0, 1))
+
   def query_block(raw, rope):   # the normed, rotated queries as two [BLOCK_ROWS, hd / 2] blocks
     qs, qn1, qn2 = raw
+    if BLOCK_NORMS:
+      halves = _block_normed(*(_rows([q[i] for q in qs], F32) for i in (0, 1)), qn1, qn2, hd,
+                             eps, rnd)
+      return tuple(h.astype(dtype) for h in dk._rotated(*halves, *rope_block(rope), rnd))
     qs = [dk._rotated(*dk._head_normed(*q, qn1, qn2, hd, eps, rnd), *r, rnd)
           for q, r in zip(qs, rope)]
     return _rows([q[0] for q in qs], dtype), _rows([q[1] for q in qs], dtype)
+
+  def token_blocks(raw, rope):
+    """The T keys (k-normed, rotated: two halves) and values (v-normed) as [BLOCK_ROWS, w]
+    blocks in `dtype`, and as float32 blocks (BLOCK_NORMS) or per token ([(k1, k2)], [v])."""
+    nks, nvs, kn1, kn2, _ = raw
+    if BLOCK_NORMS:
+      k1, k2 = _block_normed(*(_rows([k[i] for k in nks], F32) for i in (0, 1)), kn1, kn2, hd,
+                             eps, rnd)
+      blocks = (*dk._rotated(k1, k2, *rope_block(rope), rnd),
+                _block_value_normed(_rows(nvs, F32), hd, eps, rnd))
+      return tuple(x.astype(dtype) for x in blocks), blocks
+    nks = [dk._rotated(*dk._head_normed(*k, kn1, kn2, hd, eps, rnd), *r, rnd)
+           for k, r in zip(nks, rope)]
+    nvs = [dk._value_normed(v, hd, eps, rnd) for v in nvs]
+    return (_rows([k[0] for k in nks], dtype), _rows([k[1] for k in nks], dtype),
+            _rows(nvs, dtype)), (nks, nvs)
 
   def cache_pass(carry, q1, q2, chunks):
     def update(carry, chunk):
@@ -255,22 +299,23 @@ def _positions_kernel(*refs, positions, group, bs, per_split, slots, hd, eps, rn
 
   def join_tokens(carry, q1, q2, raw, rope, own_range):
     """The T tokens under the causal (and sliding) mask (in range 0, or in their own range):
-    (carry, their keys and values as stored)."""
-    nks, nvs, kn1, kn2, _ = raw
-    nks = [dk._rotated(*dk._head_normed(*k, kn1, kn2, hd, eps, rnd), *r, rnd)
-           for k, r in zip(nks, rope)]
-    nvs = [dk._value_normed(v, hd, eps, rnd) for v in nvs]
+    (carry, their keys and values as `token_blocks` gives them for the stores)."""
+    (k1, k2, v), kv = token_blocks(raw, rope)
     row = jnp.arange(BLOCK_ROWS)[:, None]
     col = jnp.arange(BLOCK_ROWS)[None, :]
     keep = (col <= row) & (col < positions) & (True if own_range else p == 0)
     if window is not None:
       keep &= row - col < window
-    s = (_dot_t(q1, _rows([k[0] for k in nks], dtype))
-         + _dot_t(q2, _rows([k[1] for k in nks], dtype)))
-    return _block_online(carry, keep, s, _rows(nvs, dtype)), (nks, nvs)
+    s = _dot_t(q1, k1) + _dot_t(q2, k2)
+    return _block_online(carry, keep, s, v), kv
 
   def store_tokens(slots_, kv):
-    for (k1, k2), v, slot in zip(*kv, slots_):
+    for t, slot in enumerate(slots_):
+      if BLOCK_NORMS:   # row t of each block (a masked sum of one nonzero row: exact)
+        at = jnp.arange(BLOCK_ROWS)[:, None] == t
+        k1, k2, v = (jnp.sum(jnp.where(at, x, 0.0), axis=0) for x in kv)
+      else:
+        (k1, k2), v = kv[0][t], kv[1][t]
       kout_ref[b, slot, g, lo] = k1.astype(kout_ref.dtype)
       kout_ref[b, slot, g, hi] = k2.astype(kout_ref.dtype)
       vout_ref[b, slot, g, :] = v.astype(vout_ref.dtype)

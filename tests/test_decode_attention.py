@@ -81,7 +81,9 @@ def test_decode_steps_equal_xla_float32(monkeypatch, case):
 
 
 @pytest.mark.parametrize("case", ["three positions", "k_eq_v, ten positions, looped",
-                                  "range 0, k_eq_v, ten positions, looped"])
+                                  "range 0, k_eq_v, ten positions, looped",
+                                  "block norms, k_eq_v, ten positions, looped",
+                                  "block norms, range 0, three positions"])
 def test_verification_forwards_equal_xla_float32(monkeypatch, case):
   """Forwards of several positions a row through the cache, as a chain's verification (a head's
   positions one block of queries, each chunk of the cache read once for all of them; the
@@ -90,12 +92,15 @@ def test_verification_forwards_equal_xla_float32(monkeypatch, case):
   row; ten with k_eq_v full layers and each program walking its chunks in a loop, more than
   the sliding window of 8, so that the window hides some of the forward's own tokens from its
   later positions. The forward's own tokens are a range of their own (the library's
-  `OWN_RANGE_MIN_POSITIONS`); the third case joins them to range 0 instead."""
+  `OWN_RANGE_MIN_POSITIONS`); the range-0 cases join them to range 0 instead. The block-norms
+  cases norm the positions' queries, keys and values as rows of a block (`BLOCK_NORMS`), the
+  keys and values stored from it."""
   positions = 3 if case.endswith("three positions") else 10
   cfg = TINY.replace(k_eq_v=True) if "k_eq_v" in case else TINY
   assert decode_attention.own_range(positions)
-  if case.startswith("range 0"):
+  if "range 0" in case:
     monkeypatch.setattr(decode_attention, "OWN_RANGE_MIN_POSITIONS", None)
+  monkeypatch.setattr(decode_attention, "BLOCK_NORMS", case.startswith("block norms"))
   assert positions <= decode_attention.MAX_POSITIONS
   monkeypatch.setattr(drafter_kernels, "SLOTS_PER_CHUNK", 4)
   if "looped" in case:
@@ -120,8 +125,9 @@ def test_padded_rows_reach_the_o_projection_without_a_pad(monkeypatch):
   assert pads["off"] - pads["on"] >= TINY.num_layers
 
 
-@pytest.mark.parametrize("positions,own", [(1, False), (5, False), (5, True)])
-def test_bfloat16_as_accurate_as_xla(monkeypatch, positions, own):
+@pytest.mark.parametrize("positions,own,block", [(1, False, False), (5, False, False),
+                                                (5, True, False), (5, True, True)])
+def test_bfloat16_as_accurate_as_xla(monkeypatch, positions, own, block):
   """In bfloat16 the kernels round where the model rounds, but normalise the softmax after the
   value product (XLA rounds the probabilities first) and XLA fuses elementwise ops. Measured
   against float32 arithmetic on the same bf16 weights, the kernels' five decode steps (or
@@ -133,8 +139,10 @@ def test_bfloat16_as_accurate_as_xla(monkeypatch, positions, own):
   picked). So too with the forward's own tokens as a range of their own (`own`), which at
   5 positions picks another token than XLA's at a three-way near-tie of the tiny bf16 model
   (float32's top logit 0.14 above the next, XLA's logits off by up to ~0.2; neither path picks
-  float32's token there)."""
+  float32's token there). And with the norms of the positions as rows of a block
+  (`BLOCK_NORMS`, `block`)."""
   monkeypatch.setattr(decode_attention, "OWN_RANGE_MIN_POSITIONS", 1 if own else None)
+  monkeypatch.setattr(decode_attention, "BLOCK_NORMS", block)
   steps = functools.partial(_steps, positions=positions)
   err, err_xla, got, ref, exact = dkt.bfloat16_errors(TINY, steps, monkeypatch)
   assert err <= 1.2 * err_xla, (err, err_xla)
@@ -179,13 +187,16 @@ def test_choose(monkeypatch):
 
 @pytest.mark.parametrize("name,positions,own", [("tiny", 1, False), ("gemma4_e4b", 1, False),
                                                 ("gemma4_31b", 1, False), ("gemma4_e4b", 5, False),
-                                                ("gemma4_e4b", 1, True), ("gemma4_e4b", 5, True)])
+                                                ("gemma4_e4b", 1, True), ("gemma4_e4b", 5, True),
+                                                ("gemma4_e4b", 5, "block norms")])
 def test_kernels_lower_for_the_gpu(monkeypatch, name, positions, own):
   """A decode step, and a 5-position verification forward, lower to Triton (exported for CUDA
   on the CPU): two kernels a layer, for the tiny model and the E4B and 31B shapes at a 1k-slot
   cache (the PLE kernels off); E4B's also with the forward's own tokens as a range of their own
-  (the kernel's branches on the program's range)."""
+  (the kernel's branches on the program's range), and so with the positions' norms as rows of a
+  block (`BLOCK_NORMS`)."""
   monkeypatch.setattr(decode_attention, "OWN_RANGE_MIN_POSITIONS", 1 if own else None)
+  monkeypatch.setattr(decode_attention, "BLOCK_NORMS", own == "block norms")
   monkeypatch.setenv(decode_attention.ENV, "on")
   monkeypatch.setenv(ple_kernels.ENV, "off")
   kernels, layers = dkt.triton_kernels_lowered(TINY, name, monkeypatch, positions=positions)
