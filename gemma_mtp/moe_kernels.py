@@ -27,7 +27,10 @@ one block reduction (run BX's form, one a 256-wide chunk, took 7.5 us against XL
 as three more groups of the experts' two kernel calls (`SHARED_MLP`, `folds_mlp`,
 `matvec.with_dense_chunks`; run CR: -2.4%). Its two calls keep `matvec.block_config`'s
 contraction splits (11 each at one 26B-A4B row, their partial sums added by XLA kernels of their
-own): run CS measured fewer (down 1, gate|up 1 or 2) slower, +1.8% to +13.2% a step.
+own): run CS measured fewer (down 1, gate|up 1 or 2) slower, +1.8% to +13.2% a step. With
+`ROUTER_END` (off until measured) the step from the o projection to the MLP's input
+(`ple_kernels.attention_end`) and the logits kernel are one (`attention_end`), its programs
+each computing the row they take.
 
 Values: float32 inside, rounded to the model's dtype where `layers.route` rounds (the norm, each
 scale, the router logits), so in float32 the experts equal XLA's and the weights agree up to
