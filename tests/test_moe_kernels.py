@@ -109,7 +109,7 @@ def test_router_end_equals_attention_end_and_route(monkeypatch, case):
        "pre_ffw_norm": f(d, scale=0.3) + 1, "mlp": {"gate_up": f(d, 2 * cfg.mlp_dim)}}
   x, a = f(b, 1, d, scale=3), f(b + 1, 1, d, scale=2)
   x1, xs = ple_kernels.attention_end(x, a, p, cfg)
-  want = route_out = moe_kernels.route(x1.reshape(b, d), p["moe"], cfg)
+  want = moe_kernels.route(x1.reshape(b, d), p["moe"], cfg)
   got_x1, got_xs, more = moe_kernels.attention_end(x, a, p, cfg)
   assert xs.shape == got_xs.shape == ((2, 1, d) if b == 1 else (b, 1, d))
   np.testing.assert_array_equal(np.asarray(got_x1, np.float32), np.asarray(x1, np.float32))
@@ -117,7 +117,7 @@ def test_router_end_equals_attention_end_and_route(monkeypatch, case):
   got = moe_kernels.top_k(more["logits"], got_x1.reshape(b, d), p["moe"], cfg)
   for g, w in zip(got, want):
     np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
-  assert len(set(map(tuple, np.asarray(route_out[1]).tolist()))) == b   # the rows route apart
+  assert len(set(map(tuple, np.asarray(want[1]).tolist()))) == b   # the rows route apart
   if b == 1:   # the padding row: zeros, or the real row again
     pad = np.asarray(got_xs[1], np.float32)
     np.testing.assert_array_equal(pad, 0 * pad if "zeros" in case
