@@ -87,6 +87,8 @@ def load():
   if _DRAFTER.value is not None and _SELF_LAYERS.value is not None:
     raise app.UsageError("pass --drafter or --self_draft_layers, not both")
   if _TARGET.value is None:
+    if _TOKENIZER.value is not None:
+      raise app.UsageError("--tokenizer goes with --target: the demo target has its own")
     target, drafter, tok = demo.load_demo(
         convention=_CONVENTION.value if _DRAFTER.value is None else None)
   else:

@@ -6,6 +6,7 @@ completes a Python prompt on the CPU, then prints the measured statistics and sp
   python experiments/generate.py
   python experiments/generate.py --prompt="def fib(n):" --temperature=0.8 --top_p=0.95
   python experiments/generate.py --target=DIR --drafter=DIR --tokenizer=FILE   # ours or HF dirs
+  python experiments/generate.py --drafter=DIR    # a drafter trained for the demo target
   python experiments/generate.py --int8          # int8 weight-only target (gemma_mtp/quant.py)
 """
 
@@ -50,8 +51,15 @@ _FUSE = flags.DEFINE_bool("fuse", True, "run the target in the fused inference l
 
 
 def load():
+  """(target, drafter, tokenizer): the demo pair, the demo target with --drafter (one trained for
+  it, e.g. by train_drafter.py), or --target with --drafter and --tokenizer."""
   if _TARGET.value is None:
-    return demo.load_demo(dtype=_DTYPE.value)
+    if _TOKENIZER.value is not None:
+      raise app.UsageError("--tokenizer goes with --target: the demo target has its own")
+    target, drafter, tok = demo.load_demo(dtype=_DTYPE.value)
+    if _DRAFTER.value is not None:
+      drafter = gemma_mtp.load_drafter(_DRAFTER.value, target)
+    return target, drafter, tok
   from gemma_mtp import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   if _DRAFTER.value is None or _TOKENIZER.value is None:
     raise app.UsageError("--target needs --drafter and --tokenizer too")

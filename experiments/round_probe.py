@@ -72,6 +72,8 @@ def load():
   if _SHAPES.value is not None:
     return random_pair(_SHAPES.value)
   if _TARGET.value is None:
+    if _DRAFTER.value is not None or _TOKENIZER.value is not None:
+      raise app.UsageError("--drafter and --tokenizer go with --target")
     return demo.load_demo(dtype="bfloat16")
   if _DRAFTER.value is None or _TOKENIZER.value is None:
     raise app.UsageError("--target needs --drafter and --tokenizer")
