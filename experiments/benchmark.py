@@ -55,8 +55,10 @@ from gemma_mtp import params as params_lib
 
 _MODELS = flags.DEFINE_list("models", ["gemma4_e2b", "gemma4_e4b", "gemma4_31b", "gemma4_26b_a4b"],
                             "model presets (config.PRESETS; 'tiny' for smoke tests)")
+PARTS = ("copy", "decode", "verify", "drafter", "predict", "int8", "e2e", "hf", "pair")
 _PARTS = flags.DEFINE_list("parts", ["copy", "decode", "verify", "drafter", "predict", "e2e",
-                                     "pair"], "what to measure (see the module docstring)")
+                                     "pair"], "what to measure (see the module docstring): "
+                           + ", ".join(PARTS))
 _BATCHES = flags.DEFINE_list("batches", ["1", "8", "32"], "decode batch sizes")
 _CONTEXTS = flags.DEFINE_list("contexts", ["1024", "8192"], "decode context lengths")
 _VERIFY_K = flags.DEFINE_list("verify_k", ["1", "2", "4", "8"], "draft lengths K (K+1 positions)")
@@ -343,6 +345,12 @@ def plot(record: dict, path: pathlib.Path):
 def main(argv):
   del argv
   parts = set(_PARTS.value)
+  if parts - set(PARTS) or not parts:
+    raise app.UsageError(f"--parts: unknown {sorted(parts - set(PARTS))}; known: {', '.join(PARTS)}"
+                         if parts else f"--parts is empty; known: {', '.join(PARTS)}")
+  unknown = [m for m in _MODELS.value if m not in config_lib.PRESETS]
+  if unknown:
+    raise app.UsageError(f"--models: unknown {unknown}; known: {', '.join(config_lib.PRESETS)}")
   if parts <= {"hf", "pair"}:
     # JAX only describes the machine here: leave the GPU's memory to torch.
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"

@@ -1,5 +1,6 @@
 """The experiment binaries refuse flags they cannot honour with a clear message, rather than
-ignoring them: a --drafter or --tokenizer given without --target used to run the demo pair."""
+ignoring them: a --drafter or --tokenizer given without --target used to run the demo pair, and
+benchmark.py wrote an empty record for parts it does not know."""
 
 import os
 import pathlib
@@ -17,6 +18,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
     ("generate.py", ["--drafter=no/such/drafter"], "'no/such/drafter' does not exist"),
     ("evaluate.py", ["--tokenizer=tok.model"], "--tokenizer goes with --target"),
     ("round_probe.py", ["--drafter=pair/drafter"], "--drafter and --tokenizer go with --target"),
+    ("benchmark.py", ["--parts=copy,decoding"], "--parts: unknown ['decoding']"),
+    ("benchmark.py", ["--models=gemma4_e9b"], "--models: unknown ['gemma4_e9b']"),
 ])
 def test_bad_flags_fail_with_a_clear_message(script, flags, message):
   run = subprocess.run([sys.executable, str(REPO / "experiments" / script), *flags], cwd=REPO,
