@@ -50,6 +50,8 @@ _PROMPTS = flags.DEFINE_integer("prompts", 32, "prompts cut from the data")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "tokens per prompt")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "new tokens per prompt")
 _DRAFT_LENGTHS = flags.DEFINE_list("draft_lengths", ["1", "2", "4", "8"], "buckets")
+flags.register_validator("draft_lengths", lambda v: all(k.isdigit() and int(k) > 0 for k in v),
+                         "draft lengths are positive integers, e.g. 1,2,4,8")
 _TREES = flags.DEFINE_multi_string("trees", [], "a draft tree as widths per depth, e.g. 3,2,1,1 "
                                    "or 3-2-1-1 (TreeSpec.parse); repeat the flag for several; "
                                    "needs an assistant drafter and --convention=clean")

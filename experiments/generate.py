@@ -36,6 +36,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy")
 _TOP_K = flags.DEFINE_integer("top_k", None, "top-k sampling")
 _TOP_P = flags.DEFINE_float("top_p", None, "nucleus sampling")
 _DRAFT_LENGTHS = flags.DEFINE_list("draft_lengths", ["1", "2", "4", "8"], "draft-length buckets")
+flags.register_validator("draft_lengths", lambda v: all(k.isdigit() and int(k) > 0 for k in v),
+                         "draft lengths are positive integers, e.g. 1,2,4,8")
 _ADAPTIVE = flags.DEFINE_bool("adaptive", True, "adaptive bucket choice (else the first bucket)")
 _BATCH = flags.DEFINE_integer("batch_size", 1, "copies of the prompt generated together")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs after the compiling run (best is kept)")
