@@ -345,9 +345,9 @@ def plot(record: dict, path: pathlib.Path):
 def main(argv):
   del argv
   parts = set(_PARTS.value)
-  if parts - set(PARTS) or not parts:
-    raise app.UsageError(f"--parts: unknown {sorted(parts - set(PARTS))}; known: {', '.join(PARTS)}"
-                         if parts else f"--parts is empty; known: {', '.join(PARTS)}")
+  if not parts or parts - set(PARTS):
+    what = f"unknown {sorted(parts - set(PARTS))}" if parts else "none given"
+    raise app.UsageError(f"--parts: {what}; known: {', '.join(PARTS)}")
   unknown = [m for m in _MODELS.value if m not in config_lib.PRESETS]
   if unknown:
     raise app.UsageError(f"--models: unknown {unknown}; known: {', '.join(config_lib.PRESETS)}")
