@@ -21,7 +21,7 @@ One JSON record per run (rewritten after every part, so a run cut short keeps wh
   python experiments/benchmark.py                                  # everything but hf, all shapes
   python experiments/benchmark.py --parts=hf --out=experiments/results/benchmark_hf.json
   python experiments/benchmark.py --models=tiny --batches=1,2 --contexts=64 --verify_k=1,2 \
-      --parts=copy,decode,verify,drafter,predict --copy_mb=64          # CPU smoke test
+      --verify_models=tiny --parts=copy,decode,verify,drafter,predict --copy_mb=64  # CPU smoke test
 
 The target weights are in the fused inference layout (`model.fuse_projections`) unless
 --layout=checkpoint. Decode steps are timed inside one compiled loop (gemma_mtp/bench.py): the

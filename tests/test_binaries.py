@@ -1,6 +1,7 @@
-"""The experiment binaries refuse flags they cannot honour with a clear message, rather than
-ignoring them: a --drafter or --tokenizer given without --target used to run the demo pair, and
-benchmark.py wrote an empty record for parts it does not know."""
+"""The experiment binaries as a user runs them: flags they cannot honour are refused with a clear
+message rather than ignored (a --drafter or --tokenizer given without --target used to run the
+demo pair, and benchmark.py wrote an empty record for parts it does not know), and
+benchmark.py's smoke run writes a record whose figures follow from its timings."""
 
 import json
 import os
@@ -33,10 +34,10 @@ def test_bad_flags_fail_with_a_clear_message(script, flags, message):
 
 
 def test_benchmark_smoke_run_writes_a_consistent_record(tmp_path):
-  """benchmark.py's CPU smoke test (its docstring's command) on the tiny preset: one record with
-  the copy bandwidth, decode figures that follow from their timings, verification costs
-  relative to the decode step, the drafter step's cost, the Leviathan predictions from those,
-  and the plot."""
+  """benchmark.py's CPU smoke test (its docstring's command at batch 1) on the tiny preset: a
+  record with the copy bandwidth, decode figures that follow from their timings, verification
+  costs relative to the decode step, the drafter step's cost, the Leviathan predictions from
+  those, and the plot."""
   out = tmp_path / "bench.json"
   run = subprocess.run(
       [sys.executable, str(REPO / "experiments" / "benchmark.py"), "--models=tiny", "--batches=1",
