@@ -14,6 +14,13 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _run(script: str, *flags: str, cwd: pathlib.Path = REPO) -> subprocess.CompletedProcess:
+  """experiments/SCRIPT with FLAGS in a process of its own on the CPU."""
+  return subprocess.run([sys.executable, str(REPO / "experiments" / script), *flags], cwd=cwd,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                        text=True, timeout=600, check=False)
+
+
 @pytest.mark.parametrize("script, flags, message", [
     ("generate.py", ["--tokenizer=tok.model"], "--tokenizer goes with --target"),
     ("generate.py", ["--target=pair/target"], "--target needs --drafter and --tokenizer"),
@@ -26,9 +33,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
     ("benchmark.py", ["--models=gemma4_e9b"], "--models: unknown ['gemma4_e9b']"),
 ])
 def test_bad_flags_fail_with_a_clear_message(script, flags, message):
-  run = subprocess.run([sys.executable, str(REPO / "experiments" / script), *flags], cwd=REPO,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                       timeout=600, check=False)
+  run = _run(script, *flags)
   assert run.returncode != 0, run.stdout[-2000:]
   assert message in run.stderr, run.stderr[-2000:]
 
@@ -39,12 +44,9 @@ def test_benchmark_smoke_run_writes_a_consistent_record(tmp_path):
   costs relative to the decode step, the drafter step's cost, the Leviathan predictions from
   those, and the plot."""
   out = tmp_path / "bench.json"
-  run = subprocess.run(
-      [sys.executable, str(REPO / "experiments" / "benchmark.py"), "--models=tiny", "--batches=1",
-       "--contexts=64", "--verify_k=1,2", "--verify_models=tiny", "--copy_mb=64",
-       "--parts=copy,decode,verify,drafter,predict", f"--out={out}"],
-      cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-      timeout=600, check=False)
+  run = _run("benchmark.py", "--models=tiny", "--batches=1", "--contexts=64", "--verify_k=1,2",
+             "--verify_models=tiny", "--copy_mb=64", "--parts=copy,decode,verify,drafter,predict",
+             f"--out={out}", cwd=tmp_path)
   assert run.returncode == 0, run.stderr[-3000:]
   rec = json.loads(out.read_text())
   assert out.with_suffix(".png").is_file()
