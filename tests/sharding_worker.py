@@ -306,12 +306,10 @@ def run_multiprocess(out_dir: pathlib.Path, process_id: int, num_processes: int,
   import numpy as np
   from jax.experimental import multihost_utils
   from gemma_mtp import checkpoint
-  from gemma_mtp import params as params_lib
 
   res: dict = {"joined": joined, "process_count": jax.process_count(),
                "device_count": jax.device_count(), "local_device_count": jax.local_device_count()}
   cfg = ple_config()
-  specs = params_lib.param_specs(cfg)
   local = sharding.make_mesh(devices=jax.local_devices()[:1])
   mesh = sharding.make_mesh("data=2,model=4")   # data spans the processes, model stays inside
   res["mesh_processes"] = [[d.process_index for d in row.ravel()] for row in mesh.devices]
